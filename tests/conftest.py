@@ -1,0 +1,39 @@
+"""Shared test fixtures: paths to the shared reference data and a small synthetic NuInsSeg dataset."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+SHARED_DIR = Path(os.environ.get("NUCLEI_SHARED_DIR", PROJECT_DIR.parent / "shared"))
+REFERENCE_DIR = SHARED_DIR / "reference" / "mobile_sam"
+REAL_SAMPLE_DIR = SHARED_DIR / "data" / "nuinsseg_sample"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE_DIR / "mobile_sam_random_weights.pt").is_file():
+        pytest.skip(f"MobileSAM reference data not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def real_sample_dir() -> Path:
+    if not REAL_SAMPLE_DIR.is_dir():
+        pytest.skip(f"real NuInsSeg sample not found at {REAL_SAMPLE_DIR}")
+    return REAL_SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the NuInsSeg layout (made once per test session)."""
+    import sample_data
+
+    out = tmp_path_factory.mktemp("synthetic_nuinsseg")
+    sample_data.make_sample_dataset(out, num_images=12, seed=0, image_size=128)
+    return out
