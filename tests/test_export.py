@@ -1,0 +1,223 @@
+"""Tests of export.py: label TIFF, QuPath GeoJSON polygons, per-nucleus measurements."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import ellipse
+
+import export
+
+
+def shoelace(ring) -> float:
+    xy = np.asarray(ring, dtype=float)
+    return 0.5 * float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]))
+
+
+def segments_intersect_improperly(ring) -> bool:
+    """True if two non-adjacent edges of the closed ring touch or cross (brute force, small rings)."""
+    pts = [tuple(p) for p in ring[:-1]]
+    n = len(pts)
+    edges = [(pts[i], pts[(i + 1) % n]) for i in range(n)]
+
+    def on_segment(p, a, b):
+        return (min(a[0], b[0]) <= p[0] <= max(a[0], b[0]) and min(a[1], b[1]) <= p[1] <= max(a[1], b[1])
+                and (b[0] - a[0]) * (p[1] - a[1]) == (b[1] - a[1]) * (p[0] - a[0]))
+
+    def orient(a, b, c):
+        v = (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+        return (v > 0) - (v < 0)
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if j == i + 1 or (i == 0 and j == n - 1):
+                continue  # adjacent edges share a corner
+            (a, b), (c, d) = edges[i], edges[j]
+            o1, o2, o3, o4 = orient(a, b, c), orient(a, b, d), orient(c, d, a), orient(c, d, b)
+            if o1 != o2 and o3 != o4:
+                return True
+            if any(on_segment(p, *seg) for p, seg in ((c, (a, b)), (d, (a, b)), (a, (c, d)), (b, (c, d)))):
+                return True
+    return False
+
+
+@pytest.fixture
+def scene():
+    """Label map 60 x 80 with: 3 = rectangle rows 5..14, cols 10..29 (10 x 20 px); 7 = ellipse with
+    semi-axes 12 (rows) and 6 (cols) centred at (40, 20); 12 = L-shape; 20 = two pieces (9 px + 2 px)."""
+    labels = np.zeros((60, 80), dtype=np.int32)
+    labels[5:15, 10:30] = 3
+    rr, cc = ellipse(40, 20, 12, 6, shape=labels.shape)
+    labels[rr, cc] = 7
+    labels[30:45, 50:55] = 12
+    labels[40:45, 55:65] = 12
+    labels[5:8, 60:63] = 20
+    labels[10, 70:72] = 20
+    image = np.zeros((60, 80, 3), dtype=np.uint8)
+    image[..., 0] = 200
+    image[..., 1] = np.arange(80, dtype=np.uint8)[None, :]
+    image[..., 2] = 50
+    return labels, image
+
+
+# ----------------------------------------------------------------------------------------------
+# TIFF
+# ----------------------------------------------------------------------------------------------
+def test_label_tiff_round_trip(tmp_path, scene):
+    labels, _ = scene
+    labels = labels.astype(np.int64)
+    labels[0, 0] = 4_000_000_000  # beyond int32: must survive as uint32
+    path = export.save_label_tiff(tmp_path / "labels.tif", labels)
+    back = tifffile.imread(path)
+    assert back.dtype == np.uint32 and back.shape == labels.shape
+    np.testing.assert_array_equal(back, labels)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].compression != 1  # compressed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]  # no temporary file left
+
+
+def test_label_tiff_rejects_bad_maps(tmp_path):
+    with pytest.raises(ValueError):
+        export.save_label_tiff(tmp_path / "x.tif", np.zeros((2, 3, 3), dtype=np.int32))
+    with pytest.raises(ValueError):
+        export.save_label_tiff(tmp_path / "x.tif", -np.ones((4, 4), dtype=np.int32))
+    assert not (tmp_path / "x.tif").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# GeoJSON
+# ----------------------------------------------------------------------------------------------
+def test_rectangle_outline_is_exact():
+    mask = np.zeros((20, 40), dtype=bool)
+    mask[5:15, 10:30] = True
+    ring = export.instance_outline(mask)
+    assert ring[0] == ring[-1] and len(ring) == 5
+    assert {tuple(p) for p in ring} == {(10, 5), (30, 5), (30, 15), (10, 15)}  # pixel-edge corners
+    assert shoelace(ring) == 200.0  # counter-clockwise in (x, y) and exactly the pixel area
+
+
+def test_geojson_structure_and_polygons(tmp_path, scene):
+    labels, _ = scene
+    path = export.save_geojson(tmp_path / "nuclei.geojson", labels)
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection"
+    features = data["features"]
+    ids = [f["properties"]["id"] for f in features]
+    assert ids == [3, 7, 12, 20]  # one feature per instance
+    for feature in features:
+        props = feature["properties"]
+        assert feature["type"] == "Feature"
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == "Nucleus" and props["name"] == f"Nucleus {props['id']}"
+        assert len(props["classification"]["color"]) == 3
+        geometry = feature["geometry"]
+        assert geometry["type"] == "Polygon" and len(geometry["coordinates"]) == 1  # no holes
+        ring = geometry["coordinates"][0]
+        assert ring[0] == ring[-1] and len(ring) >= 5
+        assert shoelace(ring) > 0  # counter-clockwise exterior (RFC 7946) in (x, y) as written
+        assert not segments_intersect_improperly(ring)
+        label_id = props["id"]
+        pixel_area = int((labels == label_id).sum())
+        if label_id == 20:
+            assert shoelace(ring) == 9  # largest piece only (3 x 3)
+            xs, ys = zip(*ring)
+            assert (min(xs), max(xs), min(ys), max(ys)) == (60, 63, 5, 8)
+        else:
+            assert shoelace(ring) == pixel_area  # pixel-edge outline encloses exactly the pixels
+
+
+def test_geojson_offset_and_measurements(scene):
+    labels, image = scene
+    rows = {row["id"]: row for row in export.measure_nuclei(labels, image)}
+    data = export.labels_to_geojson(labels, offset=(100, 1000), properties=rows)
+    rect = data["features"][0]
+    xs, ys = zip(*rect["geometry"]["coordinates"][0])
+    assert (min(xs), max(xs), min(ys), max(ys)) == (110, 130, 1005, 1015)
+    measurements = {m["name"]: m["value"] for m in rect["properties"]["measurements"]}
+    assert measurements["area_px"] == 200 and "id" not in measurements
+    assert measurements["centroid_x"] == pytest.approx(19.5)
+    assert "measurements" not in export.labels_to_geojson(labels)["features"][0]["properties"]
+    json.dumps(data, allow_nan=False)  # strictly valid JSON
+
+
+def test_geojson_diagonal_pieces_and_holes_give_simple_ring():
+    labels = np.zeros((12, 12), dtype=np.uint16)
+    labels[2:5, 2:5] = 9
+    labels[5:8, 5:8] = 9           # touches the first square only at a corner
+    labels[1:4, 8:11] = 4
+    labels[2, 9] = 0               # one-pixel hole
+    features = {f["properties"]["id"]: f for f in export.labels_to_geojson(labels)["features"]}
+    ring9 = features[9]["geometry"]["coordinates"][0]
+    assert not segments_intersect_improperly(ring9)
+    assert shoelace(ring9) == 18 + 1  # both squares kept, joined by one bridging pixel
+    ring4 = features[4]["geometry"]["coordinates"][0]
+    assert shoelace(ring4) == 9  # hole filled: outer boundary only
+
+
+def test_geojson_large_ids_and_touching_instances():
+    labels = np.zeros((10, 10), dtype=np.uint32)
+    labels[2:8, 2:5] = 3_000_000_000
+    labels[2:8, 5:8] = 17  # shares an edge with the other instance
+    features = export.labels_to_geojson(labels)["features"]
+    assert [f["properties"]["id"] for f in features] == [17, 3_000_000_000]
+    assert [shoelace(f["geometry"]["coordinates"][0]) for f in features] == [18, 18]
+
+
+def test_empty_label_map(tmp_path):
+    labels = np.zeros((16, 16), dtype=np.int32)
+    assert export.labels_to_geojson(labels) == {"type": "FeatureCollection", "features": []}
+    data = json.loads(export.save_geojson(tmp_path / "e.geojson", labels).read_text())
+    assert data["features"] == []
+    rows = export.measure_nuclei(labels, np.zeros((16, 16, 3), dtype=np.uint8))
+    assert rows == []
+    path = export.save_measurements_csv(tmp_path / "e.csv", rows)
+    assert path.read_text().strip() == ",".join(export.measurement_columns())
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+def test_measurements_rectangle_and_ellipse(scene):
+    labels, image = scene
+    rows = {row["id"]: row for row in export.measure_nuclei(labels, image, mpp=0.5)}
+    assert sorted(rows) == [3, 7, 12, 20]
+    rect = rows[3]
+    assert rect["area_px"] == 200
+    assert rect["centroid_x"] == pytest.approx(19.5) and rect["centroid_y"] == pytest.approx(9.5)
+    assert rect["perimeter_px"] == pytest.approx(2 * (20 - 1) + 2 * (10 - 1))  # through pixel centres
+    assert rect["area_um2"] == pytest.approx(50.0) and rect["perimeter_um"] == pytest.approx(28.0)
+    assert rect["solidity"] == pytest.approx(1.0)
+    assert rect["mean_r"] == pytest.approx(200) and rect["mean_b"] == pytest.approx(50)
+    assert rect["mean_g"] == pytest.approx(np.arange(10, 30).mean())
+    assert rect["mean_gray"] == pytest.approx(0.299 * 200 + 0.587 * np.arange(10, 30).mean() + 0.114 * 50,
+                                              rel=1e-5)
+    ell = rows[7]
+    assert ell["centroid_x"] == pytest.approx(20, abs=0.05) and ell["centroid_y"] == pytest.approx(40, abs=0.05)
+    assert ell["eccentricity"] == pytest.approx(np.sqrt(1 - (6 / 12) ** 2), abs=0.03)
+    assert ell["area_px"] == pytest.approx(np.pi * 12 * 6, rel=0.05)
+    assert rows[20]["area_px"] == 11  # all pieces of a multi-piece id count
+    assert rows[12]["area_px"] == 15 * 5 + 5 * 10
+
+
+def test_measurements_csv(tmp_path, scene):
+    labels, image = scene
+    rows = export.measure_nuclei(labels, image, mpp=0.25)
+    path = export.save_measurements_csv(tmp_path / "m.csv", rows)
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0].keys()) == export.measurement_columns(0.25)
+    assert [int(r["id"]) for r in table] == [3, 7, 12, 20]
+    assert float(table[0]["area_um2"]) == pytest.approx(200 * 0.25 ** 2)
+
+
+def test_measurements_without_image_and_bad_input(scene):
+    labels, image = scene
+    rows = export.measure_nuclei(labels, None)
+    assert "mean_r" not in rows[0] and rows[0]["area_px"] == 200
+    with pytest.raises(ValueError):
+        export.measure_nuclei(labels, image[:10])
+    with pytest.raises(ValueError):
+        export.measure_nuclei(labels, image, mpp=0)
