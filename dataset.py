@@ -1,0 +1,775 @@
+"""NuInsSeg data: discovery and loading, cross-validation folds, HoVer-Net style targets, augmentation,
+and the torch Dataset / DataLoader used for training.
+
+Layout read by `discover_nuinsseg` (the layout of the published dataset, see docs/data.md):
+
+    <data_dir>/<organ>/tissue images/<name>.png          H&E tile (RGB; RGBA and grayscale are converted)
+    <data_dir>/<organ>/label masks modify/<name>.tif     instance labels, 0 = background, ids as stored
+    <data_dir>/<organ>/vague areas/**/<name>.png         optional ambiguous-region mask (non-zero = ambiguous)
+
+Ground-truth ids are never relabelled: in NuInsSeg one nucleus may consist of several disconnected pieces.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.color import hed_from_rgb as _HED_FROM_RGB, rgb_from_hed as _RGB_FROM_HED
+
+from utils import UserError, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# Microns per pixel of the NuInsSeg tiles. The dataset paper (Mahbod et al., "NuInsSeg: A fully annotated
+# dataset for nuclei instance segmentation in H&E-stained histological images", Scientific Data 11, 295
+# (2024), https://www.nature.com/articles/s41597-024-03117-2) states that the whole-slide images were
+# scanned with a TissueFAXS system (TissueGnostics) at 40x and cut into 512x512 tiles. The pixel size
+# itself could not be confirmed from the stored copies of the paper available to us (searched the paper
+# page, its arXiv version 2308.01760 and the authors' repository masih4/NuInsSeg), so this value is an
+# ASSUMPTION: 0.25 um/px, the usual pixel size of 40x brightfield scans. Check it against the paper's
+# "Methods" section before using it for absolute size measurements.
+NUINSSEG_MPP: float = 0.25
+
+IMAGE_DIR = "tissue images"
+LABEL_DIR = "label masks modify"
+LABEL_DIR_FALLBACK = "label masks"
+VAGUE_DIR = "vague areas"
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+VAGUE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+FOLDS_FORMAT = "nuinsseg-folds"
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery and loading
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One image of the dataset and its annotation files."""
+
+    image_path: Path
+    label_path: Path
+    vague_path: Path | None
+    tissue: str  # organ folder name, e.g. "human bladder"
+    name: str  # file stem, e.g. "human_bladder_01"
+    rel_path: str  # "<organ>/tissue images/<file>", POSIX separators
+
+
+def _files_by_stem(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in suffixes:
+            continue
+        if path.stem in found:
+            raise UserError(f"{path}: two {what} files share the name {path.stem!r} "
+                            f"({found[path.stem].name} and {path.name}); keep one")
+        found[path.stem] = path
+    return found
+
+
+def _vague_masks(organ_dir: Path) -> dict[str, Path]:
+    """stem -> ambiguous-region mask under `<organ>/vague areas/` (any depth; `mask binary` preferred)."""
+    root = organ_dir / VAGUE_DIR
+    if not root.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    candidates = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                        and p.suffix.lower() in VAGUE_SUFFIXES)
+    # Files in a folder called "mask binary" win over any other copy with the same stem.
+    candidates.sort(key=lambda p: (p.parent.name != "mask binary", str(p)))
+    for path in candidates:
+        found.setdefault(path.stem, path)
+    return found
+
+
+def discover_nuinsseg(data_dir: str | os.PathLike) -> list[Sample]:
+    """All images of a NuInsSeg-layout folder, paired with their label masks, sorted by `rel_path`."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise UserError(f"{data_dir}: data directory not found")
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: not a directory (expected the NuInsSeg root folder)")
+    expected = (f"expected the NuInsSeg layout '<organ>/{IMAGE_DIR}/<name>.png' with "
+                f"'<organ>/{LABEL_DIR}/<name>.tif'")
+    if (data_dir / IMAGE_DIR).is_dir():
+        raise UserError(f"{data_dir}: this is a single organ folder; pass its parent folder ({expected})")
+    entries = [p for p in data_dir.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        raise UserError(f"{data_dir}: directory is empty ({expected})")
+    organ_dirs = sorted(p for p in entries if p.is_dir() and (p / IMAGE_DIR).is_dir())
+    if not organ_dirs:
+        raise UserError(f"{data_dir}: does not look like a NuInsSeg dataset: no '<organ>/{IMAGE_DIR}' "
+                        f"folder found ({expected})")
+
+    samples: list[Sample] = []
+    for organ_dir in organ_dirs:
+        tissue = organ_dir.name
+        label_dir = organ_dir / LABEL_DIR
+        if not label_dir.is_dir():
+            if (organ_dir / LABEL_DIR_FALLBACK).is_dir():
+                label_dir = organ_dir / LABEL_DIR_FALLBACK
+                log.warning("%s: no '%s' folder, using '%s' (overlapping nuclei may carry extra ids there)",
+                            organ_dir, LABEL_DIR, LABEL_DIR_FALLBACK)
+            else:
+                raise UserError(f"{organ_dir}: has '{IMAGE_DIR}' but no '{LABEL_DIR}' (or '{LABEL_DIR_FALLBACK}') "
+                                f"folder with the instance label masks")
+        images = _files_by_stem(organ_dir / IMAGE_DIR, IMAGE_SUFFIXES, "image")
+        labels = _files_by_stem(label_dir, LABEL_SUFFIXES, "label mask")
+        vague = _vague_masks(organ_dir)
+        for stem, image_path in images.items():
+            if stem not in labels:
+                raise UserError(f"{image_path}: no label mask for this image (expected "
+                                f"{label_dir / (stem + '.tif')})")
+        for stem, label_path in labels.items():
+            if stem not in images:
+                raise UserError(f"{label_path}: label mask without an image (expected "
+                                f"{organ_dir / IMAGE_DIR / (stem + '.png')})")
+        if not images:
+            log.warning("%s: no images in '%s', skipped", organ_dir, IMAGE_DIR)
+        for stem, image_path in images.items():
+            samples.append(Sample(image_path=image_path, label_path=labels[stem], vague_path=vague.get(stem),
+                                  tissue=tissue, name=stem, rel_path=f"{tissue}/{IMAGE_DIR}/{image_path.name}"))
+    if not samples:
+        raise UserError(f"{data_dir}: no images found ({expected})")
+    samples.sort(key=lambda s: s.rel_path)
+    log.info("%s: %d images from %d tissues (%d with ambiguous-region masks)", data_dir, len(samples),
+             len({s.tissue for s in samples}), sum(s.vague_path is not None for s in samples))
+    return samples
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """Bit depth from a PNG header (Pillow silently reduces 16-bit RGB PNGs to 8 bits)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an H&E image as uint8 RGB (H, W, 3).
+
+    RGBA is composited over white (brightfield background), grayscale is replicated to three channels,
+    palette images are expanded. 16-bit and floating-point images are rejected with a UserError: their
+    intensity range is ambiguous (12-bit data in 16-bit containers is common), convert them to 8-bit first.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".png" and (_png_bit_depth(path) or 8) > 8:
+            raise UserError(f"{path}: 16-bit image; convert it to 8-bit RGB (this tool does not guess "
+                            f"how to scale 16-bit intensities)")
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                raise UserError(f"{path}: {'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; "
+                                f"convert it to 8-bit RGB")
+            if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in im.info):
+                rgba = np.asarray(im.convert("RGBA"))
+                alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+                if alpha.min() >= 1.0:
+                    return np.ascontiguousarray(rgba[..., :3])
+                out = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+                return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+            if mode != "RGB":
+                im = im.convert("RGB")
+            array = np.asarray(im)
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: unreadable or truncated image ({e})") from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise UserError(f"{path}: expected an 8-bit RGB image, got shape {array.shape} dtype {array.dtype}")
+    return np.ascontiguousarray(array)
+
+
+def read_label_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label mask as int32 (H, W) with the stored ids unchanged."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            array = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                array = np.asarray(im)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception as e:  # tifffile/PIL raise many types for broken files
+        raise UserError(f"{path}: unreadable or truncated label mask ({type(e).__name__}: {e})") from None
+    array = np.asarray(array)
+    if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
+        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:2])
+    if array.ndim != 2:
+        raise UserError(f"{path}: not an instance label image (shape {array.shape}; expected one channel "
+                        f"(H, W) with 0 = background and one integer id per nucleus)")
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"{path}: not an integer label image (dtype {array.dtype}; expected integer ids, "
+                        f"0 = background)")
+    if array.size and array.min() < 0:
+        raise UserError(f"{path}: label mask has negative values")
+    if array.size and int(array.max()) > np.iinfo(np.int32).max:
+        raise UserError(f"{path}: label ids larger than {np.iinfo(np.int32).max} are not supported")
+    return array.astype(np.int32, copy=False)
+
+
+def read_vague_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read an ambiguous-region mask as bool (H, W): non-zero = ambiguous."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            array = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as im:
+                im.load()
+                array = np.asarray(im)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: unreadable or truncated ambiguous-region mask ({e})") from None
+    except Exception as e:
+        raise UserError(f"{path}: unreadable ambiguous-region mask ({type(e).__name__}: {e})") from None
+    if array.ndim == 3:
+        array = array[..., :3].max(axis=2) if array.shape[2] <= 4 else array.max(axis=0)
+    if array.ndim != 2:
+        raise UserError(f"{path}: ambiguous-region mask must be a 2-D image, got shape {array.shape}")
+    return array > 0
+
+
+def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(image uint8 (H,W,3), labels int32 (H,W) with ids as stored, ambiguous mask bool (H,W) or None)."""
+    image = read_image(sample.image_path)
+    labels = read_label_mask(sample.label_path)
+    if labels.shape != image.shape[:2]:
+        raise UserError(f"{sample.label_path}: label mask is {labels.shape[1]}x{labels.shape[0]} but its image "
+                        f"{sample.image_path.name} is {image.shape[1]}x{image.shape[0]}")
+    vague = None
+    if sample.vague_path is not None:
+        vague = read_vague_mask(sample.vague_path)
+        if vague.shape != image.shape[:2]:
+            raise UserError(f"{sample.vague_path}: ambiguous-region mask is {vague.shape[1]}x{vague.shape[0]} "
+                            f"but its image {sample.image_path.name} is {image.shape[1]}x{image.shape[0]}")
+    return image, labels, vague
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-validation folds
+# ----------------------------------------------------------------------------------------------
+def kfold_splits(num_samples: int, num_folds: int = 5, seed: int = 19) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K-fold splits identical to scikit-learn's `KFold(num_folds, shuffle=True, random_state=seed)`.
+
+    The indices are shuffled once with `np.random.RandomState(seed)`, the shuffled order is cut into
+    consecutive test folds (the first `n % k` folds one larger); like scikit-learn, both the training and
+    the test indices of a fold are returned in ascending order. NuInsSeg's paper protocol is 5 folds with seed 19 over the images in
+    `discover_nuinsseg` order.
+    """
+    num_samples, num_folds = int(num_samples), int(num_folds)
+    if num_folds < 2:
+        raise UserError(f"--num_folds {num_folds}: need at least 2 folds")
+    if num_samples < num_folds:
+        raise UserError(f"--num_folds {num_folds}: only {num_samples} images, cannot make {num_folds} folds")
+    order = np.arange(num_samples)
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(num_folds, num_samples // num_folds, dtype=int)
+    sizes[: num_samples % num_folds] += 1
+    splits = []
+    start = 0
+    for size in sizes:
+        test = order[start:start + size]
+        in_test = np.zeros(num_samples, dtype=bool)
+        in_test[test] = True
+        splits.append((np.flatnonzero(~in_test), np.flatnonzero(in_test)))
+        start += size
+    return splits
+
+
+def validation_split(train_idx: Sequence[int], tissues: Sequence[str], fraction: float = 0.1,
+                     seed: int = 19) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a validation set out of a fold's training indices, stratified by tissue.
+
+    `tissues[i]` is the tissue of sample `i` (indexed like the full sample list). About `fraction` of the
+    training images go to validation (at least one when there are two or more training images, never all
+    of them); each tissue contributes in proportion to its share of the training set (largest-remainder
+    rounding, ties broken by the seeded generator). Returns (train, val) as sorted index arrays; only the
+    given training indices are used, so the test fold is never touched.
+    """
+    train_idx = np.asarray(train_idx, dtype=np.int64).ravel()
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"--val_fraction {fraction}: must be in [0, 1)")
+    if len(np.unique(train_idx)) != len(train_idx):
+        raise ValueError("validation_split: train_idx contains duplicates")
+    if len(train_idx) and (train_idx.min() < 0 or train_idx.max() >= len(tissues)):
+        raise ValueError("validation_split: train_idx out of range of tissues")
+    n = len(train_idx)
+    if fraction == 0.0 or n < 2:
+        return np.sort(train_idx), np.zeros(0, dtype=np.int64)
+    num_val = min(n - 1, max(1, int(round(fraction * n))))
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i in np.sort(train_idx):
+        groups.setdefault(str(tissues[i]), []).append(int(i))
+    names = sorted(groups)
+    quotas = np.array([num_val * len(groups[t]) / n for t in names])
+    take = np.floor(quotas).astype(int)
+    remainder = quotas - take
+    left = num_val - int(take.sum())
+    if left > 0:
+        # largest remainder first; random tie break (e.g. many tissues with one or two images each)
+        order = np.lexsort((rng.random(len(names)), -np.round(remainder, 12)))
+        take[order[:left]] += 1
+    val: list[int] = []
+    for name, k in zip(names, take):
+        if k > 0:
+            members = np.array(groups[name])
+            val.extend(rng.choice(members, size=int(k), replace=False).tolist())
+    val_arr = np.sort(np.array(val, dtype=np.int64))
+    train_arr = np.setdiff1d(train_idx, val_arr)
+    return train_arr, val_arr
+
+
+def make_folds(samples: Sequence[Sample], num_folds: int = 5, seed: int = 19, val_fraction: float = 0.1,
+               val_seed: int | None = None) -> list[dict[str, list[int]]]:
+    """The project's fold protocol: `kfold_splits` (paper-exact) + a tissue-stratified validation carve-out
+    from each fold's training part. Returns `[{"fold", "train", "val", "test"}, ...]` with int lists."""
+    tissues = [s.tissue for s in samples]
+    folds = []
+    for k, (train, test) in enumerate(kfold_splits(len(samples), num_folds, seed)):
+        tr, va = validation_split(train, tissues, val_fraction, seed if val_seed is None else val_seed + k)
+        folds.append({"fold": k, "train": tr.tolist(), "val": va.tolist(), "test": test.tolist()})
+    return folds
+
+
+def write_folds_json(path: str | os.PathLike, samples: Sequence[Sample], folds: Sequence[dict[str, Any]],
+                     seed: int = 19, num_folds: int | None = None) -> Path:
+    """Atomically write the folds. The file lists the images by relative path (index = position), so a
+    run can be checked against (or reproduced on) the same data; fold members are index lists."""
+    images = [s.rel_path for s in samples]
+    out_folds = []
+    for f in folds:
+        entry = {"fold": int(f["fold"])}
+        for key in ("train", "val", "test"):
+            entry[key] = [int(i) for i in f.get(key, [])]
+        out_folds.append(entry)
+    obj = {"format": FOLDS_FORMAT, "version": 1, "seed": int(seed),
+           "num_folds": int(num_folds if num_folds is not None else len(out_folds)),
+           "num_images": len(images), "images": images, "folds": out_folds}
+    _check_folds(obj, Path(path))
+    return write_json(path, obj)
+
+
+def _check_folds(obj: Any, path: Path) -> None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list) or not isinstance(obj.get("folds"), list):
+        raise UserError(f"{path}: not a folds file (expected keys 'images' and 'folds')")
+    n = len(obj["images"])
+    for f in obj["folds"]:
+        if not isinstance(f, dict) or not all(k in f for k in ("fold", "train", "val", "test")):
+            raise UserError(f"{path}: every fold needs 'fold', 'train', 'val' and 'test'")
+        sets = {}
+        for key in ("train", "val", "test"):
+            values = f[key]
+            if not isinstance(values, list) or not all(isinstance(i, int) and 0 <= i < n for i in values):
+                raise UserError(f"{path}: fold {f['fold']} '{key}' must be a list of image indices in 0..{n - 1}")
+            sets[key] = set(values)
+        if sets["test"] & (sets["train"] | sets["val"]) or sets["train"] & sets["val"]:
+            raise UserError(f"{path}: fold {f['fold']} train/val/test overlap")
+
+
+def read_folds_json(path: str | os.PathLike) -> dict:
+    """Read and check a folds file: dict with `images` (relative paths), `folds`, `seed`, `num_folds`."""
+    path = Path(path)
+    obj = read_json(path)
+    _check_folds(obj, path)
+    obj.setdefault("seed", None)
+    obj.setdefault("num_folds", len(obj["folds"]))
+    return obj
+
+
+def check_folds_match(folds: dict, samples: Sequence[Sample], path: str | os.PathLike = "folds") -> None:
+    """UserError unless the folds file lists exactly the images of `samples`, in the same order."""
+    expected = [s.rel_path for s in samples]
+    if list(folds["images"]) != expected:
+        missing = sorted(set(folds["images"]) - set(expected))
+        extra = sorted(set(expected) - set(folds["images"]))
+        detail = (f"{len(missing)} listed images not in the data (e.g. {missing[:1]}), "
+                  f"{len(extra)} data images not listed (e.g. {extra[:1]})") if missing or extra else "order differs"
+        raise UserError(f"{path}: folds were made for a different image list ({detail})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+# ----------------------------------------------------------------------------------------------
+def hv_targets(labels: np.ndarray) -> np.ndarray:
+    """Horizontal/vertical distance maps (HoVer-Net convention), float32 (2, H, W).
+
+    For every instance id: offset of each pixel from the instance's centre of mass (x in channel 0,
+    y in channel 1; all pieces of a multi-piece id together), negative offsets divided by their largest
+    magnitude and positive ones by their largest value, so values lie in [-1, 1]; background is 0.
+    The centre is not rounded, so a symmetric nucleus gets symmetric maps.
+    Vectorised over instances: a few bincounts and one `find_objects` pass, no per-instance masks.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"hv_targets: expected a 2-D label map, got shape {labels.shape}")
+    h, w = labels.shape
+    out = np.zeros((2, h, w), dtype=np.float32)
+    flat = labels.reshape(-1)
+    pix = np.flatnonzero(flat)
+    if pix.size == 0:
+        return out
+    ids = flat[pix].astype(np.int64)
+    max_id = int(ids.max())
+    if max_id > 4 * pix.size + 65536:  # sparse huge ids: compact them (values are never exposed)
+        _, ids = np.unique(ids, return_inverse=True)
+        ids = ids.astype(np.int64) + 1
+        compact = np.zeros(h * w, dtype=np.int64)
+        compact[pix] = ids
+        lab = compact.reshape(h, w)
+        max_id = int(ids.max())
+    else:
+        lab = labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)
+    ys, xs = np.divmod(pix, w)
+    counts = np.bincount(ids, minlength=max_id + 1).astype(np.float64)
+    safe = np.maximum(counts, 1.0)
+    cx = np.bincount(ids, weights=xs, minlength=max_id + 1) / safe
+    cy = np.bincount(ids, weights=ys, minlength=max_id + 1) / safe
+    # bounding boxes give each instance's extreme x / y in one C pass
+    x0 = np.zeros(max_id + 1)
+    x1 = np.zeros(max_id + 1)
+    y0 = np.zeros(max_id + 1)
+    y1 = np.zeros(max_id + 1)
+    for i, sl in enumerate(ndimage.find_objects(lab, max_label=max_id), start=1):
+        if sl is not None:
+            y0[i], y1[i] = sl[0].start, sl[0].stop - 1
+            x0[i], x1[i] = sl[1].start, sl[1].stop - 1
+    for channel, coord, centre, lo, hi in ((0, xs, cx, x0, x1), (1, ys, cy, y0, y1)):
+        # per-instance 1/scale for the negative and the positive side, interleaved so one gather serves both
+        span = np.stack([centre - lo, hi - centre], axis=1)
+        inv = np.divide(1.0, span, out=np.zeros_like(span), where=span > 1e-9).astype(np.float32).ravel()
+        d = coord.astype(np.float32)
+        d -= centre.astype(np.float32)[ids]
+        d *= inv[2 * ids + (d >= 0)]
+        np.clip(d, -1.0, 1.0, out=d)
+        out[channel].reshape(-1)[pix] = d
+    return out
+
+
+def foreground_target(labels: np.ndarray) -> np.ndarray:
+    """Binary foreground target, float32 (H, W): labels > 0."""
+    return (np.asarray(labels) > 0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing
+# ----------------------------------------------------------------------------------------------
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Resize a uint8 RGB image to `size` (int = square, or (H, W)): bilinear; when shrinking the filter
+    widens with the scale factor (antialiased, area-like), so small structures are not aliased."""
+    from PIL import Image
+
+    h, w = _size_hw(size)
+    if image.shape[:2] == (h, w):
+        return image
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), resample=Image.BILINEAR)
+    return np.asarray(resized)
+
+
+def resize_labels(labels: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (ids and dtype preserved; pixel-centre sampling)."""
+    h, w = _size_hw(size)
+    in_h, in_w = labels.shape[:2]
+    if (in_h, in_w) == (h, w):
+        return labels
+    rows = np.minimum(((np.arange(h) + 0.5) * (in_h / h)).astype(np.int64), in_h - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * (in_w / w)).astype(np.int64), in_w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+# Ruifrok & Johnston stain vectors (from skimage.color) for optical density <-> H, E, DAB amounts.
+_HED_FROM_RGB32 = np.asarray(_HED_FROM_RGB, dtype=np.float32)
+_RGB_FROM_HED32 = np.asarray(_RGB_FROM_HED, dtype=np.float32)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation. Geometric transforms are applied to image and labels identically;
+    photometric ones to the image only. Every random draw comes from the generator passed to `augment`."""
+
+    flip: bool = True  # random horizontal and vertical flips
+    rotate: bool = True  # random 90-degree rotations
+    stain_jitter: float = 0.05  # H&E amounts scaled by U(1-s, 1+s) and shifted by U(-s, s)/4 OD
+    color_jitter: float = 0.1  # brightness, contrast, saturation factors in U(1-c, 1+c)
+    blur_prob: float = 0.1  # probability of a Gaussian blur
+    blur_sigma: float = 1.0  # blur sigma drawn from U(0.3, blur_sigma) pixels
+    noise_std: float = 3.0  # Gaussian noise, std drawn from U(0, noise_std) (0-255 scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "AugmentConfig":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"augmentation config: unknown keys {unknown}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def disabled(cls) -> "AugmentConfig":
+        return cls(flip=False, rotate=False, stain_jitter=0.0, color_jitter=0.0, blur_prob=0.0, noise_std=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.flip or self.rotate or self.stain_jitter > 0 or self.color_jitter > 0
+                    or self.blur_prob > 0 or self.noise_std > 0)
+
+    def validate(self) -> None:
+        for name, hi in (("stain_jitter", 1.0), ("color_jitter", 1.0), ("blur_prob", 1.0)):
+            value = getattr(self, name)
+            if not 0.0 <= value <= hi:
+                raise UserError(f"--{name} {value}: must be between 0 and {hi}")
+        if self.blur_sigma < 0.3:
+            raise UserError(f"--blur_sigma {self.blur_sigma}: must be at least 0.3")
+        if not 0.0 <= self.noise_std <= 64.0:
+            raise UserError(f"--noise_std {self.noise_std}: must be between 0 and 64")
+
+
+def add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line switches for `AugmentConfig` (read back with `augment_config_from_args`)."""
+    d = AugmentConfig()
+    g = parser.add_argument_group("augmentation (training only)")
+    g.add_argument("--no_augment", action="store_true", help="switch all augmentation off")
+    g.add_argument("--no_flip", action="store_true", help="no random horizontal/vertical flips")
+    g.add_argument("--no_rotate", action="store_true", help="no random 90-degree rotations")
+    g.add_argument("--stain_jitter", type=float, default=d.stain_jitter,
+                   help="H&E stain jitter strength in HED colour space (0 = off)")
+    g.add_argument("--color_jitter", type=float, default=d.color_jitter,
+                   help="brightness/contrast/saturation jitter (0 = off)")
+    g.add_argument("--blur_prob", type=float, default=d.blur_prob, help="probability of a Gaussian blur (0 = off)")
+    g.add_argument("--blur_sigma", type=float, default=d.blur_sigma, help="largest Gaussian blur sigma (pixels)")
+    g.add_argument("--noise_std", type=float, default=d.noise_std,
+                   help="largest Gaussian noise std on the 0-255 scale (0 = off)")
+
+
+def augment_config_from_args(args: argparse.Namespace) -> AugmentConfig:
+    if getattr(args, "no_augment", False):
+        return AugmentConfig.disabled()
+    d = AugmentConfig()
+    cfg = AugmentConfig(flip=not getattr(args, "no_flip", False), rotate=not getattr(args, "no_rotate", False),
+                        stain_jitter=float(getattr(args, "stain_jitter", d.stain_jitter)),
+                        color_jitter=float(getattr(args, "color_jitter", d.color_jitter)),
+                        blur_prob=float(getattr(args, "blur_prob", d.blur_prob)),
+                        blur_sigma=float(getattr(args, "blur_sigma", d.blur_sigma)),
+                        noise_std=float(getattr(args, "noise_std", d.noise_std)))
+    cfg.validate()
+    return cfg
+
+
+def _stain_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """rgb float32 0..255 -> jittered rgb, via optical density and the HED stain matrix."""
+    od = -np.log((rgb + 1.0) / 256.0)
+    hed = od @ _HED_FROM_RGB32
+    alpha = rng.uniform(1.0 - strength, 1.0 + strength, size=3).astype(np.float32)
+    beta = (rng.uniform(-strength, strength, size=3) / 4.0).astype(np.float32)
+    hed = hed * alpha + beta
+    od = hed @ _RGB_FROM_HED32
+    return 256.0 * np.exp(-od) - 1.0
+
+
+def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+            cfg: AugmentConfig | None) -> tuple[np.ndarray, np.ndarray]:
+    """Randomly transform (image uint8 (H,W,3), labels (H,W)); returns new arrays. Label ids unchanged."""
+    if cfg is None or not cfg.enabled:
+        return image, labels
+    if cfg.flip:
+        if rng.random() < 0.5:
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        if rng.random() < 0.5:
+            image, labels = image[::-1], labels[::-1]
+    if cfg.rotate:
+        k = int(rng.integers(0, 4))
+        if k:
+            image, labels = np.rot90(image, k, axes=(0, 1)), np.rot90(labels, k, axes=(0, 1))
+    labels = np.ascontiguousarray(labels)
+    photometric = cfg.stain_jitter > 0 or cfg.color_jitter > 0 or cfg.blur_prob > 0 or cfg.noise_std > 0
+    if not photometric:
+        return np.ascontiguousarray(image), labels
+    x = image.astype(np.float32)
+    if cfg.stain_jitter > 0:
+        x = _stain_jitter(x, rng, cfg.stain_jitter)
+    if cfg.color_jitter > 0:
+        c = cfg.color_jitter
+        brightness, contrast, saturation = rng.uniform(1.0 - c, 1.0 + c, size=3)
+        x = x * np.float32(brightness)
+        gray = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        x = (x - gray.mean()) * np.float32(contrast) + gray.mean()
+        gray = (gray - gray.mean()) * np.float32(contrast) + gray.mean()
+        x = gray[..., None] + (x - gray[..., None]) * np.float32(saturation)
+    if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
+        sigma = float(rng.uniform(0.3, cfg.blur_sigma))
+        x = ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0))
+    if cfg.noise_std > 0:
+        std = float(rng.uniform(0.0, cfg.noise_std))
+        x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(std)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# torch Dataset and DataLoader
+# ----------------------------------------------------------------------------------------------
+def check_input_size(input_size: int, option: str = "--input_size") -> int:
+    size = int(input_size)
+    if size < 64 or size % 64:
+        raise UserError(f"{option} {input_size}: must be a positive multiple of 64 (e.g. 512 or 1024)")
+    return size
+
+
+def _compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Store labels in the smallest unsigned dtype that holds their ids (values unchanged)."""
+    top = int(labels.max()) if labels.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return labels.astype(dtype)
+    return labels
+
+
+try:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+except ImportError:  # pragma: no cover - torch is a hard requirement of training only
+    torch = None
+    Dataset = object  # type: ignore[assignment,misc]
+
+
+class NucleiDataset(Dataset):
+    """Training/evaluation items at the network resolution `input_size`.
+
+    Every image and label file is decoded once into an in-memory cache (in the constructor with a
+    progress bar, or lazily when `preload=False`); DataLoader worker processes started by fork share it.
+    With an `AugmentConfig`, the randomness of item `i` depends only on (seed, epoch, i); call
+    `set_epoch(epoch)` before iterating a loader each epoch (the epoch lives in shared memory, so
+    persistent workers see it too).
+
+    Item: {"image": uint8 (3,S,S), "foreground": float32 (1,S,S), "hv": float32 (2,S,S), "index": int}.
+    Targets are computed after augmentation and resizing.
+    """
+
+    def __init__(self, samples: Sequence[Sample], input_size: int = 1024, augment: AugmentConfig | None = None,
+                 seed: int = 0, preload: bool = True) -> None:
+        self.samples = list(samples)
+        self.input_size = check_input_size(input_size)
+        self.augment = augment if (augment is not None and augment.enabled) else None
+        self.seed = int(seed)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._cache: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.samples)
+        if preload:
+            self.preload()
+
+    def preload(self) -> None:
+        """Decode every file not yet cached (tqdm progress bar)."""
+        from tqdm import tqdm
+
+        todo = [i for i, c in enumerate(self._cache) if c is None]
+        for i in tqdm(todo, desc="loading images", unit="img", disable=len(todo) < 2, leave=False):
+            self._load(i)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._cache[index]
+        if cached is None:
+            image, labels, _ = load_sample(self.samples[index])
+            cached = (image, _compact_labels(labels))
+            self._cache[index] = cached
+        return cached
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def item_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (S,S,3), labels (S,S)) after augmentation and resizing."""
+        image, labels = self._load(index)
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            image, labels = augment(image, labels, rng, self.augment)
+        size = self.input_size
+        return resize_image(image, size), resize_labels(labels, size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        image, labels = self.item_arrays(index)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "foreground": torch.from_numpy(foreground_target(labels)[None]),
+            "hv": torch.from_numpy(hv_targets(labels)),
+            "index": index,
+        }
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: derive NumPy/Python seeds from the worker's torch seed."""
+    import random
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(dataset: "Dataset", batch_size: int, shuffle: bool, num_workers: int, seed: int, device: Any,
+                sampler: Any = None, drop_last: bool = False) -> "DataLoader":
+    """DataLoader with a seeded generator and worker seeding, pinned memory on CUDA, persistent workers."""
+    if int(batch_size) < 1:
+        raise UserError(f"--batch_size {batch_size}: must be at least 1")
+    if int(num_workers) < 0:
+        raise UserError(f"--num_workers {num_workers}: must be 0 or more")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    device_type = torch.device(device).type if device is not None else "cpu"
+    return DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=bool(shuffle) if sampler is None else False,
+        sampler=sampler,
+        num_workers=int(num_workers),
+        pin_memory=device_type == "cuda",
+        drop_last=bool(drop_last),
+        generator=generator,
+        worker_init_fn=seed_worker,
+        persistent_workers=int(num_workers) > 0,
+    )
