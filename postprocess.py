@@ -1,0 +1,384 @@
+"""Turn the network's maps into a nuclei instance label map.
+
+Two ways, chosen by `PostprocessConfig.mode`:
+
+- `"hv"` (`hv_to_instances`, HoVer-Net style): the foreground probability is thresholded, and the
+  horizontal/vertical distance maps (each nucleus' pixels hold their offset from its centre, scaled to
+  [-1, 1]) tell nuclei apart: inside a nucleus they increase steadily, across the border between two
+  touching nuclei they drop sharply. A Sobel derivative of each map gives that drop; its size is the
+  "edge energy". Pixels of low energy inside the foreground form one marker core per nucleus, and a
+  marker-controlled watershed on the smoothed energy grows the cores back to the whole foreground.
+- `"binary"` (`binary_to_instances`, the baseline of earlier MobileSAM+LoRA NuInsSeg work): threshold and
+  connected components, optionally split by a watershed on the distance transform.
+
+Both return `int32` label maps with ids 1..N (0 = background), at the resolution of the input maps.
+The parameters live in `PostprocessConfig`, which is saved with each trained model (`to_dict`/`from_dict`).
+See `docs/metrics.md` for the steps and the round-trip figures of the default parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from typing import Any, Mapping
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage import segmentation
+
+from utils import UserError
+
+MODES = ("hv", "binary")
+
+
+@dataclass
+class PostprocessConfig:
+    """Parameters of the post-processing (saved with every trained model).
+
+    mode: "hv" (foreground + HV maps, marker-controlled watershed) or "binary" (threshold + components).
+    fg_threshold: foreground probability above which a pixel is nucleus.
+    marker_threshold: edge energy (in units of the full HV range dropped across the Sobel window, so 1.0
+        is the border between two touching nuclei, 0.5 the outer border of a nucleus) below which a
+        foreground pixel belongs to a marker core.
+    min_marker_area: marker cores smaller than this (pixels) are discarded.
+    marker_opening: radius (pixels) of the disc used to open the marker cores (breaks thin bridges).
+    min_area: instances (and foreground specks) smaller than this (pixels) are removed; foreground holes
+        smaller than this are filled.
+    sobel_ksize: size of the Sobel kernels (odd, 3..31); larger is smoother and more robust to noisy maps.
+    smooth_sigma: Gaussian sigma (pixels) of the smoothing of the watershed surface.
+    fill_holes: fill holes inside each instance.
+    watershed: binary mode only: split touching nuclei by a watershed on the distance transform.
+    peak_min_distance: binary mode watershed: minimum distance (pixels) between two nucleus centres.
+    """
+
+    mode: str = "hv"
+    fg_threshold: float = 0.5
+    marker_threshold: float = 0.1
+    min_marker_area: int = 4
+    marker_opening: int = 2
+    min_area: int = 10
+    sobel_ksize: int = 7
+    smooth_sigma: float = 1.0
+    fill_holes: bool = True
+    watershed: bool = False
+    peak_min_distance: int = 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"postprocess mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if not 0.0 <= float(self.fg_threshold) <= 1.0:
+            raise UserError(f"postprocess fg_threshold {self.fg_threshold}: must lie in [0, 1]")
+        if float(self.marker_threshold) <= 0.0:
+            raise UserError(f"postprocess marker_threshold {self.marker_threshold}: must be > 0")
+        for name in ("min_marker_area", "marker_opening", "min_area", "peak_min_distance"):
+            if int(getattr(self, name)) < 0:
+                raise UserError(f"postprocess {name} {getattr(self, name)}: must be >= 0")
+        k = int(self.sobel_ksize)
+        if k < 3 or k > 31 or k % 2 == 0:
+            raise UserError(f"postprocess sobel_ksize {self.sobel_ksize}: must be an odd number from 3 to 31")
+        if float(self.smooth_sigma) < 0:
+            raise UserError(f"postprocess smooth_sigma {self.smooth_sigma}: must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "PostprocessConfig":
+        """Inverse of `to_dict`; unknown keys are an error (a config from another version or a typo)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UserError(f"postprocess config: unknown key(s) {', '.join(unknown)} "
+                            f"(known: {', '.join(known)})")
+        casted: dict[str, Any] = {}
+        for name, value in values.items():
+            default = getattr(cls, name)
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(value, (bool, np.bool_)):
+                        raise ValueError
+                    casted[name] = bool(value)
+                elif isinstance(default, int):
+                    if float(value) != int(value):
+                        raise ValueError
+                    casted[name] = int(value)
+                elif isinstance(default, float):
+                    casted[name] = float(value)
+                else:
+                    casted[name] = str(value)
+            except (TypeError, ValueError):
+                raise UserError(f"postprocess config: {name}={value!r} is not a valid "
+                                f"{type(default).__name__}") from None
+        return cls(**casted)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _check_prob(foreground_prob: np.ndarray) -> np.ndarray:
+    prob = np.asarray(foreground_prob)
+    if prob.ndim != 2:
+        raise UserError(f"postprocess: foreground map must be 2-D (H, W), got shape {prob.shape}")
+    return prob.astype(np.float32, copy=False)
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return xx * xx + yy * yy <= radius * radius + radius  # '+ radius' makes small discs rounder
+
+
+def _remove_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Set labels with fewer than `min_area` pixels to 0 (in place) and return the array."""
+    if min_area > 1 and labels.max() > 0:
+        areas = np.bincount(labels.ravel())
+        small = areas < min_area
+        small[0] = False
+        if small.any():
+            labels[small[labels]] = 0
+    return labels
+
+
+def _clean_foreground(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Remove specks and fill holes smaller than `min_area` pixels."""
+    if min_area <= 1:
+        return mask
+    comp, n = ndi.label(mask)
+    if n:
+        mask = _remove_small(comp, min_area) > 0
+    holes, n = ndi.label(~mask)
+    if n:
+        areas = np.bincount(holes.ravel())
+        small = areas < min_area
+        small[0] = False
+        for edge in (holes[0, :], holes[-1, :], holes[:, 0], holes[:, -1]):
+            small[edge] = False  # background reaching the image border is not a hole
+        mask = mask | small[holes]
+    return mask
+
+
+def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
+    """Renumber the ids to 1..N keeping their order; int32."""
+    flat = labels.ravel()
+    if flat.max(initial=0) == 0:
+        return np.zeros(labels.shape, dtype=np.int32)
+    present = np.bincount(flat) > 0
+    present[0] = False
+    lut = np.cumsum(present).astype(np.int32)
+    lut[0] = 0
+    return lut[labels]
+
+
+def _fill_instance_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill the holes of each instance: background regions (4-connected) that do not reach the image
+    border and touch exactly one instance take that instance's id. Other instances are never changed."""
+    background = labels == 0
+    holes, n = ndi.label(background)
+    if n == 0:
+        return labels
+    # Background regions on the image border are not holes.
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (holes[0, :], holes[-1, :], holes[:, 0], holes[:, -1]):
+        border[edge] = True
+    # (region, neighbouring instance) pairs across every 4-neighbour link.
+    pairs = []
+    for a, b in ((holes[:, :-1], labels[:, 1:]), (holes[:, 1:], labels[:, :-1]),
+                 (holes[:-1, :], labels[1:, :]), (holes[1:, :], labels[:-1, :])):
+        sel = (a > 0) & (b > 0)
+        pairs.append(np.stack([a[sel], b[sel]], axis=1))
+    pairs = np.concatenate(pairs).astype(np.int64)
+    if pairs.size == 0:
+        return labels
+    base = int(labels.max()) + 1
+    keys = np.unique(pairs[:, 0] * base + pairs[:, 1])
+    pairs = np.stack([keys // base, keys % base], axis=1)
+    count = np.bincount(pairs[:, 0], minlength=n + 1)
+    owner = np.zeros(n + 1, dtype=labels.dtype)
+    owner[pairs[:, 0]] = pairs[:, 1]
+    fill = (count == 1) & ~border
+    fill[0] = False
+    if fill.any():
+        labels = np.where(fill[holes], owner[holes], labels)
+    return labels
+
+
+def _finish(labels: np.ndarray, min_area: int, fill_holes: bool) -> np.ndarray:
+    labels = labels.astype(np.int32, copy=False)
+    labels = _remove_small(labels, min_area)
+    if fill_holes:
+        labels = _fill_instance_holes(labels)
+    return _relabel_sequential(labels)
+
+
+@lru_cache(maxsize=16)
+def _sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """Separable Sobel kernels of size `ksize`: (derivative, smoothing).
+
+    Smoothing: binomial weights (sum 1). Derivative: binomial of size ksize-2 convolved with [-1, 0, 1],
+    scaled so that a unit step gives a peak response of 1 (so the derivative of a map measures how much
+    of its range is dropped across the kernel window).
+    """
+    smooth = np.array([1.0])
+    for _ in range(ksize - 1):
+        smooth = np.convolve(smooth, [1.0, 1.0])
+    smooth /= smooth.sum()
+    base = np.array([1.0])
+    for _ in range(ksize - 3):
+        base = np.convolve(base, [1.0, 1.0])
+    deriv = np.convolve(base, [1.0, 0.0, -1.0])  # correlation form: right minus left
+    deriv = deriv[::-1].copy()
+    deriv /= deriv[deriv > 0].sum()
+    return deriv.astype(np.float32), smooth.astype(np.float32)
+
+
+def _normalise(channel: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Min-max normalise a map to [0, 1] using its values inside `mask` (0 outside -> mid value)."""
+    values = channel[mask]
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-6:
+        return np.zeros_like(channel)
+    return np.clip((channel - lo) / (hi - lo), 0.0, 1.0)
+
+
+def edge_energy(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int = 7) -> np.ndarray:
+    """Edge energy of the HV maps: for each channel, the drop of the (min-max normalised) map along its
+    own axis (x for channel 0, y for channel 1) measured by a Sobel derivative, then the larger of the
+    two. Inside a nucleus the maps rise, so the energy is ~0 there; it is ~1 on the border between two
+    touching nuclei and ~0.5 on a nucleus' outer border."""
+    deriv, smooth = _sobel_kernels(int(sobel_ksize))
+    energy = np.zeros(foreground.shape, dtype=np.float32)
+    for channel, axis in ((0, 1), (1, 0)):
+        # The map's range goes to [0, 1]: the full drop from +1 to -1 across a border measures 1.
+        ch = _normalise(hv[channel].astype(np.float32, copy=False), foreground)
+        d = ndi.correlate1d(ch, deriv, axis=axis, mode="nearest")
+        d = ndi.correlate1d(d, smooth, axis=1 - axis, mode="nearest")
+        np.maximum(energy, -d, out=energy)
+    return energy
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def hv_to_instances(foreground_prob: np.ndarray, hv: np.ndarray, fg_threshold: float = 0.5,
+                    marker_threshold: float = 0.1, min_marker_area: int = 4, marker_opening: int = 2,
+                    min_area: int = 10, sobel_ksize: int = 7, smooth_sigma: float = 1.0,
+                    fill_holes: bool = True) -> np.ndarray:
+    """Instances from a foreground probability map (H, W) and HV maps (2, H, W; channel 0 horizontal).
+
+    Steps: threshold the foreground and drop specks / fill small holes (< min_area); edge energy of the
+    HV maps (`edge_energy`); marker cores = foreground pixels with energy < marker_threshold, opened with
+    a disc of radius marker_opening, cores < min_marker_area dropped; a foreground component left without
+    any core becomes a marker itself; watershed from the markers on the smoothed energy within the
+    foreground; instances < min_area removed, holes filled. Returns int32 ids 1..N.
+    """
+    prob = _check_prob(foreground_prob)
+    hv = np.asarray(hv)
+    if hv.shape != (2,) + prob.shape:
+        raise UserError(f"postprocess: HV maps must have shape (2, {prob.shape[0]}, {prob.shape[1]}), "
+                        f"got {hv.shape}")
+    fg = _clean_foreground(prob > fg_threshold, int(min_area))
+    if not fg.any():
+        return np.zeros(prob.shape, dtype=np.int32)
+
+    energy = edge_energy(hv, fg, sobel_ksize)
+    cores = fg & (energy < marker_threshold)
+    if marker_opening > 0:
+        cores = ndi.binary_opening(cores, structure=_disk(int(marker_opening)))
+    markers, n_markers = ndi.label(cores)
+    markers = _remove_small(markers, int(min_marker_area))
+
+    # Foreground components with no marker left (e.g. a small nucleus whose core vanished): keep them whole.
+    components, n_comp = ndi.label(fg)
+    has_marker = np.zeros(n_comp + 1, dtype=bool)
+    has_marker[components[markers > 0]] = True
+    orphan = ~has_marker[components] & fg
+    if orphan.any():
+        markers = np.where(orphan, components + n_markers, markers)
+
+    labels = _watershed_by_component(energy, float(smooth_sigma), markers, components, n_comp)
+    return _finish(labels, int(min_area), fill_holes)
+
+
+def _watershed_by_component(energy: np.ndarray, smooth_sigma: float, markers: np.ndarray,
+                            components: np.ndarray, n_comp: int) -> np.ndarray:
+    """Marker-controlled watershed on the smoothed energy, restricted to the foreground and run only inside
+    the foreground components holding two or more markers (a component with one marker is that instance
+    as it is)."""
+    # Each marker lies inside one component (markers are made of foreground pixels).
+    inside = markers > 0
+    comp_of_marker = np.zeros(int(markers.max()) + 1, dtype=np.int64)
+    comp_of_marker[markers[inside]] = components[inside]
+    marker_ids = np.flatnonzero(np.bincount(markers[inside]))
+    per_comp = np.bincount(comp_of_marker[marker_ids], minlength=n_comp + 1)  # 0 for the background
+    single_owner = np.zeros(n_comp + 1, dtype=np.int32)
+    single_owner[comp_of_marker[marker_ids]] = marker_ids
+    markers_here = np.take(per_comp, components)
+    labels = np.where(markers_here == 1, np.take(single_owner, components), 0).astype(np.int32, copy=False)
+    multi = markers_here >= 2
+    if multi.any():
+        # One call over the bounding box of all components that need splitting (plus a margin for the
+        # smoothing, so the surface inside the box is the same as over the whole image).
+        rows = np.flatnonzero(multi.any(axis=1))
+        cols = np.flatnonzero(multi.any(axis=0))
+        margin = int(np.ceil(4 * smooth_sigma)) + 1
+        outer = (slice(max(rows[0] - margin, 0), rows[-1] + 1 + margin),
+                 slice(max(cols[0] - margin, 0), cols[-1] + 1 + margin))
+        surface = energy[outer]
+        if smooth_sigma > 0:
+            surface = ndi.gaussian_filter(surface, smooth_sigma)
+        mask = multi[outer]
+        sub = segmentation.watershed(surface, markers=np.where(mask, markers[outer], 0), mask=mask)
+        labels[outer][mask] = sub[mask]
+    return labels
+
+
+def binary_to_instances(foreground_prob: np.ndarray, threshold: float = 0.5, min_area: int = 10,
+                        watershed: bool = False, peak_min_distance: int = 4,
+                        fill_holes: bool = True) -> np.ndarray:
+    """Baseline: threshold + connected components (8-connected), optionally split by a watershed on the
+    distance transform (one marker per local maximum at least `peak_min_distance` apart). int32 ids 1..N.
+    """
+    prob = _check_prob(foreground_prob)
+    fg = _clean_foreground(prob > threshold, int(min_area))
+    if not fg.any():
+        return np.zeros(prob.shape, dtype=np.int32)
+    components, _ = ndi.label(fg, structure=np.ones((3, 3), dtype=bool))
+    if not watershed:
+        return _finish(components, int(min_area), fill_holes)
+    dist = ndi.distance_transform_edt(fg).astype(np.float32)
+    dist = ndi.gaussian_filter(dist, 1.0)
+    peaks = peak_local_max(dist, min_distance=max(int(peak_min_distance), 1), labels=components,
+                           exclude_border=False)
+    markers = np.zeros(fg.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # Merge peaks of one plateau (several maxima a pixel apart) into one marker.
+    markers, n_markers = ndi.label(ndi.binary_dilation(markers > 0, iterations=1) & fg)
+    # A component without any peak keeps its own id (nothing is lost).
+    has_marker = np.zeros(int(components.max()) + 1, dtype=bool)
+    has_marker[components[markers > 0]] = True
+    orphan = ~has_marker[components] & fg
+    if orphan.any():
+        markers = np.where(orphan, components + n_markers, markers)
+    labels = segmentation.watershed(-dist, markers=markers, mask=fg, connectivity=2)
+    return _finish(labels, int(min_area), fill_holes)
+
+
+def postprocess(foreground_prob: np.ndarray, hv: np.ndarray | None,
+                config: PostprocessConfig | None = None) -> np.ndarray:
+    """Instances from the network's maps with the method and parameters of `config` (int32, ids 1..N)."""
+    config = config or PostprocessConfig()
+    config.validate()
+    if config.mode == "hv":
+        if hv is None:
+            raise UserError("postprocess mode 'hv': the model gives no HV maps (it has a binary head); "
+                            "use mode 'binary'")
+        return hv_to_instances(foreground_prob, hv, fg_threshold=config.fg_threshold,
+                               marker_threshold=config.marker_threshold,
+                               min_marker_area=config.min_marker_area, marker_opening=config.marker_opening,
+                               min_area=config.min_area, sobel_ksize=config.sobel_ksize,
+                               smooth_sigma=config.smooth_sigma, fill_holes=config.fill_holes)
+    return binary_to_instances(foreground_prob, threshold=config.fg_threshold, min_area=config.min_area,
+                               watershed=config.watershed, peak_min_distance=config.peak_min_distance,
+                               fill_holes=config.fill_holes)

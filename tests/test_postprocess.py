@@ -1,0 +1,186 @@
+"""Tests of postprocess.py: geometric cases with ideal maps, the binary baseline, the config, and the
+round trip of real NuInsSeg labels through `dataset.hv_targets` and back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import metrics
+import postprocess
+from postprocess import PostprocessConfig
+from utils import UserError
+
+
+def disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def ideal_hv(labels: np.ndarray) -> np.ndarray:
+    """HV maps of a label map (offset from each instance's centre, each side scaled to [-1, 1])."""
+    hv = np.zeros((2,) + labels.shape, dtype=np.float32)
+    for k in np.unique(labels[labels > 0]):
+        ys, xs = np.nonzero(labels == k)
+        for c, d in ((0, xs - xs.mean()), (1, ys - ys.mean())):
+            d = d.astype(np.float64)
+            out = np.zeros_like(d)
+            if (d < 0).any():
+                out[d < 0] = d[d < 0] / -d[d < 0].min()
+            if (d > 0).any():
+                out[d > 0] = d[d > 0] / d[d > 0].max()
+            hv[c][ys, xs] = out
+    return hv
+
+
+def two_touching_discs() -> np.ndarray:
+    labels = np.zeros((64, 80), dtype=np.int32)
+    labels[disc(labels.shape, 32, 25, 12)] = 1
+    labels[disc(labels.shape, 32, 47, 12) & (labels == 0)] = 2  # overlaps -> a shared straight border
+    return labels
+
+
+def check_ids(out: np.ndarray) -> None:
+    assert out.dtype == np.int32
+    ids = np.unique(out[out > 0])
+    assert np.array_equal(ids, np.arange(1, ids.size + 1))
+
+
+def test_two_touching_discs_are_split():
+    labels = two_touching_discs()
+    fg = (labels > 0).astype(np.float32)
+    out = postprocess.hv_to_instances(fg, ideal_hv(labels))
+    check_ids(out)
+    assert out.max() == 2
+    r = metrics.instance_metrics(labels, out)
+    assert r["pq"] > 0.95 and r["aji"] > 0.95
+    # Soft probabilities: the same result with fg 0.8 inside and 0.1 outside.
+    soft = np.where(labels > 0, 0.8, 0.1).astype(np.float32)
+    assert np.array_equal(postprocess.hv_to_instances(soft, ideal_hv(labels)), out)
+
+
+def test_single_disc_stays_one():
+    labels = disc((48, 48), 24, 24, 14).astype(np.int32)
+    out = postprocess.hv_to_instances(labels.astype(np.float32), ideal_hv(labels))
+    check_ids(out)
+    assert out.max() == 1
+    assert np.array_equal(out > 0, labels > 0)
+
+
+def test_small_objects_removed():
+    labels = np.zeros((40, 40), dtype=np.int32)
+    labels[disc(labels.shape, 12, 12, 8)] = 1
+    labels[30:32, 30:33] = 2  # 6 pixels < min_area 10
+    fg = (labels > 0).astype(np.float32)
+    for out in (postprocess.hv_to_instances(fg, ideal_hv(labels), min_area=10),
+                postprocess.binary_to_instances(fg, min_area=10)):
+        check_ids(out)
+        assert out.max() == 1
+        assert not out[30:32, 30:33].any()
+    # With min_area 1 the speck stays.
+    assert postprocess.binary_to_instances(fg, min_area=1).max() == 2
+
+
+def test_holes_filled():
+    ring = disc((50, 50), 25, 25, 15) & ~disc((50, 50), 25, 25, 5)  # hole of ~80 px > min_area
+    labels = ring.astype(np.int32)
+    fg = ring.astype(np.float32)
+    full = disc((50, 50), 25, 25, 15)
+    out = postprocess.binary_to_instances(fg, min_area=10)
+    check_ids(out)
+    assert out.max() == 1 and np.array_equal(out > 0, full)
+    out_hv = postprocess.hv_to_instances(fg, ideal_hv(labels), min_area=10)
+    assert np.array_equal(out_hv > 0, full)
+    kept = postprocess.binary_to_instances(fg, min_area=10, fill_holes=False)
+    assert np.array_equal(kept > 0, ring)
+
+
+def test_hole_between_instances_is_not_filled():
+    # Four squares around a background gap: the gap touches four instances, so it is no one's hole.
+    labels = np.zeros((40, 40), dtype=np.int32)
+    labels[5:20, 5:20] = 1
+    labels[5:20, 20:35] = 2
+    labels[20:35, 5:20] = 3
+    labels[20:35, 20:35] = 4
+    labels[17:23, 17:23] = 0
+    fg = (labels > 0).astype(np.float32)
+    out = postprocess.hv_to_instances(fg, ideal_hv(labels), min_area=10)
+    assert out.max() == 4
+    assert not out[17:23, 17:23].any()
+
+
+def test_binary_mode_merges_without_watershed_and_splits_with_it():
+    labels = two_touching_discs()
+    fg = (labels > 0).astype(np.float32)
+    merged = postprocess.binary_to_instances(fg)
+    check_ids(merged)
+    assert merged.max() == 1
+    split = postprocess.binary_to_instances(fg, watershed=True)
+    check_ids(split)
+    assert split.max() == 2
+    assert metrics.instance_metrics(labels, split)["pq"] > 0.9
+
+
+def test_empty_maps():
+    zeros = np.zeros((32, 32), dtype=np.float32)
+    hv = np.zeros((2, 32, 32), dtype=np.float32)
+    for out in (postprocess.hv_to_instances(zeros, hv), postprocess.binary_to_instances(zeros),
+                postprocess.binary_to_instances(zeros, watershed=True),
+                postprocess.postprocess(zeros, hv, PostprocessConfig())):
+        assert out.dtype == np.int32 and out.shape == (32, 32) and not out.any()
+
+
+def test_flat_hv_maps_give_connected_components():
+    labels = two_touching_discs()
+    fg = (labels > 0).astype(np.float32)
+    out = postprocess.hv_to_instances(fg, np.zeros((2,) + fg.shape, np.float32))
+    assert out.max() == 1
+
+
+def test_postprocess_dispatch_and_config():
+    labels = two_touching_discs()
+    fg = (labels > 0).astype(np.float32)
+    hv = ideal_hv(labels)
+    assert postprocess.postprocess(fg, hv, PostprocessConfig()).max() == 2
+    assert postprocess.postprocess(fg, None, PostprocessConfig(mode="binary")).max() == 1
+    assert postprocess.postprocess(fg, None, PostprocessConfig(mode="binary", watershed=True)).max() == 2
+    with pytest.raises(UserError):
+        postprocess.postprocess(fg, None, PostprocessConfig(mode="hv"))
+    with pytest.raises(UserError):
+        postprocess.hv_to_instances(fg, hv[:1])
+
+
+def test_config_round_trip_and_validation():
+    cfg = PostprocessConfig(mode="binary", fg_threshold=0.4, watershed=True, min_area=20)
+    d = cfg.to_dict()
+    assert d["mode"] == "binary" and d["fg_threshold"] == 0.4
+    assert PostprocessConfig.from_dict(d) == cfg
+    import json
+    assert PostprocessConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    with pytest.raises(UserError, match="unknown"):
+        PostprocessConfig.from_dict({"mode": "hv", "fg_treshold": 0.5})
+    for bad in ({"mode": "foo"}, {"fg_threshold": 1.5}, {"sobel_ksize": 4}, {"min_area": -1},
+                {"watershed": "yes"}, {"min_area": 2.5}, {"fg_threshold": "high"}):
+        with pytest.raises(UserError):
+            PostprocessConfig.from_dict(bad)
+
+
+def test_roundtrip_real_labels(real_sample_dir):
+    """Ideal maps of the real ground truth must come back as the ground truth (mean PQ and AJI >= 0.95).
+
+    What is lost is expected: a true id made of several disconnected pieces comes back as several
+    instances, and nuclei under `min_area` are removed."""
+    import dataset
+
+    samples = dataset.discover_nuinsseg(real_sample_dir)
+    assert samples
+    config = PostprocessConfig()
+    rows = []
+    for sample in samples:
+        _, labels, _ = dataset.load_sample(sample)
+        fg = (labels > 0).astype(np.float32)
+        out = postprocess.postprocess(fg, dataset.hv_targets(labels), config)
+        check_ids(out)
+        rows.append(metrics.instance_metrics(labels, out))
+    means = metrics.mean_over_images(rows)
+    assert means["pq"] >= 0.95, means
+    assert means["aji"] >= 0.95, means
