@@ -1,0 +1,232 @@
+"""Tests of nuclei_model.py: head shapes, parameter budget, loss, checkpoints, model sets, inference."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import model as mobile_sam
+import nuclei_model as nm
+from utils import UserError
+
+CONFIG = {"pretrained": None, "head": "hv", "input_size": 64, "lora_rank": 4, "lora_alpha": 4.0,
+          "lora_dropout": 0.0, "lora_targets": ["qkv", "proj"], "train_only_lora": True}
+
+
+@pytest.fixture(scope="module")
+def fake_pretrained(tmp_path_factory):
+    """A random encoder saved in the official mobile_sam.pt key layout (no real weights needed)."""
+    torch.manual_seed(123)
+    enc = mobile_sam.MobileSAMEncoder()
+    path = tmp_path_factory.mktemp("weights") / "mobile_sam.pt"
+    torch.save({"image_encoder." + k: v for k, v in enc.state_dict().items()}, path)
+    return path
+
+
+def _perturb_trainable(net: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_output_shapes(size):
+    torch.manual_seed(0)
+    net = nm.build_model(CONFIG)
+    with torch.no_grad():
+        out = net(_images(2, size))
+    assert out["foreground"].shape == (2, 1, size, size)
+    assert out["hv"].shape == (2, 2, size, size)
+    assert torch.isfinite(out["foreground"]).all() and torch.isfinite(out["hv"]).all()
+    binary = nm.build_model({**CONFIG, "head": "binary"})
+    with torch.no_grad():
+        out_b = binary(_images(1, size).float())  # float 0..255 works as well as uint8
+    assert set(out_b) == {"foreground"} and out_b["foreground"].shape == (1, 1, size, size)
+
+
+def test_parameter_budget_rank4():
+    net = nm.build_model(CONFIG)
+    report = nm.parameter_report(net)
+    assert 80_000 <= report["head"] <= 130_000
+    assert report["percent"] < 3.0
+    assert report["trainable"] == sum(p.numel() for n, p in net.named_parameters()
+                                      if "lora" in n or n.startswith("head."))
+    # everything trainable without train_only_lora
+    full = nm.parameter_report(nm.build_model({**CONFIG, "train_only_lora": False}))
+    assert full["trainable"] == full["total"]
+
+
+def test_train_mode_keeps_frozen_encoder_batchnorm_in_eval():
+    net = nm.build_model(CONFIG).train()
+    bns = [m for m in net.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    assert net.head.training
+
+
+def test_loss_terms_and_masking():
+    torch.manual_seed(0)
+    fg = torch.zeros(2, 1, 32, 32)
+    fg[:, :, 8:20, 8:20] = 1
+    hv = torch.zeros(2, 2, 32, 32)
+    hv[:, 0, 8:20, 8:20] = torch.linspace(-1, 1, 12)
+    hv[:, 1, 8:20, 8:20] = torch.linspace(-1, 1, 12)[:, None]
+    batch = {"foreground": fg, "hv": hv}
+    perfect = {"foreground": (fg * 2 - 1) * 20, "hv": hv.clone()}
+    loss, parts = nm.compute_loss(perfect, batch)
+    assert set(parts) == {"bce", "dice", "mse", "msge"}
+    assert parts["mse"] == 0 and parts["msge"] == 0 and parts["bce"] < 1e-6 and parts["dice"] < 1e-3
+    # a gradient error in the background counts in the MSE but not in the MSGE (restricted to nuclei)
+    noisy = {"foreground": perfect["foreground"], "hv": hv.clone()}
+    noisy["hv"][:, :, 24:, 24:] = torch.randn(2, 2, 8, 8)
+    _, p2 = nm.compute_loss(noisy, batch)
+    assert p2["mse"] > 0 and p2["msge"] == 0
+    noisy["hv"][:, :, 10:14, 10:14] += 0.5 * torch.randn(2, 2, 4, 4)
+    _, p3 = nm.compute_loss(noisy, batch)
+    assert p3["msge"] > 0
+    # binary head: no HV terms; custom weights
+    loss_b, pb = nm.compute_loss({"foreground": perfect["foreground"]}, batch, weights={"dice": 0.0})
+    assert set(pb) == {"bce", "dice"} and float(loss_b) == pytest.approx(pb["bce"], abs=1e-7)
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    net = nm.build_model(CONFIG).train()
+    x = _images(2, 64)
+    fg = torch.zeros(2, 1, 64, 64)
+    fg[:, :, 16:40, 20:44] = 1
+    hv = torch.zeros(2, 2, 64, 64)
+    hv[:, 0, 16:40, 20:44] = torch.linspace(-1, 1, 24)
+    hv[:, 1, 16:40, 20:44] = torch.linspace(-1, 1, 24)[:, None]
+    batch = {"foreground": fg, "hv": hv}
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, _ = nm.compute_loss(net(x), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_checkpoint_round_trip_trainable_only(tmp_path, fake_pretrained):
+    config = {**CONFIG, "pretrained": str(fake_pretrained)}
+    net = nm.build_model(config)
+    _perturb_trainable(net)
+    path = tmp_path / "best_model.pth"
+    nm.save_checkpoint(path, net, config, {"mode": "hv", "fg_threshold": 0.45}, epoch=3, fold=None,
+                       val={"pq": 0.5}, rng=torch.get_rng_state())
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == nm.CHECKPOINT_FORMAT and raw["state_kind"] == "trainable"
+    trainable = {k for k, p in net.named_parameters() if p.requires_grad}
+    assert set(raw["state_dict"]) == trainable
+    assert raw["base_weights"]["sha1"] and raw["base_weights"]["size"] == fake_pretrained.stat().st_size
+    assert path.stat().st_size < 3_000_000
+    ms = nm.load_model_set(path, "cpu")
+    assert not ms.is_cv and len(ms.members) == 1 and ms.postprocess["fg_threshold"] == 0.45
+    loaded = ms.members[0].model
+    assert not loaded.training
+    x = _images(1, 64)
+    with torch.no_grad():
+        a, b = net.eval()(x), loaded(x)
+    torch.testing.assert_close(a["foreground"], b["foreground"])
+    torch.testing.assert_close(a["hv"], b["hv"])
+    # merged LoRA + fused BN give the same maps
+    fast = nm.prepare_for_inference(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)["hv"], a["hv"], atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_base_weights_moved_or_changed(tmp_path, fake_pretrained, caplog):
+    base = tmp_path / "moved.pt"
+    base.write_bytes(fake_pretrained.read_bytes())
+    config = {**CONFIG, "pretrained": str(base)}
+    net = nm.build_model(config)
+    path = tmp_path / "m.pth"
+    nm.save_checkpoint(path, net, config, {})
+    base.unlink()
+    with pytest.raises(UserError, match="--pretrained"):
+        nm.load_model_set(path, "cpu")
+    # override with a file of other content: loads with a warning
+    other = tmp_path / "other.pt"
+    state = torch.load(fake_pretrained, weights_only=True)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, other)
+    with caplog.at_level(logging.WARNING):
+        ms = nm.load_model_set(path, "cpu", pretrained=other)
+    assert len(ms.members) == 1 and "differ" in caplog.text
+
+
+def test_checkpoint_round_trip_full_state(tmp_path):
+    config = {**CONFIG, "train_only_lora": False}
+    net = nm.build_model(config)
+    _perturb_trainable(net)
+    bn = next(m for m in net.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.add_(0.3)  # a fully fine-tuned encoder's BN statistics must travel too
+    path = tmp_path / "full.pth"
+    nm.save_checkpoint(path, net, config, {})
+    raw = torch.load(path, weights_only=True)
+    assert raw["state_kind"] == "full" and raw["base_weights"] is None
+    loaded = nm.load_model_set(path, "cpu").members[0].model
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_incompatible_or_corrupt_checkpoints(tmp_path):
+    net = nm.build_model(CONFIG)
+    path = tmp_path / "r4.pth"
+    nm.save_checkpoint(path, net, CONFIG, {})
+    other_rank = nm.build_model({**CONFIG, "lora_rank": 2})
+    with pytest.raises(UserError, match="r4.pth.*(shape|missing|unexpected)"):
+        nm.load_weights(other_rank, path)
+    no_lora = nm.build_model({**CONFIG, "lora_rank": 0})
+    with pytest.raises(UserError, match="r4.pth"):
+        nm.load_weights(no_lora, path)
+    # a checkpoint whose state dict lost keys
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {k: v for i, (k, v) in enumerate(ckpt["state_dict"].items()) if i % 2}
+    torch.save(ckpt, tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="missing.pth.*missing"):
+        nm.load_model_set(tmp_path / "missing.pth")
+    torch.save({"format": "something-else"}, tmp_path / "foreign.pth")
+    with pytest.raises(UserError, match="foreign.pth.*format"):
+        nm.load_model_set(tmp_path / "foreign.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="garbage.pth"):
+        nm.load_model_set(tmp_path / "garbage.pth")
+    with pytest.raises(UserError, match="nope.pth"):
+        nm.load_model_set(tmp_path / "nope.pth")
+
+
+def test_missing_pretrained_file_message(tmp_path):
+    with pytest.raises(UserError, match="python main.py download --output_dir weights"):
+        nm.build_model({**CONFIG, "pretrained": str(tmp_path / "mobile_sam.pt")})
+
+
+def test_predict_maps_original_resolution_and_ensemble():
+    torch.manual_seed(0)
+    a, b = nm.build_model(CONFIG), nm.build_model(CONFIG)
+    _perturb_trainable(b, seed=1)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    fg_a, hv_a = nm.predict_maps(a, image, 64, "cpu")
+    fg_b, hv_b = nm.predict_maps([b], image, 64, "cpu")
+    fg, hv = nm.predict_maps([a, b], image, 64, "cpu")
+    assert fg.shape == (100, 90) and fg.dtype == np.float32 and hv.shape == (2, 100, 90)
+    assert 0 <= fg.min() and fg.max() <= 1
+    np.testing.assert_allclose(fg, (fg_a + fg_b) / 2, atol=1e-5)
+    np.testing.assert_allclose(hv, (hv_a + hv_b) / 2, atol=1e-5)
+    other = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    batch = nm.predict_maps_batch([a], [image, other], 64, "cpu")
+    np.testing.assert_allclose(batch[0][0], fg_a, atol=1e-5)
+    assert batch[1][0].shape == (64, 80)
+    fg_bin, hv_bin = nm.predict_maps(nm.build_model({**CONFIG, "head": "binary"}), image, 64, "cpu")
+    assert hv_bin is None and fg_bin.shape == (100, 90)

@@ -1,0 +1,773 @@
+"""`train` command: fine-tune MobileSAM (LoRA) + a nuclei decoder head on NuInsSeg.
+
+One split (fold 0 of the K-fold split, or `--fold k`) or, with `--cross_validation`, all K folds of the
+NuInsSeg paper's protocol (scikit-learn KFold, shuffle, seed 19, over the sorted image list). Each fold's
+training part gives up a tissue-stratified validation subset (`--val_fraction`) used for model selection and
+early stopping; the test fold is only scored, once, with the selected model.
+
+Optimiser AdamW over the trainable parameters, linear warm-up then cosine decay per step, gradient clipping,
+mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported). Under
+`torchrun --nproc_per_node N main.py train ...` it trains with DistributedDataParallel; `--batch_size` is
+the global batch (each process takes batch_size / N). See docs/training.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+import dataset
+import metrics
+import nuclei_model
+import postprocess
+import utils
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+BEST = "best_model.pth"
+LAST = "last_model.pth"
+RESULT = "result.json"
+HISTORY = "history.csv"
+MONITOR_CHOICES = ("pq", "aji", "aji_plus", "dice", "iou", "sq", "rq", "f1", "loss")
+# keys of a config that may change when a run is resumed (they do not change what is trained)
+RUNTIME_KEYS = ("resume", "output_dir", "data_dir", "device", "num_workers", "compile")
+TUNE_FG_THRESHOLDS = (0.4, 0.5, 0.6)
+TUNE_MARKER_THRESHOLDS = (0.3, 0.4, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data and output")
+    g.add_argument("--data_dir", required=True, help="NuInsSeg folder (<organ>/tissue images, label masks modify)")
+    g.add_argument("--output_dir", default="output", help="folder for checkpoints, history and summaries")
+    g.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir (files replaced)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --output_dir with the configuration saved there")
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained", default="weights/mobile_sam.pt",
+                   help="official MobileSAM checkpoint; 'none' = random encoder (for tests only)")
+    g.add_argument("--input_size", type=int, default=1024, help="network input size (multiple of 64)")
+    g.add_argument("--head", choices=nuclei_model.HEADS, default="hv",
+                   help="hv: foreground + HoVer-Net maps (instances); binary: foreground only (baseline)")
+    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank (0 = no LoRA)")
+    g.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA scaling numerator (scale = alpha/rank)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora_targets", default="qkv,proj",
+                   help="comma-separated Linear layers to adapt: qkv, proj, fc1, fc2")
+    g.add_argument("--train_only_lora", action="store_true",
+                   help="train only LoRA adapters and the head (encoder frozen); otherwise fine-tune everything")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=4, help="global batch size (split over DDP processes)")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak AdamW learning rate")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--epochs", type=int, default=50, help="maximum number of epochs per fold")
+    g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up length (epochs, fractional ok)")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA, PyTorch 2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    g = parser.add_argument_group("model selection and folds")
+    g.add_argument("--early_stopping", action="store_true", help="stop a fold when --monitor stops improving")
+    g.add_argument("--patience", type=int, default=15, help="epochs without improvement before stopping")
+    g.add_argument("--monitor", choices=MONITOR_CHOICES, default="pq",
+                   help="validation metric for model selection (loss: lower is better, others higher)")
+    g.add_argument("--cross_validation", action="store_true", help="train and test every fold")
+    g.add_argument("--num_folds", type=int, default=5, help="number of folds (paper: 5)")
+    g.add_argument("--fold", type=int, default=None, help="without --cross_validation: the fold to run (default 0)")
+    g.add_argument("--fold_seed", type=int, default=19, help="seed of the K-fold split (paper: 19)")
+    g.add_argument("--val_fraction", type=float, default=0.1,
+                   help="fraction of each fold's training images used for validation (stratified by tissue)")
+    g.add_argument("--mpp", type=float, default=dataset.NUINSSEG_MPP,
+                   help="microns per pixel of the training images (recorded with the model)")
+    g.add_argument("--tune_postprocess", action="store_true",
+                   help="after training, pick fg_threshold/marker_threshold on the validation set (small grid)")
+    dataset.add_augmentation_arguments(parser)
+
+
+def default_postprocess(head: str) -> dict[str, Any]:
+    """The post-processing defaults stored with a model of this head."""
+    mode = "hv" if head == "hv" else "binary"
+    return postprocess.PostprocessConfig(mode=mode).to_dict()
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """JSON-able training configuration (keys = option names)."""
+    pretrained = args.pretrained
+    if pretrained is not None and str(pretrained).strip().lower() in ("", "none"):
+        pretrained = None
+    return {
+        "data_dir": str(args.data_dir),
+        "output_dir": str(args.output_dir),
+        "pretrained": None if pretrained is None else str(pretrained),
+        "input_size": int(args.input_size),
+        "head": args.head,
+        "lora_rank": int(args.lora_rank),
+        "lora_alpha": float(args.lora_alpha),
+        "lora_dropout": float(args.lora_dropout),
+        "lora_targets": utils.parse_list(args.lora_targets, str, "--lora_targets"),
+        "train_only_lora": bool(args.train_only_lora),
+        "batch_size": int(args.batch_size),
+        "learning_rate": float(args.learning_rate),
+        "weight_decay": float(args.weight_decay),
+        "epochs": int(args.epochs),
+        "warmup_epochs": float(args.warmup_epochs),
+        "early_stopping": bool(args.early_stopping),
+        "patience": int(args.patience),
+        "monitor": args.monitor,
+        "cross_validation": bool(args.cross_validation),
+        "num_folds": int(args.num_folds),
+        "fold": None if args.fold is None else int(args.fold),
+        "fold_seed": int(args.fold_seed),
+        "val_fraction": float(args.val_fraction),
+        "seed": int(args.seed),
+        "num_workers": int(args.num_workers),
+        "device": args.device,
+        "amp": bool(args.amp),
+        "grad_clip": float(args.grad_clip),
+        "compile": bool(args.compile),
+        "mpp": float(args.mpp),
+        "augmentation": dataset.augment_config_from_args(args).to_dict(),
+        "postprocess": default_postprocess(args.head),
+        "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
+        "resume": bool(args.resume),
+    }
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    dataset.check_input_size(config["input_size"])
+    checks = [
+        (config["lora_rank"] >= 0, "--lora_rank", "must be 0 or more"),
+        (config["lora_alpha"] > 0, "--lora_alpha", "must be positive"),
+        (0.0 <= config["lora_dropout"] < 1.0, "--lora_dropout", "must be in [0, 1)"),
+        (config["batch_size"] >= 1, "--batch_size", "must be at least 1"),
+        (config["learning_rate"] > 0, "--learning_rate", "must be positive"),
+        (config["weight_decay"] >= 0, "--weight_decay", "must be 0 or more"),
+        (config["epochs"] >= 1, "--epochs", "must be at least 1"),
+        (config["warmup_epochs"] >= 0, "--warmup_epochs", "must be 0 or more"),
+        (config["patience"] >= 1, "--patience", "must be at least 1"),
+        (config["num_folds"] >= 2, "--num_folds", "must be at least 2"),
+        (config["grad_clip"] >= 0, "--grad_clip", "must be 0 (off) or positive"),
+        (config["num_workers"] >= 0, "--num_workers", "must be 0 or more"),
+        (config["monitor"] in MONITOR_CHOICES, "--monitor", f"must be one of {', '.join(MONITOR_CHOICES)}"),
+    ]
+    for ok, option, problem in checks:
+        if not ok:
+            raise UserError(f"{option} {config[option[2:]]}: {problem}")
+    if config["fold"] is not None and not 0 <= config["fold"] < config["num_folds"]:
+        raise UserError(f"--fold {config['fold']}: must be between 0 and {config['num_folds'] - 1}")
+    unknown = [t for t in config["lora_targets"] if t not in ("qkv", "proj", "fc1", "fc2")]
+    if unknown or not config["lora_targets"]:
+        raise UserError(f"--lora_targets {','.join(config['lora_targets'])}: choose from qkv, proj, fc1, fc2")
+    postprocess.PostprocessConfig.from_dict(config["postprocess"]).validate()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def resume_config(output_dir: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration saved in `output_dir/config.json`, with the runtime keys taken from `given`."""
+    path = output_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"--resume: {path} not found (nothing to resume in {output_dir})")
+    saved = utils.read_json(path)
+    if not isinstance(saved, dict) or "data_dir" not in saved:
+        raise UserError(f"{path}: not a training configuration")
+    config = {k: v for k, v in saved.items() if k not in ("environment", "world_size", "parameters")}
+    for key in RUNTIME_KEYS:
+        config[key] = given[key]
+    config["resume"] = True
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    output_dir = Path(config["output_dir"])
+    info = setup_distributed(config["device"])
+    try:
+        if not info.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        if config["resume"]:
+            config = resume_config(output_dir, config)
+            log.info("resuming the run in %s (configuration from its config.json)", output_dir)
+        elif output_dir.exists() and not output_dir.is_dir():
+            raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
+        elif not _is_empty_dir(output_dir) and not args.overwrite:
+            raise UserError(f"--output_dir {output_dir}: folder exists and is not empty; use --resume to "
+                            f"continue that run, --overwrite to write over it, or choose another folder")
+        barrier(info)  # every process checked the folder before the first one writes into it
+        run_training(config, output_dir)
+    finally:
+        info.shutdown()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shutdown(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def setup_distributed(device_name: str | None) -> DistInfo:
+    """Single process, or one process of a `torchrun` job (WORLD_SIZE/RANK/LOCAL_RANK in the environment):
+    joins the process group (NCCL on CUDA, gloo on CPU) and picks this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(1, 0, 0, utils.select_device(device_name))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name in (None, "", "auto"):
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = utils.select_device(device_name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return DistInfo(dist.get_world_size(), dist.get_rank(), local_rank, device, owns)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors (weights_only-loadable)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": torch.tensor(py[1], dtype=torch.int64),
+        "python_version": int(py[0]),
+        "python_gauss": py[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                         int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def better(monitor: str, value: float, best: float | None) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor == "loss" else value > best
+
+
+def _fmt(value: Any) -> str:
+    return "nan" if value is None else f"{value:.4f}"
+
+
+def _mean_sd(rows: Sequence[Mapping[str, Any]] | None, names: Sequence[str]
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    means, sds = {}, {}
+    for name in names:
+        values = [r[name] for r in rows or [] if r is not None and r.get(name) is not None]
+        if values:
+            means[name], sds[name] = metrics.mean_sd(values)
+    return means, sds
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    utils.atomic_write_bytes(dst, src.read_bytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of a set of images (validation or test), split across processes
+# ----------------------------------------------------------------------------------------------
+class ImageSet:
+    """Images of one split at network size (inputs/targets) and at original size (labels, ambiguous masks)."""
+
+    def __init__(self, samples: Sequence[dataset.Sample], input_size: int) -> None:
+        self.samples = list(samples)
+        self.data = dataset.NucleiDataset(self.samples, input_size, augment=None)
+        self.truth: list[tuple[np.ndarray, np.ndarray | None]] = []
+        for s in self.samples:
+            _, labels, vague = dataset.load_sample(s)
+            self.truth.append((labels, vague))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@torch.no_grad()
+def score_images(net: nn.Module, images: ImageSet, config: Mapping[str, Any], info: DistInfo,
+                 pp_configs: Sequence[postprocess.PostprocessConfig], desc: str
+                 ) -> tuple[list[list[dict[str, Any]]], float]:
+    """Per-image instance metrics (one row list per post-processing config) and the mean loss, over all
+    images; each process scores every world_size-th image, results are gathered on every process."""
+    indices = list(range(info.rank, len(images), info.world_size))
+    device = info.device
+    dtype = nuclei_model.autocast_dtype(device, config["amp"])
+    batch_size = max(1, config["batch_size"] // info.world_size)
+    was_training = net.training
+    net.eval()
+    local_rows: list[list[dict[str, Any]]] = [[] for _ in pp_configs]
+    loss_sum = 0.0
+    try:
+        for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False, unit="batch",
+                          disable=not info.is_main):
+            items = [images.data[i] for i in indices[start:start + batch_size]]
+            batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "foreground", "hv")}
+            with nuclei_model.autocast(device, dtype):
+                out = net(batch["image"])
+            loss, _ = nuclei_model.compute_loss(out, batch)
+            loss_sum += float(loss) * len(items)
+            sizes = [images.truth[it["index"]][0].shape for it in items]
+            maps = nuclei_model.maps_to_images(out, sizes)
+            for it, (fg, hv) in zip(items, maps):
+                labels, vague = images.truth[it["index"]]
+                for c, cfg in enumerate(pp_configs):
+                    pred = postprocess.postprocess(fg, hv, cfg)
+                    row = metrics.instance_metrics(labels, pred, ignore=vague)
+                    row["image"] = images.samples[it["index"]].rel_path
+                    row["tissue"] = images.samples[it["index"]].tissue
+                    local_rows[c].append(row)
+    finally:
+        net.train(was_training)
+    gathered = gather_objects(info, (local_rows, loss_sum))
+    rows = [[r for part, _ in gathered for r in part[c]] for c in range(len(pp_configs))]
+    order = {s.rel_path: i for i, s in enumerate(images.samples)}
+    rows = [sorted(rs, key=lambda r: order[r["image"]]) for rs in rows]
+    total_loss = sum(ls for _, ls in gathered)
+    return rows, total_loss / max(1, len(images))
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], loss: float) -> dict[str, float]:
+    out = {k: float(v) for k, v in metrics.mean_over_images(rows).items()} if rows else {}
+    out["loss"] = float(loss)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _fold_dir(output_dir: Path, k: int) -> Path:
+    return output_dir / f"fold_{k}"
+
+
+def run_training(config: dict[str, Any], output_dir: Path,
+                 epoch_callback: Callable[[int, int, dict[str, float]], None] | None = None,
+                 evaluate_test: bool = True) -> dict[str, Any]:
+    """Train the folds of `config` into `output_dir` (see module docstring); returns the summary dict
+    {"folds": [{"fold", "best_epoch", "val", "test"}], "val_mean", "val_sd", "test_mean", "test_sd",
+    "params": {"total", "trainable", "percent", "head"}, "seconds"}."""
+    start = time.time()
+    config = dict(config)
+    if not config.get("postprocess"):
+        config["postprocess"] = default_postprocess(config.get("head", "hv"))
+    config.setdefault("tune_postprocess", False)
+    validate_config(config)
+    output_dir = Path(output_dir)
+    info = setup_distributed(config.get("device"))
+    try:
+        return _run_training(config, output_dir, info, epoch_callback, evaluate_test, start)
+    finally:
+        info.shutdown()
+
+
+def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoch_callback, evaluate_test: bool,
+                  start: float) -> dict[str, Any]:
+    if config["batch_size"] % info.world_size:
+        raise UserError(f"--batch_size {config['batch_size']}: the global batch must be divisible by the "
+                        f"number of processes ({info.world_size})")
+    samples = dataset.discover_nuinsseg(config["data_dir"])
+    folds = dataset.make_folds(samples, config["num_folds"], config["fold_seed"], config["val_fraction"])
+    folds_path = output_dir / "folds.json"
+    if config.get("resume") and folds_path.is_file():
+        saved = dataset.read_folds_json(folds_path)
+        dataset.check_folds_match(saved, samples, folds_path)
+        if [{k: f[k] for k in ("fold", "train", "val", "test")} for f in saved["folds"]] != folds:
+            raise UserError(f"{folds_path}: the saved folds differ from the folds of this configuration")
+    fold_ids = list(range(config["num_folds"])) if config["cross_validation"] else [config["fold"] or 0]
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dataset.write_folds_json(folds_path, samples, folds, seed=config["fold_seed"],
+                                 num_folds=config["num_folds"])
+        if not (config.get("resume") and (output_dir / "config.json").is_file()):
+            utils.write_json(output_dir / "config.json",
+                             {**config, "world_size": info.world_size, "environment": utils.environment_info()})
+    barrier(info)
+    log.info("%d images in %s; %s, folds %s; %d process(es) on %s", len(samples), config["data_dir"],
+             f"{config['num_folds']}-fold cross-validation" if config["cross_validation"] else "single split",
+             ",".join(map(str, fold_ids)), info.world_size, info.device)
+
+    results: list[dict[str, Any]] = []
+    params: dict[str, Any] = {}
+    for k in fold_ids:
+        fold_dir = _fold_dir(output_dir, k)
+        result_path = fold_dir / RESULT
+        if config.get("resume") and result_path.is_file():
+            result = utils.read_json(result_path)
+            log.info("fold %d: already finished (best epoch %s), skipped", k, result.get("best_epoch"))
+        else:
+            result = train_fold(config, samples, folds[k], fold_dir, info, epoch_callback, evaluate_test)
+        params = result.get("params", params)
+        results.append(result)
+
+    names = list(metrics.METRICS) + ["loss"]
+    val_mean, val_sd = _mean_sd([r["val"] for r in results], names)
+    tests = [r["test"] for r in results if r.get("test")]
+    test_mean, test_sd = _mean_sd(tests, names) if tests else (None, None)
+    summary = {
+        "folds": [{"fold": r["fold"], "best_epoch": r["best_epoch"], "val": r["val"], "test": r.get("test")}
+                  for r in results],
+        "val_mean": val_mean, "val_sd": val_sd, "test_mean": test_mean, "test_sd": test_sd,
+        "params": params, "seconds": time.time() - start,
+    }
+    if info.is_main:
+        if config["cross_validation"]:
+            tuned = [r.get("postprocess") for r in results]
+            shared_pp = tuned[0] if tuned[0] and all(t == tuned[0] for t in tuned) else config["postprocess"]
+            nuclei_model.save_model_set_index(
+                output_dir / BEST, config, shared_pp,
+                {r["fold"]: f"fold_{r['fold']}/{BEST}" for r in results}, "folds.json", parameters=params)
+            write_cv_summary(output_dir, summary, config)
+        else:
+            copy_file_atomic(_fold_dir(output_dir, fold_ids[0]) / BEST, output_dir / BEST)
+        utils.write_json(output_dir / "summary.json", summary)
+        if test_mean:
+            log.info("test (mean over %d fold(s)): pq %s, aji %s, dice %s", len(tests), _fmt(test_mean.get("pq")),
+                     _fmt(test_mean.get("aji")), _fmt(test_mean.get("dice")))
+        log.info("done in %.0f s; models in %s", summary["seconds"], output_dir)
+    barrier(info)
+    return summary
+
+
+def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """cv_summary.csv (per fold + mean + sd rows) and cv_summary.md (table, mean ± sd, parameter counts)."""
+    names = list(metrics.METRICS)
+    use_test = summary["test_mean"] is not None
+    split = "test" if use_test else "val"
+    rows = []
+    for f in summary["folds"]:
+        values = f[split] or {}
+        rows.append({"fold": f["fold"], "best_epoch": f["best_epoch"], **{n: values.get(n) for n in names}})
+    mean, sd = summary[f"{split}_mean"], summary[f"{split}_sd"]
+    rows.append({"fold": "mean", "best_epoch": "", **{n: mean.get(n) for n in names}})
+    rows.append({"fold": "sd", "best_epoch": "", **{n: sd.get(n) for n in names}})
+    utils.write_csv(output_dir / "cv_summary.csv", rows, ["fold", "best_epoch"] + names)
+    p = summary["params"] or {}
+    lines = [f"# {len(summary['folds'])}-fold cross-validation: {split} metrics", "",
+             f"Data: `{config['data_dir']}`; head `{config['head']}`, LoRA rank {config['lora_rank']} "
+             f"(alpha {config['lora_alpha']}, targets {','.join(config['lora_targets'])}), "
+             f"{'LoRA + head only' if config['train_only_lora'] else 'full fine-tuning'}; input size "
+             f"{config['input_size']}; model selection on validation {config['monitor']}.", "",
+             f"Parameters: {p.get('total', 0):,} total, {p.get('trainable', 0):,} trainable "
+             f"({p.get('percent', 0.0):.2f} %), decoder head {p.get('head', 0):,}.", "",
+             "| fold | best epoch | " + " | ".join(names) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    for r in rows[:-2]:
+        lines.append(f"| {r['fold']} | {r['best_epoch']} | " + " | ".join(_fmt(r[n]) for n in names) + " |")
+    lines.append("| **mean ± sd** | | " + " | ".join(f"{_fmt(mean.get(n))} ± {_fmt(sd.get(n))}" for n in names)
+                 + " |")
+    lines += ["", "Per-image metrics are averaged over each fold's images (ambiguous regions ignored); "
+              "mean ± sd are over folds (sample standard deviation)."]
+    utils.atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
+
+
+def _read_history(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for row in utils.read_csv(path):
+        try:
+            epoch = int(row["epoch"])
+        except (KeyError, ValueError):
+            continue
+        if epoch <= up_to_epoch:
+            rows.append(row)
+    return rows
+
+
+def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fold: Mapping[str, Any],
+               fold_dir: Path, info: DistInfo, epoch_callback=None, evaluate_test: bool = True) -> dict[str, Any]:
+    """Train one fold; returns {"fold", "best_epoch", "val", "test", "postprocess", "params"}."""
+    k = int(fold["fold"])
+    device = info.device
+    seed = int(config["seed"]) + k
+    utils.set_seed(seed)
+    net = nuclei_model.build_model(config).to(device)
+    params = nuclei_model.parameter_report(net)
+    if info.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        log.info("fold %d: %d train / %d validation / %d test images; parameters %s total, %s trainable "
+                 "(%.2f %%), head %s", k, len(fold["train"]), len(fold["val"]), len(fold["test"]),
+                 f"{params['total']:,}", f"{params['trainable']:,}", params["percent"], f"{params['head']:,}")
+
+    augment = dataset.AugmentConfig.from_dict(config["augmentation"])
+    train_data = dataset.NucleiDataset([samples[i] for i in fold["train"]], config["input_size"],
+                                       augment=augment, seed=seed)
+    sampler = DistributedSampler(train_data, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=seed, drop_last=False)
+    per_rank = config["batch_size"] // info.world_size
+    loader = dataset.make_loader(train_data, per_rank, shuffle=False, num_workers=config["num_workers"],
+                                 seed=seed, device=device, sampler=sampler)
+    val_set = ImageSet([samples[i] for i in fold["val"]], config["input_size"])
+    if not len(val_set):
+        log.warning("fold %d: no validation images (--val_fraction %s); the last epoch is kept", k,
+                    config["val_fraction"])
+    pp_config = postprocess.PostprocessConfig.from_dict(config["postprocess"])
+
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config["learning_rate"], weight_decay=config["weight_decay"])
+    dtype = None
+    scaler = None
+    if config["amp"] and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if dtype == torch.float16:
+            scaler = torch.amp.GradScaler("cuda")
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * config["epochs"]
+    warmup_steps = int(round(config["warmup_epochs"] * steps_per_epoch))
+
+    step, first_epoch, best_score, best_loss, best_epoch, bad_epochs = 0, 1, None, None, 0, 0
+    last_path, best_path, history_path = fold_dir / LAST, fold_dir / BEST, fold_dir / HISTORY
+    history: list[dict[str, Any]] = []
+    if config.get("resume") and last_path.is_file():
+        last = nuclei_model.read_checkpoint(last_path)
+        nuclei_model.load_weights(net, last, source=str(last_path))
+        optimizer.load_state_dict(last["optimizer"])
+        if scaler is not None and last.get("scaler"):
+            scaler.load_state_dict(last["scaler"])
+        step, first_epoch = int(last["step"]), int(last["epoch"]) + 1
+        best_score, best_epoch, bad_epochs = last["best_score"], int(last["best_epoch"]), int(last["bad_epochs"])
+        best_loss = last.get("best_loss")
+        set_rng_state(last["rng"])
+        history = _read_history(history_path, int(last["epoch"]))
+        log.info("fold %d: resumed after epoch %d (best %s %s at epoch %d)", k, last["epoch"], config["monitor"],
+                 _fmt(best_score), best_epoch)
+    stopped = config["early_stopping"] and bad_epochs >= config["patience"]
+
+    model: nn.Module = net
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+    if config["compile"]:
+        model = torch.compile(model)
+
+    for epoch in range(first_epoch, config["epochs"] + 1):
+        if stopped:
+            break
+        t0 = time.time()
+        model.train()
+        sampler.set_epoch(epoch)
+        train_data.set_epoch(epoch)
+        sums = torch.zeros(6, dtype=torch.float64)  # images, loss, bce, dice, mse, msge
+        bar = tqdm(loader, desc=f"fold {k} epoch {epoch}/{config['epochs']}", unit="batch", leave=False,
+                   disable=not info.is_main)
+        lr = config["learning_rate"]
+        for batch in bar:
+            lr = config["learning_rate"] * lr_factor(step, total_steps, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {key: batch[key].to(device, non_blocking=True) for key in ("image", "foreground", "hv")}
+            with nuclei_model.autocast(device, dtype):
+                outputs = model(batch["image"])
+            loss, parts = nuclei_model.compute_loss(outputs, batch)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"fold {k} epoch {epoch}: the loss is {float(loss)} (try a lower "
+                                   f"--learning_rate or --no-amp)")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, config["grad_clip"])
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            n = batch["image"].shape[0]
+            loss_value = float(loss.detach())
+            sums += torch.tensor([n, loss_value * n, parts["bce"] * n, parts["dice"] * n,
+                                  parts.get("mse", 0.0) * n, parts.get("msge", 0.0) * n], dtype=torch.float64)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if info.distributed:
+            reduced = sums.to(device)
+            dist.all_reduce(reduced)
+            sums = reduced.cpu()
+        train = (sums[1:] / sums[0].clamp_min(1)).tolist()
+
+        if len(val_set):
+            (rows,), val_loss = score_images(nuclei_model.unwrap(net), val_set, config, info, [pp_config],
+                                             f"fold {k} validation")
+            val = summarise(rows, val_loss)
+            score = val[config["monitor"]]
+        else:
+            val, score = {"loss": train[0]}, None
+        # ties on the monitored metric (e.g. PQ 0 early on) go to the lower validation loss
+        improved = (score is None or better(config["monitor"], score, best_score)
+                    or (score == best_score and best_loss is not None and val["loss"] < best_loss))
+        if improved:
+            best_score, best_loss, best_epoch, bad_epochs = score, val["loss"], epoch, 0
+        else:
+            bad_epochs += 1
+        seconds = time.time() - t0
+        row = {"epoch": epoch, "lr": lr, "train_loss": train[0], "train_bce": train[1], "train_dice": train[2]}
+        if config["head"] == "hv":
+            row.update(train_mse=train[3], train_msge=train[4])
+        row.update({f"val_{name}": val.get(name) for name in ["loss"] + list(metrics.METRICS) if name in val})
+        row.update(seconds=seconds, best=int(improved))
+        history.append(row)
+        if info.is_main:
+            utils.write_csv(history_path, history)
+            extra = {"fold": k, "epoch": epoch, "val": val, "monitor": config["monitor"]}
+            if improved:
+                nuclei_model.save_checkpoint(best_path, net, config, pp_config.to_dict(), **extra)
+            nuclei_model.save_checkpoint(
+                last_path, net, config, pp_config.to_dict(), **extra, optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None, step=step, best_score=best_score,
+                best_loss=best_loss, best_epoch=best_epoch, bad_epochs=bad_epochs, rng=rng_state())
+        log.info("fold %d epoch %d/%d  loss %.4f (%s)  val loss %s pq %s aji %s dice %s  lr %.2e  %.1fs%s",
+                 k, epoch, config["epochs"], train[0],
+                 " ".join(f"{n} {v:.4f}" for n, v in zip(("bce", "dice", "mse", "msge"), train[1:])
+                          if config["head"] == "hv" or n in ("bce", "dice")),
+                 _fmt(val.get("loss")), _fmt(val.get("pq")), _fmt(val.get("aji")), _fmt(val.get("dice")),
+                 lr, seconds, " *" if improved else "")
+        if epoch_callback is not None:
+            epoch_callback(k, epoch, dict(val))
+        if config["early_stopping"] and bad_epochs >= config["patience"]:
+            log.info("fold %d: early stopping after epoch %d (no %s improvement for %d epochs; best epoch %d)",
+                     k, epoch, config["monitor"], bad_epochs, best_epoch)
+            stopped = True
+    barrier(info)
+
+    # the selected model: best validation epoch
+    best_ckpt = nuclei_model.read_checkpoint(best_path)
+    nuclei_model.load_weights(net, best_ckpt, source=str(best_path))
+    val_best = dict(best_ckpt.get("val") or {})
+    pp_best = pp_config
+    if config.get("tune_postprocess") and len(val_set) and config["head"] == "hv":
+        pp_best = tune_postprocess(net, val_set, config, info, pp_config, k)
+        if info.is_main:
+            nuclei_model.save_checkpoint(best_path, net, config, pp_best.to_dict(), fold=k,
+                                         epoch=int(best_ckpt["epoch"]), val=val_best, monitor=config["monitor"])
+    test = None
+    if evaluate_test and fold["test"]:
+        test_set = ImageSet([samples[i] for i in fold["test"]], config["input_size"])
+        (rows,), test_loss = score_images(net, test_set, config, info, [pp_best], f"fold {k} test")
+        test = summarise(rows, test_loss)
+        if info.is_main:
+            utils.write_csv(fold_dir / "test_per_image.csv", rows,
+                            ["image", "tissue"] + list(metrics.METRICS) + ["tp", "fp", "fn", "num_true", "num_pred"])
+        log.info("fold %d test (%d images, best epoch %d): pq %s aji %s aji+ %s dice %s", k, len(test_set),
+                 best_epoch, _fmt(test.get("pq")), _fmt(test.get("aji")), _fmt(test.get("aji_plus")),
+                 _fmt(test.get("dice")))
+    result = {"fold": k, "best_epoch": int(best_ckpt["epoch"]), "val": val_best, "test": test,
+              "postprocess": pp_best.to_dict(), "params": params}
+    if info.is_main:
+        utils.write_json(fold_dir / RESULT, result)
+    barrier(info)
+    return result
+
+
+def tune_postprocess(net: nn.Module, val_set: ImageSet, config: Mapping[str, Any], info: DistInfo,
+                     base: postprocess.PostprocessConfig, fold: int) -> postprocess.PostprocessConfig:
+    """Pick fg_threshold x marker_threshold (small grid) with the best mean validation `--monitor` metric
+    (PQ when monitoring the loss)."""
+    grid = []
+    for fg in TUNE_FG_THRESHOLDS:
+        for mk in TUNE_MARKER_THRESHOLDS:
+            values = base.to_dict()
+            values.update(fg_threshold=fg, marker_threshold=mk)
+            grid.append(postprocess.PostprocessConfig.from_dict(values))
+    rows_per_cfg, _ = score_images(net, val_set, config, info, grid, f"fold {fold} tuning post-processing")
+    key = "pq" if config["monitor"] == "loss" else config["monitor"]
+    scores = [metrics.mean_over_images(rows).get(key, float("nan")) for rows in rows_per_cfg]
+    best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
+    log.info("fold %d: post-processing tuned on validation: fg_threshold %.2f, marker_threshold %.2f "
+             "(%s %.4f; defaults %.4f)", fold, grid[best].fg_threshold, grid[best].marker_threshold, key,
+             scores[best], scores[grid.index(min(grid, key=lambda c: abs(c.fg_threshold - base.fg_threshold)
+                                                 + abs(c.marker_threshold - base.marker_threshold)))])
+    return grid[best]
+
+
+__all__ = ["add_arguments", "run", "config_from_args", "run_training", "train_fold", "lr_factor",
+           "setup_distributed", "DistInfo", "default_postprocess", "write_cv_summary", "resume_config"]
