@@ -1,0 +1,142 @@
+"""Tests of visualize.py: contours, fills, error classification on hand-made cases, files and plots."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import visualize
+
+
+def _disk(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _grey(shape=(64, 64)):
+    return np.full(shape + (3,), 100, dtype=np.uint8)
+
+
+def test_draw_contours_marks_only_boundaries():
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:15, 5:15] = 7
+    image = _grey((20, 20))
+    out = visualize.draw_contours(image, labels, color=(0, 255, 0))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert (image == 100).all()                               # input untouched
+    green = (out == [0, 255, 0]).all(axis=2)
+    assert green[5, 5:15].all() and green[14, 5:15].all() and green[5:15, 5].all()
+    assert not green[8:12, 8:12].any()                        # interior untouched
+    assert not green[:5].any()                                # background untouched
+    thick = visualize.draw_contours(image, labels, thickness=3)
+    assert (thick == [0, 255, 0]).all(axis=2).sum() > green.sum()
+
+
+def test_draw_contours_separates_touching_instances():
+    labels = np.zeros((10, 20), np.int32)
+    labels[2:8, 2:10] = 1
+    labels[2:8, 10:18] = 2
+    out = visualize.draw_contours(_grey((10, 20)), labels, color=(255, 0, 0))
+    red = (out == [255, 0, 0]).all(axis=2)
+    assert red[4, 9] and red[4, 10]                           # both sides of the shared edge
+
+
+def test_overlay_instances_colours_depend_on_id_only():
+    labels = np.zeros((30, 30), np.int32)
+    labels[2:12, 2:12] = 5
+    labels[15:25, 15:25] = 9
+    a = visualize.overlay_instances(_grey((30, 30)), labels, alpha=0.5)
+    assert a.dtype == np.uint8
+    assert (a[0, 0] == 100).all()                             # background unchanged
+    assert not (a[6, 6] == a[20, 20]).all()                   # different ids, different colours
+    relabelled = np.where(labels == 9, 0, labels)
+    b = visualize.overlay_instances(_grey((30, 30)), relabelled, alpha=0.5)
+    assert (a[6, 6] == b[6, 6]).all()                         # same id, same colour
+    assert visualize.instance_colors(np.array([1, 2, 3])).shape == (3, 3)
+
+
+def test_classify_errors_hand_made_cases():
+    shape = (100, 100)
+    true = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    # 1: correctly found
+    true[_disk(shape, 15, 15, 8)] = 1
+    pred[_disk(shape, 15, 16, 8)] = 11
+    # 2: missed (no prediction)
+    true[_disk(shape, 15, 60, 8)] = 2
+    # false positive prediction on background
+    pred[_disk(shape, 85, 85, 6)] = 12
+    # 3: split into two halves
+    d = _disk(shape, 50, 20, 10)
+    left = d.copy(); left[:, 19:] = False                    # halves with a gap: neither has IoU > 0.5
+    right = d.copy(); right[:, :22] = False
+    true[d] = 3
+    pred[left] = 13
+    pred[right] = 14
+    # 4 and 5: merged by one prediction covering both
+    true[_disk(shape, 50, 60, 6)] = 4
+    true[_disk(shape, 50, 74, 6)] = 5
+    merged = np.zeros(shape, bool)
+    merged[43:58, 53:82] = True
+    pred[merged & (true != 3)] = 15
+    errors = visualize.classify_errors(true, pred)
+    assert errors["matched_true"] == [1] and errors["matched_pred"] == [11]
+    assert errors["missed"] == [2]
+    assert errors["false_positive"] == [12]
+    assert errors["split"] == [3]
+    assert errors["merged"] == [15]
+
+    image = _grey(shape)
+    out, counts = visualize.error_overlay(image, true, pred)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert counts == {"matched": 1, "missed": 1, "false_positive": 1, "split": 1, "merged": 1,
+                      "num_true": 5, "num_pred": 5}
+    # inside the missed nucleus the red fill dominates, inside the false positive the blue one
+    assert out[15, 60, 0] > out[15, 60, 2]
+    assert out[85, 85, 2] > out[85, 85, 0]
+    # correctly found nucleus interior is not filled
+    assert (out[15, 15] == 100).all()
+    with_legend, _ = visualize.error_overlay(image, true, pred, legend=True)
+    assert with_legend.shape[0] > shape[0] and with_legend.shape[1] >= shape[1]
+    assert (with_legend[:shape[0], :shape[1]] == out).all()
+
+
+def test_classify_errors_empty_and_ids_kept():
+    true = np.zeros((10, 10), np.int32)
+    pred = np.zeros((10, 10), np.int32)
+    assert all(v == [] for v in visualize.classify_errors(true, pred).values())
+    true[2:5, 2:5] = 1000
+    errors = visualize.classify_errors(true, pred)
+    assert errors["missed"] == [1000] and errors["false_positive"] == []
+    errors = visualize.classify_errors(pred, true)
+    assert errors["false_positive"] == [1000] and errors["missed"] == []
+    with pytest.raises(ValueError):
+        visualize.classify_errors(true, np.zeros((5, 5), np.int32))
+
+
+def test_save_png_and_figure_panels(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    path = visualize.save_png(tmp_path / "sub" / "x.png", image)
+    assert np.array_equal(np.asarray(Image.open(path)), image)
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name.endswith(".tmp")]
+    labels = np.zeros((40, 50), np.int32)
+    labels[10:20, 10:20] = 1
+    fig = visualize.figure_panels([("image", image), ("labels", visualize.overlay_instances(image, labels)),
+                                   ("mask", labels > 0)], tmp_path / "fig.png", suptitle="a title")
+    with Image.open(fig) as im:
+        assert im.size[0] > im.size[1] > 0
+
+
+def test_plots(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [{"tissue": t, "pq": rng.random(), "aji": rng.random(), "dice": rng.random(), "sq": rng.random(),
+             "rq": rng.random()} for t in ("liver", "kidney", "brain") for _ in range(4)]
+    for path in (visualize.plot_tissue_bars(rows, tmp_path / "bars.png"),
+                 visualize.plot_distributions(rows, tmp_path / "dist.png"),
+                 visualize.plot_learning_curves(
+                     {"fold 0": [{"epoch": "1", "train_loss": "1.0", "val_loss": "1.2", "val_pq": "0.2"},
+                                 {"epoch": "2", "train_loss": "0.8", "val_loss": "1.0", "val_pq": "0.3"}],
+                      "fold 1": [{"epoch": "1", "train_loss": "1.1", "val_loss": "1.3", "val_pq": ""}]},
+                     tmp_path / "curves.png")):
+        with Image.open(path) as im:
+            assert im.size[0] > 100 and im.size[1] > 100

@@ -1,0 +1,496 @@
+"""Pictures of segmentations: contours, instance fills, error colouring, multi-panel figures and plots.
+
+Image helpers take and return `uint8` RGB arrays `(H, W, 3)` and never modify their input:
+
+- `draw_contours(image, labels, color, thickness)` draws the boundary of every instance.
+- `overlay_instances(image, labels, alpha)` fills every instance with its own colour (the colour depends
+  only on the id, so the same nucleus keeps its colour between pictures).
+- `classify_errors(true, pred)` sorts the mistakes of a prediction into missed, false positive, split
+  and merged nuclei; `error_overlay(image, true, pred)` paints them (see `ERROR_COLORS`) with the true
+  and predicted contours on top, and `add_legend(image, entries)` appends a colour key below a picture.
+- `save_png(path, image)` writes a PNG atomically; `figure_panels(panels, path)` writes a row of titled
+  panels as one matplotlib figure.
+- `plot_tissue_bars`, `plot_distributions`, `plot_learning_curves` write the evaluation plots.
+
+Matplotlib is used through its object API with the Agg canvas only (no pyplot state, no display needed),
+so these functions are safe to call from worker processes and threads.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+
+import utils
+
+# Colours (RGB) used by `error_overlay`; the legend shows these names.
+TRUE_CONTOUR_COLOR = (255, 255, 0)     # ground-truth outlines: yellow
+PRED_CONTOUR_COLOR = (0, 255, 0)       # predicted outlines: green
+ERROR_COLORS: dict[str, tuple[int, int, int]] = {
+    "missed": (255, 0, 0),             # true nucleus without a matching prediction: red
+    "false_positive": (0, 128, 255),   # prediction without a matching true nucleus: blue
+    "split": (255, 140, 0),            # true nucleus cut into >= 2 predictions: orange
+    "merged": (255, 0, 255),           # prediction covering >= 2 true nuclei: magenta
+}
+ERROR_LABELS = {
+    "missed": "missed (false negative)",
+    "false_positive": "false positive",
+    "split": "split (1 true -> >=2 pred)",
+    "merged": "merged (>=2 true -> 1 pred)",
+}
+
+METRIC_LABELS = {"pq": "PQ", "sq": "SQ", "rq": "RQ", "aji": "AJI", "aji_plus": "AJI+", "dice": "Dice",
+                 "iou": "IoU", "f1": "F1", "precision": "precision", "recall": "recall"}
+
+MATCH_IOU = 0.5          # a true/predicted pair with IoU above this is a correct detection (as for PQ)
+PART_OF_FRACTION = 0.5   # a nucleus "lies inside" another when this fraction of its own area overlaps it
+MIN_PIECE_FRACTION = 0.1  # ... and the piece covers at least this fraction of the larger one
+
+
+# ----------------------------------------------------------------------------------------------
+# Basic drawing
+# ----------------------------------------------------------------------------------------------
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
+    image = image[..., :3]
+    if image.dtype != np.uint8:
+        if image.dtype.kind == "f" and image.size and float(np.nanmax(image)) <= 1.0:
+            image = image * 255.0
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    return image
+
+
+def _check_labels(labels: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"expected a 2-D label map, got shape {labels.shape}")
+    if image is not None and labels.shape != image.shape[:2]:
+        raise ValueError(f"label map {labels.shape} and image {image.shape[:2]} differ in size")
+    return labels
+
+
+def boundaries(labels: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """Boolean mask of the instance boundaries (inner pixels of each instance), `thickness` pixels wide."""
+    labels = _check_labels(labels)
+    mask = find_boundaries(labels, connectivity=1, mode="inner", background=0)
+    if thickness > 1:
+        mask = ndimage.binary_dilation(mask, iterations=thickness - 1) & (labels > 0)
+    return mask
+
+
+def draw_contours(image: np.ndarray, labels: np.ndarray, color: Sequence[int] = (0, 255, 0),
+                  thickness: int = 1) -> np.ndarray:
+    """A copy of `image` (uint8 RGB) with the outline of every instance of `labels` drawn in `color`."""
+    out = _check_image(image).copy()
+    labels = _check_labels(labels, out)
+    out[boundaries(labels, thickness)] = np.asarray(color, dtype=np.uint8)
+    return out
+
+
+def instance_colors(ids: np.ndarray) -> np.ndarray:
+    """A bright pseudo-random RGB colour (uint8, (N, 3)) for every id; depends only on the id."""
+    x = np.asarray(ids, dtype=np.uint64).ravel() + np.uint64(0x9E3779B97F4A7C15)
+    # splitmix64 finaliser: a fixed, well-mixed hash of the id
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    channels = [(x >> np.uint64(8 * k)) & np.uint64(0xFF) for k in range(3)]
+    rgb = np.stack(channels, axis=1).astype(np.float64)
+    return (60 + rgb * (195 / 255)).astype(np.uint8)   # keep away from black
+
+
+def overlay_instances(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """`image` with every instance filled in its own colour (blended with weight `alpha`), outlines opaque."""
+    out = _check_image(image).copy()
+    labels = _check_labels(labels, out)
+    fg = labels > 0
+    if not fg.any():
+        return out
+    ids, inverse = np.unique(labels[fg], return_inverse=True)
+    colors = instance_colors(ids)[inverse.ravel()].astype(np.float32)
+    blended = (1.0 - alpha) * out[fg].astype(np.float32) + alpha * colors
+    out[fg] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    edge = boundaries(labels)
+    edge_ids = np.searchsorted(ids, labels[edge])
+    out[edge] = instance_colors(ids)[edge_ids]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Error classification
+# ----------------------------------------------------------------------------------------------
+def _overlaps(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+    """(true ids, pred ids, intersection matrix, true areas, pred areas) from one joint histogram."""
+    t_ids, t_idx = np.unique(true.ravel(), return_inverse=True)
+    p_ids, p_idx = np.unique(pred.ravel(), return_inverse=True)
+    t_idx = t_idx.ravel().astype(np.int64)
+    p_idx = p_idx.ravel().astype(np.int64)
+    # make index 0 the background whether or not the map has background pixels
+    if t_ids.size == 0 or t_ids[0] != 0:
+        t_ids = np.concatenate([[0], t_ids]).astype(t_ids.dtype if t_ids.size else np.int64)
+        t_idx += 1
+    if p_ids.size == 0 or p_ids[0] != 0:
+        p_ids = np.concatenate([[0], p_ids]).astype(p_ids.dtype if p_ids.size else np.int64)
+        p_idx += 1
+    nt, np_ = t_ids.size, p_ids.size
+    joint = np.bincount(t_idx * np_ + p_idx, minlength=nt * np_).reshape(nt, np_)
+    area_t = joint[1:, :].sum(axis=1)
+    area_p = joint[:, 1:].sum(axis=0)
+    return t_ids[1:], p_ids[1:], joint[1:, 1:], area_t, area_p
+
+
+def classify_errors(true: np.ndarray, pred: np.ndarray) -> dict[str, list[int]]:
+    """Sort the mistakes of the instance map `pred` against the ground truth `true`.
+
+    Returns lists of ids (each sorted):
+
+    - ``"matched_true"`` / ``"matched_pred"``: pairs with IoU > 0.5 (the PQ true positives);
+    - ``"split"`` (true ids): a true nucleus with at least two predictions lying mostly inside it
+      (>= 50% of the prediction's area) that each cover at least 10% of it;
+    - ``"merged"`` (pred ids): a prediction that covers most (>= 50%) of at least two true nuclei;
+    - ``"missed"`` (true ids): true nuclei neither matched nor split nor part of a merge;
+    - ``"false_positive"`` (pred ids): predictions neither matched nor a piece of a split nor a merge.
+
+    A split nucleus may also be "matched" when one of its pieces has IoU > 0.5 with it; the other lists
+    are disjoint, so every unmatched nucleus is coloured by exactly one error type.
+    """
+    true = _check_labels(true)
+    pred = _check_labels(pred)
+    if true.shape != pred.shape:
+        raise ValueError(f"ground truth {true.shape} and prediction {pred.shape} differ in size")
+    t_ids, p_ids, inter, area_t, area_p = _overlaps(true, pred)
+    result: dict[str, list[int]] = {k: [] for k in
+                                    ("matched_true", "matched_pred", "missed", "false_positive", "split", "merged")}
+    if t_ids.size == 0 or p_ids.size == 0:
+        result["missed"] = [int(i) for i in t_ids]
+        result["false_positive"] = [int(i) for i in p_ids]
+        return result
+    inter = inter.astype(np.float64)
+    union = area_t[:, None] + area_p[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    matched = iou > MATCH_IOU
+    t_matched = matched.any(axis=1)
+    p_matched = matched.any(axis=0)
+
+    # split: predictions lying mostly inside one true nucleus, each covering a real part of it
+    piece = (inter >= PART_OF_FRACTION * area_p[None, :]) & (inter >= MIN_PIECE_FRACTION * area_t[:, None])
+    t_split = piece.sum(axis=1) >= 2
+    p_in_split = (piece & t_split[:, None]).any(axis=0)
+    # merge: true nuclei mostly covered by one prediction, at least two of them
+    covered = (inter >= PART_OF_FRACTION * area_t[:, None]) & (inter >= MIN_PIECE_FRACTION * area_p[None, :])
+    p_merged = covered.sum(axis=0) >= 2
+    t_in_merge = (covered & p_merged[None, :]).any(axis=1)
+
+    result["matched_true"] = [int(i) for i in t_ids[t_matched]]
+    result["matched_pred"] = [int(i) for i in p_ids[p_matched]]
+    result["split"] = [int(i) for i in t_ids[t_split]]
+    result["merged"] = [int(i) for i in p_ids[p_merged]]
+    result["missed"] = [int(i) for i in t_ids[~t_matched & ~t_split & ~t_in_merge]]
+    result["false_positive"] = [int(i) for i in p_ids[~p_matched & ~p_in_split & ~p_merged]]
+    return result
+
+
+def error_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, alpha: float = 0.45,
+                  legend: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+    """The image with the segmentation errors of `pred` painted in and both sets of contours drawn.
+
+    Missed true nuclei are filled red, false-positive predictions blue, split true nuclei orange and
+    merged predictions magenta (`ERROR_COLORS`); ground-truth outlines are yellow, predicted outlines
+    green. With `legend=True` a colour key is appended below the picture. Returns the picture and the
+    number of nuclei in each category: ``{"matched", "missed", "false_positive", "split", "merged",
+    "num_true", "num_pred"}``.
+    """
+    out = _check_image(image).copy()
+    true = _check_labels(true, out)
+    pred = _check_labels(pred, out)
+    errors = classify_errors(true, pred)
+    fill = np.zeros(out.shape[:2], dtype=bool)
+    colour_map = np.zeros(out.shape, dtype=np.float32)
+    # predictions first, so true nuclei missed under a large false-positive blob stay visible
+    for kind, labels in (("false_positive", pred), ("merged", pred), ("missed", true), ("split", true)):
+        ids = errors[kind]
+        if not ids:
+            continue
+        mask = np.isin(labels, ids)
+        colour_map[mask] = ERROR_COLORS[kind]
+        fill |= mask
+    if fill.any():
+        blended = (1.0 - alpha) * out[fill].astype(np.float32) + alpha * colour_map[fill]
+        out[fill] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    out[boundaries(true)] = TRUE_CONTOUR_COLOR
+    out[boundaries(pred)] = PRED_CONTOUR_COLOR
+    counts = {
+        "matched": len(errors["matched_true"]),
+        "missed": len(errors["missed"]),
+        "false_positive": len(errors["false_positive"]),
+        "split": len(errors["split"]),
+        "merged": len(errors["merged"]),
+        "num_true": int(len(np.unique(true[true > 0]))),
+        "num_pred": int(len(np.unique(pred[pred > 0]))),
+    }
+    if legend:
+        out = add_legend(out, error_legend_entries(counts))
+    return out, counts
+
+
+def error_legend_entries(counts: Mapping[str, int] | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+    """(text, colour) pairs describing `error_overlay`'s colours, with the counts when given."""
+    def text(key: str, label: str) -> str:
+        return f"{label}: {counts[key]}" if counts is not None and key in counts else label
+    entries = [(text("num_true", "true contour"), TRUE_CONTOUR_COLOR),
+               (text("num_pred", "predicted contour"), PRED_CONTOUR_COLOR)]
+    entries += [(text(k, ERROR_LABELS[k]), ERROR_COLORS[k]) for k in ERROR_COLORS]
+    return entries
+
+
+def add_legend(image: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]],
+               min_width: int = 360) -> np.ndarray:
+    """`image` with a white strip below it holding a colour square and a text for each entry.
+
+    The picture is widened (white on the right) to at least `min_width` pixels so the text of the legend
+    stays readable below small images; the image itself is never scaled.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    font = ImageFont.load_default()
+    line_h, box, pad = 14, 10, 4
+    # lay the entries out left to right, wrapping to new lines as needed
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [int(math.ceil(probe.textlength(text, font=font))) + box + 3 * pad for text, _ in entries]
+    canvas_w = max(w, int(min_width), max(widths, default=0) + 2 * pad)
+    positions, x, y = [], pad, pad
+    for width in widths:
+        if x > pad and x + width > canvas_w:
+            x, y = pad, y + line_h
+        positions.append((x, y))
+        x += width
+    strip_h = y + line_h + pad
+    canvas = Image.new("RGB", (canvas_w, h + strip_h), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for (text, color), (x, y) in zip(entries, positions):
+        top = h + y + (line_h - box) // 2
+        draw.rectangle([x, top, x + box, top + box], fill=tuple(int(c) for c in color), outline=(0, 0, 0))
+        draw.text((x + box + pad, h + y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and figures
+# ----------------------------------------------------------------------------------------------
+def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an RGB (or grey) uint8 image as PNG, atomically."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = _check_image(image)
+    elif image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return utils.atomic_write_bytes(path, buf.getvalue())
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    return utils.atomic_write_bytes(path, buf.getvalue())
+
+
+def figure_panels(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike,
+                  suptitle: str | None = None, legend: Sequence[tuple[str, Sequence[int]]] | None = None,
+                  panel_inches: float = 4.0, dpi: int = 100) -> Path:
+    """One figure with the given (title, image) panels side by side, written atomically to `path`.
+
+    `legend`: optional (text, RGB colour) entries shown as a colour key below the panels (e.g.
+    `error_legend_entries(counts)`).
+    """
+    if not panels:
+        raise ValueError("figure_panels: no panels")
+    n = len(panels)
+    first = np.asarray(panels[0][1])
+    aspect = first.shape[0] / max(first.shape[1], 1)
+    extra = (0.9 if suptitle else 0.6) + (0.5 if legend else 0.0)
+    fig = _new_figure(panel_inches * n, panel_inches * aspect + extra)
+    for i, (title, image) in enumerate(panels):
+        ax = fig.add_subplot(1, n, i + 1)
+        image = np.asarray(image)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=np.asarray(c, dtype=float) / 255.0, edgecolor="black", label=text)
+                   for text, c in legend]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.08 if n > 2 else 0.14, 1, 1))
+    else:
+        fig.tight_layout()
+    return _save_figure(fig, path, dpi)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots of evaluation results
+# ----------------------------------------------------------------------------------------------
+def _values(rows: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
+    vals = []
+    for row in rows:
+        try:
+            v = float(row[name])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            vals.append(v)
+    return np.asarray(vals, dtype=np.float64)
+
+
+def plot_tissue_bars(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                     metrics: Sequence[str] = ("pq", "aji", "dice"), key: str = "tissue") -> Path:
+    """Grouped bars: mean of each metric per tissue (from per-image rows), error bars = sd over images."""
+    groups = sorted({str(r[key]) for r in rows})
+    if not groups:
+        raise ValueError("plot_tissue_bars: no rows")
+    width = 0.8 / len(metrics)
+    x = np.arange(len(groups))
+    fig = _new_figure(max(6.0, 0.55 * len(groups) * len(metrics) / 2 + 3), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for j, name in enumerate(metrics):
+        means, sds = [], []
+        for g in groups:
+            v = _values([r for r in rows if str(r[key]) == g], name)
+            means.append(v.mean() if v.size else np.nan)
+            sds.append(v.std(ddof=1) if v.size > 1 else 0.0)
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, means, width, yerr=sds, capsize=2,
+               label=METRIC_LABELS.get(name, name), error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean over images (± sd)")
+    ax.set_title(f"Scores per {key}")
+    ax.legend(fontsize=8, ncol=len(metrics))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_distributions(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                       metrics: Sequence[str] = ("pq", "aji", "dice", "sq", "rq")) -> Path:
+    """Per-image score distributions: a histogram per metric (top) and box plots side by side (bottom)."""
+    n = len(metrics)
+    fig = _new_figure(3.0 * n, 6.0)
+    data = [_values(rows, name) for name in metrics]
+    for i, (name, v) in enumerate(zip(metrics, data)):
+        ax = fig.add_subplot(2, n, i + 1)
+        ax.hist(v, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+        if v.size:
+            ax.axvline(v.mean(), color="tab:red", linewidth=1, label=f"mean {v.mean():.3f}")
+            ax.legend(fontsize=7)
+        ax.set_title(METRIC_LABELS.get(name, name), fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("score", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("images", fontsize=8)
+    ax = fig.add_subplot(2, 1, 2)
+    ax.boxplot([v if v.size else np.array([np.nan]) for v in data], showmeans=True)
+    ax.set_xticks(np.arange(1, n + 1))
+    ax.set_xticklabels([METRIC_LABELS.get(m, m) for m in metrics])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("per-image score")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+LEARNING_CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("train_loss", "val_loss")),
+    ("validation PQ", ("val_pq",)),
+    ("validation AJI", ("val_aji",)),
+    ("validation Dice", ("val_dice",)),
+)
+_NOT_CURVES = {"lr", "learning_rate", "time", "seconds", "epoch_time", "elapsed", "best"}
+
+
+def plot_learning_curves(histories: Mapping[Any, Sequence[Mapping[str, Any]]], path: str | os.PathLike,
+                         panels: Sequence[tuple[str, Sequence[str]]] | None = None,
+                         x_key: str = "epoch") -> Path:
+    """Training curves of every fold, one colour per fold, written to `path`.
+
+    `histories` maps a fold name to its rows (e.g. read from `fold_k/history.csv`). `panels` lists
+    (title, columns) to draw, each column its own line style (solid, dashed, ...); by default
+    `LEARNING_CURVE_PANELS` (losses, validation PQ/AJI/Dice), keeping the panels whose columns exist, or
+    else one panel per numeric column. Values are plotted against `x_key` (or the row number).
+    """
+    if not histories:
+        raise ValueError("plot_learning_curves: no histories")
+    all_rows = [r for rows in histories.values() for r in rows]
+    present = []
+    for row in all_rows:
+        for k in row:
+            if k != x_key and k not in present and _values([row], k).size:
+                present.append(k)
+    if panels is None:
+        panels = [(title, [c for c in cols if c in present]) for title, cols in LEARNING_CURVE_PANELS]
+        panels = [(t, c) for t, c in panels if c]
+        if not panels:
+            panels = [(c, [c]) for c in present if c not in _NOT_CURVES] or [(c, [c]) for c in present]
+    else:
+        panels = [(t, [c for c in cols if c in present]) for t, cols in panels]
+        panels = [(t, c) for t, c in panels if c]
+    if not panels:
+        raise ValueError("plot_learning_curves: the histories have no numeric columns")
+    ncols = min(len(panels), 4)
+    nrows = int(math.ceil(len(panels) / ncols))
+    fig = _new_figure(4.0 * ncols, 3.2 * nrows)
+    styles = ("-", "--", ":", "-.")
+    colors = [f"C{i % 10}" for i in range(len(histories))]
+    for i, (title, cols) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for color, (fold, rows) in zip(colors, histories.items()):
+            for style, col in zip(styles * 4, cols):
+                xs, ys = [], []
+                for j, row in enumerate(rows):
+                    y = _values([row], col)
+                    if not y.size:
+                        continue
+                    x = _values([row], x_key)
+                    xs.append(x[0] if x.size else j + 1)
+                    ys.append(y[0])
+                if xs:
+                    label = f"{fold}" + (f" {col}" if len(cols) > 1 else "")
+                    ax.plot(xs, ys, linestyle=style, color=color, marker="o" if len(xs) < 30 else None,
+                            markersize=3, linewidth=1, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save_figure(fig, path)
