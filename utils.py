@@ -37,10 +37,22 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _temp_path_for(path: Path) -> Path:
+    """A new empty temporary file beside `path`, with the permissions a normally created file gets
+    (mkstemp makes it owner-only, which would leave results unreadable to colleagues)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     return Path(tmp)
 
 
