@@ -46,8 +46,9 @@ HISTORY = "history.csv"
 MONITOR_CHOICES = ("pq", "aji", "aji_plus", "dice", "iou", "sq", "rq", "f1", "loss")
 # keys of a config that may change when a run is resumed (they do not change what is trained)
 RUNTIME_KEYS = ("resume", "output_dir", "data_dir", "device", "num_workers", "compile")
-TUNE_FG_THRESHOLDS = (0.4, 0.5, 0.6)
-TUNE_MARKER_THRESHOLDS = (0.3, 0.4, 0.5)
+# --tune_postprocess grid, relative to the model's default thresholds: fg_threshold + offset, marker_threshold x factor
+TUNE_FG_OFFSETS = (-0.1, 0.0, 0.1)
+TUNE_MARKER_FACTORS = (0.5, 1.0, 2.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -750,13 +751,14 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
 
 def tune_postprocess(net: nn.Module, val_set: ImageSet, config: Mapping[str, Any], info: DistInfo,
                      base: postprocess.PostprocessConfig, fold: int) -> postprocess.PostprocessConfig:
-    """Pick fg_threshold x marker_threshold (small grid) with the best mean validation `--monitor` metric
-    (PQ when monitoring the loss)."""
+    """Pick fg_threshold x marker_threshold from a 3 x 3 grid around the defaults (`base`, which is in the
+    grid) with the best mean validation `--monitor` metric (PQ when monitoring the loss)."""
     grid = []
-    for fg in TUNE_FG_THRESHOLDS:
-        for mk in TUNE_MARKER_THRESHOLDS:
+    for offset in TUNE_FG_OFFSETS:
+        for factor in TUNE_MARKER_FACTORS:
             values = base.to_dict()
-            values.update(fg_threshold=fg, marker_threshold=mk)
+            values.update(fg_threshold=round(min(max(base.fg_threshold + offset, 0.05), 0.95), 4),
+                          marker_threshold=base.marker_threshold * factor)
             grid.append(postprocess.PostprocessConfig.from_dict(values))
     rows_per_cfg, _ = score_images(net, val_set, config, info, grid, f"fold {fold} tuning post-processing")
     key = "pq" if config["monitor"] == "loss" else config["monitor"]

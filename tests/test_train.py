@@ -146,3 +146,21 @@ def test_resume_after_kill(synthetic_data_dir, tmp_path):
     ref_rows = utils.read_csv(ref / "fold_0" / "history.csv")
     for a, b in zip(rows, ref_rows):
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
+
+
+def test_tune_postprocess_picks_from_grid_around_defaults(synthetic_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "tuned"
+    config = train.config_from_args(_args(synthetic_data_dir, out, "--tune_postprocess", "--num_folds", "3"))
+    chosen = []
+    real_tune = train.tune_postprocess
+    monkeypatch.setattr(train, "tune_postprocess", lambda *a, **k: chosen.append(real_tune(*a, **k)) or chosen[-1])
+    train.run_training(config, out, evaluate_test=False)
+    base = config["postprocess"]
+    saved = torch.load(out / "fold_0" / "best_model.pth", weights_only=True)["postprocess"]
+    assert len(chosen) == 1 and saved == chosen[0].to_dict()
+    fg_grid = [round(min(max(base["fg_threshold"] + o, 0.05), 0.95), 4) for o in train.TUNE_FG_OFFSETS]
+    marker_grid = [base["marker_threshold"] * f for f in train.TUNE_MARKER_FACTORS]
+    assert saved["fg_threshold"] in fg_grid
+    assert any(saved["marker_threshold"] == pytest.approx(m) for m in marker_grid)
+    untouched = {k: v for k, v in base.items() if k not in ("fg_threshold", "marker_threshold")}
+    assert {k: saved[k] for k in untouched} == untouched
