@@ -13,6 +13,7 @@ the global batch (each process takes batch_size / N). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import logging
 import math
 import os
@@ -429,6 +430,18 @@ def _fold_dir(output_dir: Path, k: int) -> Path:
     return output_dir / f"fold_{k}"
 
 
+def typical_tile_size(samples: Sequence[dataset.Sample]) -> int:
+    """The most common side length (max of height and width) of the training images: how many source pixels
+    one network input covers (NuInsSeg: 512). Recorded as config["tile_size"] for `predict`."""
+    from PIL import Image
+
+    sides: Counter[int] = Counter()
+    for sample in samples:
+        with Image.open(sample.image_path) as im:
+            sides[max(im.size)] += 1
+    return sides.most_common(1)[0][0]
+
+
 def run_training(config: dict[str, Any], output_dir: Path,
                  epoch_callback: Callable[[int, int, dict[str, float]], None] | None = None,
                  evaluate_test: bool = True) -> dict[str, Any]:
@@ -455,6 +468,8 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         raise UserError(f"--batch_size {config['batch_size']}: the global batch must be divisible by the "
                         f"number of processes ({info.world_size})")
     samples = dataset.discover_nuinsseg(config["data_dir"])
+    if not config.get("tile_size"):
+        config["tile_size"] = typical_tile_size(samples)  # predict tiles new images at this size
     folds = dataset.make_folds(samples, config["num_folds"], config["fold_seed"], config["val_fraction"])
     folds_path = output_dir / "folds.json"
     if config.get("resume") and folds_path.is_file():

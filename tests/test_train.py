@@ -68,6 +68,7 @@ def test_cross_validation_outputs(synthetic_data_dir, tmp_path):
         assert (out / name).is_file(), name
     saved = utils.read_json(out / "config.json")
     assert saved["lora_rank"] == 4 and "environment" in saved and "git_commit" in saved["environment"]
+    assert saved["tile_size"] == 128  # the synthetic images' side: predict tiles new images at this size
     for k in (0, 1):
         rows = utils.read_csv(out / f"fold_{k}" / "history.csv")
         assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["train_loss"]) > 0 and "val_pq" in rows[0]
