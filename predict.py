@@ -19,6 +19,8 @@ every output has the input's size.
 Outputs per input image, named after its file stem (see docs/predict.md): `<stem>_labels.tif` (uint32
 label map), `<stem>.geojson` (QuPath detections with measurements), `<stem>_nuclei.csv` (one row per
 nucleus) and `<stem>_overlay.png` (contours on the image), plus `summary.csv` and `predict_config.json`.
+With several inputs, post-processing and file writing of one image run in worker processes
+(`--num_workers`) while the network segments the next image (`segment_images`).
 """
 from __future__ import annotations
 
@@ -278,10 +280,10 @@ def stitch_maps(image: np.ndarray, tile_size: int, overlap: int, maps_fn: MapsFn
 # Model
 # ----------------------------------------------------------------------------------------------
 def model_tile_size(model_set) -> int:
-    """Source pixels per network input the model was trained with (config `tile_size`/`image_size`,
-    else 512, the NuInsSeg image size)."""
+    """Source pixels per network input the model was trained with (config `tile_size`, recorded by
+    train.py; else 512, the NuInsSeg image size)."""
     config = getattr(model_set, "config", None) or {}
-    for key in ("tile_size", "source_tile_size", "image_size"):
+    for key in ("tile_size",):
         value = config.get(key)
         if isinstance(value, (int, float)) and value >= 16:
             return int(value)
@@ -550,9 +552,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None,
                         help="MobileSAM weights, if the checkpoint stores only the LoRA/head weights")
     parser.add_argument("--no_overlay", action="store_true", help="do not write <stem>_overlay.png")
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--num_workers", type=int, default=None,
                         help="processes that post-process and write the results of one image while the model "
-                             "segments the next (0 = all in this process)")
+                             "segments the next (0 = all in this process; default: min(4, CPU cores) when the "
+                             "model runs on a GPU, 0 on CPU, where workers would compete with the network)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -560,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: must be 0 or more")
     if args.tile_size is not None and args.tile_size < 16:
         raise UserError(f"--tile_size {args.tile_size}: must be at least 16 pixels")
@@ -575,6 +578,9 @@ def run(args: argparse.Namespace) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     device = utils.select_device(args.device)
+    num_workers = args.num_workers
+    if num_workers is None:
+        num_workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
     model_set = nuclei_model.load_model_set(model_path, device, pretrained=args.pretrained)
     tile_size = args.tile_size or model_tile_size(model_set)
     if 2 * args.overlap > tile_size or args.overlap < 0:
@@ -590,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
 
     outcomes = segment_images(model_set, inputs, names, output_dir, maps_fn, tile_size=tile_size,
                               overlap=args.overlap, mpp=args.mpp, batch_size=args.batch_size,
-                              overlay=not args.no_overlay, num_workers=args.num_workers)
+                              overlay=not args.no_overlay, num_workers=num_workers)
     utils.write_csv(output_dir / "summary.csv", [vars(o) for o in outcomes],
                     columns=["input", "name", "status", "nuclei", "height", "width", "seconds", "error"])
     failed = [o for o in outcomes if o.status != "ok"]
