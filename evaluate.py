@@ -464,7 +464,8 @@ def summary_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str
     if pq is not None and math.isfinite(pq):
         published = ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED_PQ.items())
         lines += [f"PQ {pq:.3f} (mean over images). Published out-of-fold PQ on NuInsSeg: {published}. "
-                  + ("Comparable: this is an out-of-fold evaluation over every image."
+                  + ("Same protocol (out-of-fold evaluation over every image): comparable when the data is the full "
+                      "NuInsSeg dataset with the paper's 5 folds."
                      if meta.get("comparable") else
                      "Not directly comparable: this is not an out-of-fold evaluation of the whole dataset."), ""]
     if summary["per_fold"]:

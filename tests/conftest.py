@@ -43,3 +43,19 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic_nuinsseg")
     sample_data.make_sample_dataset(out, num_images=12, seed=0, image_size=128)
     return out
+
+
+@pytest.fixture
+def report(record_property):
+    """`report("text")` shows a measured figure in the test run's summary (also under pytest-xdist)."""
+    return lambda text: record_property("report", text)
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = [f"{rep.nodeid.split('::')[-1]}: {value}"
+             for rep in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+             if rep.when == "call" for key, value in rep.user_properties if key == "report"]
+    if lines:
+        terminalreporter.section("measured figures")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

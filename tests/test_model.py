@@ -46,18 +46,18 @@ def encoder_state(state: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Golden reference (1024 x 1024, the official encoder's output for the reference weights)
 # ----------------------------------------------------------------------------------------------
-def test_golden_plain_path(golden):
+def test_golden_plain_path(golden, report):
     enc = model.load_mobile_sam_encoder(golden["weights"]).configure(fast=False)
     assert enc.attention_impl == "explicit"
     with torch.inference_mode():
         out = enc(golden["x"])
     err = rel_l2(out, golden["embedding"])
-    print(f"\ngolden relative L2 error, plain path (unfused, explicit softmax attention): {err:.3e}")
+    report(f"golden relative L2 error, plain path (unfused, explicit softmax attention): {err:.3e}")
     assert out.shape == (1, 256, 64, 64)
     assert err < TOLERANCE, f"plain path: relative L2 error {err:.3e} >= {TOLERANCE}"
 
 
-def test_golden_fused_sdpa_path(golden):
+def test_golden_fused_sdpa_path(golden, report):
     enc = model.load_mobile_sam_encoder(golden["weights"])
     assert model.fuse_batchnorm(enc) == 27  # patch embed 2, MBConv 6, mergings 9, local convs 10
     assert model.fuse_batchnorm(enc) == 0
@@ -65,11 +65,11 @@ def test_golden_fused_sdpa_path(golden):
     with torch.inference_mode():
         out = enc(golden["x"])
     err = rel_l2(out, golden["embedding"])
-    print(f"\ngolden relative L2 error, fast path (BatchNorm fused, SDPA, channels-last): {err:.3e}")
+    report(f"golden relative L2 error, fast path (BatchNorm fused, SDPA, channels-last): {err:.3e}")
     assert err < TOLERANCE, f"fused/SDPA path: relative L2 error {err:.3e} >= {TOLERANCE}"
 
 
-def test_weights_loaded_after_eval_take_effect(golden, reference_state):
+def test_weights_loaded_after_eval_take_effect(golden, reference_state, report):
     torch.manual_seed(1)
     enc = model.load_mobile_sam_encoder(None).eval()
     with torch.inference_mode():  # a forward in eval mode before loading (would fill any cache)
@@ -78,7 +78,7 @@ def test_weights_loaded_after_eval_take_effect(golden, reference_state):
     with torch.inference_mode():
         out = enc(golden["x"])
     err = rel_l2(out, golden["embedding"])
-    print(f"\ngolden relative L2 error, weights loaded after eval(): {err:.3e}")
+    report(f"golden relative L2 error, weights loaded after eval(): {err:.3e}")
     assert err < TOLERANCE, f"weights loaded after eval(): relative L2 error {err:.3e} >= {TOLERANCE}"
 
 

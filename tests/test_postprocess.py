@@ -164,7 +164,7 @@ def test_config_round_trip_and_validation():
             PostprocessConfig.from_dict(bad)
 
 
-def test_roundtrip_real_labels(real_sample_dir):
+def test_roundtrip_real_labels(real_sample_dir, report):
     """Ideal maps of the real ground truth must come back as the ground truth (mean PQ and AJI >= 0.95).
 
     What is lost is expected: a true id made of several disconnected pieces comes back as several
@@ -182,5 +182,6 @@ def test_roundtrip_real_labels(real_sample_dir):
         check_ids(out)
         rows.append(metrics.instance_metrics(labels, out))
     means = metrics.mean_over_images(rows)
+    report(f"round trip on {len(rows)} real label maps: mean PQ {means['pq']:.4f}, mean AJI {means['aji']:.4f}")
     assert means["pq"] >= 0.95, means
     assert means["aji"] >= 0.95, means
