@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import logging
 import math
 import multiprocessing
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+import export
 import metrics
 import postprocess
 import utils
@@ -205,20 +205,6 @@ def output_stems(samples: Sequence[Any]) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # Scoring one image (runs in a worker process: only plain arrays and strings come in)
 # ----------------------------------------------------------------------------------------------
-def save_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write an instance label map as a compressed TIFF, uint16 when the ids fit, else uint32 (atomic)."""
-    import tifffile
-
-    labels = np.asarray(labels)
-    top = int(labels.max()) if labels.size else 0
-    if labels.size and int(labels.min()) < 0:
-        raise ValueError("label map has negative ids")
-    dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, labels.astype(dtype), compression="zlib", photometric="minisblack")
-    return utils.atomic_write_bytes(path, buf.getvalue())
-
-
 def score_image(task: Mapping[str, Any]) -> dict[str, Any]:
     """Post-process one image's network maps, score the instances and write the optional files.
 
@@ -236,7 +222,7 @@ def score_image(task: Mapping[str, Any]) -> dict[str, Any]:
     row.update(tissue=task["tissue"], fold="" if task["fold"] is None else task["fold"])
     row.update({k: scores[k] for k in ("num_true", "num_pred", "tp", "fp", "fn", "iou_sum")})
     if task.get("predictions_dir"):
-        save_label_tiff(Path(task["predictions_dir"]) / f"{task['stem']}.tif", pred)
+        export.save_label_tiff(Path(task["predictions_dir"]) / f"{task['stem']}.tif", pred, smallest=True)
     if task.get("overlays_dir"):
         shown_true, shown_pred = labels, pred
         if ignore is not None and ignore.any():

@@ -76,15 +76,18 @@ def _index_map(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 # ----------------------------------------------------------------------------------------------
 # Label TIFF
 # ----------------------------------------------------------------------------------------------
-def save_label_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write `labels` as a zlib-compressed uint32 TIFF of the same size (ids unchanged), atomically."""
+def save_label_tiff(path: str | os.PathLike, labels: np.ndarray, smallest: bool = False) -> Path:
+    """Write `labels` as a zlib-compressed uint32 TIFF of the same size (ids unchanged), atomically.
+    `smallest=True` writes uint16 (NuInsSeg's own label format) when the ids fit, else uint32."""
     import tifffile
 
     labels = _check_labels(labels)
     if labels.size and (labels.min() < 0 or int(labels.max()) > np.iinfo(np.uint32).max):
         raise ValueError("label ids must lie in 0..2**32-1 to be stored as uint32")
+    top = int(labels.max()) if labels.size else 0
+    dtype = np.uint16 if smallest and top <= np.iinfo(np.uint16).max else np.uint32
     buf = io.BytesIO()
-    tifffile.imwrite(buf, labels.astype(np.uint32, copy=False), compression="zlib",
+    tifffile.imwrite(buf, labels.astype(dtype, copy=False), compression="zlib",
                      photometric="minisblack", metadata=None)
     return utils.atomic_write_bytes(path, buf.getvalue())
 

@@ -16,6 +16,7 @@ import tifffile
 
 import dataset
 import evaluate
+import export
 import main
 import metrics
 from utils import UserError, read_csv
@@ -176,7 +177,7 @@ def test_score_image_binary_and_tiff(tmp_path):
 
     big = np.zeros((4, 4), np.int64)
     big[0, 0] = 70000
-    evaluate.save_label_tiff(tmp_path / "big.tif", big)
+    export.save_label_tiff(tmp_path / "big.tif", big, smallest=True)
     back = tifffile.imread(tmp_path / "big.tif")
     assert back.dtype == np.uint32 and back[0, 0] == 70000
 
