@@ -98,8 +98,6 @@ def error_line(err: str) -> str:
 
 
 def run_cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    # Only the download command is wired up, so the test does not depend on other command modules.
-    monkeypatch.setattr(main, "COMMANDS", {"download": main.COMMANDS["download"]})
     rc = main.main(["download", *argv])
     out, err = capsys.readouterr()
     return rc, out, err

@@ -87,14 +87,14 @@ def test_rerun_replaces_previous_sample(tmp_path):
     assert not list(target.rglob("*.tmp"))
 
 
-def test_cli(tmp_path):
-    import argparse
+def test_cli(tmp_path, capsys):
+    import main
 
-    parser = argparse.ArgumentParser()
-    sample_data.add_arguments(parser)
     out = tmp_path / "cli"
-    args = parser.parse_args(["--output_dir", str(out), "--num_images", "2", "--image_size", "64", "--seed", "3"])
-    assert sample_data.run(args) == 0
+    assert main.main(["make_sample_data", "--output_dir", str(out), "--num_images", "2", "--image_size", "64",
+                      "--seed", "3"]) == 0
     assert len(dataset.discover_nuinsseg(out)) == 2
-    with pytest.raises(UserError, match="--num_images"):
-        sample_data.run(parser.parse_args(["--output_dir", str(tmp_path / "x"), "--num_images", "0"]))
+    capsys.readouterr()
+    assert main.main(["make_sample_data", "--output_dir", str(tmp_path / "x"), "--num_images", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --num_images"), err
