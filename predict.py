@@ -47,7 +47,6 @@ from utils import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_TILE_SIZE = 512   # source pixels per tile when the checkpoint does not say (NuInsSeg image size)
-DEFAULT_OVERLAP = 128
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 # maps_fn(list of uint8 RGB tiles) -> list of (foreground probability (h, w), hv (2, h, w) or None)
@@ -353,7 +352,7 @@ def model_maps_fn(model_set, ensemble: bool = False, device=None, amp: bool = Tr
     return maps_fn
 
 
-def image_maps(model_set, image: np.ndarray, tile_size: int | None = None, overlap: int = DEFAULT_OVERLAP, *,
+def image_maps(model_set, image: np.ndarray, tile_size: int | None = None, overlap: int | None = None, *,
                mpp: float | None = None, ensemble: bool = False, batch_size: int = 8, device=None,
                amp: bool = True, maps_fn: MapsFn | None = None, postprocess: dict | None = None,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -365,6 +364,8 @@ def image_maps(model_set, image: np.ndarray, tile_size: int | None = None, overl
     height, width = image.shape[:2]
     if tile_size is None:
         tile_size = model_tile_size(model_set) if model_set is not None else DEFAULT_TILE_SIZE
+    if overlap is None:
+        overlap = int(tile_size) // 4
     if maps_fn is None:
         maps_fn = model_maps_fn(model_set, ensemble=ensemble, device=device, amp=amp)
     work = image
@@ -396,13 +397,13 @@ def labels_from_maps(fg: np.ndarray, hv: np.ndarray | None, settings: dict,
 
 
 def predict_image(model_set, image: np.ndarray, tile_size: int | None = None,
-                  overlap: int = DEFAULT_OVERLAP, *, mpp: float | None = None, ensemble: bool = False,
+                  overlap: int | None = None, *, mpp: float | None = None, ensemble: bool = False,
                   batch_size: int = 8, device=None, amp: bool = True, maps_fn: MapsFn | None = None,
                   postprocess: dict | None = None, progress: bool = False) -> np.ndarray:
     """Instance label map (int32, same H x W as `image`) of an RGB image of any size.
 
     `model_set` comes from `nuclei_model.load_model_set`; `tile_size` (default: the model's training
-    tile) and `overlap` are in pixels at the model's resolution. `mpp` is the input's pixel size in
+    tile) and `overlap` (default: a quarter of the tile) are in pixels at the model's resolution. `mpp` is the input's pixel size in
     µm (None: same as the model's). `maps_fn` replaces the network (tests, other back-ends);
     `postprocess` overrides the model set's post-processing settings.
     """
@@ -468,7 +469,7 @@ def finish_image(path: Path, output_dir: Path, name: str, image: np.ndarray, fg:
 
 
 def segment_images(model_set, inputs: Sequence[Path], names: Sequence[str], output_dir: Path, maps_fn: MapsFn,
-                   *, tile_size: int, overlap: int = DEFAULT_OVERLAP, mpp: float | None = None,
+                   *, tile_size: int, overlap: int | None = None, mpp: float | None = None,
                    batch_size: int = 8, overlay: bool = True, num_workers: int = 0) -> list[Outcome]:
     """Segment every input and write its result files (`write_outputs`); one Outcome per input, in order.
 
@@ -538,8 +539,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="predictions", help="folder for the result files")
     parser.add_argument("--tile_size", type=int, default=None,
                         help="tile size in pixels at the model's resolution (default: the model's training tile, 512)")
-    parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
-                        help="pixels shared by neighbouring tiles (at most half the tile size)")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="pixels shared by neighbouring tiles, at most half the tile size "
+                             "(default: a quarter of the tile size, 128 for 512 tiles)")
     parser.add_argument("--mpp", type=float, default=None,
                         help="micrometres per pixel of the inputs; they are rescaled to the model's pixel size "
                              "(default: assume the model's pixel size)")
@@ -583,19 +585,20 @@ def run(args: argparse.Namespace) -> int:
         num_workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
     model_set = nuclei_model.load_model_set(model_path, device, pretrained=args.pretrained)
     tile_size = args.tile_size or model_tile_size(model_set)
-    if 2 * args.overlap > tile_size or args.overlap < 0:
-        raise UserError(f"--overlap {args.overlap}: must be between 0 and half the tile size ({tile_size // 2})")
+    overlap = tile_size // 4 if args.overlap is None else args.overlap
+    if 2 * overlap > tile_size or overlap < 0:
+        raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
     maps_fn = model_maps_fn(model_set, ensemble=args.ensemble, device=device, amp=not args.no_amp)
     utils.write_json(output_dir / "predict_config.json", {
         "model_path": str(model_path), "inputs": [str(p) for p in inputs], "tile_size": tile_size,
-        "overlap": args.overlap, "mpp": args.mpp, "model_mpp": model_mpp(model_set),
+        "overlap": overlap, "mpp": args.mpp, "model_mpp": model_mpp(model_set),
         "ensemble": bool(args.ensemble), "batch_size": args.batch_size, "device": str(device),
         "amp": not args.no_amp, "postprocess": getattr(model_set, "postprocess", None),
         "model_config": getattr(model_set, "config", None), "environment": utils.environment_info(),
     })
 
     outcomes = segment_images(model_set, inputs, names, output_dir, maps_fn, tile_size=tile_size,
-                              overlap=args.overlap, mpp=args.mpp, batch_size=args.batch_size,
+                              overlap=overlap, mpp=args.mpp, batch_size=args.batch_size,
                               overlay=not args.no_overlay, num_workers=num_workers)
     utils.write_csv(output_dir / "summary.csv", [vars(o) for o in outcomes],
                     columns=["input", "name", "status", "nuclei", "height", "width", "seconds", "error"])
