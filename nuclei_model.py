@@ -315,10 +315,22 @@ def model_state(net: nn.Module, trainable_only: bool) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in items}
 
 
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor inside dicts/lists/tuples replaced by a detached CPU copy (e.g. an optimizer
+    state dict whose moments live on the GPU), so a checkpoint loads on a machine without that GPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any],
                     postprocess: Mapping[str, Any], **extra: Any) -> Path:
     """Atomically write a weights_only-readable checkpoint. `extra`: JSON-able values or tensors
-    (epoch, val metrics, fold, optimizer state, rng states, ...)."""
+    (epoch, val metrics, fold, optimizer state, rng states, ...); tensors are stored as CPU copies."""
     trainable_only = stores_trainable_only(config)
     base = file_fingerprint(model_config(config)["pretrained"]) if trainable_only else None
     ckpt = {
@@ -329,7 +341,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: Mapping[s
         "base_weights": base,
         "state_dict": model_state(model, trainable_only),
         "parameters": parameter_report(model),
-        **extra,
+        **to_cpu(extra),
     }
     return atomic_torch_save(ckpt, path)
 
@@ -520,12 +532,26 @@ def load_model_set(path: str | os.PathLike, device: str | torch.device = "cpu",
 # ----------------------------------------------------------------------------------------------
 # Inference
 # ----------------------------------------------------------------------------------------------
-def autocast_dtype(device: torch.device | str, amp: bool = True) -> torch.dtype | None:
-    """bf16 on CUDA devices that support it, else None (full precision)."""
+def native_bf16(device: torch.device | str) -> bool:
+    """True for a CUDA device with bf16 in hardware (compute capability 8.0+, e.g. A100/H100; or ROCm).
+    Not `torch.cuda.is_bf16_supported()`: by default that also says yes for emulated bf16 on older GPUs
+    (V100, T4), and it looks at the current device, not `device`."""
     device = torch.device(device)
-    if amp and device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def autocast_dtype(device: torch.device | str, amp: bool = True, fp16_fallback: bool = False
+                   ) -> torch.dtype | None:
+    """bf16 on CUDA devices with native bf16; on other CUDA devices float16 with `fp16_fallback`
+    (training, with a GradScaler), else None (full precision). None on CPU/MPS or without `amp`."""
+    device = torch.device(device)
+    if not amp or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if native_bf16(device):
         return torch.bfloat16
-    return None
+    return torch.float16 if fp16_fallback else None
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None):
@@ -627,5 +653,6 @@ __all__ = [
     "NucleiSAM", "build_model", "compute_loss", "save_checkpoint", "save_model_set_index", "read_checkpoint",
     "load_weights", "load_model", "Member", "ModelSet", "load_model_set", "predict_maps", "predict_maps_batch",
     "prepare_for_inference", "maps_to_images", "parameter_report", "head_parameter_count", "unwrap", "model_config",
-    "stores_trainable_only", "file_fingerprint", "autocast_dtype", "autocast", "model_state",
+    "stores_trainable_only", "file_fingerprint", "autocast_dtype", "autocast", "model_state", "native_bf16",
+    "to_cpu",
 ]

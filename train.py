@@ -256,12 +256,7 @@ def setup_distributed(device_name: str | None) -> DistInfo:
     if world <= 1:
         return DistInfo(1, 0, 0, utils.select_device(device_name))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name in (None, "", "auto"):
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = utils.select_device(device_name)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
+    device = process_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns = False
@@ -269,6 +264,24 @@ def setup_distributed(device_name: str | None) -> DistInfo:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns = True
     return DistInfo(dist.get_world_size(), dist.get_rank(), local_rank, device, owns)
+
+
+def process_device(device_name: str | None, local_rank: int) -> torch.device:
+    """The device of the process with this LOCAL_RANK in a torchrun job: `cuda:LOCAL_RANK` for CUDA (also when
+    `--device cuda:N` names one GPU: NCCL refuses two processes on one GPU), else the named device (gloo)."""
+    if device_name in (None, "", "auto"):
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = utils.select_device(device_name)
+    if device.type != "cuda":
+        return device
+    if device.index is not None and device.index != local_rank:
+        log.warning("--device %s ignored under torchrun: process %d uses cuda:%d (one GPU per process)",
+                    device_name, local_rank, local_rank)
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"torchrun: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                        f"are visible; use --nproc_per_node {torch.cuda.device_count()} or fewer")
+    return torch.device(f"cuda:{local_rank}")
 
 
 def barrier(info: DistInfo) -> None:
@@ -608,12 +621,9 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
 
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config["learning_rate"], weight_decay=config["weight_decay"])
-    dtype = None
-    scaler = None
-    if config["amp"] and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if dtype == torch.float16:
-            scaler = torch.amp.GradScaler("cuda")
+    # bf16 on GPUs with native bf16; float16 + loss scaling on older CUDA GPUs; full precision elsewhere
+    dtype = nuclei_model.autocast_dtype(device, config["amp"], fp16_fallback=True)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config["epochs"]
     warmup_steps = int(round(config["warmup_epochs"] * steps_per_epoch))
@@ -786,4 +796,5 @@ def tune_postprocess(net: nn.Module, val_set: ImageSet, config: Mapping[str, Any
 
 
 __all__ = ["add_arguments", "run", "config_from_args", "run_training", "train_fold", "lr_factor",
-           "setup_distributed", "DistInfo", "default_postprocess", "write_cv_summary", "resume_config"]
+           "setup_distributed", "process_device", "DistInfo", "default_postprocess", "write_cv_summary",
+           "resume_config"]

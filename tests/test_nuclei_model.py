@@ -230,3 +230,78 @@ def test_predict_maps_original_resolution_and_ensemble():
     assert batch[1][0].shape == (64, 80)
     fg_bin, hv_bin = nm.predict_maps(nm.build_model({**CONFIG, "head": "binary"}), image, 64, "cpu")
     assert hv_bin is None and fg_bin.shape == (100, 90)
+
+
+def _fake_cuda(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("capability, inference, training", [((9, 0), torch.bfloat16, torch.bfloat16),
+                                                             ((8, 0), torch.bfloat16, torch.bfloat16),
+                                                             ((7, 5), None, torch.float16)])
+def test_autocast_dtype_bf16_only_on_native_hardware(monkeypatch, capability, inference, training):
+    """torch.cuda.is_bf16_supported() also says yes for emulated bf16 (V100/T4): those GPUs must get
+    float16 + GradScaler for training and full precision for inference, not slow emulated bf16."""
+    _fake_cuda(monkeypatch, capability)
+    assert nm.autocast_dtype("cuda:1", True) == inference
+    assert nm.autocast_dtype("cuda", True, fp16_fallback=True) == training
+    assert nm.autocast_dtype("cuda", False, fp16_fallback=True) is None
+    assert nm.autocast_dtype("cpu", True, fp16_fallback=True) is None
+
+
+def test_training_step_and_outputs_under_bf16_autocast():
+    """What a CUDA bf16 run does, simulated with CPU bf16 autocast: float32 loss, float32 gradients,
+    float32 numpy maps from bf16 network outputs."""
+    torch.manual_seed(0)
+    for train_only_lora in (True, False):
+        net = nm.build_model({**CONFIG, "train_only_lora": train_only_lora}).train()
+        batch = {"image": _images(2, 64), "foreground": (torch.rand(2, 1, 64, 64) > 0.7).float(),
+                 "hv": torch.rand(2, 2, 64, 64) * 2 - 1}
+        with nm.autocast("cpu", torch.bfloat16):
+            out = net(batch["image"])
+        assert out["foreground"].dtype == out["hv"].dtype == torch.bfloat16
+        loss, parts = nm.compute_loss(out, batch)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and set(parts) == {"bce", "dice", "mse", "msge"}
+        loss.backward()
+        trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        for name, p in trainable:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        maps = nm.maps_to_images({k: v.detach() for k, v in out.items()}, [(50, 70), (64, 64)])
+        assert maps[0][0].dtype == maps[0][1].dtype == np.float32 and maps[0][1].shape == (2, 50, 70)
+
+
+def test_checkpoint_extra_tensors_are_cpu_copies(tmp_path):
+    """An optimizer state dict (on the GPU in a CUDA run) is stored as CPU copies, so plain
+    torch.load(weights_only=True) reads the checkpoint on a machine without that GPU."""
+    net = nm.build_model(CONFIG)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state_dict()
+    copied = nm.to_cpu({"optimizer": state, "scaler": None, "betas": (0.9, 0.999)})
+    assert copied["betas"] == (0.9, 0.999) and copied["scaler"] is None
+    live = state["state"][0]["exp_avg"]
+    saved = copied["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(saved, live) and saved.data_ptr() != live.data_ptr()
+    path = tmp_path / "last.pth"
+    nm.save_checkpoint(path, net, CONFIG, {}, optimizer=state, rng={"torch": torch.get_rng_state()})
+    raw = torch.load(path, weights_only=True)
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    found = list(tensors(raw))
+    assert len(found) > len(raw["state_dict"]) and all(t.device.type == "cpu" for t in found)
+    opt2 = torch.optim.AdamW(trainable, lr=1e-3)
+    opt2.load_state_dict(raw["optimizer"])

@@ -165,3 +165,37 @@ def test_tune_postprocess_picks_from_grid_around_defaults(synthetic_data_dir, tm
     assert any(saved["marker_threshold"] == pytest.approx(m) for m in marker_grid)
     untouched = {k: v for k, v in base.items() if k not in ("fg_threshold", "marker_threshold")}
     assert {k: saved[k] for k in untouched} == untouched
+
+
+def test_process_device_is_one_gpu_per_torchrun_process(monkeypatch):
+    """Under torchrun every process must own cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU), even
+    when --device names one GPU; no CUDA device is touched (all faked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert train.process_device(None, 2) == torch.device("cuda:2")
+    assert train.process_device("cuda", 3) == torch.device("cuda:3")
+    assert train.process_device("cuda:0", 1) == torch.device("cuda:1")
+    assert train.process_device("cpu", 1) == torch.device("cpu")
+    with pytest.raises(UserError, match="--nproc_per_node 4"):
+        train.process_device("cuda", 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_under_autocast(synthetic_data_dir, tmp_path, monkeypatch, dtype):
+    """The CUDA mixed-precision paths (bf16; float16 with a GradScaler) simulated with CPU autocast: training,
+    validation on autocast outputs, checkpoints with CPU tensors only (scaler state included), resumable."""
+    monkeypatch.setattr(nm, "autocast_dtype", lambda device, amp=True, fp16_fallback=False:
+                        dtype if amp and (dtype == torch.bfloat16 or fp16_fallback) else None)
+    out = tmp_path / "amp"
+    summary = train.run_training(train.config_from_args(_args(synthetic_data_dir, out, "--num_folds", "3")), out,
+                                 evaluate_test=False)
+    assert summary["folds"][0]["best_epoch"] == 1
+    row = utils.read_csv(out / "fold_0" / "history.csv")[0]
+    assert float(row["train_loss"]) > 0 and row["val_pq"] != ""
+    last = torch.load(out / "fold_0" / "last_model.pth", weights_only=True)
+    if dtype == torch.float16:  # the first steps find inf gradients at the initial scale and are skipped
+        assert last["scaler"]["scale"] > 0
+    else:
+        assert last["scaler"] is None and last["optimizer"]["state"]
+    moments = [t for s in last["optimizer"]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in moments)
