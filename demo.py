@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise UserError(f"--num_samples {args.num_samples}: must be at least 1")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be 0 or more")
     start = time.perf_counter()
     model_set, samples, data_dir, device = evaluate.load_for_evaluation(args)
     output_dir = Path(args.output_dir)

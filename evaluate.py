@@ -673,12 +673,20 @@ def _shared_or_per_fold(pp_by_fold: Mapping[str, dict]) -> Any:
     return values[0] if values and all(v == values[0] for v in values) else dict(pp_by_fold)
 
 
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    model_set, samples, data_dir, device = load_for_evaluation(args)
-    output_dir = Path(args.output_dir)
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse a file, and a training run's folder: its own summary.json would be replaced by the report."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
+    if (output_dir / "folds.json").is_file() or (output_dir / "best_model.pth").is_file():
+        raise UserError(f"--output_dir {output_dir}: holds a training run, whose summary.json would be "
+                        f"replaced; choose another folder (e.g. {output_dir / 'evaluation'})")
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    check_output_dir(output_dir)
+    model_set, samples, data_dir, device = load_for_evaluation(args)
     assignments = assign_samples(model_set, samples, fold=args.fold, model_path=args.model_path,
                                  data_dir=data_dir)
     num_images = sum(len(group) for _, _, group in assignments)

@@ -25,6 +25,16 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: ...)` to an option's help, unless the help already says what the default is
+    (otherwise `--tile_size` would read "(default: the model's training tile, 512) (default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
@@ -37,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or help_text).strip()
         p = sub.add_parser(name, help=help_text, description=doc,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -52,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        # e.g. an output folder whose parent is a file, a full disk, no permission
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -100,6 +100,23 @@ def trial_folder_name(number: int, params: Mapping[str, Any]) -> str:
             f"_lr{_fmt(float(params['learning_rate']))}")
 
 
+def claim_trial_folder(output_dir: Path, number: int, params: Mapping[str, Any]) -> str:
+    """Create and return a new, empty trial folder `trials/<trial_folder_name>` (relative to `output_dir`).
+    A folder of that name left by another study in the same output folder (another --study_name, or
+    different training options) gets a `_2`, `_3`, ... suffix instead of being resumed: resuming it
+    would report that study's results for this configuration."""
+    name = trial_folder_name(number, params)
+    (output_dir / "trials").mkdir(parents=True, exist_ok=True)
+    folder, k = Path("trials") / name, 1
+    while True:
+        try:
+            (output_dir / folder).mkdir()  # atomic: two workers never claim the same folder
+            return str(folder)
+        except FileExistsError:
+            k += 1
+            folder = Path("trials") / f"{name}_{k}"
+
+
 def direction_of(metric: str) -> str:
     return "minimize" if any(word in metric.lower() for word in LOWER_IS_BETTER) else "maximize"
 
@@ -365,7 +382,9 @@ class Objective:
         trial.set_user_attr("machine", machine_id())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
-        folder = trial.user_attrs.get("trial_dir") or str(Path("trials") / trial_folder_name(trial.number, params))
+        folder = trial.user_attrs.get("trial_dir")  # a retry resumes the failed trial's folder
+        if folder is None:
+            folder = claim_trial_folder(self.output_dir, trial.number, params)
         trial.set_user_attr("trial_dir", folder)
         trial_dir = self.output_dir / folder
         resume = (trial_dir / "config.json").is_file() or any(trial_dir.glob("**/*.pth"))
@@ -582,8 +601,7 @@ def run_search(base_config: Mapping[str, Any], space: Mapping[str, list], output
         import train
 
         train_fn = train.run_training
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = utils.make_output_dir(output_dir)
     storage = storage or default_storage(output_dir)
     study_name = study_name or default_study_name(output_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -715,6 +733,8 @@ def run(args: argparse.Namespace) -> int:
                         ("--n_trials", args.n_trials)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: must be a positive integer")
+    if args.search_seed < 0:
+        raise UserError(f"--search_seed {args.search_seed}: must be 0 or more")
     config = dict(train.config_from_args(args), cross_validation=True, resume=False)
     if args.resume:
         log.info("--resume is implied: a parameter search always continues its study")

@@ -574,10 +574,11 @@ def run(args: argparse.Namespace) -> int:
     model_path = Path(args.model_path)
     if not model_path.exists():
         raise UserError(f"--model_path {model_path}: not found")
+    if args.pretrained is not None and not Path(args.pretrained).is_file():
+        raise UserError(f"--pretrained {args.pretrained}: file not found")
     inputs = expand_inputs(args.input)
     names = output_stems(inputs)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = utils.make_output_dir(args.output_dir)
 
     device = utils.select_device(args.device)
     num_workers = args.num_workers

@@ -238,6 +238,8 @@ def make_sample_dataset(output_dir: str | os.PathLike, num_images: int = 40, see
         raise UserError(f"--num_images {num_images}: must be at least 1")
     if int(image_size) < 32:
         raise UserError(f"--image_size {image_size}: must be at least 32 pixels")
+    if int(seed) < 0:
+        raise UserError(f"--seed {seed}: must be 0 or more")
     num_images, image_size, seed = int(num_images), int(image_size), int(seed)
     previous = _check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def make_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> Path:
+    """Create the output folder `path` (and its parents); a file in the way is a UserError, not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{option} {path}: exists and is not a folder") from None
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot create the folder ({e.strerror or e})") from None
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -80,3 +80,10 @@ def test_demo_user_errors(synthetic_data_dir, tmp_path, capsys):
                       "--num_samples", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--num_samples" in err[0]
+
+
+def test_demo_negative_seed_is_a_user_error(synthetic_data_dir, tmp_path, capsys):
+    code = main.main(["demo", "--data_dir", str(synthetic_data_dir), "--model_path", str(tmp_path / "none.pth"),
+                      "--output_dir", str(tmp_path / "d"), "--seed", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --seed -1: must be 0 or more"]

@@ -324,6 +324,18 @@ def test_user_errors(synthetic_data_dir, cv_model, tmp_path, capsys):
     assert not (tmp_path / "out" / "per_image.csv").exists()
 
 
+def test_refuses_to_write_reports_into_a_training_run(synthetic_data_dir, cv_model, tmp_path, capsys):
+    """`--output_dir` = the training folder would replace the training run's own summary.json."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(cv_model.parent, run_dir)
+    (run_dir / "summary.json").write_text('{"training": "summary"}')
+    line = _run_error(capsys, ["evaluate", "--data_dir", str(synthetic_data_dir), "--model_path", str(run_dir),
+                               "--output_dir", str(run_dir), "--num_workers", "0"])
+    assert str(run_dir) in line and "training run" in line
+    assert (run_dir / "summary.json").read_text() == '{"training": "summary"}'
+    assert not (run_dir / "per_image.csv").exists()
+
+
 class DarkIsNucleus(__import__("torch").nn.Module):
     """A stand-in network: foreground logit from how dark (haematoxylin-like) a pixel is; no HV maps."""
 

@@ -198,6 +198,23 @@ def test_changed_search_is_refused(tmp_path):
         ps.run_search(dict(BASE, epochs=3), _space(), tmp_path, metric="pq", train_fn=FakeTrain())
 
 
+def test_second_study_in_same_folder_never_resumes_the_first_studys_trials(tmp_path):
+    """`--study_name other` (what the 'different search' error suggests) with other training options in the
+    same --output_dir must train every configuration afresh, not resume (and report) the first study's runs."""
+    ps.run_search(BASE, _space(), tmp_path, metric="pq", train_fn=FakeTrain())
+    first = {p.parent.name: p.read_text() for p in (tmp_path / "trials").glob("*/config.json")}
+    fake = FakeTrain()
+    result = ps.run_search(dict(BASE, epochs=3), _space(), tmp_path, metric="pq", study_name="other", train_fn=fake)
+    assert result["trained"] == 4
+    assert all(resume is False for _, resume in fake.calls)
+    folders = {t.user_attrs["trial_dir"] for t in _load(tmp_path, "other").get_trials()}
+    assert len(folders) == 4 and all(Path(f).name.endswith("_2") for f in folders)
+    for folder in folders:
+        assert json.loads((tmp_path / folder / "config.json").read_text())["epochs"] == 3
+    after = {p.parent.name: p.read_text() for p in (tmp_path / "trials").glob("*/config.json")}
+    assert len(first) == 4 and all(after[name] == text for name, text in first.items())  # first study untouched
+
+
 def test_bad_lists():
     with pytest.raises(utils.UserError, match="--lora_ranks"):
         ps.search_space("2,x", "4", "1e-4")
@@ -265,3 +282,18 @@ def test_real_two_workers_share_one_study(synthetic_data_dir, tmp_path):
     folders = sorted(p.name for p in (out / "trials").iterdir())
     assert len(folders) == 4, folders
     _check_results(out, 4)
+
+
+def test_output_dir_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(utils.UserError, match="--output_dir .*afile: exists and is not a folder"):
+        ps.run_search(BASE, _space(), tmp_path / "afile", metric="pq", train_fn=FakeTrain())
+
+
+def test_negative_search_seed_is_a_user_error(tmp_path, capsys):
+    import main
+
+    code = main.main(["parameter_search", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                      "--lora_ranks", "2", "--lora_alphas", "4", "--learning_rates", "1e-4", "--search_seed", "-1"])
+    assert code == 2 and capsys.readouterr().err.strip() == "error: --search_seed -1: must be 0 or more"
+    assert not (tmp_path / "out").exists()

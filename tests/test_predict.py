@@ -203,3 +203,21 @@ def test_command_rejects_bad_options(tiny_model, tmp_path, capsys):
     status = main.main(["predict", "--model_path", str(tiny_model), "--input", "x.png", "--output_dir",
                         str(tmp_path), "--tile_size", "64", "--overlap", "40", "--device", "cpu"])
     assert status == 2 and "--overlap 40" in capsys.readouterr().err
+
+
+def test_command_rejects_bad_output_dir_and_pretrained(tiny_model, tmp_path, capsys):
+    """A file where the output folder should be, or a missing --pretrained: one error line, no traceback."""
+    image, _ = synthetic_slide(64, 64, seed=2)
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "region.png")
+    (tmp_path / "afile").write_text("not a folder")
+    base = ["predict", "--model_path", str(tiny_model), "--input", str(tmp_path / "region.png"), "--device", "cpu"]
+    for output_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        capsys.readouterr()
+        assert main.main(base + ["--output_dir", str(output_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --output_dir {output_dir}: "), err
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    assert main.main(base + ["--output_dir", str(tmp_path / "out"), "--pretrained", str(tmp_path / "no.pt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --pretrained {tmp_path / 'no.pt'}: file not found"

@@ -98,3 +98,9 @@ def test_cli(tmp_path, capsys):
     assert main.main(["make_sample_data", "--output_dir", str(tmp_path / "x"), "--num_images", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --num_images"), err
+
+
+def test_negative_seed_is_a_user_error_and_writes_nothing(tmp_path):
+    with pytest.raises(UserError, match=r"^--seed -1: must be 0 or more$"):
+        sample_data.make_sample_dataset(tmp_path / "out", num_images=2, seed=-1, image_size=64)
+    assert not (tmp_path / "out").exists()

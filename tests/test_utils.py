@@ -49,3 +49,13 @@ def test_parse_list():
     assert utils.parse_list("2, 4,8", int) == [2, 4, 8]
     with pytest.raises(utils.UserError, match="--lora_ranks"):
         utils.parse_list("2,x", int, "--lora_ranks")
+
+
+def test_make_output_dir(tmp_path):
+    assert utils.make_output_dir(tmp_path / "a" / "b").is_dir()
+    assert utils.make_output_dir(tmp_path / "a").is_dir()  # an existing folder is fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(utils.UserError, match=r"^--output_dir .*file: exists and is not a folder$"):
+        utils.make_output_dir(tmp_path / "file")
+    with pytest.raises(utils.UserError, match=r"^--out .*sub: cannot create the folder"):
+        utils.make_output_dir(tmp_path / "file" / "sub", option="--out")

@@ -1,0 +1,28 @@
+"""Tests of the command-line entry point (main.py)."""
+from __future__ import annotations
+
+import re
+
+import main
+
+
+def test_help_states_each_default_once():
+    """An option whose help already names its default must not get a second '(default: None)'."""
+    parser = main.build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "predict" in a.choices)
+    for name, sub in subparsers.choices.items():
+        text = " ".join(sub.format_help().split())
+        assert not re.search(r"\(default[^()]*\) \(default:", text), name
+    predict_help = " ".join(subparsers.choices["predict"].format_help().split())
+    assert "(default: the model's training tile, 512) (default: None)" not in predict_help
+    assert "--batch_size BATCH_SIZE tiles per network call (default: 8)" in predict_help
+
+
+def test_os_error_on_a_user_path_is_one_line(tmp_path, capsys):
+    """An output folder under a file (here for make_sample_data): `error: <path>: <problem>`, status 2."""
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "data"
+    assert main.main(["-q", "make_sample_data", "--output_dir", str(target), "--num_images", "2",
+                      "--image_size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {target}: "), err
