@@ -99,16 +99,15 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
-    assignments = evaluate.assign_samples(model_set, samples, model_path=args.model_path, data_dir=data_dir)
-    if not model_set.is_cv:
-        member = assignments[0][0]
+    fold = None
+    if not model_set.is_cv:  # a single fold's model: show only its own test images when they are known
+        member = model_set.members[0]
         test = evaluate.member_test_images(member, model_set, args.model_path)
-        if test:
-            known = set(test)
-            kept = [s for s in samples if s.rel_path in known]
-            if kept:
-                log.info("single model: choosing among the %d images of its test fold", len(kept))
-                assignments = [(member, member.fold, kept)]
+        if test and member.fold is not None and any(s.rel_path in set(test) for s in samples):
+            fold = member.fold
+            log.info("single model of fold %d: choosing among the images of its test fold", fold)
+    assignments = evaluate.assign_samples(model_set, samples, fold=fold, model_path=args.model_path,
+                                          data_dir=data_dir)
     chosen = choose_images(assignments, args.num_samples, args.seed)
     if not chosen:
         raise UserError(f"--data_dir {data_dir}: no image to show with this model")

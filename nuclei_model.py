@@ -364,8 +364,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for truncated/foreign files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({msg[:200]})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."
+        raise UserError(f"{path}: not a readable checkpoint (truncated, or not written by this toolkit: "
+                        f"{type(e).__name__}{': ' + first if first else ''})") from None
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt not in (CHECKPOINT_FORMAT, MODEL_SET_FORMAT):
         raise UserError(f"{path}: not a nuclei model checkpoint (format tag {fmt!r}, expected "

@@ -170,6 +170,8 @@ def validate_config(config: Mapping[str, Any]) -> None:
         (config["num_folds"] >= 2, "--num_folds", "must be at least 2"),
         (config["grad_clip"] >= 0, "--grad_clip", "must be 0 (off) or positive"),
         (config["num_workers"] >= 0, "--num_workers", "must be 0 or more"),
+        (config["seed"] >= 0, "--seed", "must be 0 or more"),
+        (config["fold_seed"] >= 0, "--fold_seed", "must be 0 or more"),
         (config["monitor"] in MONITOR_CHOICES, "--monitor", f"must be one of {', '.join(MONITOR_CHOICES)}"),
     ]
     for ok, option, problem in checks:
@@ -187,14 +189,32 @@ def _is_empty_dir(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
+def default_config(data_dir: str) -> dict[str, Any]:
+    """The configuration `train` builds when only --data_dir is given (every other option at its default)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(["--data_dir", str(data_dir)]))
+
+
 def resume_config(output_dir: Path, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration saved in `output_dir/config.json`, with the runtime keys taken from `given`."""
+    """The configuration saved in `output_dir/config.json`, with the runtime keys taken from `given`.
+
+    An option given on the command line (i.e. not at its default) that differs from the saved run is an
+    error: a resumed run always continues with its saved settings, and silently ignoring e.g. a new
+    --epochs would mislead."""
     path = output_dir / "config.json"
     if not path.is_file():
         raise UserError(f"--resume: {path} not found (nothing to resume in {output_dir})")
     saved = utils.read_json(path)
     if not isinstance(saved, dict) or "data_dir" not in saved:
         raise UserError(f"{path}: not a training configuration")
+    defaults = default_config(given["data_dir"])
+    changed = [f"--{k} {given[k]} (saved: {saved[k]})" for k in sorted(given)
+               if k not in RUNTIME_KEYS and k in saved and k in defaults
+               and given[k] != defaults[k] and given[k] != saved[k]]
+    if changed:
+        raise UserError(f"--resume: {', '.join(changed)} differ from the run saved in {path}; a resumed run "
+                        f"keeps its saved settings: drop these options, or start a new run in another folder")
     config = {k: v for k, v in saved.items() if k not in ("environment", "world_size", "parameters")}
     for key in RUNTIME_KEYS:
         config[key] = given[key]
@@ -490,6 +510,12 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         if [{k: f[k] for k in ("fold", "train", "val", "test")} for f in saved["folds"]] != folds:
             raise UserError(f"{folds_path}: the saved folds differ from the folds of this configuration")
     fold_ids = list(range(config["num_folds"])) if config["cross_validation"] else [config["fold"] or 0]
+    if info.device.type == "cuda":  # fixed input sizes: let cuDNN pick its fastest kernels; TF32 for fp32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # a wrong --pretrained (missing, corrupt, not MobileSAM) fails here, before the output folder is touched
+    nuclei_model.build_model(config)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dataset.write_folds_json(folds_path, samples, folds, seed=config["fold_seed"],

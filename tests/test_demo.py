@@ -87,3 +87,15 @@ def test_demo_negative_seed_is_a_user_error(synthetic_data_dir, tmp_path, capsys
                       "--output_dir", str(tmp_path / "d"), "--seed", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: --seed -1: must be 0 or more"]
+
+
+def test_demo_single_fold_model_shows_only_its_test_images(synthetic_data_dir, demo_cv_model, tmp_path, caplog):
+    out = tmp_path / "demo_fold1"
+    fold_model = demo_cv_model.parent / "fold_1" / "best_model.pth"
+    assert main.main(["demo", "--data_dir", str(synthetic_data_dir), "--model_path", str(fold_model),
+                      "--output_dir", str(out), "--num_samples", "50", "--device", "cpu"]) == 0
+    folds = read_json(demo_cv_model.parent / "folds.json")
+    fold1 = next(f for f in folds["folds"] if int(f["fold"]) == 1)
+    test_stems = {Path(folds["images"][i]).stem for i in fold1["test"]}
+    assert {p.stem for p in out.glob("*.png")} == test_stems
+    assert "images it was trained on" not in caplog.text

@@ -199,3 +199,29 @@ def test_training_under_autocast(synthetic_data_dir, tmp_path, monkeypatch, dtyp
         assert last["scaler"] is None and last["optimizer"]["state"]
     moments = [t for s in last["optimizer"]["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
     assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in moments)
+
+
+def test_bad_pretrained_fails_before_anything_is_written(synthetic_data_dir, tmp_path):
+    junk = tmp_path / "mobile_sam.pt"
+    junk.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    args = _args(synthetic_data_dir, out)
+    args.pretrained = str(junk)
+    with pytest.raises(UserError, match="mobile_sam.pt"):
+        train.run(args)
+    assert not out.exists()  # so the corrected command can run in the same folder
+
+
+def test_negative_seeds_are_user_errors(synthetic_data_dir, tmp_path):
+    for option in ("--seed", "--fold_seed"):
+        with pytest.raises(UserError, match=f"{option} -1"):
+            train.run(_args(synthetic_data_dir, tmp_path / option.strip("-"), option, "-1"))
+
+
+def test_resume_refuses_changed_options(synthetic_data_dir, tmp_path):
+    out = tmp_path / "run"
+    train.run(_args(synthetic_data_dir, out, "--num_folds", "3"))
+    with pytest.raises(UserError, match=r"--epochs 5 \(saved: 1\)"):
+        train.run(_args(synthetic_data_dir, out, "--num_folds", "3", "--epochs", "5", "--resume"))
+    # runtime options may change, and options left at their defaults mean "as saved"
+    assert train.run(_args(synthetic_data_dir, out, "--num_folds", "3", "--resume", "--num_workers", "0")) == 0
