@@ -194,25 +194,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def read_label_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read an instance label mask as int32 (H, W) with the stored ids unchanged."""
-    path = Path(path)
+def _read_mask_array(path: Path, what: str) -> np.ndarray:
+    """The pixel array of a mask file (TIFF through tifffile, PNG & co. through PIL); UserError naming the file."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            array = tifffile.imread(path)
-        else:
-            from PIL import Image
+            return np.asarray(tifffile.imread(path))
+        from PIL import Image
 
-            with Image.open(path) as im:
-                im.load()
-                array = np.asarray(im)
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except Exception as e:  # tifffile/PIL raise many types for broken files
-        raise UserError(f"{path}: unreadable or truncated label mask ({type(e).__name__}: {e})") from None
-    array = np.asarray(array)
+        raise UserError(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {e})") from None
+
+
+def read_label_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label mask as int32 (H, W) with the stored ids unchanged."""
+    path = Path(path)
+    array = _read_mask_array(path, "label mask")
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
         array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:2])
     if array.ndim != 2:
@@ -230,24 +233,8 @@ def read_label_mask(path: str | os.PathLike) -> np.ndarray:
 
 def read_vague_mask(path: str | os.PathLike) -> np.ndarray:
     """Read an ambiguous-region mask as bool (H, W): non-zero = ambiguous."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            array = np.asarray(tifffile.imread(path))
-        else:
-            with Image.open(path) as im:
-                im.load()
-                array = np.asarray(im)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: unreadable or truncated ambiguous-region mask ({e})") from None
-    except Exception as e:
-        raise UserError(f"{path}: unreadable ambiguous-region mask ({type(e).__name__}: {e})") from None
+    array = _read_mask_array(path, "ambiguous-region mask")
     if array.ndim == 3:
         array = array[..., :3].max(axis=2) if array.shape[2] <= 4 else array.max(axis=0)
     if array.ndim != 2:

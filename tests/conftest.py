@@ -45,6 +45,18 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's training/inference tests (also in a serial run): faster on small
+    machines, where several threads per process oversubscribe the cores. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def report(record_property):
     """`report("text")` shows a measured figure in the test run's summary (also under pytest-xdist)."""

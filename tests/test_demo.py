@@ -13,7 +13,9 @@ from PIL import Image
 import dataset
 import demo
 import main
-from test_evaluate import FG_THRESHOLD, one_torch_thread, tiny_cv_model  # noqa: F401 (fixture)
+from test_evaluate import FG_THRESHOLD, tiny_cv_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 from utils import read_json
 
 

@@ -31,16 +31,7 @@ FG_THRESHOLD = "0.15"
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The suite runs as 2 xdist workers on 2 cores: one torch thread each avoids oversubscription
-    (3x faster training/inference here). Restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cv_model(tmp_path_factory, data_dir: Path) -> Path:

@@ -9,21 +9,12 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 import tifffile
 import torch
 
 import main
 import nuclei_model
 from utils import read_csv
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_lora_only_from_official_checkpoint(reference_dir, synthetic_data_dir, tmp_path, one_torch_thread):

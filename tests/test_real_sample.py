@@ -8,23 +8,12 @@ names with spaces and parentheses).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import tifffile
 
 import dataset
 import main
 import metrics
 from utils import read_csv, read_json
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_train_and_evaluate_on_real_sample(real_sample_dir, tmp_path, one_torch_thread):
