@@ -17,13 +17,13 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
+import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -133,14 +133,11 @@ def download_file(url: str, destination: str | os.PathLike, expected_sha1: str |
         return destination
 
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part",
-                                        dir=destination.parent)
+        tmp = utils.temp_file_beside(destination, suffix=".part")
     except OSError as e:
         raise UserError(f"{destination.parent}: cannot write here ({e.strerror or e})") from None
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             _stream(url, out, destination, expected_sha1, expected_git_blob, timeout)
             out.flush()
             os.fsync(out.fileno())

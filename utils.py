@@ -46,11 +46,12 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def _temp_path_for(path: Path) -> Path:
-    """A new empty temporary file beside `path`, with the permissions a normally created file gets
-    (mkstemp makes it owner-only, which would leave results unreadable to colleagues)."""
+def temp_file_beside(path: Path, suffix: str = ".tmp") -> Path:
+    """A new empty temporary file beside `path` (same folder, so a rename onto `path` is atomic), with the
+    permissions a normally created file gets (mkstemp makes it owner-only, which would leave results
+    unreadable to colleagues). The caller renames it onto `path` or deletes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)
     return Path(tmp)
@@ -59,7 +60,7 @@ def _temp_path_for(path: Path) -> Path:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename."""
     path = Path(path)
-    tmp = _temp_path_for(path)
+    tmp = temp_file_beside(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -151,7 +152,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     path = Path(path)
-    tmp = _temp_path_for(path)
+    tmp = temp_file_beside(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

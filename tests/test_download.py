@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import http.server
 import shutil
 import socket
@@ -149,6 +151,9 @@ def test_good_download(server, tmp_path):
     path = dw.download_file(f"{server}/good", dest, expected_git_blob=blob_id(PAYLOAD))
     assert path == dest and dest.read_bytes() == PAYLOAD
     assert leftovers(dest.parent) == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~mask  # readable like any file, not owner-only
 
 
 def test_download_without_content_length(server, tmp_path):
