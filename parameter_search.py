@@ -526,14 +526,9 @@ def plot_score_vs_rank(rows: Sequence[Mapping[str, Any]], metric: str, path: Pat
     """Validation score (mean ± sd over folds) against LoRA rank, one line per (alpha, learning rate)."""
     if not rows:
         return None
-    import io
+    import visualize
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.8))
+    fig = visualize.new_figure(7.5, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     groups: dict[tuple, list] = {}
     for r in rows:
@@ -556,9 +551,7 @@ def plot_score_vs_rank(rows: Sequence[Mapping[str, Any]], metric: str, path: Pat
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(groups) > 6 else 1, loc="best")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return utils.atomic_write_bytes(path, buf.getvalue())
+    return visualize.save_figure(fig, path, dpi=110)
 
 
 def trial_counts(study) -> dict[str, int]:

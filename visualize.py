@@ -306,7 +306,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return utils.atomic_write_bytes(path, buf.getvalue())
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure with an Agg canvas (no pyplot: safe in worker processes and without a display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -315,7 +316,8 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write `fig` atomically to `path`, in the format its suffix names (png by default)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     buf = io.BytesIO()
@@ -337,7 +339,7 @@ def figure_panels(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathL
     first = np.asarray(panels[0][1])
     aspect = first.shape[0] / max(first.shape[1], 1)
     extra = (0.9 if suptitle else 0.6) + (0.5 if legend else 0.0)
-    fig = _new_figure(panel_inches * n, panel_inches * aspect + extra)
+    fig = new_figure(panel_inches * n, panel_inches * aspect + extra)
     for i, (title, image) in enumerate(panels):
         ax = fig.add_subplot(1, n, i + 1)
         image = np.asarray(image)
@@ -355,7 +357,7 @@ def figure_panels(panels: Sequence[tuple[str, np.ndarray]], path: str | os.PathL
         fig.tight_layout(rect=(0, 0.08 if n > 2 else 0.14, 1, 1))
     else:
         fig.tight_layout()
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ def plot_tissue_bars(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         raise ValueError("plot_tissue_bars: no rows")
     width = 0.8 / len(metrics)
     x = np.arange(len(groups))
-    fig = _new_figure(max(6.0, 0.55 * len(groups) * len(metrics) / 2 + 3), 4.5)
+    fig = new_figure(max(6.0, 0.55 * len(groups) * len(metrics) / 2 + 3), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for j, name in enumerate(metrics):
         means, sds = [], []
@@ -399,14 +401,14 @@ def plot_tissue_bars(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     ax.legend(fontsize=8, ncol=len(metrics))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_distributions(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                        metrics: Sequence[str] = ("pq", "aji", "dice", "sq", "rq")) -> Path:
     """Per-image score distributions: a histogram per metric (top) and box plots side by side (bottom)."""
     n = len(metrics)
-    fig = _new_figure(3.0 * n, 6.0)
+    fig = new_figure(3.0 * n, 6.0)
     data = [_values(rows, name) for name in metrics]
     for i, (name, v) in enumerate(zip(metrics, data)):
         ax = fig.add_subplot(2, n, i + 1)
@@ -427,7 +429,7 @@ def plot_distributions(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
     ax.set_ylabel("per-image score")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 LEARNING_CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -469,7 +471,7 @@ def plot_learning_curves(histories: Mapping[Any, Sequence[Mapping[str, Any]]], p
         raise ValueError("plot_learning_curves: the histories have no numeric columns")
     ncols = min(len(panels), 4)
     nrows = int(math.ceil(len(panels) / ncols))
-    fig = _new_figure(4.0 * ncols, 3.2 * nrows)
+    fig = new_figure(4.0 * ncols, 3.2 * nrows)
     styles = ("-", "--", ":", "-.")
     colors = [f"C{i % 10}" for i in range(len(histories))]
     for i, (title, cols) in enumerate(panels):
@@ -493,4 +495,4 @@ def plot_learning_curves(histories: Mapping[Any, Sequence[Mapping[str, Any]]], p
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
