@@ -193,7 +193,8 @@ def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: config.get(k, v) for k, v in MODEL_DEFAULTS.items()}
 
 
-def _is_none(value: Any) -> bool:
+def is_no_weights(value: Any) -> bool:
+    """True for a `pretrained` value meaning "random encoder": None, "", "none" (any case)."""
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
 
 
@@ -219,7 +220,7 @@ def _build(cfg: Mapping[str, Any], load_pretrained: bool) -> NucleiSAM:
         raise UserError(f"--lora_rank {rank}: must be 0 (no LoRA) or a positive integer")
     if not load_pretrained:
         encoder = mobile_sam.MobileSAMEncoder().eval()  # weights come from a checkpoint right after
-    elif _is_none(cfg["pretrained"]):
+    elif is_no_weights(cfg["pretrained"]):
         encoder = mobile_sam.load_mobile_sam_encoder(None)
     else:
         path = Path(cfg["pretrained"]).expanduser()
@@ -302,7 +303,7 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 def stores_trainable_only(config: Mapping[str, Any]) -> bool:
     """True when checkpoints of this config hold only LoRA + head tensors (base weights rebuilt from file)."""
     cfg = model_config(config)
-    return not _is_none(cfg["pretrained"]) and bool(cfg["train_only_lora"])
+    return not is_no_weights(cfg["pretrained"]) and bool(cfg["train_only_lora"])
 
 
 def model_state(net: nn.Module, trainable_only: bool) -> dict[str, Tensor]:
@@ -434,7 +435,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", pret
         raise UserError(f"{path}: unknown head {cfg['head']!r} in the checkpoint's config")
     if ckpt["state_kind"] == "trainable":
         recorded = ckpt.get("base_weights") or {}
-        base = Path(pretrained) if not _is_none(pretrained) else Path(recorded.get("path", ""))
+        base = Path(pretrained) if not is_no_weights(pretrained) else Path(recorded.get("path", ""))
         if not base.is_file():
             raise UserError(f"{path}: its base weights {base} were not found (the checkpoint holds only the "
                             f"LoRA and head weights); pass --pretrained <mobile_sam.pt>, e.g. after "

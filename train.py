@@ -114,9 +114,7 @@ def default_postprocess(head: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """JSON-able training configuration (keys = option names)."""
-    pretrained = args.pretrained
-    if pretrained is not None and str(pretrained).strip().lower() in ("", "none"):
-        pretrained = None
+    pretrained = None if nuclei_model.is_no_weights(args.pretrained) else args.pretrained
     return {
         "data_dir": str(args.data_dir),
         "output_dir": str(args.output_dir),
