@@ -748,6 +748,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
+    if options.tissue_mask not in ("auto", "none"):
+        import tissue
+
+        # a mask file of the wrong kind fails here, in one line, before any work (the size is only a probe)
+        tissue.read_tissue_mask(options.tissue_mask, (1024, 1024))
     inputs = expand_inputs(args.input)
     names = output_stems(inputs)
     output_dir = utils.make_output_dir(args.output_dir)

@@ -320,14 +320,14 @@ def output_paths(output_dir: Path, name: str, options) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 # The slide
 # ----------------------------------------------------------------------------------------------
-def _tissue_mask(slide, options):
+def _tissue_mask(slide, options, mpp0: float):
     import tissue
 
     if options.tissue_mask == "none":
         return tissue.full_mask(slide.dimensions), None
     thumb, downsample = slide.thumbnail(THUMBNAIL_SIZE)
     if options.tissue_mask == "auto":
-        return tissue.detect_tissue(thumb, downsample), (thumb, downsample)
+        return tissue.detect_tissue(thumb, downsample, mpp=mpp0), (thumb, downsample)
     return tissue.read_tissue_mask(options.tissue_mask, slide.dimensions), (thumb, downsample)
 
 
@@ -379,7 +379,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
         pdir.mkdir(parents=True, exist_ok=True)
         utils.write_json(state_path, state)
 
-        tissue_mask, thumb = _tissue_mask(slide, options)
+        tissue_mask, thumb = _tissue_mask(slide, options, mpp0)
         if thumb is None:
             thumb = slide.thumbnail(THUMBNAIL_SIZE)
     flags = window_flags(geo, tissue_mask)
