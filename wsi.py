@@ -596,7 +596,8 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             offset = total
             for row in data["rows"]:
                 row["id"] = int(row["id"]) + offset
-                centroids.append((row["centroid_x"], row["centroid_y"]))
+            centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
+                                      np.float32).reshape(-1, 2))
             for feature in data["features"]:
                 gid = int(feature["properties"]["id"]) + offset
                 feature["properties"]["id"] = gid
@@ -612,4 +613,4 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
         raster = _RegionLabels(files, offsets, geo.scale)
         label_pyramid.write_label_pyramid(outputs["labels"], shape0, raster.read_tile, mpp=mpp0,
                                           tile_size=LABEL_TILE)
-    return total, np.asarray(centroids, np.float32).reshape(-1, 2)
+    return total, (np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32))
