@@ -118,7 +118,8 @@ def measure(cmd: list[str]) -> tuple[dict, float, float]:
 
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)))
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -170,6 +171,8 @@ def main() -> None:
                str(args.threads), "--num_workers", str(args.num_workers), "--region_size", str(args.region_size),
                "--batch_size", str(args.batch_size)]
         outcome, peak, seconds = measure(cmd)
+        if outcome["status"] != "ok":
+            raise SystemExit(f"{slide}: {outcome['error']}")
         area = outcome["tissue_area_mm2"] or float("nan")
         row = {"side": side, "pixels": side * side, "tissue_mm2": round(area, 3), "nuclei": outcome["nuclei"],
                "windows": outcome["windows"], "seconds": round(seconds, 1),

@@ -79,6 +79,31 @@ def test_slide_path_equals_whole_image_path(small_slide, tmp_path):
     assert _outputs(out2, "small") == _outputs(tmp_path, "small")
 
 
+def test_region_maps_are_the_whole_image_maps_bit_for_bit(small_slide):
+    """Every region's stitched maps (crop = core + margin), with the window cache carried from region to
+    region as in a run, equal the whole-image `stitch_maps` there exactly."""
+    import slides
+    import tissue
+
+    path, image, _ = small_slide
+    fg, hv = predict.stitch_maps(image, 256, 64, pure_maps, batch_size=5)
+    with slides.open_slide(path) as slide:
+        geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
+        regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
+        assert len(regions) == 9
+        cache: dict = {}
+        ran = 0
+        for k, region in enumerate(regions):
+            y0, x0, y1, x1 = region.box
+            rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), 1.0)
+            following = set(regions[k + 1].windows) if k + 1 < len(regions) else set()
+            rfg, rhv, n = wsi.stitch_region(region, rgb, geo, pure_maps, 5, cache, following)
+            ran += n
+            cy0, cx0, cy1, cx1 = region.crop
+            assert np.array_equal(rfg, fg[cy0:cy1, cx0:cx1]) and np.array_equal(rhv, hv[:, cy0:cy1, cx0:cx1])
+    assert ran < sum(len(r.windows) for r in regions)  # shared windows were not run twice
+
+
 class Interrupt(KeyboardInterrupt):
     pass
 
