@@ -124,8 +124,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
     A pattern that matches nothing and a path that does not exist are kept as they are, so the caller
     reports them as failed inputs instead of silently skipping them. Folders are expanded to the image
-    files they contain.
+    and slide files they contain.
     """
+    import slides
+
     out: list[Path] = []
     seen: set[str] = set()
 
@@ -145,7 +147,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                 add(f)
         elif Path(pattern).is_dir():
             files = sorted(p for p in Path(pattern).iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + slides.SLIDE_SUFFIXES)
             if not files:
                 add(Path(pattern))
             for f in files:
