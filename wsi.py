@@ -554,16 +554,12 @@ class _RegionLabels:
     """Level-0 label tiles rasterised from the region files (nearest neighbour from the target grid),
     with a small cache of decoded regions."""
 
-    def __init__(self, files: list[Path], offsets: list[int], scale: float, cache: int = 6) -> None:
+    def __init__(self, files: list[Path], offsets: list[int], boxes: list[tuple], scale: float,
+                 cache: int = 6) -> None:
+        """`boxes`: each region file's label crop (y0, x0, y1, x1) in target pixels."""
         self.files, self.offsets, self.scale = files, offsets, scale
         self.cache: OrderedDict[int, tuple] = OrderedDict()
         self.size = cache
-        boxes = []
-        for f in files:
-            with np.load(f) as data:
-                shape = data["labels"].shape
-                oy, ox = (int(v) for v in data["origin"])
-            boxes.append((oy, ox, oy + shape[0], ox + shape[1]))
         self.boxes = np.array(boxes, np.float64).reshape(-1, 4)
 
     def _get(self, i: int) -> tuple:
@@ -611,7 +607,7 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
     1..N in that order. Returns (N, level-0 centroids (N, 2) x, y float32)."""
     import export
 
-    files, offsets, centroids = [], [], []
+    files, offsets, boxes, centroids = [], [], [], []
     total = 0
     columns = export.measurement_columns(mpp0)
     with export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip) as geojson, \
@@ -632,11 +628,13 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             csv.add(data["rows"])
             files.append(f)
             offsets.append(offset)
+            oy, ox = data["origin"]
+            boxes.append((oy, ox, oy + data["labels"].shape[0], ox + data["labels"].shape[1]))
             total += data["nuclei"]
     if "labels" in outputs:
         import label_pyramid
 
-        raster = _RegionLabels(files, offsets, geo.scale)
+        raster = _RegionLabels(files, offsets, boxes, geo.scale)
         label_pyramid.write_label_pyramid(outputs["labels"], shape0, raster.read_tile, mpp=mpp0,
                                           tile_size=LABEL_TILE)
     return total, (np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32))

@@ -11,7 +11,8 @@ configuration given: `--input_size` on 512-pixel training tiles) and the default
 network finds almost no nuclei, which would make post-processing and writing look free, so after the network
 has run on a window its maps are replaced by maps of the window's dark pixels (their HV maps from
 `dataset.hv_targets`): post-processing and writing then do the work of a slide full of nuclei. The label image
-is written too (`--label_image`). Peak memory is the largest total resident set of the subprocess and its
+is written too (`--label_image`). `network_s` is the network stage of the pipeline (stitching included, and here
+the replacement maps); `model_s` the time inside the network itself. Peak memory is the largest total resident set of the subprocess and its
 children (post-processing workers), sampled every 0.1 s with psutil. Timings on a shared machine are noisy.
 """
 from __future__ import annotations
@@ -99,8 +100,12 @@ def run_one(args: argparse.Namespace) -> None:
     predictor = predict.load_predictor(options)
     network = predictor.maps_fn
 
+    model_seconds = [0.0]
+
     def maps_fn(tiles):
+        t0 = time.perf_counter()
         network(tiles)  # the real network's work; its maps are replaced (see the module docstring)
+        model_seconds[0] += time.perf_counter() - t0
         out = []
         for tile in tiles:
             dark = tile.mean(axis=2) < 120
@@ -109,7 +114,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     predictor.maps_fn = maps_fn
     outcome = predict.predict_one(predictor, Path(args.slide), Path(args.slide).stem, Path(args.output), options)
-    print("OUTCOME " + json.dumps(vars(outcome)))
+    print("OUTCOME " + json.dumps(dict(vars(outcome), model_seconds=model_seconds[0])))
 
 
 def measure(cmd: list[str]) -> tuple[dict, float, float]:
@@ -179,6 +184,7 @@ def main() -> None:
                "s_per_mm2": round(outcome["seconds"] / area, 2),
                "windows_per_s": round(outcome["windows"] / max(outcome["seconds"], 1e-9), 2),
                "read_s": outcome["read_seconds"], "network_s": outcome["network_seconds"],
+               "model_s": round(outcome["model_seconds"], 3),
                "postprocess_s": outcome["postprocess_seconds"], "write_s": outcome["write_seconds"],
                "peak_rss_mib": round(peak, 0)}
         rows.append(row)
