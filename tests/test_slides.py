@@ -210,3 +210,17 @@ def test_ome_tiff_goes_to_tiffslide_with_its_pyramid_and_physical_size(tmp_path,
         assert slide.backend == "tiffslide" and len(slide.level_dimensions) == 3
         assert slide.mpp == pytest.approx(0.5)  # 500 nm from the OME-XML
         np.testing.assert_array_equal(slide.read_region(3, 4, 50, 40), noise_image[4:44, 3:53])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_from_several_threads_agree(slide_path, backend):
+    """The slide pipeline reads ahead in threads sharing one reader."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    boxes = [(x, y, 40, 30) for x in range(0, 200, 37) for y in range(0, 150, 29)]
+    with slides.open_slide(slide_path, backend=backend) as slide:
+        expected = [slide.read_scaled(box, 0.7) for box in boxes]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda box: slide.read_scaled(box, 0.7), boxes))
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
