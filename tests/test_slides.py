@@ -146,6 +146,20 @@ def test_bad_slides_are_one_line_user_errors(tmp_path, backend):
         cut.write_bytes(data[:int(len(data) * fraction)])
         with pytest.raises(UserError, match=rf"cut{int(fraction * 10)}\.tif: "):
             slides.open_slide(cut, backend=backend)
+    # an OME-TIFF cut anywhere after its first tiles: the OME-XML (written last) or the SubIFDs are missing
+    import label_pyramid
+
+    ome = label_pyramid.write_tiled_pyramid(tmp_path / "rgb.ome.tif", (512, 512),
+                                            lambda y, x, h, w: image[y:y + h, x:x + w], dtype=np.uint8,
+                                            samples=3, reduce="mean", tile_size=64, levels=3, ome=True,
+                                            level_kwargs=lambda level, ds: {"metadata": {"axes": "YXS"}}
+                                            if level == 0 else {})
+    data = ome.read_bytes()
+    for fraction in (0.5, 0.99):
+        cut = tmp_path / f"cut{int(fraction * 100)}.ome.tif"
+        cut.write_bytes(data[:int(len(data) * fraction)])
+        with pytest.raises(UserError, match=r"truncated or damaged TIFF"):
+            slides.open_slide(cut, backend=backend)
     with pytest.raises(UserError, match="file not found"):
         slides.open_slide(tmp_path / "missing.svs", backend=backend)
     no_mpp = sample_data.write_pyramidal_tiff(tmp_path / "nompp.tif", image, None, tile_size=64, levels=2)
