@@ -748,13 +748,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="threads reading regions ahead of the network")
 
 
+def _mask_probe_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a mask image from its header, or (1024, 1024) for anything else (GeoJSON)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # not an image PIL reads: a TIFF tifffile reads, or GeoJSON / the wrong kind
+        pass
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.pages[0].shape
+            return int(shape[1]), int(shape[0])
+    except Exception:
+        return 1024, 1024
+
+
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if options.tissue_mask not in ("auto", "none"):
         import tissue
 
-        # a mask file of the wrong kind fails here, in one line, before any work (the size is only a probe)
-        tissue.read_tissue_mask(options.tissue_mask, (1024, 1024))
+        # a mask file of the wrong kind fails here, in one line, before any work (probed at its own size, so
+        # only its kind is checked; whether it fits a slide is checked per slide)
+        tissue.read_tissue_mask(options.tissue_mask, _mask_probe_size(Path(options.tissue_mask)))
     inputs = expand_inputs(args.input)
     names = output_stems(inputs)
     output_dir = utils.make_output_dir(args.output_dir)

@@ -239,3 +239,24 @@ def test_real_network_on_the_real_sample_mosaic(real_sample_dir, tmp_path, one_t
     assert m["num_true"] > 500
     assert abs(m["num_pred"] - m["num_true"]) <= 0.01 * m["num_true"], (m["num_pred"], m["num_true"])
     assert m["pq"] >= 0.97, m["pq"]
+
+
+def test_tissue_mask_file_of_any_size_and_aspect(tiny_model, tmp_path):  # noqa: F811
+    """A non-square binary mask image passes the early check of the command and restricts the windows."""
+    from PIL import Image
+
+    image, _ = synthetic_slide(600, 900, seed=8)
+    path = tmp_path / "wide.tif"
+    sample_data.write_pyramidal_tiff(path, image, 0.25, tile_size=256)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[:, :30] = 255  # the left third is tissue
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main.main(["-q", "predict", "--model_path", str(tiny_model), "--input", str(path), "--output_dir",
+                      str(tmp_path / "cli"), "--tile_size", "256", "--overlap", "64", "--device", "cpu",
+                      "--tissue_mask", str(tmp_path / "mask.png")]) == 0
+    options = _options(tissue_mask=str(tmp_path / "mask.png"), region_size=256)
+    outcome = wsi.predict_slide(_predictor(options), path, "wide", tmp_path, options)
+    assert outcome.status == "ok", outcome.error
+    rows = utils.read_csv(tmp_path / "wide_nuclei.csv")
+    assert rows and max(float(r["centroid_x"]) for r in rows) < 300 + 256  # only windows touching the left third
+    assert outcome.tissue_area_mm2 == pytest.approx(600 * 300 * 0.25 ** 2 / 1e6, rel=0.05)
