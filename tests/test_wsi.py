@@ -16,7 +16,6 @@ import tifffile
 import dataset
 import main
 import metrics
-import postprocess
 import predict
 import sample_data
 import utils
