@@ -168,6 +168,8 @@ def test_bad_inputs_one_line_each_the_rest_finish(tiny_model, tmp_path, capsys):
     d.mkdir()
     Image.fromarray(image[:200, :200]).save(d / "plain.png")
     sample_data.write_pyramidal_tiff(d / "good.tif", image, 0.25, tile_size=256)
+    sample_data.write_pyramidal_tiff(d / "aperio.svs", image[:, ::-1].copy(), 0.25, tile_size=256,
+                                     description=sample_data.aperio_description(700, 600, 0.25, 256))
     sample_data.write_pyramidal_tiff(d / "nompp.tif", image, None, tile_size=256)
     sample_data.write_pyramidal_tiff(d / "blank.tif", np.full((600, 700, 3), 245, np.uint8), 0.25, tile_size=256)
     sample_data.write_pyramidal_tiff(d / "tiny.tif", image[:160, :160], 0.25, tile_size=128)
@@ -187,7 +189,9 @@ def test_bad_inputs_one_line_each_the_rest_finish(tiny_model, tmp_path, capsys):
     assert "--mpp" in failed["nompp.tif"][0] and "window" in failed["tiny.tif"][0]
     assert len(lines) == 4
     summary = {Path(r["image"]).name: r for r in utils.read_csv(out / "summary.csv")}
-    assert {k for k, r in summary.items() if r["status"] == "ok"} == {"plain.png", "good.tif", "blank.tif"}
+    assert {k for k, r in summary.items() if r["status"] == "ok"} == {"plain.png", "good.tif", "aperio.svs",
+                                                                       "blank.tif"}
+    assert summary["aperio.svs"]["kind"] == "slide" and summary["plain.png"]["kind"] == "image"
     assert summary["blank.tif"]["nuclei"] == "0" and float(summary["blank.tif"]["tissue_area_mm2"]) == 0.0
     assert summary["plain.png"]["tissue_area_mm2"] == "" and summary["good.tif"]["mpp"] == "0.25"
     assert (out / "blank.geojson").is_file() and (out / "blank_tissue.png").is_file()
