@@ -738,7 +738,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "FILE = a binary image (any size, scaled to the slide) or a QuPath GeoJSON of annotations")
     slide.add_argument("--label_image", action="store_true",
                        help="also write <stem>_labels.tif for slides (uint32 pyramidal OME-TIFF, written tile by tile)")
-    slide.add_argument("--geojson_gzip", action="store_true", help="write <stem>.geojson.gz instead of <stem>.geojson")
+    slide.add_argument("--geojson_gzip", action="store_true",
+                       help="for slides, write <stem>.geojson.gz instead of <stem>.geojson")
     slide.add_argument("--overwrite", action="store_true",
                        help="start slides again (default: skip complete slides, continue unfinished ones)")
     slide.add_argument("--region_size", type=int, default=2048,
