@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA, PyTorch 2)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--num_workers", type=int, default=min(8, utils.usable_cores()),
                    help="DataLoader worker processes (augmentation and targets at 1024 px take ~90 ms per image)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     g = parser.add_argument_group("model selection and folds")
@@ -225,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(config["output_dir"])
     info = setup_distributed(config["device"])
     try:
+        configure_threads(args, config)
         if not info.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         if config["resume"]:
@@ -240,6 +241,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         info.shutdown()
     return 0
+
+
+def configure_threads(args: argparse.Namespace, config: Mapping[str, Any]) -> int:
+    """CPU threads of this process: the usable cores shared among the training processes of this machine
+    (torchrun's LOCAL_WORLD_SIZE) and their DataLoader workers, unless --threads / OMP_NUM_THREADS say."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = local_processes * (1 + max(0, int(config["num_workers"]))) - 1
+    return utils.configure_threads(getattr(args, "threads", None), workers=workers)
 
 
 # ----------------------------------------------------------------------------------------------
