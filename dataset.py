@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.color import hed_from_rgb as _HED_FROM_RGB, rgb_from_hed as _RGB_FROM_HED
 
+import image_io
 from utils import UserError, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -144,54 +145,10 @@ def discover_nuinsseg(data_dir: str | os.PathLike) -> list[Sample]:
     return samples
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    """Bit depth from a PNG header (Pillow silently reduces 16-bit RGB PNGs to 8 bits)."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return head[24]
-    return None
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an H&E image as uint8 RGB (H, W, 3).
-
-    RGBA is composited over white (brightfield background), grayscale is replicated to three channels,
-    palette images are expanded. 16-bit and floating-point images are rejected with a UserError: their
-    intensity range is ambiguous (12-bit data in 16-bit containers is common), convert them to 8-bit first.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".png" and (_png_bit_depth(path) or 8) > 8:
-            raise UserError(f"{path}: 16-bit image; convert it to 8-bit RGB (this tool does not guess "
-                            f"how to scale 16-bit intensities)")
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                raise UserError(f"{path}: {'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; "
-                                f"convert it to 8-bit RGB")
-            if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in im.info):
-                rgba = np.asarray(im.convert("RGBA"))
-                alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-                if alpha.min() >= 1.0:
-                    return np.ascontiguousarray(rgba[..., :3])
-                out = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-                return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-            if mode != "RGB":
-                im = im.convert("RGB")
-            array = np.asarray(im)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: unreadable or truncated image ({e})") from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise UserError(f"{path}: expected an 8-bit RGB image, got shape {array.shape} dtype {array.dtype}")
-    return np.ascontiguousarray(array)
+    """Read an H&E image as uint8 RGB (H, W, 3): `image_io.read_image`, the one reader of train, evaluate,
+    demo and predict (grey and palette expanded, alpha composited over white, 16-bit and float rejected)."""
+    return image_io.read_image(path)
 
 
 def _read_mask_array(path: Path, what: str) -> np.ndarray:

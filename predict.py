@@ -94,29 +94,11 @@ def to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF file as uint8 RGB (H, W, 3); raises UserError naming the file if it cannot."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+    """Read a PNG/JPEG/TIFF file as uint8 RGB (H, W, 3): `image_io.read_image` (the reader train and evaluate
+    use too); raises UserError naming the file if it cannot or the image is not 8-bit."""
+    import image_io
 
-            with tifffile.TiffFile(path) as tif:
-                array = tif.series[0].levels[0].asarray() if tif.series else tif.asarray()
-        else:
-            from PIL import Image
-
-            with Image.open(path) as img:
-                img.load()
-                if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-                    img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
-                array = np.asarray(img)
-    except UserError:
-        raise
-    except Exception as e:  # any decoder error: one readable line naming the file
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return to_rgb(array, str(path))
+    return image_io.read_image(path)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
