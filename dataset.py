@@ -37,6 +37,19 @@ log = logging.getLogger(__name__)
 # "Methods" section before using it for absolute size measurements.
 NUINSSEG_MPP: float = 0.25
 
+# The published dataset's file list, as far as `evaluate` needs to recognise it (its "comparable" flag):
+# 665 images in these 31 organ folders, each image named after its folder (`human bladder` ->
+# `human_bladder_01.png`), with the paper's folds (5, seed 19).
+NUINSSEG_NUM_IMAGES = 665
+NUINSSEG_TISSUES = (
+    "human bladder", "human brain", "human cardia", "human cerebellum", "human epiglottis", "human jejunum",
+    "human kidney", "human liver", "human lung", "human melanoma", "human muscle", "human oesophagus",
+    "human pancreas", "human peritoneum", "human placenta", "human pylorus", "human rectum",
+    "human salivory gland", "human spleen", "human testis", "human tongue", "human tonsile",
+    "human umbilical cord", "mouse fat (white and brown)_subscapula", "mouse femur", "mouse heart",
+    "mouse kidney", "mouse liver", "mouse muscle_tibia", "mouse spleen", "mouse thymus")
+PAPER_NUM_FOLDS, PAPER_FOLD_SEED = 5, 19
+
 IMAGE_DIR = "tissue images"
 LABEL_DIR = "label masks modify"
 LABEL_DIR_FALLBACK = "label masks"
@@ -213,6 +226,46 @@ def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
             raise UserError(f"{sample.vague_path}: ambiguous-region mask is {vague.shape[1]}x{vague.shape[0]} "
                             f"but its image {sample.image_path.name} is {image.shape[1]}x{image.shape[0]}")
     return image, labels, vague
+
+
+def is_nuinsseg_file_list(samples: Sequence[Sample]) -> bool:
+    """True when `samples` look like the published NuInsSeg dataset: 665 images, all 31 organ folders and
+    no other, every image named `<organ words joined by _>_<id>` after its folder (the synthetic sample
+    data and a subset never are)."""
+    if len(samples) != NUINSSEG_NUM_IMAGES or {s.tissue for s in samples} != set(NUINSSEG_TISSUES):
+        return False
+    for s in samples:
+        prefix = s.tissue.split(" ", 1)[0] + "_"  # e.g. human_ / mouse_
+        if not (s.name.startswith(prefix) and s.rel_path == f"{s.tissue}/{IMAGE_DIR}/{s.image_path.name}"):
+            return False
+    return True
+
+
+def validate_dataset(samples: Sequence[Sample]) -> None:
+    """Check every image, label mask and ambiguous-region mask of `samples` from its file header (size,
+    channels, sample type) and for completeness, without decoding pixels (`image_io.image_header`): what
+    `train` and `parameter_search` call before they write anything. The first problem is a UserError naming
+    the file (the messages of `load_sample`, which still checks the values: negative or huge label ids)."""
+    from tqdm import tqdm
+
+    for s in tqdm(samples, desc="checking data", unit="img", leave=False, disable=len(samples) < 50):
+        image = image_io.image_info(s.image_path)
+        label = image_io.image_header(s.label_path)
+        if label.channels != 1 and not label.palette:  # a palette mask's indices are its ids
+            raise UserError(f"{s.label_path}: not an instance label image ({label.channels} channels; expected "
+                            f"one channel (H, W) with 0 = background and one integer id per nucleus)")
+        if label.kind not in ("uint", "int") or label.bits == 1:
+            kind = "bool" if label.bits == 1 else f"{label.kind}{label.bits}"
+            raise UserError(f"{s.label_path}: not an integer label image (dtype {kind}; expected integer ids, "
+                            f"0 = background)")
+        if (label.height, label.width) != (image.height, image.width):
+            raise UserError(f"{s.label_path}: label mask is {label.width}x{label.height} but its image "
+                            f"{s.image_path.name} is {image.width}x{image.height}")
+        if s.vague_path is not None:
+            vague = image_io.image_header(s.vague_path)
+            if (vague.height, vague.width) != (image.height, image.width):
+                raise UserError(f"{s.vague_path}: ambiguous-region mask is {vague.width}x{vague.height} "
+                                f"but its image {s.image_path.name} is {image.width}x{image.height}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class ImageInfo:
     channels: int
     bits: int
     kind: str  # "uint", "int", "float" or "bool"
+    palette: bool = False  # a palette image: `channels` counts the colours it expands to (3, or 4 with alpha)
 
 
 def png_bit_depth(path: str | os.PathLike) -> int | None:
@@ -83,10 +84,10 @@ def _tiff_layout(shape: tuple, planar_hint: bool = False) -> tuple[int, int, int
     return 0, 0, 0, False
 
 
-def image_info(path: str | os.PathLike) -> ImageInfo:
-    """Size, channels and sample type from the file's header, after checking that the image is one this tool
-    reads (see the module docstring) and that its data is complete (PNG chunks and CRCs read through, TIFF
-    strips/tiles inside the file). Does not decode the pixels. UserError naming the file otherwise."""
+def image_header(path: str | os.PathLike) -> ImageInfo:
+    """Size, channels and sample type from the file's header, after checking that its data is complete (PNG
+    chunks and CRCs read through, TIFF strips/tiles inside the file), without decoding the pixels and without
+    the 8-bit policy (label masks are checked with it too). UserError naming the file if it cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -104,10 +105,10 @@ def image_info(path: str | os.PathLike) -> ImageInfo:
                 if not ends or max(ends) > size:
                     raise UserError(f"{path}: truncated TIFF (image data runs past the end of the file)")
                 photometric = getattr(first.photometric, "name", str(first.photometric))
-            if photometric == "PALETTE" and channels == 1:
-                channels = 3
+            palette = photometric == "PALETTE" and channels == 1
             kind = {"u": "uint", "i": "int", "f": "float", "b": "bool"}.get(dtype.kind, dtype.kind)
-            info = ImageInfo(height, width, channels, 8 * dtype.itemsize if kind != "bool" else 1, kind)
+            info = ImageInfo(height, width, 3 if palette else channels,
+                             8 * dtype.itemsize if kind != "bool" else 1, kind, palette)
             if channels == 0:
                 raise UserError(f"{path}: unsupported image shape {tuple(page.shape)} (expected H x W grey, RGB "
                                 f"or RGBA)")
@@ -117,6 +118,7 @@ def image_info(path: str | os.PathLike) -> ImageInfo:
             bit_depth = png_bit_depth(path) if path.suffix.lower() == ".png" else None
             with Image.open(path) as im:
                 mode, (width, height) = im.mode, im.size
+                transparent = "transparency" in im.info
                 if im.format == "PNG":
                     im.verify()  # reads every chunk and checks its CRC: a truncated file fails here
             if mode not in _PIL_MODES:
@@ -124,11 +126,21 @@ def image_info(path: str | os.PathLike) -> ImageInfo:
             channels, bits, kind = _PIL_MODES[mode]
             if bit_depth is not None and bit_depth > 8:
                 bits, kind = bit_depth, "uint"
-            info = ImageInfo(height, width, channels, bits, kind)
+            if mode == "P" and transparent:
+                channels = 4
+            info = ImageInfo(height, width, channels, bits, kind, mode in ("P", "PA"))
     except UserError:
         raise
     except Exception as e:  # any decoder error: one readable line naming the file
         raise UserError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from None
+    return info
+
+
+def image_info(path: str | os.PathLike) -> ImageInfo:
+    """`image_header`, after checking that the image is one this tool reads (the policy of the module
+    docstring): what `read_image` and `dataset.validate_dataset` check. UserError naming the file otherwise."""
+    path = Path(path)
+    info = image_header(path)
     problem = _unsupported(path, info)
     if problem:
         raise UserError(problem)

@@ -99,8 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fold_seed", type=int, default=19, help="seed of the K-fold split (paper: 19)")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of each fold's training images used for validation (stratified by tissue)")
-    g.add_argument("--mpp", type=float, default=dataset.NUINSSEG_MPP,
-                   help="microns per pixel of the training images (recorded with the model)")
+    g.add_argument("--mpp", type=float, default=None,
+                   help="microns per pixel of the training images, recorded with the model (default: the "
+                        "value make_sample_data recorded for its data, else NuInsSeg's 0.25)")
     g.add_argument("--tune_postprocess", action="store_true",
                    help="after training, pick fg_threshold/marker_threshold on the validation set (small grid)")
     dataset.add_augmentation_arguments(parser)
@@ -145,12 +146,21 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "amp": bool(args.amp),
         "grad_clip": float(args.grad_clip),
         "compile": bool(args.compile),
-        "mpp": float(args.mpp),
+        "mpp": data_mpp(args.data_dir) if args.mpp is None else float(args.mpp),
         "augmentation": dataset.augment_config_from_args(args).to_dict(),
         "postprocess": default_postprocess(args.head),
         "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
         "resume": bool(args.resume),
     }
+
+
+def data_mpp(data_dir: str | os.PathLike) -> float:
+    """Pixel size of the training data when --mpp is not given: what make_sample_data recorded for its
+    synthetic tiles (0.5 um/px at 256 px), else NuInsSeg's."""
+    import sample_data
+
+    recorded = sample_data.recorded_mpp(data_dir) if data_dir else None
+    return float(dataset.NUINSSEG_MPP) if recorded is None else recorded
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
@@ -169,6 +179,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
         (config["grad_clip"] >= 0, "--grad_clip", "must be 0 (off) or positive"),
         (config["num_workers"] >= 0, "--num_workers", "must be 0 or more"),
         (config["seed"] >= 0, "--seed", "must be 0 or more"),
+        (config["mpp"] > 0, "--mpp", "must be a positive number of micrometres per pixel"),
         (config["fold_seed"] >= 0, "--fold_seed", "must be 0 or more"),
         (config["monitor"] in MONITOR_CHOICES, "--monitor", f"must be one of {', '.join(MONITOR_CHOICES)}"),
     ]
@@ -521,7 +532,9 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # a wrong --pretrained (missing, corrupt, not MobileSAM) fails here, before the output folder is touched
+    # bad data (unreadable, truncated, 16-bit, wrong mask type or size) and a wrong --pretrained (missing,
+    # corrupt, not MobileSAM) fail here, before the output folder is touched
+    dataset.validate_dataset(samples)
     nuclei_model.build_model(config)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -568,13 +581,20 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
             write_cv_summary(output_dir, summary, config)
         else:
             copy_file_atomic(_fold_dir(output_dir, fold_ids[0]) / BEST, output_dir / BEST)
-        utils.write_json(output_dir / "summary.json", summary)
+        utils.write_json(output_dir / "summary.json", {**summary, "protocol": score_protocol()})
         if test_mean:
             log.info("test (mean over %d fold(s)): pq %s, aji %s, dice %s", len(tests), _fmt(test_mean.get("pq")),
                      _fmt(test_mean.get("aji")), _fmt(test_mean.get("dice")))
         log.info("done in %.0f s; models in %s", summary["seconds"], output_dir)
     barrier(info)
     return summary
+
+
+def score_protocol() -> str:
+    """How the test folds are scored, named in cv_summary.md and summary.json with evaluate's wording."""
+    import evaluate
+
+    return f"out-of-fold test images, ambiguous regions {evaluate.vague_protocol(True)}"
 
 
 def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -604,8 +624,9 @@ def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mappi
         lines.append(f"| {r['fold']} | {r['best_epoch']} | " + " | ".join(_fmt(r[n]) for n in names) + " |")
     lines.append("| **mean ± sd** | | " + " | ".join(f"{_fmt(mean.get(n))} ± {_fmt(sd.get(n))}" for n in names)
                  + " |")
-    lines += ["", "Per-image metrics are averaged over each fold's images (ambiguous regions ignored); "
-              "mean ± sd are over folds (sample standard deviation)."]
+    lines += ["", f"Protocol: {score_protocol()}. Per-image metrics are averaged over each fold's images; "
+              "mean ± sd are over folds (sample standard deviation): the 'across folds' line of "
+              "`python main.py evaluate` on this model."]
     utils.atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
 
 

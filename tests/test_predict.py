@@ -200,9 +200,14 @@ def test_command_outputs_bad_file_and_mpp(tiny_model, tmp_path, capsys):
 
 
 def test_command_rejects_bad_options(tiny_model, tmp_path, capsys):
-    status = main.main(["predict", "--model_path", str(tiny_model), "--input", "x.png", "--output_dir",
-                        str(tmp_path), "--tile_size", "64", "--overlap", "40", "--device", "cpu"])
+    from PIL import Image
+
+    Image.fromarray(synthetic_slide(64, 64, seed=2)[0]).save(tmp_path / "x.png")
+    status = main.main(["predict", "--model_path", str(tiny_model), "--input", str(tmp_path / "x.png"),
+                        "--output_dir", str(tmp_path / "out"), "--tile_size", "64", "--overlap", "40", "--device",
+                        "cpu"])
     assert status == 2 and "--overlap 40" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no empty output folder left behind
 
 
 def test_command_rejects_bad_output_dir_and_pretrained(tiny_model, tmp_path, capsys):
