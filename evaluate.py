@@ -615,7 +615,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score only this fold's test images (with a single checkpoint: from the "
                              "training run's folds.json)")
     parser.add_argument("--batch_size", type=int, default=2, help="images per forward pass")
-    parser.add_argument("--num_workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+    parser.add_argument("--num_workers", type=int, default=min(4, max(1, utils.usable_cores() - 1)),
                         help="processes for post-processing and scoring (0 = in the main process)")
     parser.add_argument("--save_predictions", action="store_true",
                         help="write predicted label maps as TIFF into <output_dir>/predictions/")
@@ -716,6 +716,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir)
+    utils.configure_threads(getattr(args, "threads", None), workers=max(0, args.num_workers))
     model_set, samples, data_dir, device = load_for_evaluation(args)
     assignments = assign_samples(model_set, samples, fold=args.fold, model_path=args.model_path,
                                  data_dir=data_dir)
