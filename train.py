@@ -581,7 +581,8 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
             write_cv_summary(output_dir, summary, config)
         else:
             copy_file_atomic(_fold_dir(output_dir, fold_ids[0]) / BEST, output_dir / BEST)
-        utils.write_json(output_dir / "summary.json", {**summary, "protocol": score_protocol()})
+        utils.write_json(output_dir / "summary.json", {**summary, "protocol": score_protocol(),
+                                                        "out_of_fold": out_of_fold_means(output_dir, summary)})
         if test_mean:
             log.info("test (mean over %d fold(s)): pq %s, aji %s, dice %s", len(tests), _fmt(test_mean.get("pq")),
                      _fmt(test_mean.get("aji")), _fmt(test_mean.get("dice")))
@@ -595,6 +596,24 @@ def score_protocol() -> str:
     import evaluate
 
     return f"out-of-fold test images, ambiguous regions {evaluate.vague_protocol(True)}"
+
+
+def out_of_fold_means(output_dir: Path, summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Mean over all test images of all folds (each scored by the fold model that did not train on it) from
+    the folds' test_per_image.csv: the headline 'overall' number of `evaluate` on this model set."""
+    rows = []
+    for f in summary["folds"]:
+        path = _fold_dir(output_dir, f["fold"]) / "test_per_image.csv"
+        if not f.get("test") or not path.is_file():
+            return None
+        rows += utils.read_csv(path)
+    if not rows:
+        return None
+    means: dict[str, Any] = {"num_images": len(rows)}
+    for name in metrics.METRICS:
+        values = [float(r[name]) for r in rows if r.get(name) not in (None, "", "nan")]
+        means[name] = float(np.mean(values)) if values else None
+    return means
 
 
 def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -627,6 +646,11 @@ def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mappi
     lines += ["", f"Protocol: {score_protocol()}. Per-image metrics are averaged over each fold's images; "
               "mean ± sd are over folds (sample standard deviation): the 'across folds' line of "
               "`python main.py evaluate` on this model."]
+    oof = out_of_fold_means(output_dir, summary) if use_test else None
+    if oof:
+        lines += ["", f"Out-of-fold over all {oof['num_images']} images (mean over images, the headline of "
+                  f"`python main.py evaluate` on this model): PQ {_fmt(oof.get('pq'))}, AJI {_fmt(oof.get('aji'))}, "
+                  f"Dice {_fmt(oof.get('dice'))}."]
     utils.atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
 
 

@@ -65,6 +65,11 @@ def test_train_and_evaluate_report_the_same_protocol_and_number(synthetic_data_d
     for metric in ("pq", "aji", "dice"):
         assert summary["across_folds"][metric]["mean"] == pytest.approx(trained["test_mean"][metric], abs=1e-4)
     assert summary["across_folds"]["dice"]["mean"] > 0  # not a trivial 0 == 0
+    oof = json.loads((out / "summary.json").read_text())["out_of_fold"]
+    assert oof["num_images"] == summary["num_images"]
+    for metric in ("pq", "aji", "dice"):                 # the headline: mean over all images
+        assert summary["overall"][metric] == pytest.approx(oof[metric], abs=1e-4)
+    assert f"Dice {oof['dice']:.4f}." in (out / "cv_summary.md").read_text()
     name = evaluate.vague_protocol(True)
     assert name in (tmp_path / "eval" / "summary.md").read_text() and summary["ambiguous_regions"] == name
     assert name in (out / "cv_summary.md").read_text()
