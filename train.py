@@ -85,8 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA, PyTorch 2)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
-    g.add_argument("--num_workers", type=int, default=min(8, utils.usable_cores()),
-                   help="DataLoader worker processes (augmentation and targets at 1024 px take ~90 ms per image)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader worker processes (augmentation and targets at 1024 px take ~90 ms per image; "
+                        "default: min(8, usable cores) on a GPU, 0 on the CPU, where workers would take cores "
+                        "from the network)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     g = parser.add_argument_group("model selection and folds")
     g.add_argument("--early_stopping", action="store_true", help="stop a fold when --monitor stops improving")
@@ -141,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "fold_seed": int(args.fold_seed),
         "val_fraction": float(args.val_fraction),
         "seed": int(args.seed),
-        "num_workers": int(args.num_workers),
+        "num_workers": default_num_workers(args.device) if args.num_workers is None else int(args.num_workers),
         "device": args.device,
         "amp": bool(args.amp),
         "grad_clip": float(args.grad_clip),
@@ -152,6 +154,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
         "resume": bool(args.resume),
     }
+
+
+def default_num_workers(device_name: str | None) -> int:
+    """DataLoader workers when --num_workers is not given: none on the CPU (the images are decoded once and
+    kept in memory; workers would compete with the network for the same cores: an epoch beside another job
+    took about twice as long with them, docs/benchmarks.md), min(8, usable cores) on a GPU."""
+    if str(os.environ.get("WORLD_SIZE", "1")) != "1" and device_name in (None, "", "auto"):
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    return 0 if utils.select_device(device_name).type == "cpu" else min(8, utils.usable_cores())
 
 
 def data_mpp(data_dir: str | os.PathLike) -> float:

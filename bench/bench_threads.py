@@ -1,7 +1,7 @@
 """One training epoch on the CPU alone versus beside a competing 2-thread CPU job, with default settings.
 
     python bench/bench_threads.py [--code DIR ...] [--repeats 2] [--images 16] [--image_size 128]
-                                  [--input_size 128] [--out bench_threads.json]
+                                  [--input_size 128] [--out bench_threads.json] [--train_args ...]
 
 For each code tree given with `--code` (default: this one; add a checkout of an older commit to compare),
 each repeat runs, back to back: `main.py train` for one epoch alone, then the same while another process
@@ -46,7 +46,7 @@ def clean_env() -> dict[str, str]:
 def epoch_seconds(code: Path, data_dir: Path, out_dir: Path, args: argparse.Namespace) -> float:
     cmd = [sys.executable, str(code / "main.py"), "-q", "train", "--data_dir", str(data_dir),
            "--output_dir", str(out_dir), "--pretrained", "none", "--input_size", str(args.input_size),
-           "--epochs", "1", "--batch_size", "4", "--train_only_lora", "--seed", "0"]
+           "--epochs", "1", "--batch_size", "4", "--train_only_lora", "--seed", "0", *args.train_args]
     done = subprocess.run(cmd, cwd=code, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
     if done.returncode != 0:
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--input_size", type=int, default=128)
     parser.add_argument("--out", default=None, help="JSON file for the figures")
+    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
+                        help="extra train options for every run (last on the line), e.g. --num_workers 0")
     args = parser.parse_args()
 
     sys.path.insert(0, str(PROJECT_DIR))
@@ -95,6 +97,7 @@ def main() -> None:
                 row["slowdown"] = row["competing"] / row["alone"]
                 results[code].append(row)
         report = {"usable_cores": utils.usable_cores(), "images": args.images, "image_size": args.image_size,
+                  "train_args": args.train_args,
                   "input_size": args.input_size, "results": results}
         for code, rows in results.items():
             ratios = [r["slowdown"] for r in rows]
