@@ -2,7 +2,7 @@
 # Quick start: installs into .venv, makes a synthetic NuInsSeg-layout dataset (the embedded default),
 # trains MobileSAM + LoRA with 2-fold cross-validation, evaluates out-of-fold and writes demo figures.
 # Uses weights/mobile_sam.pt when present (python main.py download), random weights otherwise.
-# Usage: bash quickstart.sh [OUTPUT_DIR]      (about 4 minutes on 2 CPU cores, plus the installs)
+# Usage: bash quickstart.sh [OUTPUT_DIR]      (8.5 minutes measured on 2 busy CPU cores, plus the installs)
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv

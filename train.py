@@ -85,8 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA, PyTorch 2)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader worker processes (augmentation and targets at 1024 px take ~90 ms per image)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader worker processes (augmentation and targets at 1024 px take ~90 ms per image; "
+                        "default: min(8, usable cores) on a GPU, 0 on the CPU, where workers would take cores "
+                        "from the network)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     g = parser.add_argument_group("model selection and folds")
     g.add_argument("--early_stopping", action="store_true", help="stop a fold when --monitor stops improving")
@@ -99,8 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fold_seed", type=int, default=19, help="seed of the K-fold split (paper: 19)")
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of each fold's training images used for validation (stratified by tissue)")
-    g.add_argument("--mpp", type=float, default=dataset.NUINSSEG_MPP,
-                   help="microns per pixel of the training images (recorded with the model)")
+    g.add_argument("--mpp", type=float, default=None,
+                   help="microns per pixel of the training images, recorded with the model (default: the "
+                        "value make_sample_data recorded for its data, else NuInsSeg's 0.25)")
     g.add_argument("--tune_postprocess", action="store_true",
                    help="after training, pick fg_threshold/marker_threshold on the validation set (small grid)")
     dataset.add_augmentation_arguments(parser)
@@ -140,17 +143,35 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "fold_seed": int(args.fold_seed),
         "val_fraction": float(args.val_fraction),
         "seed": int(args.seed),
-        "num_workers": int(args.num_workers),
+        "num_workers": default_num_workers(args.device) if args.num_workers is None else int(args.num_workers),
         "device": args.device,
         "amp": bool(args.amp),
         "grad_clip": float(args.grad_clip),
         "compile": bool(args.compile),
-        "mpp": float(args.mpp),
+        "mpp": data_mpp(args.data_dir) if args.mpp is None else float(args.mpp),
         "augmentation": dataset.augment_config_from_args(args).to_dict(),
         "postprocess": default_postprocess(args.head),
         "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
         "resume": bool(args.resume),
     }
+
+
+def default_num_workers(device_name: str | None) -> int:
+    """DataLoader workers when --num_workers is not given: none on the CPU (the images are decoded once and
+    kept in memory; workers would compete with the network for the same cores: an epoch beside another job
+    took about twice as long with them, docs/benchmarks.md), min(8, usable cores) on a GPU."""
+    if str(os.environ.get("WORLD_SIZE", "1")) != "1" and device_name in (None, "", "auto"):
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    return 0 if utils.select_device(device_name).type == "cpu" else min(8, utils.usable_cores())
+
+
+def data_mpp(data_dir: str | os.PathLike) -> float:
+    """Pixel size of the training data when --mpp is not given: what make_sample_data recorded for its
+    synthetic tiles (0.5 um/px at 256 px), else NuInsSeg's."""
+    import sample_data
+
+    recorded = sample_data.recorded_mpp(data_dir) if data_dir else None
+    return float(dataset.NUINSSEG_MPP) if recorded is None else recorded
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
@@ -169,6 +190,7 @@ def validate_config(config: Mapping[str, Any]) -> None:
         (config["grad_clip"] >= 0, "--grad_clip", "must be 0 (off) or positive"),
         (config["num_workers"] >= 0, "--num_workers", "must be 0 or more"),
         (config["seed"] >= 0, "--seed", "must be 0 or more"),
+        (config["mpp"] > 0, "--mpp", "must be a positive number of micrometres per pixel"),
         (config["fold_seed"] >= 0, "--fold_seed", "must be 0 or more"),
         (config["monitor"] in MONITOR_CHOICES, "--monitor", f"must be one of {', '.join(MONITOR_CHOICES)}"),
     ]
@@ -225,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(config["output_dir"])
     info = setup_distributed(config["device"])
     try:
+        configure_threads(args, config)
         if not info.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         if config["resume"]:
@@ -240,6 +263,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         info.shutdown()
     return 0
+
+
+def configure_threads(args: argparse.Namespace, config: Mapping[str, Any]) -> int:
+    """CPU threads of this process: the usable cores shared among the training processes of this machine
+    (torchrun's LOCAL_WORLD_SIZE) and their DataLoader workers, unless --threads / OMP_NUM_THREADS say."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = local_processes * (1 + max(0, int(config["num_workers"]))) - 1
+    return utils.configure_threads(getattr(args, "threads", None), workers=workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +543,9 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # a wrong --pretrained (missing, corrupt, not MobileSAM) fails here, before the output folder is touched
+    # bad data (unreadable, truncated, 16-bit, wrong mask type or size) and a wrong --pretrained (missing,
+    # corrupt, not MobileSAM) fail here, before the output folder is touched
+    dataset.validate_dataset(samples)
     nuclei_model.build_model(config)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -559,13 +592,39 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
             write_cv_summary(output_dir, summary, config)
         else:
             copy_file_atomic(_fold_dir(output_dir, fold_ids[0]) / BEST, output_dir / BEST)
-        utils.write_json(output_dir / "summary.json", summary)
+        utils.write_json(output_dir / "summary.json", {**summary, "protocol": score_protocol(),
+                                                        "out_of_fold": out_of_fold_means(output_dir, summary)})
         if test_mean:
             log.info("test (mean over %d fold(s)): pq %s, aji %s, dice %s", len(tests), _fmt(test_mean.get("pq")),
                      _fmt(test_mean.get("aji")), _fmt(test_mean.get("dice")))
         log.info("done in %.0f s; models in %s", summary["seconds"], output_dir)
     barrier(info)
     return summary
+
+
+def score_protocol() -> str:
+    """How the test folds are scored, named in cv_summary.md and summary.json with evaluate's wording."""
+    import evaluate
+
+    return f"out-of-fold test images, ambiguous regions {evaluate.vague_protocol(True)}"
+
+
+def out_of_fold_means(output_dir: Path, summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Mean over all test images of all folds (each scored by the fold model that did not train on it) from
+    the folds' test_per_image.csv: the headline 'overall' number of `evaluate` on this model set."""
+    rows = []
+    for f in summary["folds"]:
+        path = _fold_dir(output_dir, f["fold"]) / "test_per_image.csv"
+        if not f.get("test") or not path.is_file():
+            return None
+        rows += utils.read_csv(path)
+    if not rows:
+        return None
+    means: dict[str, Any] = {"num_images": len(rows)}
+    for name in metrics.METRICS:
+        values = [float(r[name]) for r in rows if r.get(name) not in (None, "", "nan")]
+        means[name] = float(np.mean(values)) if values else None
+    return means
 
 
 def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -595,8 +654,14 @@ def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mappi
         lines.append(f"| {r['fold']} | {r['best_epoch']} | " + " | ".join(_fmt(r[n]) for n in names) + " |")
     lines.append("| **mean ± sd** | | " + " | ".join(f"{_fmt(mean.get(n))} ± {_fmt(sd.get(n))}" for n in names)
                  + " |")
-    lines += ["", "Per-image metrics are averaged over each fold's images (ambiguous regions ignored); "
-              "mean ± sd are over folds (sample standard deviation)."]
+    lines += ["", f"Protocol: {score_protocol()}. Per-image metrics are averaged over each fold's images; "
+              "mean ± sd are over folds (sample standard deviation): the 'across folds' line of "
+              "`python main.py evaluate` on this model."]
+    oof = out_of_fold_means(output_dir, summary) if use_test else None
+    if oof:
+        lines += ["", f"Out-of-fold over all {oof['num_images']} images (mean over images, the headline of "
+                  f"`python main.py evaluate` on this model): PQ {_fmt(oof.get('pq'))}, AJI {_fmt(oof.get('aji'))}, "
+                  f"Dice {_fmt(oof.get('dice'))}."]
     utils.atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
 
 
