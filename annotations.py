@@ -303,14 +303,15 @@ def run(args: argparse.Namespace) -> int:
     # 1. read and check everything: nothing is written while an input can still fail
     parse = PARSERS[args.format]
     checked = []
-    for stem, image_path, note_path in tqdm(pairs, desc="checking", unit="image", leave=False):
+    for stem, image_path, note_path in tqdm(pairs, desc="checking", unit="image", leave=False,
+                                            disable=len(pairs) < 20):
         size = read_rgb(image_path).shape[:2]
         checked.append((stem, image_path, size, parse(note_path)))
 
     # 2. rasterise and write
     utils.make_output_dir(output_dir)
     rows = []
-    for stem, image_path, size, parsed in tqdm(checked, desc="importing", unit="image"):
+    for stem, image_path, size, parsed in tqdm(checked, desc="importing", unit="image", disable=len(checked) < 20):
         result = rasterise(parsed.shapes, size)
         utils.atomic_write_bytes(output_dir / dataset.FOLDERS_IMAGE_DIR / image_path.name, image_path.read_bytes())
         export.save_label_tiff(output_dir / dataset.FOLDERS_LABEL_DIR / f"{stem}.tif", result.labels, smallest=True)
