@@ -265,11 +265,14 @@ def cross_dataset_assignments(model_set: Any, samples: Sequence[Any], ensemble: 
 
 def needs_tiling(model_set: Any, shape: Sequence[int], mpp: float | None = None) -> bool:
     """True when an image of `shape` (H, W) at `mpp` µm/px is not exactly one training tile at the model's
-    pixel size: it is then segmented whole through predict's tiled engine instead of resized as one input."""
+    pixel size: it is then segmented whole through predict's tiled engine instead of resized as one input.
+    (A model whose config records no `tile_size` is tiled only for another pixel size.)"""
     import predict
 
-    tile = predict.model_tile_size(model_set)
     same_scale = mpp is None or abs(float(mpp) / predict.model_mpp(model_set) - 1.0) < 1e-6
+    if not (getattr(model_set, "config", None) or {}).get("tile_size"):
+        return not same_scale  # a model that records no tile size: images go whole, as they always did
+    tile = predict.model_tile_size(model_set)
     return not same_scale or tuple(int(v) for v in shape[:2]) != (tile, tile)
 
 
