@@ -34,13 +34,14 @@ import numpy as np
 
 import dataset
 import export
+import image_io
 import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)
 
-# The project's one image reader (switch to image_io.read_image when that module lands).
-read_rgb = dataset.read_image
+# The project's one image reader.
+read_rgb = image_io.read_image
 
 FORMATS = ("imagescope_xml", "qupath_geojson")
 ANNOTATION_SUFFIXES = {"imagescope_xml": (".xml",), "qupath_geojson": (".geojson", ".json")}

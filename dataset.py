@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.color import hed_from_rgb as _HED_FROM_RGB, rgb_from_hed as _RGB_FROM_HED
 
+import image_io
 from utils import UserError, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,19 @@ log = logging.getLogger(__name__)
 # ASSUMPTION: 0.25 um/px, the usual pixel size of 40x brightfield scans. Check it against the paper's
 # "Methods" section before using it for absolute size measurements.
 NUINSSEG_MPP: float = 0.25
+
+# The published dataset's file list, as far as `evaluate` needs to recognise it (its "comparable" flag):
+# 665 images in these 31 organ folders, each image named after its folder (`human bladder` ->
+# `human_bladder_01.png`), with the paper's folds (5, seed 19).
+NUINSSEG_NUM_IMAGES = 665
+NUINSSEG_TISSUES = (
+    "human bladder", "human brain", "human cardia", "human cerebellum", "human epiglottis", "human jejunum",
+    "human kidney", "human liver", "human lung", "human melanoma", "human muscle", "human oesophagus",
+    "human pancreas", "human peritoneum", "human placenta", "human pylorus", "human rectum",
+    "human salivory gland", "human spleen", "human testis", "human tongue", "human tonsile",
+    "human umbilical cord", "mouse fat (white and brown)_subscapula", "mouse femur", "mouse heart",
+    "mouse kidney", "mouse liver", "mouse muscle_tibia", "mouse spleen", "mouse thymus")
+PAPER_NUM_FOLDS, PAPER_FOLD_SEED = 5, 19
 
 IMAGE_DIR = "tissue images"
 LABEL_DIR = "label masks modify"
@@ -144,54 +158,10 @@ def discover_nuinsseg(data_dir: str | os.PathLike) -> list[Sample]:
     return samples
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    """Bit depth from a PNG header (Pillow silently reduces 16-bit RGB PNGs to 8 bits)."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return head[24]
-    return None
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an H&E image as uint8 RGB (H, W, 3).
-
-    RGBA is composited over white (brightfield background), grayscale is replicated to three channels,
-    palette images are expanded. 16-bit and floating-point images are rejected with a UserError: their
-    intensity range is ambiguous (12-bit data in 16-bit containers is common), convert them to 8-bit first.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".png" and (_png_bit_depth(path) or 8) > 8:
-            raise UserError(f"{path}: 16-bit image; convert it to 8-bit RGB (this tool does not guess "
-                            f"how to scale 16-bit intensities)")
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                raise UserError(f"{path}: {'16-bit' if mode.startswith('I;16') else mode + '-mode'} image; "
-                                f"convert it to 8-bit RGB")
-            if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in im.info):
-                rgba = np.asarray(im.convert("RGBA"))
-                alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-                if alpha.min() >= 1.0:
-                    return np.ascontiguousarray(rgba[..., :3])
-                out = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-                return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-            if mode != "RGB":
-                im = im.convert("RGB")
-            array = np.asarray(im)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{path}: unreadable or truncated image ({e})") from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise UserError(f"{path}: expected an 8-bit RGB image, got shape {array.shape} dtype {array.dtype}")
-    return np.ascontiguousarray(array)
+    """Read an H&E image as uint8 RGB (H, W, 3): `image_io.read_image`, the one reader of train, evaluate,
+    demo and predict (grey and palette expanded, alpha composited over white, 16-bit and float rejected)."""
+    return image_io.read_image(path)
 
 
 def _read_mask_array(path: Path, what: str) -> np.ndarray:
@@ -256,6 +226,46 @@ def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
             raise UserError(f"{sample.vague_path}: ambiguous-region mask is {vague.shape[1]}x{vague.shape[0]} "
                             f"but its image {sample.image_path.name} is {image.shape[1]}x{image.shape[0]}")
     return image, labels, vague
+
+
+def is_nuinsseg_file_list(samples: Sequence[Sample]) -> bool:
+    """True when `samples` look like the published NuInsSeg dataset: 665 images, all 31 organ folders and
+    no other, every image named `<organ words joined by _>_<id>` after its folder (the synthetic sample
+    data and a subset never are)."""
+    if len(samples) != NUINSSEG_NUM_IMAGES or {s.tissue for s in samples} != set(NUINSSEG_TISSUES):
+        return False
+    for s in samples:
+        prefix = s.tissue.split(" ", 1)[0] + "_"  # e.g. human_ / mouse_
+        if not (s.name.startswith(prefix) and s.rel_path == f"{s.tissue}/{IMAGE_DIR}/{s.image_path.name}"):
+            return False
+    return True
+
+
+def validate_dataset(samples: Sequence[Sample]) -> None:
+    """Check every image, label mask and ambiguous-region mask of `samples` from its file header (size,
+    channels, sample type) and for completeness, without decoding pixels (`image_io.image_header`): what
+    `train` and `parameter_search` call before they write anything. The first problem is a UserError naming
+    the file (the messages of `load_sample`, which still checks the values: negative or huge label ids)."""
+    from tqdm import tqdm
+
+    for s in tqdm(samples, desc="checking data", unit="img", leave=False, disable=len(samples) < 50):
+        image = image_io.image_info(s.image_path)
+        label = image_io.image_header(s.label_path)
+        if label.channels != 1 and not label.palette:  # a palette mask's indices are its ids
+            raise UserError(f"{s.label_path}: not an instance label image ({label.channels} channels; expected "
+                            f"one channel (H, W) with 0 = background and one integer id per nucleus)")
+        if label.kind not in ("uint", "int") or label.bits == 1:
+            kind = "bool" if label.bits == 1 else f"{label.kind}{label.bits}"
+            raise UserError(f"{s.label_path}: not an integer label image (dtype {kind}; expected integer ids, "
+                            f"0 = background)")
+        if (label.height, label.width) != (image.height, image.width):
+            raise UserError(f"{s.label_path}: label mask is {label.width}x{label.height} but its image "
+                            f"{s.image_path.name} is {image.width}x{image.height}")
+        if s.vague_path is not None:
+            vague = image_io.image_header(s.vague_path)
+            if (vague.height, vague.width) != (image.height, image.width):
+                raise UserError(f"{s.vague_path}: ambiguous-region mask is {vague.width}x{vague.height} "
+                                f"but its image {s.image_path.name} is {image.width}x{image.height}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`demo` command: readable figures of a few random images and an index.html to browse them.
 
 For `--num_samples` images chosen at random (seeded by `--seed`), one figure `<stem>.png` shows the image,
-the ground truth, the prediction and the errors (missed, false positive, split, merged nuclei), with the
-image's PQ, AJI and Dice in the titles. With a cross-validation model set each image is predicted by the
+the ground truth, the prediction and the errors (missed, false positive, split, merged nuclei, drawn as
+coloured outlines on the image at twice its size, so they stay readable on tiles with hundreds of nuclei),
+with the image's PQ, AJI and Dice in the titles. With a cross-validation model set each image is predicted by the
 fold model that did not train on it (the same pairing as `evaluate`). `index.html` in the output folder
 shows every figure with its tissue and scores; `demo.json` records the settings and versions.
 """
@@ -26,6 +27,15 @@ import visualize
 from utils import UserError
 
 log = logging.getLogger(__name__)
+
+
+ERROR_ZOOM = 2          # the error panel is drawn at twice the image's size: outlines thinner than nuclei
+PANEL_INCHES = 4.0      # figure_panels' default panel width
+
+
+def figure_dpi(width: int) -> int:
+    """At least one figure pixel per error-panel pixel, so 1-pixel outlines survive (100 dpi at <= 200 px)."""
+    return int(max(100, min(300, -(-width * ERROR_ZOOM // PANEL_INCHES))))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,10 +146,10 @@ def run(args: argparse.Namespace) -> int:
         if ignore is not None and ignore.any():   # draw only the nuclei that were scored
             shown_true = metrics.apply_ignore_region(labels, ignore)
             shown_pred = metrics.apply_ignore_region(pred, ignore)
-        errors, counts = visualize.error_overlay(image, shown_true, shown_pred)
-        legend = visualize.error_legend_entries(counts)
+        errors, counts = visualize.error_contours(image, shown_true, shown_pred, zoom_factor=ERROR_ZOOM)
+        legend = visualize.error_contour_legend(counts)
         if ignore is not None and ignore.any():
-            errors[visualize.boundaries(ignore.astype(np.int32))] = evaluate.VAGUE_COLOR
+            errors[visualize.boundaries(visualize.zoom(ignore.astype(np.int32), ERROR_ZOOM))] = evaluate.VAGUE_COLOR
             legend.append(("ambiguous region (ignored)", evaluate.VAGUE_COLOR))
         stem = stems[sample.rel_path]
         figure = f"{stem}.png"
@@ -149,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
              (f"ground truth ({scores['num_true']} nuclei)", visualize.overlay_instances(image, labels)),
              (f"prediction ({scores['num_pred']} nuclei)", visualize.overlay_instances(image, pred)),
              (f"errors: {_score_text(scores)}", errors)],
-            output_dir / figure, suptitle=f"{sample.rel_path}{fold_text} — {_score_text(scores)}", legend=legend)
+            output_dir / figure, suptitle=f"{sample.rel_path}{fold_text} — {_score_text(scores)}", legend=legend,
+            dpi=figure_dpi(image.shape[1]))
         entries.append({"image": sample.rel_path, "tissue": sample.tissue, "fold": "" if fold is None else fold,
                         "stem": stem, "figure": figure,
                         **{k: scores[k] for k in ("pq", "aji", "dice", "sq", "rq", "num_true", "num_pred")},

@@ -132,9 +132,13 @@ def download_file(url: str, destination: str | os.PathLike, expected_sha1: str |
         log.info("%s already present (%s); use --force to download it again", destination, result)
         return destination
 
+    # folders this call creates; removed again (when empty) if the download fails: no empty folder is left
+    created = [p for p in (destination.parent, *destination.parent.parents) if not p.exists()]
+    done = False
     try:
         tmp = utils.temp_file_beside(destination, suffix=".part")
     except OSError as e:
+        _remove_empty(created)
         raise UserError(f"{destination.parent}: cannot write here ({e.strerror or e})") from None
     try:
         with open(tmp, "wb") as out:
@@ -150,9 +154,21 @@ def download_file(url: str, destination: str | os.PathLike, expected_sha1: str |
             raise UserError(f"{url}: downloaded file rejected: {detail}; nothing was written to "
                             f"{destination}") from None
         os.replace(tmp, destination)
+        done = True
     finally:
         tmp.unlink(missing_ok=True)
+        if not done:
+            _remove_empty(created)
     return destination
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _stream(url: str, out, destination: Path, expected_sha1: str | None,

@@ -552,7 +552,7 @@ def summary_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str
               *([f"- scored by: {meta['scored_by']}"] if meta.get("scored_by") else []),
               *([f"- training images: {meta['training_overlap']}"] if meta.get("training_overlap") else []),
               f"- images scored: {summary['num_images']}",
-              f"- ambiguous (vague) regions: {'ignored' if meta.get('ignore_vague') else 'scored like any other pixel'}",
+              f"- ambiguous (vague) regions: {vague_protocol(bool(meta.get('ignore_vague')))}",
               ""]
     lines += ["## Overall (mean over images)", ""]
     header = [DISPLAY_NAMES.get(n, n) for n in names]
@@ -564,10 +564,10 @@ def summary_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str
     if pq is not None and math.isfinite(pq):
         published = ", ".join(f"{k} {v:.3f}" for k, v in PUBLISHED_PQ.items())
         lines += [f"PQ {pq:.3f} (mean over images). Published out-of-fold PQ on NuInsSeg: {published}. "
-                  + ("Same protocol (out-of-fold evaluation over every image): comparable when the data is the full "
-                      "NuInsSeg dataset with the paper's 5 folds."
+                  + ("Comparable: the paper's protocol (out-of-fold over the full NuInsSeg file list, 5 folds, "
+                     "seed 19, ambiguous regions ignored)."
                      if meta.get("comparable") else
-                     "Not directly comparable: this is not an out-of-fold evaluation of the whole dataset."), ""]
+                     f"Not comparable: {meta.get('comparable_reason', 'not the paper protocol')}."), ""]
     if summary["per_fold"]:
         lines += ["## Per fold (each fold's model on its own test images)", ""]
         body = [[str(f["fold"]), str(f["n"])] + [_fmt(f[n]) for n in names] + [_fmt(f.get("pooled_pq"))]
@@ -724,10 +724,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default=None,
                         help="MobileSAM base weights (mobile_sam.pt) when they moved; when omitted, the path "
                              "recorded in the checkpoint")
-    parser.add_argument("--ignore_vague", action="store_true",
-                        help="ambiguous-region protocol: nuclei (true or predicted) with >= 25%% of their area "
-                             "inside a 'vague areas' mask are dropped, and the masked pixels do not count for "
-                             "Dice/IoU")
+    parser.add_argument("--ignore_vague", action=argparse.BooleanOptionalAction, default=True,
+                        help="the NuInsSeg authors' ambiguous-region protocol, also used by train's cv_summary "
+                             "(default): nuclei (true or predicted) with >= 25%% of their area inside a 'vague "
+                             "areas' mask are dropped, and the masked pixels do not count for Dice/IoU; "
+                             "--no-ignore_vague scores those regions like any other pixel")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -737,7 +738,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score only this fold's test images (with a single checkpoint: from the "
                              "training run's folds.json)")
     parser.add_argument("--batch_size", type=int, default=2, help="images per forward pass")
-    parser.add_argument("--num_workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+    parser.add_argument("--num_workers", type=int, default=min(4, max(1, utils.usable_cores() - 1)),
                         help="processes for post-processing and scoring (0 = in the main process)")
     parser.add_argument("--save_predictions", action="store_true",
                         help="write predicted label maps as TIFF into <output_dir>/predictions/")
@@ -800,6 +801,35 @@ def _shared_or_per_fold(pp_by_fold: Mapping[str, dict]) -> Any:
     return values[0] if values and all(v == values[0] for v in values) else dict(pp_by_fold)
 
 
+def vague_protocol(ignore_vague: bool) -> str:
+    """How ambiguous regions were scored, in the words both evaluate's and train's reports use."""
+    return ("ignored (NuInsSeg authors' protocol; the default of evaluate and train)" if ignore_vague else
+            "scored like any other pixel (--no-ignore_vague)")
+
+
+def paper_protocol(model_set: Any, samples: Sequence[Any], fold: int | None, ignore_vague: bool) -> tuple[bool, str]:
+    """(comparable, reason): True only for the paper's protocol: a cross-validation model set of 5 folds with
+    fold seed 19, scored out-of-fold (no --fold) over the real NuInsSeg file list
+    (`dataset.is_nuinsseg_file_list`) with ambiguous regions ignored."""
+    import dataset
+
+    config = getattr(model_set, "config", None) or {}
+    folds = config.get("num_folds", len(getattr(model_set, "members", [])))
+    checks = [
+        (bool(getattr(model_set, "is_cv", False)), "a single model, not a cross-validation model set"),
+        (fold is None, f"only fold {fold} scored"),
+        (folds == dataset.PAPER_NUM_FOLDS and config.get("fold_seed") == dataset.PAPER_FOLD_SEED,
+         f"{folds} folds with fold seed {config.get('fold_seed')} (the paper: 5 folds, seed 19)"),
+        (dataset.is_nuinsseg_file_list(samples),
+         f"{len(samples)} images that are not the NuInsSeg file list (665 images in its 31 organ folders)"),
+        (ignore_vague, "ambiguous regions scored (--no-ignore_vague)"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            return False, reason
+    return True, "the paper's protocol"
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Refuse a file, and a training run's folder: its own summary.json would be replaced by the report."""
     if output_dir.exists() and not output_dir.is_dir():
@@ -813,6 +843,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir)
+    utils.configure_threads(getattr(args, "threads", None), workers=max(0, args.num_workers))
     model_set, samples, data_dir, device = load_for_evaluation(args)
     cross = is_cross_dataset(model_set, samples, args.fold, args.model_path)
     if cross:
@@ -848,6 +879,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         overlap_text = (f"{len(seen)} of these {num_images} images (by file name, e.g. {seen[0]}) are in the training "
                         "run's folds.json: the model may have been trained on them")
+    comparable, reason = paper_protocol(model_set, samples, args.fold, bool(args.ignore_vague))
     log.info("scoring %d images (%s)", num_images, protocol)
     if scored_by:
         log.info("scored by: %s", scored_by)
@@ -859,7 +891,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not getattr(args, "quiet", False), mpp=getattr(args, "data_mpp", None))
     meta = {
         "model_path": str(args.model_path), "data_dir": str(data_dir), "protocol": protocol,
-        "comparable": is_cv and args.fold is None and not cross, "fold": args.fold, "ignore_vague": bool(args.ignore_vague),
+        "comparable": comparable and not cross, "comparable_reason": reason, "fold": args.fold,
+        "ignore_vague": bool(args.ignore_vague), "ambiguous_regions": vague_protocol(bool(args.ignore_vague)),
         "postprocess": _shared_or_per_fold(pp_by_fold), "postprocess_overrides": overrides,
         "model_config": getattr(model_set, "config", None),
         "folds": [m.fold for m in model_set.members], "seconds": round(time.perf_counter() - start, 1),

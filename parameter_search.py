@@ -680,6 +680,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     train.add_arguments(parser)
     parser.set_defaults(output_dir="parameter_search")
+    # set by the search itself: absent unless given, and then refused (run() says which flag to use instead)
+    for action in parser._actions:
+        if action.dest in SEARCH_SETS:
+            action.default = argparse.SUPPRESS
+            action.help = f"set by the search: use {SEARCH_SETS[action.dest]}" if action.dest != "fold" else \
+                "not available: the search trains every fold"
     g = parser.add_argument_group("parameter search")
     g.add_argument("--lora_ranks", default="2,4,8,16", help="LoRA ranks to try (comma-separated)")
     g.add_argument("--lora_alphas", default="2,4,8", help="LoRA alphas to try (comma-separated)")
@@ -718,9 +724,30 @@ def _default_metric(config: Mapping[str, Any]) -> str:
     return monitor or "pq"
 
 
-def run(args: argparse.Namespace) -> int:
+# train flags the search sets itself -> what to use instead
+SEARCH_SETS = {"lora_rank": "--lora_ranks", "lora_alpha": "--lora_alphas", "learning_rate": "--learning_rates",
+               "fold": "nothing: every configuration is trained on every fold"}
+
+
+def check_search_flags(args: argparse.Namespace) -> None:
+    """Refuse the train flags the search would override (they would be silently ignored), and put their
+    defaults back so the train configuration can be built."""
     import train
 
+    given = [dest for dest in SEARCH_SETS if hasattr(args, dest)]
+    if given:
+        dest = given[0]
+        raise UserError(f"--{dest}: set by the parameter search for each configuration; use {SEARCH_SETS[dest]}")
+    defaults = train.default_config(getattr(args, "data_dir", "") or "")
+    for dest in SEARCH_SETS:
+        setattr(args, dest, defaults[dest])
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataset
+    import train
+
+    check_search_flags(args)
     space = search_space(args.lora_ranks, args.lora_alphas, args.learning_rates)
     for name, value in (("--heartbeat_interval", args.heartbeat_interval), ("--grace_period", args.grace_period),
                         ("--n_trials", args.n_trials)):
@@ -731,6 +758,9 @@ def run(args: argparse.Namespace) -> int:
     config = dict(train.config_from_args(args), cross_validation=True, resume=False)
     if args.resume:
         log.info("--resume is implied: a parameter search always continues its study")
+    train.validate_config(config)
+    train.configure_threads(args, config)
+    dataset.validate_dataset(dataset.discover_nuinsseg(config["data_dir"]))  # before anything is written
     output_dir = Path(args.output_dir)
     metric = args.search_metric or _default_metric(config)
     result = run_search(config, space, output_dir, metric=metric, sampler=args.sampler, n_trials=args.n_trials,

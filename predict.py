@@ -94,29 +94,11 @@ def to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF file as uint8 RGB (H, W, 3); raises UserError naming the file if it cannot."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+    """Read a PNG/JPEG/TIFF file as uint8 RGB (H, W, 3): `image_io.read_image` (the reader train and evaluate
+    use too); raises UserError naming the file if it cannot or the image is not 8-bit."""
+    import image_io
 
-            with tifffile.TiffFile(path) as tif:
-                array = tif.series[0].levels[0].asarray() if tif.series else tif.asarray()
-        else:
-            from PIL import Image
-
-            with Image.open(path) as img:
-                img.load()
-                if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-                    img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
-                array = np.asarray(img)
-    except UserError:
-        raise
-    except Exception as e:  # any decoder error: one readable line naming the file
-        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return to_rgb(array, str(path))
+    return image_io.read_image(path)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
@@ -550,7 +532,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the fold model with the best validation score)")
     parser.add_argument("--batch_size", type=int, default=8, help="tiles per network call")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
-    parser.add_argument("--no_amp", action="store_true", help="disable mixed precision on CUDA")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="mixed precision on CUDA (the same flag as train's)")
     parser.add_argument("--pretrained", default=None,
                         help="MobileSAM weights, if the checkpoint stores only the LoRA/head weights")
     parser.add_argument("--no_overlay", action="store_true", help="do not write <stem>_overlay.png")
@@ -577,24 +560,30 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained is not None and not Path(args.pretrained).is_file():
         raise UserError(f"--pretrained {args.pretrained}: file not found")
     inputs = expand_inputs(args.input)
+    if not any(p.is_file() for p in inputs):  # nothing to do: a usage error, before the model is loaded
+        raise UserError(f"--input {' '.join(args.input)}: no image file found (no file exists and no pattern "
+                        f"or folder matches one)")
     names = output_stems(inputs)
-    output_dir = utils.make_output_dir(args.output_dir)
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
 
     device = utils.select_device(args.device)
     num_workers = args.num_workers
     if num_workers is None:
-        num_workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+        num_workers = 0 if device.type == "cpu" else min(4, utils.usable_cores())
+    utils.configure_threads(getattr(args, "threads", None), workers=num_workers)
     model_set = nuclei_model.load_model_set(model_path, device, pretrained=args.pretrained)
     tile_size = args.tile_size or model_tile_size(model_set)
     overlap = tile_size // 4 if args.overlap is None else args.overlap
     if 2 * overlap > tile_size or overlap < 0:
         raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
-    maps_fn = model_maps_fn(model_set, ensemble=args.ensemble, device=device, amp=not args.no_amp)
+    output_dir = utils.make_output_dir(args.output_dir)  # only once every option is known to be good
+    maps_fn = model_maps_fn(model_set, ensemble=args.ensemble, device=device, amp=args.amp)
     utils.write_json(output_dir / "predict_config.json", {
         "model_path": str(model_path), "inputs": [str(p) for p in inputs], "tile_size": tile_size,
         "overlap": overlap, "mpp": args.mpp, "model_mpp": model_mpp(model_set),
         "ensemble": bool(args.ensemble), "batch_size": args.batch_size, "device": str(device),
-        "amp": not args.no_amp, "postprocess": getattr(model_set, "postprocess", None),
+        "amp": bool(args.amp), "postprocess": getattr(model_set, "postprocess", None),
         "model_config": getattr(model_set, "config", None), "environment": utils.environment_info(),
     })
 
@@ -606,8 +595,5 @@ def run(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status != "ok"]
     done = len(outcomes) - len(failed)
     print(f"predictions for {done} of {len(outcomes)} image(s) written to {output_dir.resolve()} "
-          f"(summary.csv lists every input)")
-    if failed:
-        print(f"error: {len(failed)} input(s) failed: " + ", ".join(o.input for o in failed), file=sys.stderr)
-        return 1
-    return 0
+          f"(summary.csv lists every input" + (f"; {len(failed)} failed, each reported above)" if failed else ")"))
+    return 1 if failed else 0  # exit status 1: the batch finished, some inputs failed

@@ -10,7 +10,12 @@ Layout written (per organ folder):
     <organ>/tissue images/<prefix>_<k>.png                 RGB uint8
     <organ>/label masks modify/<prefix>_<k>.tif            uint16 instance labels, 0 = background
     <organ>/vague areas/mask binary/<prefix>_<k>.png       0/255 ambiguous regions (a few images)
-plus `sample_data.json` (settings, file list, environment). The same seed gives the same files.
+plus `sample_data.json` (settings, file list, environment, and `mpp`). The same seed gives the same files.
+
+Scale: a 512 px tile is drawn at NuInsSeg's 0.25 um/px (40x); at other `--image_size` the whole tile
+(nuclei included) is scaled, so its true pixel size is `0.25 * 512 / image_size` um/px (0.5 at 256 px).
+That value is recorded as `mpp` in `sample_data.json`, and `train` records it with the model (unless
+`--mpp` is given), so `predict --mpp` rescales real images correctly for a model trained on sample data.
 """
 from __future__ import annotations
 
@@ -251,7 +256,7 @@ def make_sample_dataset(output_dir: str | os.PathLike, num_images: int = 40, see
         counters[style.folder] = counters.get(style.folder, 0) + 1
         plan.append((style, f"{style.prefix}_{counters[style.folder]}"))
     config = {"num_images": num_images, "seed": seed, "image_size": image_size}
-    marker = {"kind": MARKER_KIND, "complete": False, "config": config,
+    marker = {"kind": MARKER_KIND, "complete": False, "config": config, "mpp": tile_mpp(image_size),
               "files": sorted(set(previous)), "environment": environment_info()}
     write_json(output_dir / MARKER, marker)  # first, so an interrupted run is still recognised
 
@@ -285,6 +290,31 @@ def make_sample_dataset(output_dir: str | os.PathLike, num_images: int = 40, see
     return output_dir
 
 
+def tile_mpp(image_size: int) -> float:
+    """True micrometres per pixel of a synthetic tile of `image_size` px (512 px = NuInsSeg's 0.25)."""
+    import dataset
+
+    return float(dataset.NUINSSEG_MPP) * 512.0 / float(image_size)
+
+
+def recorded_mpp(data_dir: str | os.PathLike) -> float | None:
+    """The pixel size of a dataset written by make_sample_data (from its sample_data.json: `mpp`, or for
+    files written before it was recorded, from the tile size), else None (real data)."""
+    marker = Path(data_dir) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        info = read_json(marker)
+    except UserError:
+        return None
+    if not isinstance(info, dict) or info.get("kind") != MARKER_KIND:
+        return None
+    if isinstance(info.get("mpp"), (int, float)) and info["mpp"] > 0:
+        return float(info["mpp"])
+    size = (info.get("config") or {}).get("image_size")
+    return tile_mpp(size) if isinstance(size, int) and size > 0 else None
+
+
 def _remove_stale(output_dir: Path, previous: list[str], keep: set[str]) -> None:
     root = output_dir.resolve()
     for rel in previous:
@@ -311,7 +341,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_images", type=int, default=40, help="number of tiles")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--image_size", type=int, default=512,
-                        help="tile size in pixels (NuInsSeg tiles are 512; nuclei scale with it)")
+                        help="tile size in pixels (NuInsSeg tiles are 512; nuclei scale with it, and the true pixel size "
+                             "0.25 * 512 / image_size um/px is recorded in sample_data.json)")
 
 
 def run(args: argparse.Namespace) -> int:

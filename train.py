@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA, PyTorch 2)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--num_workers", type=int, default=min(8, utils.usable_cores()),
                    help="DataLoader worker processes (augmentation and targets at 1024 px take ~90 ms per image)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     g = parser.add_argument_group("model selection and folds")
@@ -101,9 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of each fold's training images used for validation (stratified by tissue)")
     g.add_argument("--mpp", type=float, default=None,
-                   help="the model's pixel size in microns (recorded with the model); images whose dataset.json "
-                        "gives another mpp are rescaled to it (default: the data's dataset.json mpp, else "
-                        f"{dataset.NUINSSEG_MPP}, NuInsSeg's)")
+                   help="the model's pixel size in microns, recorded with the model; images whose dataset.json "
+                        "gives another mpp are rescaled to it (default: the data's: the folders layout's dataset.json "
+                        "mpp, the value make_sample_data recorded for its data, else NuInsSeg's 0.25)")
     g.add_argument("--tile_size", type=int, default=None,
                    help="source pixels (at the model's pixel size) the network sees per input; images of another "
                         "size are trained on random windows of this size (default: the image side when all images "
@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "amp": bool(args.amp),
         "grad_clip": float(args.grad_clip),
         "compile": bool(args.compile),
-        "mpp": None if getattr(args, "mpp", None) is None else float(args.mpp),
+        "mpp": data_mpp(args.data_dir, getattr(args, "data_format", "auto")) if args.mpp is None else float(args.mpp),
         "data_format": getattr(args, "data_format", "auto"),
         "tile_size": getattr(args, "tile_size", None),
         "augmentation": dataset.augment_config_from_args(args).to_dict(),
@@ -160,6 +160,17 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
         "resume": bool(args.resume),
     }
+
+
+def data_mpp(data_dir: str | os.PathLike, data_format: str = "auto") -> float:
+    """Pixel size of the training data when --mpp is not given: the folders layout's dataset.json mpp, what
+    make_sample_data recorded for its synthetic tiles (0.5 um/px at 256 px), else NuInsSeg's."""
+    import sample_data
+
+    recorded = dataset.dataset_mpp(data_dir, data_format) if data_dir else None
+    if recorded is None and data_dir:
+        recorded = sample_data.recorded_mpp(data_dir)
+    return float(dataset.NUINSSEG_MPP) if recorded is None else recorded
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
@@ -178,14 +189,13 @@ def validate_config(config: Mapping[str, Any]) -> None:
         (config["grad_clip"] >= 0, "--grad_clip", "must be 0 (off) or positive"),
         (config["num_workers"] >= 0, "--num_workers", "must be 0 or more"),
         (config["seed"] >= 0, "--seed", "must be 0 or more"),
+        (config["mpp"] > 0, "--mpp", "must be a positive number of micrometres per pixel"),
         (config["fold_seed"] >= 0, "--fold_seed", "must be 0 or more"),
         (config["monitor"] in MONITOR_CHOICES, "--monitor", f"must be one of {', '.join(MONITOR_CHOICES)}"),
     ]
     for ok, option, problem in checks:
         if not ok:
             raise UserError(f"{option} {config[option[2:]]}: {problem}")
-    if config.get("mpp") is not None and not config["mpp"] > 0:
-        raise UserError(f"--mpp {config['mpp']}: must be a positive number of microns per pixel")
     if config.get("tile_size") is not None and int(config["tile_size"]) < 16:
         raise UserError(f"--tile_size {config['tile_size']}: must be at least 16 pixels")
     if config["fold"] is not None and not 0 <= config["fold"] < config["num_folds"]:
@@ -238,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(config["output_dir"])
     info = setup_distributed(config["device"])
     try:
+        configure_threads(args, config)
         if not info.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         if config["resume"]:
@@ -253,6 +264,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         info.shutdown()
     return 0
+
+
+def configure_threads(args: argparse.Namespace, config: Mapping[str, Any]) -> int:
+    """CPU threads of this process: the usable cores shared among the training processes of this machine
+    (torchrun's LOCAL_WORLD_SIZE) and their DataLoader workers, unless --threads / OMP_NUM_THREADS say."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = local_processes * (1 + max(0, int(config["num_workers"]))) - 1
+    return utils.configure_threads(getattr(args, "threads", None), workers=workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,7 +613,9 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # a wrong --pretrained (missing, corrupt, not MobileSAM) fails here, before the output folder is touched
+    # bad data (unreadable, truncated, 16-bit, wrong mask type or size) and a wrong --pretrained (missing,
+    # corrupt, not MobileSAM) fail here, before the output folder is touched
+    dataset.validate_dataset(samples)
     nuclei_model.build_model(config)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -641,13 +662,39 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
             write_cv_summary(output_dir, summary, config)
         else:
             copy_file_atomic(_fold_dir(output_dir, fold_ids[0]) / BEST, output_dir / BEST)
-        utils.write_json(output_dir / "summary.json", summary)
+        utils.write_json(output_dir / "summary.json", {**summary, "protocol": score_protocol(),
+                                                        "out_of_fold": out_of_fold_means(output_dir, summary)})
         if test_mean:
             log.info("test (mean over %d fold(s)): pq %s, aji %s, dice %s", len(tests), _fmt(test_mean.get("pq")),
                      _fmt(test_mean.get("aji")), _fmt(test_mean.get("dice")))
         log.info("done in %.0f s; models in %s", summary["seconds"], output_dir)
     barrier(info)
     return summary
+
+
+def score_protocol() -> str:
+    """How the test folds are scored, named in cv_summary.md and summary.json with evaluate's wording."""
+    import evaluate
+
+    return f"out-of-fold test images, ambiguous regions {evaluate.vague_protocol(True)}"
+
+
+def out_of_fold_means(output_dir: Path, summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Mean over all test images of all folds (each scored by the fold model that did not train on it) from
+    the folds' test_per_image.csv: the headline 'overall' number of `evaluate` on this model set."""
+    rows = []
+    for f in summary["folds"]:
+        path = _fold_dir(output_dir, f["fold"]) / "test_per_image.csv"
+        if not f.get("test") or not path.is_file():
+            return None
+        rows += utils.read_csv(path)
+    if not rows:
+        return None
+    means: dict[str, Any] = {"num_images": len(rows)}
+    for name in metrics.METRICS:
+        values = [float(r[name]) for r in rows if r.get(name) not in (None, "", "nan")]
+        means[name] = float(np.mean(values)) if values else None
+    return means
 
 
 def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -677,8 +724,14 @@ def write_cv_summary(output_dir: Path, summary: Mapping[str, Any], config: Mappi
         lines.append(f"| {r['fold']} | {r['best_epoch']} | " + " | ".join(_fmt(r[n]) for n in names) + " |")
     lines.append("| **mean ± sd** | | " + " | ".join(f"{_fmt(mean.get(n))} ± {_fmt(sd.get(n))}" for n in names)
                  + " |")
-    lines += ["", "Per-image metrics are averaged over each fold's images (ambiguous regions ignored); "
-              "mean ± sd are over folds (sample standard deviation)."]
+    lines += ["", f"Protocol: {score_protocol()}. Per-image metrics are averaged over each fold's images; "
+              "mean ± sd are over folds (sample standard deviation): the 'across folds' line of "
+              "`python main.py evaluate` on this model."]
+    oof = out_of_fold_means(output_dir, summary) if use_test else None
+    if oof:
+        lines += ["", f"Out-of-fold over all {oof['num_images']} images (mean over images, the headline of "
+                  f"`python main.py evaluate` on this model): PQ {_fmt(oof.get('pq'))}, AJI {_fmt(oof.get('aji'))}, "
+                  f"Dice {_fmt(oof.get('dice'))}."]
     utils.atomic_write_text(output_dir / "cv_summary.md", "\n".join(lines) + "\n")
 
 

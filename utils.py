@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -240,3 +241,143 @@ def parse_list(text: str | Iterable, cast=str, option: str = "value") -> list:
         return [cast(t) for t in items]
     except ValueError:
         raise UserError(f"{option} {text!r}: expected a comma-separated list of {cast.__name__}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU threads
+# ----------------------------------------------------------------------------------------------
+# OMP_NUM_THREADS as the user set it before this program changed it (spawned children re-import this
+# module with their parent's share in the environment; they never call the setup functions below).
+USER_OMP_NUM_THREADS: str | None = os.environ.get("OMP_NUM_THREADS")
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_USER_THREAD_ENV = {name: os.environ.get(name) for name in THREAD_ENV_VARS}
+
+
+def _cgroup_paths(proc_cgroup: str) -> dict[str, str]:
+    """controller ('' for cgroup v2) -> the process's cgroup path, from /proc/self/cgroup."""
+    out: dict[str, str] = {}
+    try:
+        text = Path(proc_cgroup).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers = parts[1].split(",") if parts[1] else [""]
+        for c in controllers:
+            out[c] = parts[2]
+    return out
+
+
+def _walk_up(root: Path, rel: str) -> list[Path]:
+    """The folders from root/rel up to root (a quota set on any ancestor limits this process too);
+    in a container the host's path does not exist under root, then only root itself is read."""
+    rel_parts = [p for p in rel.strip("/").split("/") if p]
+    folders = [root.joinpath(*rel_parts[:i]) for i in range(len(rel_parts), -1, -1)]
+    return [f for f in folders if f.is_dir()]
+
+
+def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """CPU quota of this process's cgroup in cores (e.g. 1.5), or None when there is none.
+
+    cgroup v2: `cpu.max` ("<quota> <period>" or "max <period>"); cgroup v1: `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us` in the `cpu` controller's hierarchy (-1 = no quota). The smallest quota of the
+    cgroup and its ancestors wins."""
+    root_path = Path(root)
+    paths = _cgroup_paths(proc_cgroup)
+    limits: list[float] = []
+    if "" in paths:  # cgroup v2 (unified)
+        for folder in _walk_up(root_path, paths[""]):
+            try:
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+            except (OSError, ValueError):
+                continue
+            if quota != "max" and float(period) > 0:
+                limits.append(float(quota) / float(period))
+    if "cpu" in paths:  # cgroup v1
+        for mount in (root_path / "cpu", root_path / "cpu,cpuacct", root_path / "cpuacct,cpu"):
+            if not mount.is_dir():
+                continue
+            for folder in _walk_up(mount, paths["cpu"]):
+                try:
+                    quota = float((folder / "cpu.cfs_quota_us").read_text())
+                    period = float((folder / "cpu.cfs_period_us").read_text())
+                except (OSError, ValueError):
+                    continue
+                if quota > 0 and period > 0:
+                    limits.append(quota / period)
+            break
+    return min(limits) if limits else None
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity (taskset, Slurm, cpusets) capped by the cgroup
+    CPU quota (Docker `--cpus`, Kubernetes limits), rounded up; not the machine's core count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota - 1e-9)))
+    return max(1, cores)
+
+
+def resolve_threads(threads: int | None = None, processes: int = 1, *, env_value: str | None = None,
+                    cores: int | None = None) -> int:
+    """Threads for each process of a command: `--threads` if given, else the user's OMP_NUM_THREADS
+    (`env_value`), else the usable cores divided among the `processes` the command runs (at least 1)."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads {threads}: must be at least 1")
+        return int(threads)
+    if env_value not in (None, ""):
+        try:
+            value = int(str(env_value).split(",")[0])
+        except ValueError:
+            raise UserError(f"OMP_NUM_THREADS={env_value}: not a number of threads") from None
+        if value >= 1:
+            return value
+    cores = usable_cores() if cores is None else cores
+    return max(1, cores // max(1, int(processes)))
+
+
+def set_openmp_wait_policy() -> None:
+    """Idle OpenMP threads sleep instead of spin-waiting (unless the user chose otherwise): on a machine
+    shared with other jobs, spinning threads steal the cores the working threads need (an epoch took 18x
+    longer). GNU OpenMP (torch's Linux wheels) reads OMP_WAIT_POLICY, Intel's reads KMP_BLOCKTIME; both are
+    read once, when the runtime loads, so this must run before torch is imported."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+
+def add_threads_argument(parser) -> None:
+    """`--threads N` (every command gets it through main.py)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process of this command (default: OMP_NUM_THREADS if set, else the "
+                             "cores this process may use (CPU affinity and cgroup quota) divided among the "
+                             "processes the command starts)")
+
+
+def preset_threads(threads: int | None) -> int:
+    """Before torch is loaded: the wait policy and a first thread count in the environment, so the OpenMP
+    runtime starts with it. `configure_threads` refines it once the command knows its worker processes."""
+    set_openmp_wait_policy()
+    return configure_threads(threads)
+
+
+def configure_threads(threads: int | None = None, workers: int = 0) -> int:
+    """Share the CPU among this process and the `workers` processes a command starts (DataLoader workers,
+    post-processing pools, ...): sets torch's thread count here (if torch is loaded) and the OMP/MKL thread
+    variables that spawned children inherit. Returns the threads per process."""
+    n = resolve_threads(threads, 1 + max(0, int(workers)), env_value=USER_OMP_NUM_THREADS)
+    for name in THREAD_ENV_VARS:
+        if threads is not None or name == "OMP_NUM_THREADS" or _USER_THREAD_ENV[name] in (None, ""):
+            # without --threads the user's own MKL/BLAS setting stays
+            os.environ[name] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "set_num_threads"):
+        torch.set_num_threads(n)
+    log.debug("%d CPU thread(s) per process (%d worker process(es))", n, workers)
+    return n

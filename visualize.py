@@ -245,6 +245,49 @@ def error_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, alpha: 
     return out, counts
 
 
+def zoom(array: np.ndarray, factor: int) -> np.ndarray:
+    """Each pixel repeated `factor` x `factor` times (images and label maps alike)."""
+    if factor <= 1:
+        return array
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def error_contours(image: np.ndarray, true: np.ndarray, pred: np.ndarray, zoom_factor: int = 2,
+                   thickness: int = 2) -> tuple[np.ndarray, dict[str, int]]:
+    """The errors of `pred` drawn as outlines, readable on crowded tiles (hundreds of nuclei in 256 px):
+    the picture is enlarged `zoom_factor` times (nearest neighbour) so outlines are thinner than a nucleus,
+    matched nuclei get a thin predicted outline (`PRED_CONTOUR_COLOR`), and each error nucleus a
+    `thickness`-pixel outline in its `ERROR_COLORS` colour (missed and split: the true nucleus; false
+    positive and merged: the prediction). Nothing is filled, so the tissue stays visible inside every
+    nucleus. Returns the picture and the counts of `error_overlay`."""
+    base = _check_image(image)
+    true = _check_labels(true, base)
+    pred = _check_labels(pred, base)
+    errors = classify_errors(true, pred)
+    out = zoom(base, zoom_factor).copy()
+    true_z, pred_z = zoom(true, zoom_factor), zoom(pred, zoom_factor)
+    matched = np.isin(pred_z, errors["matched_pred"]) if errors.get("matched_pred") else np.zeros_like(pred_z, bool)
+    out[boundaries(np.where(matched, pred_z, 0))] = PRED_CONTOUR_COLOR
+    for kind, labels in (("false_positive", pred_z), ("merged", pred_z), ("missed", true_z), ("split", true_z)):
+        if errors[kind]:
+            out[boundaries(np.where(np.isin(labels, errors[kind]), labels, 0), thickness)] = ERROR_COLORS[kind]
+    counts = {
+        "matched": len(errors["matched_true"]), "missed": len(errors["missed"]),
+        "false_positive": len(errors["false_positive"]), "split": len(errors["split"]),
+        "merged": len(errors["merged"]), "num_true": int(len(np.unique(true[true > 0]))),
+        "num_pred": int(len(np.unique(pred[pred > 0]))),
+    }
+    return out, counts
+
+
+def error_contour_legend(counts: Mapping[str, int] | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+    """(text, colour) pairs describing `error_contours`' outlines, with the counts when given."""
+    def text(key: str, label: str) -> str:
+        return f"{label}: {counts[key]}" if counts is not None and key in counts else label
+    return ([(text("matched", "matched (predicted outline)"), PRED_CONTOUR_COLOR)]
+            + [(text(k, ERROR_LABELS[k]), ERROR_COLORS[k]) for k in ERROR_COLORS])
+
+
 def error_legend_entries(counts: Mapping[str, int] | None = None) -> list[tuple[str, tuple[int, int, int]]]:
     """(text, colour) pairs describing `error_overlay`'s colours, with the counts when given."""
     def text(key: str, label: str) -> str:

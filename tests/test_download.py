@@ -300,3 +300,13 @@ def test_cli_offline_one_line_error(closed_port_url, tmp_path, monkeypatch, caps
 def test_cli_bad_options(tmp_path, monkeypatch, capsys, argv, message):
     rc, _, err = run_cli(monkeypatch, capsys, "--output_dir", str(tmp_path), *argv)
     assert rc == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1
+
+
+def test_failed_download_leaves_no_empty_output_folder(closed_port_url, tmp_path, monkeypatch, capsys):
+    """Issue 12, point 3: a failed download removes the folders it created (and only those)."""
+    target = tmp_path / "new" / "weights"
+    rc, _, err = run_cli(monkeypatch, capsys, "--output_dir", str(target), "--url", closed_port_url, "--timeout", "5")
+    assert rc == 2 and err.startswith("error: ")
+    assert not (tmp_path / "new").exists()
+    rc, _, _ = run_cli(monkeypatch, capsys, "--output_dir", str(tmp_path), "--url", closed_port_url, "--timeout", "5")
+    assert rc == 2 and tmp_path.is_dir()  # a folder that was there before stays

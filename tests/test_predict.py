@@ -124,11 +124,11 @@ def test_read_image_variants(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(np.dstack([rgb, np.full((20, 30), 255, np.uint8)])).save(tmp_path / "rgba.png")
     Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
-    tifffile.imwrite(tmp_path / "chw16.tif", np.moveaxis(rgb.astype(np.uint16) * 257, -1, 0))
+    tifffile.imwrite(tmp_path / "chw.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
     Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=95)
     assert np.array_equal(predict.read_image(tmp_path / "rgba.png"), rgb)
     assert np.array_equal(predict.read_image(tmp_path / "grey.png"), np.repeat(rgb[..., :1], 3, axis=2))
-    assert np.array_equal(predict.read_image(tmp_path / "chw16.tif"), rgb)
+    assert np.array_equal(predict.read_image(tmp_path / "chw.tif"), rgb)  # 16-bit: tests/test_image_io.py
     assert predict.read_image(tmp_path / "plain.jpg").shape == (20, 30, 3)
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(utils.UserError, match="broken.png"):
@@ -200,9 +200,14 @@ def test_command_outputs_bad_file_and_mpp(tiny_model, tmp_path, capsys):
 
 
 def test_command_rejects_bad_options(tiny_model, tmp_path, capsys):
-    status = main.main(["predict", "--model_path", str(tiny_model), "--input", "x.png", "--output_dir",
-                        str(tmp_path), "--tile_size", "64", "--overlap", "40", "--device", "cpu"])
+    from PIL import Image
+
+    Image.fromarray(synthetic_slide(64, 64, seed=2)[0]).save(tmp_path / "x.png")
+    status = main.main(["predict", "--model_path", str(tiny_model), "--input", str(tmp_path / "x.png"),
+                        "--output_dir", str(tmp_path / "out"), "--tile_size", "64", "--overlap", "40", "--device",
+                        "cpu"])
     assert status == 2 and "--overlap 40" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no empty output folder left behind
 
 
 def test_command_rejects_bad_output_dir_and_pretrained(tiny_model, tmp_path, capsys):

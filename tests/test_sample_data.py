@@ -104,3 +104,33 @@ def test_negative_seed_is_a_user_error_and_writes_nothing(tmp_path):
     with pytest.raises(UserError, match=r"^--seed -1: must be 0 or more$"):
         sample_data.make_sample_dataset(tmp_path / "out", num_images=2, seed=-1, image_size=64)
     assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_pixel_size_is_recorded_and_used_by_train(tmp_path):
+    """Issue 12, point 6: a 256 px synthetic tile is drawn at 0.5 um/px (nuclei half as many pixels wide as at
+    512 px); sample_data.json records it and train records it with the model unless --mpp is given."""
+    import argparse
+
+    import dataset
+    import sample_data
+    import train
+
+    sizes = {}
+    for size in (128, 256):
+        out = sample_data.make_sample_dataset(tmp_path / f"d{size}", num_images=3, seed=1, image_size=size)
+        mpp = sample_data.recorded_mpp(out)
+        assert mpp == pytest.approx(0.25 * 512 / size)
+        widths = []
+        for s in dataset.discover_nuinsseg(out):
+            labels = dataset.read_label_mask(s.label_path)
+            areas = np.bincount(labels.ravel())[1:]
+            widths += list(np.sqrt(areas[areas > 0]) * mpp)  # micrometres
+        sizes[size] = np.median(widths)
+        parser = argparse.ArgumentParser()
+        train.add_arguments(parser)
+        assert train.config_from_args(parser.parse_args(["--data_dir", str(out)]))["mpp"] == pytest.approx(mpp)
+        assert train.config_from_args(parser.parse_args(["--data_dir", str(out), "--mpp", "0.3"]))["mpp"] == 0.3
+    assert sizes[128] == pytest.approx(sizes[256], rel=0.25)  # the same physical nucleus size at both scales
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    assert train.config_from_args(parser.parse_args(["--data_dir", str(tmp_path)]))["mpp"] == 0.25  # real data

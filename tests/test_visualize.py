@@ -140,3 +140,29 @@ def test_plots(tmp_path):
                      tmp_path / "curves.png")):
         with Image.open(path) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_error_panel_is_outlines_not_fills_on_a_crowded_tile():
+    """Issue 12, point 7: hundreds of nuclei in 256 px: errors are outlined in their colour (enlarged 2x), the
+    inside of every nucleus keeps the tissue's colours, unlike error_overlay's fills."""
+    from skimage.morphology import binary_erosion, disk
+
+    rng = np.random.default_rng(3)
+    true = np.zeros((256, 256), np.int32)
+    k = 0
+    for y in range(4, 252, 12):
+        for x in range(4, 252, 12):
+            k += 1
+            true[y:y + 9, x:x + 9] = k          # 441 nuclei, 3 px apart
+    pred = np.where(rng.random(k + 1)[true] < 0.7, true, 0)   # ~30 % missed
+    image = rng.integers(100, 200, (256, 256, 3), dtype=np.uint8)
+    picture, counts = visualize.error_contours(image, true, pred, zoom_factor=2)
+    assert picture.shape == (512, 512, 3) and counts["missed"] == k - len(np.unique(pred[pred > 0]))
+    missed = int(true[(true > 0) & (pred == 0)][0])
+    inside = binary_erosion(visualize.zoom(true == missed, 2), disk(3))
+    big = visualize.zoom(image, 2)
+    assert inside.any() and np.array_equal(picture[inside], big[inside])           # not filled
+    outline = visualize.boundaries(visualize.zoom(np.where(true == missed, 1, 0), 2))
+    assert (picture[outline] == visualize.ERROR_COLORS["missed"]).all()              # outlined in red
+    filled, _ = visualize.error_overlay(image, true, pred)
+    assert not np.array_equal(filled[inside[::2, ::2]], image[inside[::2, ::2]])     # the old panel tinted it

@@ -1,0 +1,99 @@
+"""Issue 12, points 3, 4 and 7: data checked before anything is written, one exit-status rule and one-line
+option errors for every command, flags the parameter search would override refused, one --amp spelling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+import dataset
+import main
+import sample_data
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    return sample_data.make_sample_dataset(tmp_path / "data", num_images=4, seed=0, image_size=64)
+
+
+def _train(data, out, *extra):
+    return main.main(["-q", "train", "--data_dir", str(data), "--output_dir", str(out), "--pretrained", "none",
+                      "--input_size", "64", "--epochs", "1", "--num_workers", "0", "--num_folds", "2", *extra])
+
+
+def _break(sample, how):
+    if how == "float label":
+        tifffile.imwrite(sample.label_path, dataset.read_label_mask(sample.label_path).astype(np.float32))
+    elif how == "rgb label":
+        tifffile.imwrite(sample.label_path, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    elif how == "label size":
+        tifffile.imwrite(sample.label_path, np.zeros((32, 64), np.uint16))
+    elif how == "truncated png":
+        data = sample.image_path.read_bytes()
+        sample.image_path.write_bytes(data[: len(data) // 2])
+    elif how == "16-bit image":
+        tifffile.imwrite(sample.image_path.with_suffix(".tif"), np.zeros((64, 64, 3), np.uint16), photometric="rgb")
+        sample.image_path.unlink()
+    return sample.label_path if "label" in how else sample.image_path
+
+
+@pytest.mark.parametrize("how", ["float label", "rgb label", "label size", "truncated png", "16-bit image"])
+def test_train_checks_the_data_before_writing_anything(small_data, tmp_path, capsys, how):
+    bad = _break(dataset.discover_nuinsseg(small_data)[-1], how)
+    out = tmp_path / "run"
+    assert _train(small_data, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad.with_suffix('')}"), err
+    assert not out.exists()  # a plain rerun after fixing the data is not refused
+    assert main.main(["-q", "parameter_search", "--data_dir", str(small_data), "--output_dir", str(out),
+                      "--pretrained", "none", "--input_size", "64", "--lora_ranks", "2", "--lora_alphas", "2",
+                      "--learning_rates", "1e-3", "--epochs", "1", "--num_folds", "2"]) == 2
+    assert not out.exists()
+
+
+def test_option_errors_are_one_line_with_a_help_pointer(capsys):
+    for argv, line in (
+            (["train", "--epochs", "abc"],
+             "error: --epochs: invalid int value: 'abc' (see python main.py train --help)"),
+            (["predict", "--model_path", "m.pth"],
+             "error: --input: required (see python main.py predict --help)"),
+            (["evaluate", "--data_dir", "d", "--model_path", "m", "--bogus"],
+             "error: --bogus: unknown option (see python main.py evaluate --help)")):
+        assert main.main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_predict_input_that_matches_nothing_is_a_usage_error(tmp_path, capsys):
+    """No input exists at all: exit 2 before the model is loaded (a text file as model proves it is not
+    read), nothing written, one line."""
+    model = tmp_path / "model.pth"
+    model.write_text("not a checkpoint")
+    out = tmp_path / "out"
+    assert main.main(["-q", "predict", "--model_path", str(model), "--input", str(tmp_path / "*.tif"),
+                      str(tmp_path / "missing.png"), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --input ") and "no image file found" in err[0]
+    assert not out.exists()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main.main(["-q", "predict", "--model_path", str(model), "--input", str(tmp_path / "a.png"),
+                      "--output_dir", str(out), "--device", "cpu"]) == 2  # a text .pth: error, no folder
+    assert capsys.readouterr().err.startswith(f"error: ") and not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--lora_rank", "8"), ("--learning_rate", "1e-3"), ("--fold", "1"),
+                                         ("--lora_alpha", "8")])
+def test_parameter_search_refuses_flags_it_would_override(small_data, tmp_path, capsys, flag, value):
+    out = tmp_path / "search"
+    assert main.main(["-q", "parameter_search", "--data_dir", str(small_data), "--output_dir", str(out),
+                      "--pretrained", "none", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag}: set by the parameter search") and not out.exists()
+
+
+def test_amp_has_one_spelling_in_train_and_predict():
+    parser = main.build_parser()
+    for command in ("train", "predict"):
+        sub = parser.command_parsers[command]
+        options = {o for a in sub._actions for o in a.option_strings}
+        assert {"--amp", "--no-amp"} <= options and "--no_amp" not in options, command
