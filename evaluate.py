@@ -242,7 +242,10 @@ def is_cross_dataset(model_set: Any, samples: Sequence[Any], fold: int | None = 
         return False
     listed: set[str] = set()
     for member in model_set.members:
-        listed.update(member_test_images(member, model_set, model_path) or [])
+        test = member_test_images(member, model_set, model_path)
+        if test is None:  # no folds.json: nothing to compare with (assign_samples says so)
+            return False
+        listed.update(test)
     return not any(s.rel_path in listed for s in samples)
 
 
