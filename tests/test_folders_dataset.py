@@ -120,6 +120,17 @@ def test_folders_layout_errors(tmp_path, capsys, problem, expected):
     assert expected in line.replace("\\", "/") and not out.exists()
 
 
+def test_parameter_search_reads_the_folders_layout(tmp_path, capsys):
+    """parameter_search discovers through --data_format too: a folders-layout problem stops it before writing."""
+    root = make_folders_dataset(tmp_path / "d", per_size=1)
+    (root / "labels" / "img_00.tif").unlink()
+    out = tmp_path / "search"
+    line = _run_error(capsys, ["parameter_search", "--data_dir", str(root), "--output_dir", str(out),
+                               "--pretrained", "none", "--input_size", "64", "--epochs", "1", "--lora_ranks", "2",
+                               "--lora_alphas", "2", "--learning_rates", "1e-4", "--device", "cpu"])
+    assert "images/img_00.png: no label map" in line.replace("\\", "/") and not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Training windows
 # ----------------------------------------------------------------------------------------------
