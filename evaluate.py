@@ -711,7 +711,8 @@ def postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `evaluate` and `demo`: data, model, device, base weights, vague protocol."""
     parser.add_argument("--data_dir", default=None,
-                        help="NuInsSeg folder; when omitted, the data folder recorded in the model's config")
+                        help="dataset folder (NuInsSeg or folders layout, see --data_format); when omitted, the data "
+                             "folder recorded in the model's config")
     parser.add_argument("--model_path", required=True,
                         help="a CV output folder's best_model.pth (all fold models) or one checkpoint")
     import dataset

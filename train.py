@@ -56,7 +56,8 @@ TUNE_MARKER_FACTORS = (0.5, 1.0, 2.0)
 # ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data and output")
-    g.add_argument("--data_dir", required=True, help="NuInsSeg folder (<organ>/tissue images, label masks modify)")
+    g.add_argument("--data_dir", required=True, help="dataset folder: NuInsSeg layout (<organ>/tissue images, label masks modify) or the "
+                        "folders layout (images/, labels/; see --data_format)")
     dataset.add_data_format_argument(g)
     g.add_argument("--output_dir", default="output", help="folder for checkpoints, history and summaries")
     g.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir (files replaced)")
