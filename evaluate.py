@@ -581,10 +581,11 @@ def summary_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str
                         + [f"{_fmt(across[n]['mean'])} ± {_fmt(across[n]['sd'])}" for n in names] + [""])
         lines.append(_table(["fold", "images"] + header + ["pooled PQ"], body))
         lines.append("")
-    lines += ["## Per tissue (mean over images; ± sd over images for PQ)", ""]
+    scope = "group" if meta.get("data_format") == "folders" else "tissue"  # folders layout: groups.csv
+    lines += [f"## Per {scope} (mean over images; ± sd over images for PQ)", ""]
     body = [[t["tissue"], str(t["n"]), f"{_fmt(t['pq'])} ± {_fmt(t['pq_sd'])}"]
             + [_fmt(t[n]) for n in names if n != "pq"] for t in summary["per_tissue"]]
-    lines.append(_table(["tissue", "images", "PQ"] + [DISPLAY_NAMES.get(n, n) for n in names if n != "pq"],
+    lines.append(_table([scope, "images", "PQ"] + [DISPLAY_NAMES.get(n, n) for n in names if n != "pq"],
                         body))
     lines.append("")
     lines += ["Scores: PQ = SQ × RQ (pairs with IoU > 0.5), AJI/AJI+ aggregated Jaccard index, Dice/IoU of the "
@@ -793,6 +794,7 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
     if getattr(args, "mpp", None) is not None and not args.mpp > 0:
         raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
     args.data_mpp = args.mpp if getattr(args, "mpp", None) is not None else dataset.dataset_mpp(data_dir, data_format)
+    args.data_format = dataset.detect_format(data_dir, data_format)
     if not samples:
         raise UserError(f"--data_dir {data_dir}: no NuInsSeg images found (expected "
                         "<organ>/tissue images/*.png with matching label masks)")

@@ -215,6 +215,7 @@ def test_folders_dataset_trains_and_evaluates(tmp_path, capsys):
     assert [t["tissue"] for t in read_csv(ev / "per_tissue.csv")] == ["big", "small"]
     summary = read_json(ev / "summary.json")
     assert summary["protocol"].startswith("out-of-fold") and summary["cross_dataset"] is False
+    assert summary["data_format"] == "folders" and "## Per group" in (ev / "summary.md").read_text()
 
     # another dataset at 0.25 µm/px (rescaled by half for the 0.5 µm/px model): cross-dataset, best fold model
     other = make_folders_dataset(tmp_path / "d2", per_size=2, seed=5, mpp=0.25, prefix="other")
