@@ -320,7 +320,11 @@ def run(args: argparse.Namespace) -> int:
                      "nuclei": result.nuclei, "skipped_degenerate": result.skipped_degenerate,
                      "skipped_not_polygon": parsed.not_polygon, "overlapping_polygons": result.overlapping_polygons,
                      "overwritten_pixels": result.overwritten_pixels, "hidden_nuclei": result.hidden_nuclei})
-        if result.skipped_degenerate or result.overlapping_polygons or parsed.not_polygon:
+        if result.polygons and not result.nuclei:
+            log.warning("%s: none of its %d polygon(s) covers a pixel of %s (%d x %d): are its coordinates in "
+                        "another frame (a whole slide, another magnification)?", parsed.path.name, result.polygons,
+                        image_path.name, size[1], size[0])
+        elif result.skipped_degenerate or result.overlapping_polygons or parsed.not_polygon:
             log.info("%s: %d nuclei; %d degenerate polygon(s) skipped, %d non-polygon object(s) skipped, "
                      "%d polygon(s) overlap earlier ones (%d pixels overwritten, %d nuclei hidden)",
                      parsed.path.name, result.nuclei, result.skipped_degenerate, parsed.not_polygon,

@@ -205,3 +205,17 @@ def test_bad_inputs_fail_before_writing(tmp_path, capsys, problem, expected):
         assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     else:
         assert not out.exists()
+
+
+def test_polygons_outside_the_image_are_skipped_with_a_warning(tmp_path, caplog):
+    """Whole-slide coordinates on a tile: every polygon misses the image; skipped, counted and warned about."""
+    images, notes, out = tmp_path / "images", tmp_path / "xml", tmp_path / "out"
+    _write_image(images, "tile", 10, 10)
+    notes.mkdir()
+    (notes / "tile.xml").write_text(_xml([[[(5000, 5000), (5004, 5000), (5004, 5004)],
+                                          [(6000, 10), (6004, 10), (6004, 14)]]]))
+    assert main.main(["-q", "import_annotations", "--format", "imagescope_xml", "--images", str(images),
+                      "--annotations", str(notes), "--output_dir", str(out)]) == 0
+    assert not tifffile.imread(out / "labels" / "tile.tif").any()
+    assert read_csv(out / "import_report.csv")[0]["skipped_degenerate"] == "2"
+    assert "none of its 2 polygon(s) covers a pixel" in caplog.text
