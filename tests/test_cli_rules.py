@@ -97,3 +97,19 @@ def test_amp_has_one_spelling_in_train_and_predict():
         sub = parser.command_parsers[command]
         options = {o for a in sub._actions for o in a.option_strings}
         assert {"--amp", "--no-amp"} <= options and "--no_amp" not in options, command
+
+
+def test_exit_status_rule_through_main(tmp_path, monkeypatch, capsys):
+    """0 done, 2 usage error before any work, 130 interrupted (1: tests/test_predict.py, a batch with bad inputs)."""
+    args = ["-q", "make_sample_data", "--output_dir", str(tmp_path / "d"), "--num_images", "1", "--image_size", "32"]
+    assert main.main(args) == 0
+    assert main.main(["make_sample_data", "--num_images", "x"]) == 2
+    assert main.main(["make_sample_data", "--threads", "0", "--output_dir", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists()
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_data, "run", interrupted)
+    assert main.main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
