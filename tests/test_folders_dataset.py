@@ -3,6 +3,7 @@ training windows at the model's pixel size, training and evaluating on non-squar
 cross-dataset evaluation, and the NuInsSeg sample giving the same per-image metrics in both layouts."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -177,6 +178,34 @@ def test_window_dataset_windows_padding_scale(tmp_path):
     half = dataset.WindowDataset([sample], input_size=64, tile_size=64, scale=0.5)
     assert len(half) == 3 and half._load(0)[0].shape == (96, 128, 3)
     assert dataset.default_tile_size([sample]) == 192 and dataset.needs_windows([sample], 192)
+
+
+def test_training_data_scale_tile_and_windows(tmp_path, synthetic_data_dir):
+    """train's data set-up: the model's pixel size, the rescaling factor, the default tile and window mode."""
+    import train
+
+    data = make_folders_dataset(tmp_path / "d", per_size=1, mpp=0.5)
+
+    def config(*extra):
+        parser = argparse.ArgumentParser()
+        train.add_arguments(parser)
+        cfg = train.config_from_args(parser.parse_args(["--data_dir", str(data), *extra]))
+        samples = train.discover_training_data(cfg)
+        return cfg, samples
+
+    cfg, samples = config()                       # the data's own pixel size: no rescaling
+    assert (cfg["mpp"], cfg["data_mpp"], train.data_scale(cfg), cfg["tile_size"], cfg["windows"]) == \
+        (0.5, 0.5, 1.0, 80, True) and len(samples) == 2
+    cfg, _ = config("--mpp", "0.25")             # a 0.25 µm/px model: images enlarged 2x, smallest side 160
+    assert (cfg["mpp"], train.data_scale(cfg), cfg["tile_size"], cfg["windows"]) == (0.25, 2.0, 160, True)
+    cfg, _ = config("--tile_size", "64", "--data_format", "folders")
+    assert cfg["tile_size"] == 64 and cfg["windows"] is True
+    # NuInsSeg layout, every image one 128-px tile: the whole-image path, as before
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    cfg = train.config_from_args(parser.parse_args(["--data_dir", str(synthetic_data_dir)]))
+    train.discover_training_data(cfg)
+    assert (cfg["tile_size"], cfg["windows"], cfg["data_mpp"]) == (128, False, None)
 
 
 # ----------------------------------------------------------------------------------------------
