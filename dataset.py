@@ -770,3 +770,297 @@ def make_loader(dataset: "Dataset", batch_size: int, shuffle: bool, num_workers:
         worker_init_fn=seed_worker,
         persistent_workers=int(num_workers) > 0,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The generic "folders" layout (any dataset: MoNuSeg, CPM, QuPath exports via import_annotations)
+# ----------------------------------------------------------------------------------------------
+# <data_dir>/images/<stem>.(png|jpg|tif|tiff)      H&E image of any size
+# <data_dir>/labels/<stem>.(tif|tiff|png)          instance ids, 0 = background (uint8/16/32)
+# <data_dir>/ignore/<stem>.png                     optional: non-zero = excluded from scoring (like vague areas)
+# <data_dir>/dataset.json                          optional: {"mpp": <micrometres per pixel>}
+# <data_dir>/groups.csv                            optional: "stem,group" rows (the group plays NuInsSeg's tissue)
+FOLDERS_IMAGE_DIR = "images"
+FOLDERS_LABEL_DIR = "labels"
+FOLDERS_IGNORE_DIR = "ignore"
+FOLDERS_INFO = "dataset.json"
+FOLDERS_GROUPS = "groups.csv"
+FOLDERS_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+FOLDERS_LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+FOLDERS_IGNORE_SUFFIXES = (".png", ".tif", ".tiff")
+FOLDERS_DEFAULT_GROUP = "all"
+DATA_FORMATS = ("auto", "nuinsseg", "folders")
+
+
+def is_folders_layout(data_dir: str | os.PathLike) -> bool:
+    """True when `data_dir` has the `images/` and `labels/` folders of the folders layout."""
+    data_dir = Path(data_dir)
+    return (data_dir / FOLDERS_IMAGE_DIR).is_dir() and (data_dir / FOLDERS_LABEL_DIR).is_dir()
+
+
+def detect_format(data_dir: str | os.PathLike, data_format: str = "auto") -> str:
+    """"nuinsseg" or "folders": `data_format` itself, or with "auto" the layout found in `data_dir`."""
+    if data_format not in DATA_FORMATS:
+        raise UserError(f"--data_format {data_format}: choose one of {', '.join(DATA_FORMATS)}")
+    if data_format != "auto":
+        return data_format
+    return "folders" if is_folders_layout(data_dir) else "nuinsseg"
+
+
+def add_data_format_argument(parser: argparse.ArgumentParser) -> None:
+    """`--data_format auto|nuinsseg|folders` (read back by `discover`)."""
+    parser.add_argument("--data_format", choices=DATA_FORMATS, default="auto",
+                        help="layout of --data_dir: nuinsseg (<organ>/tissue images, label masks modify), folders "
+                             "(images/, labels/, optional ignore/, dataset.json, groups.csv; see docs/data.md), "
+                             "or auto: folders when images/ and labels/ exist, else nuinsseg")
+
+
+def read_dataset_info(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The folders layout's optional `dataset.json` ({} when absent); `mpp` checked to be a positive number."""
+    path = Path(data_dir) / FOLDERS_INFO
+    if not path.is_file():
+        return {}
+    info = read_json(path)
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object such as {{\"mpp\": 0.25}}")
+    mpp = info.get("mpp")
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not mpp > 0):
+        raise UserError(f"{path}: 'mpp' must be a positive number of micrometres per pixel, got {mpp!r}")
+    return info
+
+
+def dataset_mpp(data_dir: str | os.PathLike, data_format: str = "auto") -> float | None:
+    """Pixel size of a dataset's images in µm: the folders layout's dataset.json `mpp`; None when unknown
+    (a NuInsSeg-layout folder, or no dataset.json: the caller assumes the model's pixel size)."""
+    if detect_format(data_dir, data_format) != "folders":
+        return None
+    mpp = read_dataset_info(data_dir).get("mpp")
+    return None if mpp is None else float(mpp)
+
+
+def _read_groups(path: Path, stems: Sequence[str]) -> dict[str, str]:
+    """stem -> group from `groups.csv` ("stem,group" rows, optional header); unknown stems are an error."""
+    import csv
+
+    known = set(stems)
+    groups: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read the groups file ({e})") from None
+    for number, row in enumerate(rows, start=1):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue
+        if number == 1 and [c.lower() for c in cells[:2]] == ["stem", "group"]:
+            continue
+        if len(cells) != 2 or not cells[0] or not cells[1]:
+            raise UserError(f"{path}: line {number}: expected 'stem,group', got {','.join(row)!r}")
+        stem, group = cells
+        if stem not in known and Path(stem).stem in known and Path(stem).suffix.lower() in FOLDERS_IMAGE_SUFFIXES:
+            stem = Path(stem).stem  # a file name instead of a stem
+        if stem not in known:
+            raise UserError(f"{path}: line {number}: no image '{stem}' in {FOLDERS_IMAGE_DIR}/")
+        if stem in groups:
+            raise UserError(f"{path}: line {number}: '{stem}' is listed twice")
+        groups[stem] = group
+    return groups
+
+
+def image_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file from its header (no pixel decoding where the format allows)."""
+    path = Path(path)
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            width, height = im.size
+        return int(height), int(width)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except Exception:  # PIL cannot parse some TIFF variants: ask tifffile, then give up naming the file
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:
+                import tifffile
+
+                with tifffile.TiffFile(path) as tif:
+                    shape = tif.series[0].shape
+                    axes = tif.series[0].axes
+                return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+            except Exception as e:
+                raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: unreadable image") from None
+
+
+def discover_folders(data_dir: str | os.PathLike) -> list[Sample]:
+    """All images of a folders-layout dataset with their label maps (and ignore masks), sorted by `rel_path`
+    (`images/<file>`). `Sample.tissue` holds the image's group from groups.csv (`all` without one).
+
+    Checked before anything is trained or written, each problem one UserError naming the file: an image
+    without labels, labels without an image, a label map or ignore mask whose size differs from its image,
+    label maps that are not integer instance ids."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: data directory not found")
+    expected = (f"expected the folders layout '{FOLDERS_IMAGE_DIR}/<stem>.png' with "
+                f"'{FOLDERS_LABEL_DIR}/<stem>.tif'")
+    if not is_folders_layout(data_dir):
+        raise UserError(f"{data_dir}: no '{FOLDERS_IMAGE_DIR}' and '{FOLDERS_LABEL_DIR}' folders ({expected})")
+    images = _files_by_stem(data_dir / FOLDERS_IMAGE_DIR, FOLDERS_IMAGE_SUFFIXES, "image")
+    labels = _files_by_stem(data_dir / FOLDERS_LABEL_DIR, FOLDERS_LABEL_SUFFIXES, "label map")
+    ignore_dir = data_dir / FOLDERS_IGNORE_DIR
+    ignore = _files_by_stem(ignore_dir, FOLDERS_IGNORE_SUFFIXES, "ignore mask") if ignore_dir.is_dir() else {}
+    if not images:
+        raise UserError(f"{data_dir / FOLDERS_IMAGE_DIR}: no images ({expected})")
+    for stem, image_path in images.items():
+        if stem not in labels:
+            raise UserError(f"{image_path}: no label map for this image (expected "
+                            f"{data_dir / FOLDERS_LABEL_DIR / (stem + '.tif')})")
+    for stem, label_path in labels.items():
+        if stem not in images:
+            raise UserError(f"{label_path}: label map without an image (expected "
+                            f"{data_dir / FOLDERS_IMAGE_DIR / (stem + '.png')})")
+    for stem, mask_path in ignore.items():
+        if stem not in images:
+            log.warning("%s: ignore mask without an image, not used", mask_path)
+    groups_path = data_dir / FOLDERS_GROUPS
+    groups = _read_groups(groups_path, list(images)) if groups_path.is_file() else {}
+    ungrouped = [s for s in images if groups and s not in groups]
+    if ungrouped:
+        log.warning("%s: %d image(s) not listed (e.g. %s); they form the group '%s'", groups_path,
+                    len(ungrouped), ungrouped[0], FOLDERS_DEFAULT_GROUP)
+    read_dataset_info(data_dir)  # a malformed dataset.json fails here, before any work
+
+    samples: list[Sample] = []
+    for stem, image_path in images.items():
+        shape = image_shape(image_path)
+        label_shape = read_label_mask(labels[stem]).shape  # also checks: integer ids, one channel
+        if label_shape != shape:
+            raise UserError(f"{labels[stem]}: label map is {label_shape[1]}x{label_shape[0]} but its image "
+                            f"{image_path.name} is {shape[1]}x{shape[0]}")
+        mask = ignore.get(stem)
+        if mask is not None and (mask_shape := read_vague_mask(mask).shape) != shape:
+            raise UserError(f"{mask}: ignore mask is {mask_shape[1]}x{mask_shape[0]} but its image "
+                            f"{image_path.name} is {shape[1]}x{shape[0]}")
+        samples.append(Sample(image_path=image_path, label_path=labels[stem], vague_path=mask,
+                              tissue=groups.get(stem, FOLDERS_DEFAULT_GROUP), name=stem,
+                              rel_path=f"{FOLDERS_IMAGE_DIR}/{image_path.name}"))
+    samples.sort(key=lambda s: s.rel_path)
+    log.info("%s: %d images in %d group(s) (%d with ignore masks)", data_dir, len(samples),
+             len({s.tissue for s in samples}), sum(s.vague_path is not None for s in samples))
+    return samples
+
+
+def discover(data_dir: str | os.PathLike, data_format: str = "auto") -> list[Sample]:
+    """The samples of `data_dir` in either layout (`data_format`: auto, nuinsseg or folders)."""
+    if detect_format(data_dir, data_format) == "folders":
+        return discover_folders(data_dir)
+    return discover_nuinsseg(data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training on images of any size: random windows of the model's tile at the model's pixel size
+# ----------------------------------------------------------------------------------------------
+def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
+    """(H, W) of an image resized by `scale` (the rounding `predict` uses for --mpp)."""
+    h, w = int(shape[0]), int(shape[1])
+    if scale == 1.0:
+        return h, w
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def needs_windows(samples: Sequence[Sample], tile_size: int, scale: float = 1.0) -> bool:
+    """True unless every image, rescaled by `scale`, is exactly `tile_size` x `tile_size` (then the network
+    sees whole images, the NuInsSeg path); otherwise training takes windows and scoring tiles whole images."""
+    return any(scaled_shape(image_shape(s.image_path), scale) != (int(tile_size), int(tile_size))
+               for s in samples)
+
+
+def default_tile_size(samples: Sequence[Sample], scale: float = 1.0) -> int:
+    """Source pixels (at the model's pixel size) of one training window when none is given: the image side
+    when all images are the same square, else the smallest image side, so every window lies inside its image."""
+    shapes = {scaled_shape(image_shape(s.image_path), scale) for s in samples}
+    if len(shapes) == 1 and len({*next(iter(shapes))}) == 1:
+        return next(iter(shapes))[0]
+    return min(min(shape) for shape in shapes)
+
+
+def _pad_pair(image: np.ndarray, labels: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad image and labels at the bottom/right to at least (height, width) by mirroring; mirrored nuclei get
+    new ids (original id + the largest id) so no instance spans the original and its mirror image."""
+    pad_h, pad_w = max(height - image.shape[0], 0), max(width - image.shape[1], 0)
+    if not (pad_h or pad_w):
+        return image, labels
+    h, w = labels.shape
+    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
+    labels = labels.astype(np.int64)
+    top = int(labels.max()) if labels.size else 0
+    padded = np.pad(labels, ((0, pad_h), (0, pad_w)), mode="symmetric")
+    mirrored = np.ones(padded.shape, dtype=bool)
+    mirrored[:h, :w] = False
+    padded[mirrored & (padded > 0)] += top
+    return image, padded
+
+
+class WindowDataset(NucleiDataset):
+    """Training items from images of any size and pixel size: each image is rescaled by `scale` (its mpp /
+    the model's mpp), then a window of `tile_size` x `tile_size` pixels is cut (images smaller than a window
+    are mirror-padded) and resized to `input_size`, as `predict` does with each tile of a large image.
+
+    With `random_windows`, an image of area A contributes max(1, round(A / tile_size²)) windows per epoch at
+    random positions drawn from (seed, epoch, item), so an epoch covers about every pixel once; augmentation
+    as in `NucleiDataset`. Without, one centred window per image (item index = image index; validation loss).
+    Items have `NucleiDataset`'s keys; "index" is the item index.
+    """
+
+    def __init__(self, samples: Sequence[Sample], input_size: int, tile_size: int, scale: float = 1.0,
+                 augment: AugmentConfig | None = None, seed: int = 0, preload: bool = True,
+                 random_windows: bool = True) -> None:
+        if int(tile_size) < 16:
+            raise UserError(f"--tile_size {tile_size}: must be at least 16 pixels")
+        if not scale > 0:
+            raise UserError(f"--mpp: the image/model pixel-size ratio {scale} must be positive")
+        self.tile_size = int(tile_size)
+        self.scale = float(scale)
+        self.random_windows = bool(random_windows)
+        super().__init__(samples, input_size, augment=augment, seed=seed, preload=False)
+        self.windows: list[int] = []  # item -> image index
+        for i, sample in enumerate(self.samples):
+            h, w = scaled_shape(image_shape(sample.image_path), self.scale)
+            count = max(1, int(round(h * w / float(self.tile_size) ** 2))) if self.random_windows else 1
+            self.windows.extend([i] * count)
+        if preload:
+            self.preload()
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._cache[index]
+        if cached is None:
+            image, labels, _ = load_sample(self.samples[index])
+            size = scaled_shape(image.shape[:2], self.scale)
+            if size != image.shape[:2]:
+                image, labels = resize_image(image, size), resize_labels(labels, size)
+            cached = (image, _compact_labels(labels))
+            self._cache[index] = cached
+        return cached
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def item_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 (S,S,3), labels (S,S)): a window, augmented and resized to the input size."""
+        image, labels = self._load(self.windows[index])
+        t = self.tile_size
+        image, labels = _pad_pair(image, labels, t, t)
+        h, w = labels.shape
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        if self.random_windows:
+            y, x = int(rng.integers(0, h - t + 1)), int(rng.integers(0, w - t + 1))
+        else:
+            y, x = (h - t) // 2, (w - t) // 2
+        image, labels = image[y:y + t, x:x + t], labels[y:y + t, x:x + t]
+        if self.augment is not None:
+            image, labels = augment(image, labels, rng, self.augment)
+        size = self.input_size
+        return (resize_image(np.ascontiguousarray(image), size),
+                resize_labels(np.ascontiguousarray(labels), size))

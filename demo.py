@@ -116,8 +116,12 @@ def run(args: argparse.Namespace) -> int:
         if test and member.fold is not None and any(s.rel_path in set(test) for s in samples):
             fold = member.fold
             log.info("single model of fold %d: choosing among the images of its test fold", fold)
-    assignments = evaluate.assign_samples(model_set, samples, fold=fold, model_path=args.model_path,
-                                          data_dir=data_dir)
+    cross = evaluate.is_cross_dataset(model_set, samples, fold, args.model_path)
+    if cross:  # data the CV model was not trained on: one model (or the ensemble) for every image
+        assignments, scored_by = evaluate.cross_dataset_assignments(model_set, samples, args.ensemble)
+    else:
+        assignments = evaluate.assign_samples(model_set, samples, fold=fold, model_path=args.model_path,
+                                              data_dir=data_dir)
     chosen = choose_images(assignments, args.num_samples, args.seed)
     if not chosen:
         raise UserError(f"--data_dir {data_dir}: no image to show with this model")
@@ -130,10 +134,12 @@ def run(args: argparse.Namespace) -> int:
     for member, fold, sample in tqdm(chosen, desc="demo", unit="img", disable=getattr(args, "quiet", False)):
         image, labels, vague = dataset.load_sample(sample)
         if id(member) not in nets:   # LoRA merged, Conv+BN folded: same outputs, faster
-            nets[id(member)] = nuclei_model.prepare_for_inference(member.model)
-        fg, hv = nuclei_model.predict_maps([nets[id(member)]], image, model_set.input_size, device)
+            nets[id(member)] = [nuclei_model.prepare_for_inference(m) for m in evaluate.member_models(member)]
+        # whole image through the network, or through predict's tiled engine when it is not one training tile
+        (fg, hv), = evaluate.segment_maps(model_set, nets[id(member)], [image], device, mpp=args.data_mpp)
         settings = evaluate.member_postprocess(model_set, member, overrides)
         pred = postprocess.postprocess(fg, hv, postprocess.PostprocessConfig.from_dict(settings))
+        pred = evaluate.labels_to_image(pred, labels.shape)
         ignore = vague if args.ignore_vague else None
         scores = metrics.instance_metrics(labels, pred, ignore=ignore)
         shown_true, shown_pred = labels, pred
@@ -161,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                         "errors": counts, "postprocess": settings})
     meta = {"model": str(args.model_path), "data": str(data_dir), "images shown": str(len(entries)),
             "seed": str(args.seed),
-            "pairing": ("each image predicted by the fold model that did not train on it" if model_set.is_cv
+            "pairing": (f"cross-dataset: {scored_by}" if cross else
+                        "each image predicted by the fold model that did not train on it" if model_set.is_cv
                         else "single model"),
             "ambiguous regions": "ignored" if args.ignore_vague else "scored"}
     utils.atomic_write_text(output_dir / "index.html", render_index(entries, "Nuclei segmentation demo", meta))

@@ -202,6 +202,118 @@ def output_stems(samples: Sequence[Any]) -> dict[str, str]:
     return stems
 
 
+@dataclasses.dataclass
+class Ensemble:
+    """Stands in for a member in an assignment: all fold models of a CV set, their maps averaged."""
+
+    members: list[Any]
+    fold: int | None = None
+    test_images: list[str] | None = None
+    postprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def models(self) -> list[Any]:
+        return [m.model for m in self.members]
+
+
+def member_models(member: Any) -> list[Any]:
+    """The networks of an assignment's member: one model, or every fold model of an `Ensemble`."""
+    return list(member.models) if isinstance(member, Ensemble) else [member.model]
+
+
+def training_overlap(samples: Sequence[Any], model_set: Any,
+                     model_path: str | os.PathLike | None = None) -> list[str] | None:
+    """File names of `samples` that the training run's folds.json also lists (compared by file name, so a copy
+    of the training images in another layout counts); None when no folds.json is found (unknown)."""
+    import dataset
+
+    folds_path = find_folds_json(model_path, model_set)
+    if folds_path is None:
+        return None
+    names = {Path(p).name for p in dataset.read_folds_json(folds_path)["images"]}
+    return [Path(s.rel_path).name for s in samples if Path(s.rel_path).name in names]
+
+
+def is_cross_dataset(model_set: Any, samples: Sequence[Any], fold: int | None = None,
+                     model_path: str | os.PathLike | None = None) -> bool:
+    """True for a CV model set (no --fold) and data none of whose images (by relative path) is in any fold's
+    test set: another dataset, scored whole by the ensemble or the best fold model."""
+    if not getattr(model_set, "is_cv", False) or fold is not None:
+        return False
+    listed: set[str] = set()
+    for member in model_set.members:
+        test = member_test_images(member, model_set, model_path)
+        if test is None:  # no folds.json: nothing to compare with (assign_samples says so)
+            return False
+        listed.update(test)
+    return not any(s.rel_path in listed for s in samples)
+
+
+def cross_dataset_assignments(model_set: Any, samples: Sequence[Any], ensemble: bool
+                              ) -> tuple[list[tuple[Any, int | None, list[Any]]], str]:
+    """Every image to the fold-model ensemble (`ensemble`) or to the fold model with the best validation
+    score (`predict.select_models`); returns (assignments, which model in words)."""
+    import predict
+
+    members = list(model_set.members)
+    if ensemble and len(members) > 1:
+        return ([(Ensemble(members), None, sorted(samples, key=lambda s: s.rel_path))],
+                f"ensemble of the {len(members)} fold models (maps averaged)")
+    best = predict.select_models(model_set, ensemble=False)[0]
+    member = next(m for m in members if m.model is best)
+    which = (f"best fold model (fold {member.fold}, highest validation "
+             f"{(model_set.config or {}).get('monitor', 'pq')})" if len(members) > 1 else "the model")
+    return [(member, None, sorted(samples, key=lambda s: s.rel_path))], which
+
+
+def needs_tiling(model_set: Any, shape: Sequence[int], mpp: float | None = None) -> bool:
+    """True when an image of `shape` (H, W) at `mpp` µm/px is not exactly one training tile at the model's
+    pixel size: it is then segmented whole through predict's tiled engine instead of resized as one input.
+    (A model whose config records no `tile_size` is tiled only for another pixel size.)"""
+    import predict
+
+    same_scale = mpp is None or abs(float(mpp) / predict.model_mpp(model_set) - 1.0) < 1e-6
+    if not (getattr(model_set, "config", None) or {}).get("tile_size"):
+        return not same_scale  # a model that records no tile size: images go whole, as they always did
+    tile = predict.model_tile_size(model_set)
+    return not same_scale or tuple(int(v) for v in shape[:2]) != (tile, tile)
+
+
+def segment_maps(model_set: Any, models: Sequence[Any], images: Sequence[np.ndarray], device: Any,
+                 mpp: float | None = None, batch_size: int = 1) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(foreground probability, HV maps | None) of each image, averaged over `models`: an image of the model's
+    tile size and pixel size goes through the network whole (maps at its size, the NuInsSeg path); any other
+    image through `predict.image_maps`, the tiled engine of `predict` (maps at the model's pixel size, so the
+    post-processed labels must be resized back to the image: `labels_to_image`)."""
+    import nuclei_model
+    import predict
+
+    input_size = _model_input_size(model_set)
+    out: list[Any] = [None] * len(images)
+    direct = [i for i, im in enumerate(images) if not needs_tiling(model_set, im.shape, mpp)]
+    if direct:
+        maps = nuclei_model.predict_maps_batch(list(models), [images[i] for i in direct], input_size, device)
+        for i, m in zip(direct, maps):
+            out[i] = m
+
+    def maps_fn(tiles: list) -> list:
+        return nuclei_model.predict_maps_batch(list(models), tiles, input_size, device)
+
+    for i, image in enumerate(images):
+        if out[i] is None:
+            fg, hv, _ = predict.image_maps(model_set, image, mpp=mpp, maps_fn=maps_fn, batch_size=max(1, batch_size))
+            out[i] = (fg, hv)
+    return out
+
+
+def labels_to_image(pred: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Predicted labels at the model's pixel size back to the image's (H, W) (nearest neighbour)."""
+    import dataset
+
+    shape = (int(shape[0]), int(shape[1]))
+    return pred if pred.shape == shape else dataset.resize_labels(pred, shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # Scoring one image (runs in a worker process: only plain arrays and strings come in)
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +325,8 @@ def score_image(task: Mapping[str, Any]) -> dict[str, Any]:
     overlays), predictions_dir, overlays_dir. Returns the per_image.csv row.
     """
     config = postprocess.PostprocessConfig.from_dict(task["postprocess"])
-    pred = postprocess.postprocess(task["foreground"], task["hv"], config)
     labels = task["labels"]
+    pred = labels_to_image(postprocess.postprocess(task["foreground"], task["hv"], config), labels.shape)
     ignore = task["vague"] if task["ignore_vague"] else None
     scores = metrics.instance_metrics(labels, pred, ignore=ignore)
     row: dict[str, Any] = {"image": task["image"]}
@@ -274,7 +386,8 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
                        device: Any = None, batch_size: int = 1, num_workers: int = 0,
                        postprocess_overrides: Mapping[str, Any] | None = None, ignore_vague: bool = False,
                        fold: int | None = None, predictions_dir: str | os.PathLike | None = None,
-                       overlays_dir: str | os.PathLike | None = None, progress: bool = True) -> list[dict]:
+                       overlays_dir: str | os.PathLike | None = None, progress: bool = True,
+                       mpp: float | None = None) -> list[dict]:
     """Score `model_set` on `samples`; returns the per-image rows (columns `PER_IMAGE_COLUMNS`) sorted by image.
 
     Images are paired with models by `assign_samples` (out-of-fold for a CV set; `fold` restricts to one
@@ -282,6 +395,8 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
     (`member_postprocess`) plus `postprocess_overrides`. Post-processing, scoring and file writing run in
     `num_workers` spawned processes (0 = in this process) while the model predicts the next batch; images
     are read by a background thread. `predictions_dir`/`overlays_dir` turn on the label TIFFs / overlays.
+    `mpp` is the images' pixel size (None: the model's); images that are not one training tile at the model's
+    pixel size are segmented whole through predict's tiled engine (`segment_maps`) and scored at their own size.
     """
     import nuclei_model
 
@@ -302,8 +417,8 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
         raise UserError("--mode hv: this model has a binary head (no HV maps); use --mode binary")
     input_size = _model_input_size(model_set)
     # LoRA merged and Conv+BN folded once per model: same outputs, faster inference
-    nets = {id(member): nuclei_model.prepare_for_inference(member.model) for member, _, group in assignments
-            if group}
+    nets = {id(member): [nuclei_model.prepare_for_inference(m) for m in member_models(member)]
+            for member, _, group in assignments if group}
     all_samples = [s for _, _, group in assignments for s in group]
     stems = output_stems(all_samples)
     for folder in (predictions_dir, overlays_dir):
@@ -337,8 +452,8 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
         for j, (member, fold_id, batch) in enumerate(jobs):
             loaded = next_load.result()
             next_load = reader.submit(_load_batch, jobs[j + 1][2]) if j + 1 < len(jobs) else None
-            maps = nuclei_model.predict_maps_batch([nets[id(member)]], [item[0] for item in loaded],
-                                                   input_size, device)
+            maps = segment_maps(model_set, nets[id(member)], [item[0] for item in loaded], device, mpp=mpp,
+                                batch_size=batch_size)
             for sample, (rgb, labels, vague), (fg, hv) in zip(batch, loaded, maps):
                 task = {
                     "image": sample.rel_path, "tissue": sample.tissue, "fold": fold_id,
@@ -437,6 +552,8 @@ def summary_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str
     lines = ["# Evaluation", ""]
     lines += [f"- model: `{meta.get('model_path')}`", f"- data: `{meta.get('data_dir')}`",
               f"- protocol: {meta.get('protocol')}",
+              *([f"- scored by: {meta['scored_by']}"] if meta.get("scored_by") else []),
+              *([f"- training images: {meta['training_overlap']}"] if meta.get("training_overlap") else []),
               f"- images scored: {summary['num_images']}",
               f"- ambiguous (vague) regions: {vague_protocol(bool(meta.get('ignore_vague')))}",
               ""]
@@ -464,10 +581,11 @@ def summary_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str
                         + [f"{_fmt(across[n]['mean'])} ± {_fmt(across[n]['sd'])}" for n in names] + [""])
         lines.append(_table(["fold", "images"] + header + ["pooled PQ"], body))
         lines.append("")
-    lines += ["## Per tissue (mean over images; ± sd over images for PQ)", ""]
+    scope = "group" if meta.get("data_format") == "folders" else "tissue"  # folders layout: groups.csv
+    lines += [f"## Per {scope} (mean over images; ± sd over images for PQ)", ""]
     body = [[t["tissue"], str(t["n"]), f"{_fmt(t['pq'])} ± {_fmt(t['pq_sd'])}"]
             + [_fmt(t[n]) for n in names if n != "pq"] for t in summary["per_tissue"]]
-    lines.append(_table(["tissue", "images", "PQ"] + [DISPLAY_NAMES.get(n, n) for n in names if n != "pq"],
+    lines.append(_table([scope, "images", "PQ"] + [DISPLAY_NAMES.get(n, n) for n in names if n != "pq"],
                         body))
     lines.append("")
     lines += ["Scores: PQ = SQ × RQ (pairs with IoU > 0.5), AJI/AJI+ aggregated Jaccard index, Dice/IoU of the "
@@ -594,9 +712,19 @@ def postprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `evaluate` and `demo`: data, model, device, base weights, vague protocol."""
     parser.add_argument("--data_dir", default=None,
-                        help="NuInsSeg folder; when omitted, the data folder recorded in the model's config")
+                        help="dataset folder (NuInsSeg or folders layout, see --data_format); when omitted, the data "
+                             "folder recorded in the model's config")
     parser.add_argument("--model_path", required=True,
                         help="a CV output folder's best_model.pth (all fold models) or one checkpoint")
+    import dataset
+
+    dataset.add_data_format_argument(parser)
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="micrometres per pixel of the data's images; they are segmented at the model's pixel "
+                             "size (default: the folders layout's dataset.json mpp, else the model's)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="data the CV model was not trained on: average all fold models (default: the fold "
+                             "model with the best validation score)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; when omitted, the best available")
     parser.add_argument("--pretrained", default=None,
                         help="MobileSAM base weights (mobile_sam.pt) when they moved; when omitted, the path "
@@ -661,7 +789,12 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
         if not data_dir.is_dir():
             raise UserError(f"--data_dir: not given, and the model's data folder {data_dir} does not exist")
         log.info("data folder from the model's config: %s", data_dir)
-    samples = dataset.discover_nuinsseg(data_dir)
+    data_format = getattr(args, "data_format", "auto")
+    samples = dataset.discover(data_dir, data_format)
+    if getattr(args, "mpp", None) is not None and not args.mpp > 0:
+        raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
+    args.data_mpp = args.mpp if getattr(args, "mpp", None) is not None else dataset.dataset_mpp(data_dir, data_format)
+    args.data_format = dataset.detect_format(data_dir, data_format)
     if not samples:
         raise UserError(f"--data_dir {data_dir}: no NuInsSeg images found (expected "
                         "<organ>/tissue images/*.png with matching label masks)")
@@ -718,8 +851,13 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(output_dir)
     utils.configure_threads(getattr(args, "threads", None), workers=max(0, args.num_workers))
     model_set, samples, data_dir, device = load_for_evaluation(args)
-    assignments = assign_samples(model_set, samples, fold=args.fold, model_path=args.model_path,
-                                 data_dir=data_dir)
+    cross = is_cross_dataset(model_set, samples, args.fold, args.model_path)
+    if cross:
+        assignments, scored_by = cross_dataset_assignments(model_set, samples, getattr(args, "ensemble", False))
+    else:
+        assignments = assign_samples(model_set, samples, fold=args.fold, model_path=args.model_path,
+                                     data_dir=data_dir)
+        scored_by = None
     num_images = sum(len(group) for _, _, group in assignments)
     if num_images == 0:
         raise UserError(f"--data_dir {data_dir}: no image to score with this model"
@@ -728,27 +866,45 @@ def run(args: argparse.Namespace) -> int:
     pp_by_fold = {str(fold_id): member_postprocess(model_set, member, overrides)
                   for member, fold_id, _ in assignments}
     is_cv = bool(getattr(model_set, "is_cv", False))
-    if is_cv and args.fold is None:
+    # out-of-fold pairing guarantees unseen test images; otherwise say what folds.json tells
+    seen = (training_overlap([s for _, _, group in assignments for s in group], model_set, args.model_path)
+            if cross or not is_cv else None)
+    if cross:
+        protocol = "cross-dataset: every image segmented whole by the same model (out-of-fold does not apply)"
+    elif is_cv and args.fold is None:
         protocol = f"out-of-fold: each of the {len(assignments)} fold models scores its own test fold"
     elif args.fold is not None:
         protocol = f"fold {args.fold}: the fold's test images only"
     else:
         protocol = "single model on every image (images it was trained on may be included)"
+    if seen is None:
+        overlap_text = ("unknown: no folds.json of the training run found, so nothing says whether the model saw "
+                        "these images" if (cross or not is_cv) else None)
+    elif not seen:
+        overlap_text = "the model never saw these images (none of their file names is in the training run's folds.json)"
+    else:
+        overlap_text = (f"{len(seen)} of these {num_images} images (by file name, e.g. {seen[0]}) are in the training "
+                        "run's folds.json: the model may have been trained on them")
     comparable, reason = paper_protocol(model_set, samples, args.fold, bool(args.ignore_vague))
     log.info("scoring %d images (%s)", num_images, protocol)
+    if scored_by:
+        log.info("scored by: %s", scored_by)
     rows = evaluate_model_set(
         model_set, assignments=assignments, device=device, batch_size=args.batch_size,
         num_workers=args.num_workers, postprocess_overrides=overrides, ignore_vague=args.ignore_vague,
         predictions_dir=output_dir / "predictions" if args.save_predictions else None,
         overlays_dir=output_dir / "overlays" if args.visualize else None,
-        progress=not getattr(args, "quiet", False))
+        progress=not getattr(args, "quiet", False), mpp=getattr(args, "data_mpp", None))
     meta = {
         "model_path": str(args.model_path), "data_dir": str(data_dir), "protocol": protocol,
-        "comparable": comparable, "comparable_reason": reason, "fold": args.fold,
+        "comparable": comparable and not cross, "comparable_reason": reason, "fold": args.fold,
         "ignore_vague": bool(args.ignore_vague), "ambiguous_regions": vague_protocol(bool(args.ignore_vague)),
         "postprocess": _shared_or_per_fold(pp_by_fold), "postprocess_overrides": overrides,
         "model_config": getattr(model_set, "config", None),
         "folds": [m.fold for m in model_set.members], "seconds": round(time.perf_counter() - start, 1),
+        "data_format": getattr(args, "data_format", "auto"), "mpp": getattr(args, "data_mpp", None),
+        "cross_dataset": cross, "scored_by": scored_by, "training_overlap": overlap_text,
+        "never_seen": None if seen is None else not seen,
     }
     summary = write_reports(rows, output_dir, meta)
     if args.plot:

@@ -27,6 +27,7 @@ COMMANDS = {
     "parameter_search": ("parameter_search", "grid or TPE search over LoRA rank/alpha/learning rate"),
     "demo": ("demo", "figures of random images: image | ground truth | prediction | errors"),
     "predict": ("predict", "segment new images of any size (tiled), write TIFF/GeoJSON/CSV/overlay"),
+    "import_annotations": ("annotations", "ImageScope XML / QuPath GeoJSON polygons -> a folders-layout dataset"),
 }
 
 

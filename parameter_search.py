@@ -760,7 +760,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("--resume is implied: a parameter search always continues its study")
     train.validate_config(config)
     train.configure_threads(args, config)
-    dataset.validate_dataset(dataset.discover_nuinsseg(config["data_dir"]))  # before anything is written
+    dataset.validate_dataset(dataset.discover(config["data_dir"], config.get("data_format", "auto")))  # before anything is written
     output_dir = Path(args.output_dir)
     metric = args.search_metric or _default_metric(config)
     result = run_search(config, space, output_dir, metric=metric, sampler=args.sampler, n_trials=args.n_trials,

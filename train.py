@@ -56,7 +56,9 @@ TUNE_MARKER_FACTORS = (0.5, 1.0, 2.0)
 # ----------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data and output")
-    g.add_argument("--data_dir", required=True, help="NuInsSeg folder (<organ>/tissue images, label masks modify)")
+    g.add_argument("--data_dir", required=True, help="dataset folder: NuInsSeg layout (<organ>/tissue images, label masks modify) or the "
+                        "folders layout (images/, labels/; see --data_format)")
+    dataset.add_data_format_argument(g)
     g.add_argument("--output_dir", default="output", help="folder for checkpoints, history and summaries")
     g.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir (files replaced)")
     g.add_argument("--resume", action="store_true",
@@ -102,8 +104,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val_fraction", type=float, default=0.1,
                    help="fraction of each fold's training images used for validation (stratified by tissue)")
     g.add_argument("--mpp", type=float, default=None,
-                   help="microns per pixel of the training images, recorded with the model (default: the "
-                        "value make_sample_data recorded for its data, else NuInsSeg's 0.25)")
+                   help="the model's pixel size in microns, recorded with the model; images whose dataset.json "
+                        "gives another mpp are rescaled to it (default: the data's: the folders layout's dataset.json "
+                        "mpp, the value make_sample_data recorded for its data, else NuInsSeg's 0.25)")
+    g.add_argument("--tile_size", type=int, default=None,
+                   help="source pixels (at the model's pixel size) the network sees per input; images of another "
+                        "size are trained on random windows of this size (default: the image side when all images "
+                        "are the same square, NuInsSeg 512, else the smallest image side)")
     g.add_argument("--tune_postprocess", action="store_true",
                    help="after training, pick fg_threshold/marker_threshold on the validation set (small grid)")
     dataset.add_augmentation_arguments(parser)
@@ -148,7 +155,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "amp": bool(args.amp),
         "grad_clip": float(args.grad_clip),
         "compile": bool(args.compile),
-        "mpp": data_mpp(args.data_dir) if args.mpp is None else float(args.mpp),
+        "mpp": data_mpp(args.data_dir, getattr(args, "data_format", "auto")) if args.mpp is None else float(args.mpp),
+        "data_format": getattr(args, "data_format", "auto"),
+        "tile_size": getattr(args, "tile_size", None),
         "augmentation": dataset.augment_config_from_args(args).to_dict(),
         "postprocess": default_postprocess(args.head),
         "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
@@ -165,12 +174,14 @@ def default_num_workers(device_name: str | None) -> int:
     return 0 if utils.select_device(device_name).type == "cpu" else min(8, utils.usable_cores())
 
 
-def data_mpp(data_dir: str | os.PathLike) -> float:
-    """Pixel size of the training data when --mpp is not given: what make_sample_data recorded for its
-    synthetic tiles (0.5 um/px at 256 px), else NuInsSeg's."""
+def data_mpp(data_dir: str | os.PathLike, data_format: str = "auto") -> float:
+    """Pixel size of the training data when --mpp is not given: the folders layout's dataset.json mpp, what
+    make_sample_data recorded for its synthetic tiles (0.5 um/px at 256 px), else NuInsSeg's."""
     import sample_data
 
-    recorded = sample_data.recorded_mpp(data_dir) if data_dir else None
+    recorded = dataset.dataset_mpp(data_dir, data_format) if data_dir else None
+    if recorded is None and data_dir:
+        recorded = sample_data.recorded_mpp(data_dir)
     return float(dataset.NUINSSEG_MPP) if recorded is None else recorded
 
 
@@ -197,6 +208,8 @@ def validate_config(config: Mapping[str, Any]) -> None:
     for ok, option, problem in checks:
         if not ok:
             raise UserError(f"{option} {config[option[2:]]}: {problem}")
+    if config.get("tile_size") is not None and int(config["tile_size"]) < 16:
+        raise UserError(f"--tile_size {config['tile_size']}: must be at least 16 pixels")
     if config["fold"] is not None and not 0 <= config["fold"] < config["num_folds"]:
         raise UserError(f"--fold {config['fold']}: must be between 0 and {config['num_folds'] - 1}")
     unknown = [t for t in config["lora_targets"] if t not in ("qkv", "proj", "fc1", "fc2")]
@@ -423,13 +436,39 @@ def copy_file_atomic(src: Path, dst: Path) -> None:
 class ImageSet:
     """Images of one split at network size (inputs/targets) and at original size (labels, ambiguous masks)."""
 
-    def __init__(self, samples: Sequence[dataset.Sample], input_size: int) -> None:
+    def __init__(self, samples: Sequence[dataset.Sample], input_size: int,
+                 config: Mapping[str, Any] | None = None) -> None:
         self.samples = list(samples)
-        self.data = dataset.NucleiDataset(self.samples, input_size, augment=None)
+        # images of another size than the model's tile: scored whole through predict's tiled engine
+        self.whole = bool(config and config.get("windows"))
+        self.config = dict(config or {})
+        if self.whole:  # the loss is taken on one centred window per image
+            self.data = dataset.WindowDataset(self.samples, input_size, self.config["tile_size"],
+                                              data_scale(self.config), random_windows=False)
+        else:
+            self.data = dataset.NucleiDataset(self.samples, input_size, augment=None)
         self.truth: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.images: list[np.ndarray] = []
         for s in self.samples:
-            _, labels, vague = dataset.load_sample(s)
+            image, labels, vague = dataset.load_sample(s)
             self.truth.append((labels, vague))
+            if self.whole:
+                self.images.append(image)
+
+    def whole_maps(self, net: nn.Module, index: int, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+        """Network maps of a whole image through `predict.image_maps` (tiles of the model's tile size at the
+        model's pixel size; maps at that pixel size)."""
+        import predict
+
+        model_set = nuclei_model.ModelSet([], self.config, {}, False, Path("."))
+
+        def maps_fn(tiles: list) -> list:
+            return nuclei_model.predict_maps_batch([net], tiles, self.config["input_size"], device,
+                                                   amp=self.config.get("amp", True))
+
+        fg, hv, _ = predict.image_maps(model_set, self.images[index], mpp=self.config.get("data_mpp"),
+                                       maps_fn=maps_fn, batch_size=max(1, int(self.config.get("batch_size", 1))))
+        return fg, hv
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -458,12 +497,17 @@ def score_images(net: nn.Module, images: ImageSet, config: Mapping[str, Any], in
                 out = net(batch["image"])
             loss, _ = nuclei_model.compute_loss(out, batch)
             loss_sum += float(loss) * len(items)
-            sizes = [images.truth[it["index"]][0].shape for it in items]
-            maps = nuclei_model.maps_to_images(out, sizes)
+            if images.whole:
+                maps = [images.whole_maps(net, it["index"], device) for it in items]
+            else:
+                sizes = [images.truth[it["index"]][0].shape for it in items]
+                maps = nuclei_model.maps_to_images(out, sizes)
             for it, (fg, hv) in zip(items, maps):
                 labels, vague = images.truth[it["index"]]
                 for c, cfg in enumerate(pp_configs):
                     pred = postprocess.postprocess(fg, hv, cfg)
+                    if pred.shape != labels.shape:  # whole image segmented at the model's pixel size
+                        pred = dataset.resize_labels(pred, labels.shape)
                     row = metrics.instance_metrics(labels, pred, ignore=vague)
                     row["image"] = images.samples[it["index"]].rel_path
                     row["tissue"] = images.samples[it["index"]].tissue
@@ -503,6 +547,46 @@ def typical_tile_size(samples: Sequence[dataset.Sample]) -> int:
     return sides.most_common(1)[0][0]
 
 
+def data_scale(config: Mapping[str, Any]) -> float:
+    """Resize factor from the training images' pixel size to the model's (1 when the data's is unknown)."""
+    data_mpp, mpp = config.get("data_mpp"), config.get("mpp")
+    return 1.0 if not data_mpp or not mpp else float(data_mpp) / float(mpp)
+
+
+def discover_training_data(config: dict[str, Any]) -> list[dataset.Sample]:
+    """The training images (`--data_format`), and in `config`: `data_mpp` (the data's pixel size, None when
+    unknown), `mpp` (the model's: --mpp, else the data's, else NuInsSeg's), `tile_size` (--tile_size, else
+    the image side / smallest side, see `dataset.default_tile_size`) and `windows` (True when the images are
+    not all tile x tile at the model's pixel size: training takes random windows, scoring tiles whole images)."""
+    data_format = config.get("data_format") or "auto"
+    samples = dataset.discover(config["data_dir"], data_format)
+    data_mpp = dataset.dataset_mpp(config["data_dir"], data_format)
+    config["data_mpp"] = data_mpp
+    if config.get("mpp") is None:
+        config["mpp"] = data_mpp if data_mpp is not None else dataset.NUINSSEG_MPP
+    scale = data_scale(config)
+    if not config.get("tile_size"):  # predict tiles new images at this size
+        if dataset.detect_format(config["data_dir"], data_format) == "nuinsseg" and scale == 1.0:
+            config["tile_size"] = typical_tile_size(samples)
+        else:
+            config["tile_size"] = dataset.default_tile_size(samples, scale)
+    config["windows"] = dataset.needs_windows(samples, config["tile_size"], scale)
+    if config["windows"]:
+        log.info("images of other sizes than %d x %d px at %.3g µm/px: training on random windows of that size, "
+                 "validation and test images segmented whole (tiled)", config["tile_size"], config["tile_size"],
+                 config["mpp"])
+    return samples
+
+
+def training_dataset(config: Mapping[str, Any], samples: Sequence[dataset.Sample],
+                     augment: dataset.AugmentConfig, seed: int) -> "dataset.NucleiDataset":
+    """Whole images resized to the input size (all images the model's tile), else random windows."""
+    if config.get("windows"):
+        return dataset.WindowDataset(samples, config["input_size"], config["tile_size"], data_scale(config),
+                                     augment=augment, seed=seed)
+    return dataset.NucleiDataset(samples, config["input_size"], augment=augment, seed=seed)
+
+
 def run_training(config: dict[str, Any], output_dir: Path,
                  epoch_callback: Callable[[int, int, dict[str, float]], None] | None = None,
                  evaluate_test: bool = True) -> dict[str, Any]:
@@ -528,9 +612,7 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
     if config["batch_size"] % info.world_size:
         raise UserError(f"--batch_size {config['batch_size']}: the global batch must be divisible by the "
                         f"number of processes ({info.world_size})")
-    samples = dataset.discover_nuinsseg(config["data_dir"])
-    if not config.get("tile_size"):
-        config["tile_size"] = typical_tile_size(samples)  # predict tiles new images at this size
+    samples = discover_training_data(config)
     folds = dataset.make_folds(samples, config["num_folds"], config["fold_seed"], config["val_fraction"])
     folds_path = output_dir / "folds.json"
     if config.get("resume") and folds_path.is_file():
@@ -695,14 +777,13 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
                  f"{params['total']:,}", f"{params['trainable']:,}", params["percent"], f"{params['head']:,}")
 
     augment = dataset.AugmentConfig.from_dict(config["augmentation"])
-    train_data = dataset.NucleiDataset([samples[i] for i in fold["train"]], config["input_size"],
-                                       augment=augment, seed=seed)
+    train_data = training_dataset(config, [samples[i] for i in fold["train"]], augment, seed)
     sampler = DistributedSampler(train_data, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=seed, drop_last=False)
     per_rank = config["batch_size"] // info.world_size
     loader = dataset.make_loader(train_data, per_rank, shuffle=False, num_workers=config["num_workers"],
                                  seed=seed, device=device, sampler=sampler)
-    val_set = ImageSet([samples[i] for i in fold["val"]], config["input_size"])
+    val_set = ImageSet([samples[i] for i in fold["val"]], config["input_size"], config)
     if not len(val_set):
         log.warning("fold %d: no validation images (--val_fraction %s); the last epoch is kept", k,
                     config["val_fraction"])
@@ -845,7 +926,7 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
                                          epoch=int(best_ckpt["epoch"]), val=val_best, monitor=config["monitor"])
     test = None
     if evaluate_test and fold["test"]:
-        test_set = ImageSet([samples[i] for i in fold["test"]], config["input_size"])
+        test_set = ImageSet([samples[i] for i in fold["test"]], config["input_size"], config)
         (rows,), test_loss = score_images(net, test_set, config, info, [pp_best], f"fold {k} test")
         test = summarise(rows, test_loss)
         if info.is_main:
