@@ -620,6 +620,63 @@ def predict_maps_batch(models: nn.Module | Sequence[nn.Module], images: Sequence
     return maps_to_images(averaged, [tuple(im.shape[:2]) for im in images])
 
 
+def network_size(length: int, scale: float, multiple: int = 64) -> tuple[int, int]:
+    """(resized, padded) side of a window of `length` pixels seen by the network at `scale` network pixels
+    per image pixel: `resized = round(length * scale)`, `padded` = the next multiple of `multiple` (what the
+    encoder accepts), at least `multiple`."""
+    resized = max(1, int(round(length * float(scale))))
+    return resized, max(multiple, -(-resized // multiple) * multiple)
+
+
+@torch.no_grad()
+def predict_maps_scaled(models: nn.Module | Sequence[nn.Module], images: Sequence[np.ndarray], scale: float,
+                        device: torch.device | str, amp: bool = True, multiple: int = 64
+                        ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Like `predict_maps_batch`, but the magnification comes from `scale` (network pixels per image pixel,
+    i.e. the model's input size / its training tile size), not from the image size: each image (all of the
+    same (H, W)) is resized by `scale`, mirror-padded at the bottom/right to a multiple of `multiple`, run,
+    and the maps are cropped and resized back to (H, W). When `round(H * scale)` is already the padded size
+    this is exactly `predict_maps_batch(models, images, H * scale, ...)`."""
+    models = _as_list(models)
+    if not images:
+        return []
+    shapes = {tuple(np.asarray(im).shape) for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"predict_maps_scaled: images of one batch must share a shape, got {sorted(shapes)}")
+    h, w = next(iter(shapes))[:2]
+    rh, ph = network_size(h, scale, multiple)
+    rw, pw = network_size(w, scale, multiple)
+    side = max(ph, pw)
+    batch = []
+    for im in images:
+        resized = dataset.resize_image(np.asarray(im, dtype=np.uint8), (rh, rw))
+        if (rh, rw) != (side, side):
+            resized = np.pad(resized, ((0, side - rh), (0, side - rw), (0, 0)), mode="symmetric")
+        batch.append(resized)
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous().to(torch.device(device))
+    dtype = autocast_dtype(device, amp)
+    fg_sum: Tensor | None = None
+    hv_sum: Tensor | None = None
+    for net in models:
+        was_training = net.training
+        net.eval()
+        try:
+            with autocast(device, dtype):
+                out = net(x)
+        finally:
+            net.train(was_training)
+        fg = torch.sigmoid(out["foreground"].float())[:, :, :rh, :rw]
+        fg_sum = fg if fg_sum is None else fg_sum + fg
+        if "hv" in out:
+            hv = out["hv"].float()[:, :, :rh, :rw]
+            hv_sum = hv if hv_sum is None else hv_sum + hv
+    n = float(len(models))
+    averaged = {"foreground_prob": fg_sum / n}
+    if hv_sum is not None:
+        averaged["hv"] = hv_sum / n
+    return maps_to_images(averaged, [(h, w)] * len(images))
+
+
 def maps_to_images(outputs: Mapping[str, Tensor], sizes: Sequence[tuple[int, int]]
                    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Network maps at input size -> per-image numpy maps at each image's own (H, W), bilinear.
@@ -655,6 +712,7 @@ __all__ = [
     "CHECKPOINT_FORMAT", "MODEL_SET_FORMAT", "HEADS", "MODEL_DEFAULTS", "LOSS_WEIGHTS", "DecoderHead",
     "NucleiSAM", "build_model", "compute_loss", "save_checkpoint", "save_model_set_index", "read_checkpoint",
     "load_weights", "load_model", "Member", "ModelSet", "load_model_set", "predict_maps", "predict_maps_batch",
+    "predict_maps_scaled", "network_size",
     "prepare_for_inference", "maps_to_images", "parameter_report", "head_parameter_count", "unwrap", "model_config",
     "stores_trainable_only", "file_fingerprint", "autocast_dtype", "autocast", "model_state", "native_bf16",
     "to_cpu",

@@ -343,13 +343,21 @@ def model_maps_fn(model_set, ensemble: bool = False, device=None, amp: bool = Tr
     import nuclei_model
 
     models = [nuclei_model.prepare_for_inference(m) for m in select_models(model_set, ensemble)]
-    input_size = int(model_set.input_size)
+    scale = network_scale(model_set)
     device = utils.select_device(None) if device is None else device
 
     def maps_fn(tiles: list) -> list:
-        return nuclei_model.predict_maps_batch(models, tiles, input_size, device, amp=amp)
+        # the magnification is the model's (input size / training tile), whatever the window size
+        return nuclei_model.predict_maps_scaled(models, tiles, scale, device, amp=amp)
 
     return maps_fn
+
+
+def network_scale(model_set) -> float:
+    """Network pixels per image pixel (at the model's pixel size) the model was trained at: its input size
+    divided by its training tile (`model_tile_size`), e.g. 1024 / 512 = 2. `--tile_size` only chooses the
+    window; every window is resized by this factor (and padded to a multiple of 64) for the network."""
+    return float(model_set.input_size) / float(model_tile_size(model_set))
 
 
 def image_maps(model_set, image: np.ndarray, tile_size: int | None = None, overlap: int | None = None, *,
@@ -419,6 +427,11 @@ def predict_image(model_set, image: np.ndarray, tile_size: int | None = None,
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
+    """What happened to one input: `status` "ok" | "skipped" (a slide whose outputs were already complete)
+    | "failed" (with the one-line `error`). `height`/`width` are the input's (level-0) size, `mpp` its pixel
+    size when known, `tissue_area_mm2` / `nuclei_per_mm2` only for slides (None otherwise: empty in
+    summary.csv); `windows` and the `*_seconds` split are filled for slides (read / network /
+    post-processing / writing)."""
     input: str
     name: str
     status: str
@@ -427,6 +440,164 @@ class Outcome:
     width: int = 0
     seconds: float = 0.0
     error: str = ""
+    kind: str = "image"
+    mpp: float | None = None
+    tissue_area_mm2: float | None = None
+    nuclei_per_mm2: float | None = None
+    windows: int = 0
+    read_seconds: float = 0.0
+    network_seconds: float = 0.0
+    postprocess_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    def summary_row(self) -> dict:
+        """One row of summary.csv (columns `SUMMARY_COLUMNS`)."""
+        row = {k: v for k, v in vars(self).items()}
+        row["image"] = self.input
+        return {k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS}
+
+
+SUMMARY_COLUMNS = ["image", "name", "kind", "status", "nuclei", "tissue_area_mm2", "nuclei_per_mm2", "mpp",
+                   "height", "width", "seconds", "windows", "read_seconds", "network_seconds",
+                   "postprocess_seconds", "write_seconds", "error"]
+
+
+@dataclass
+class PredictOptions:
+    """Every option of one `predict` run as plain JSON-able values (`options_from_args`); what
+    `load_predictor` and `predict_one` need, in this process or in a Dask worker."""
+    model_path: str
+    pretrained: str | None = None
+    device: str | None = None
+    ensemble: bool = False
+    amp: bool = True
+    tile_size: int | None = None
+    overlap: int | None = None
+    mpp: float | None = None
+    batch_size: int = 8
+    tissue_mask: str = "auto"
+    label_image: bool = False
+    geojson_gzip: bool = False
+    overlay: bool = True
+    overwrite: bool = False
+    num_workers: int | None = None
+    region_size: int = 2048
+    read_threads: int = 2
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def options_from_args(args: argparse.Namespace) -> PredictOptions:
+    """`PredictOptions` of parsed `predict` arguments, checked (UserError naming the option) before any work."""
+    amp = getattr(args, "amp", None)
+    if amp is None:
+        amp = not getattr(args, "no_amp", False)
+    options = PredictOptions(
+        model_path=str(args.model_path), pretrained=args.pretrained, device=args.device,
+        ensemble=bool(args.ensemble), amp=bool(amp), tile_size=args.tile_size, overlap=args.overlap,
+        mpp=args.mpp, batch_size=int(args.batch_size), tissue_mask=str(getattr(args, "tissue_mask", "auto")),
+        label_image=bool(getattr(args, "label_image", False)), geojson_gzip=bool(getattr(args, "geojson_gzip", False)),
+        overlay=not getattr(args, "no_overlay", False), overwrite=bool(getattr(args, "overwrite", False)),
+        num_workers=args.num_workers, region_size=int(getattr(args, "region_size", 2048)),
+        read_threads=int(getattr(args, "read_threads", 2)))
+    check_options(options)
+    return options
+
+
+def check_options(options: PredictOptions) -> None:
+    """UserError for an option that can never work (before the model is loaded)."""
+    if options.batch_size < 1:
+        raise UserError(f"--batch_size {options.batch_size}: must be at least 1")
+    if options.num_workers is not None and options.num_workers < 0:
+        raise UserError(f"--num_workers {options.num_workers}: must be 0 or more")
+    if options.tile_size is not None and options.tile_size < 16:
+        raise UserError(f"--tile_size {options.tile_size}: must be at least 16 pixels")
+    if options.overlap is not None and options.tile_size is not None and (
+            options.overlap < 0 or 2 * options.overlap > options.tile_size):
+        raise UserError(f"--overlap {options.overlap}: must be between 0 and half the tile size "
+                        f"({options.tile_size // 2})")
+    if options.mpp is not None and not options.mpp > 0:
+        raise UserError(f"--mpp {options.mpp}: must be a positive number of micrometres per pixel")
+    if options.region_size < 256:
+        raise UserError(f"--region_size {options.region_size}: must be at least 256 pixels")
+    if options.read_threads < 1:
+        raise UserError(f"--read_threads {options.read_threads}: must be at least 1")
+    if options.tissue_mask not in ("auto", "none") and not Path(options.tissue_mask).is_file():
+        raise UserError(f"--tissue_mask {options.tissue_mask}: file not found (or use auto / none)")
+    if not Path(options.model_path).exists():
+        raise UserError(f"--model_path {options.model_path}: not found")
+    if options.pretrained is not None and not Path(options.pretrained).is_file():
+        raise UserError(f"--pretrained {options.pretrained}: file not found")
+
+
+@dataclass
+class Predictor:
+    """The loaded model set and its maps function (`load_predictor`), plus the window the run uses
+    (`tile_size`, `overlap` at the model's pixel size), the model's pixel size and the post-processing
+    worker count. Loaded once per process; not picklable (holds the networks)."""
+    model_set: object
+    maps_fn: MapsFn
+    device: str
+    tile_size: int
+    overlap: int
+    model_mpp: float
+    num_workers: int
+    postprocess: dict
+
+
+def load_predictor(options: PredictOptions, maps_fn: MapsFn | None = None, model_set=None) -> Predictor:
+    """Load the model set of `options` (expensive: once per process) and build its maps function.
+    `maps_fn` / `model_set` replace the network (tests, other back-ends: `model_set` may then be None and the
+    window defaults to 512/128 at NuInsSeg's pixel size)."""
+    import nuclei_model
+
+    device = utils.select_device(options.device)
+    if model_set is None and maps_fn is None:
+        model_set = nuclei_model.load_model_set(Path(options.model_path), device, pretrained=options.pretrained)
+    tile_size = int(options.tile_size or (model_tile_size(model_set) if model_set is not None else DEFAULT_TILE_SIZE))
+    overlap = tile_size // 4 if options.overlap is None else int(options.overlap)
+    if 2 * overlap > tile_size or overlap < 0:
+        raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
+    if maps_fn is None:
+        maps_fn = model_maps_fn(model_set, ensemble=options.ensemble, device=device, amp=options.amp)
+    num_workers = options.num_workers
+    if num_workers is None:
+        num_workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    import dataset
+
+    mpp = model_mpp(model_set) if model_set is not None else float(dataset.NUINSSEG_MPP)
+    settings = dict(getattr(model_set, "postprocess", None) or {}) if model_set is not None else {}
+    return Predictor(model_set, maps_fn, str(device), tile_size, overlap, mpp, int(num_workers), settings)
+
+
+def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, options: PredictOptions) -> Outcome:
+    """Segment one input (a plain image in memory, or a slide region by region through `wsi`) and write its
+    outputs named `name` in `output_dir`. A failure of this input is returned as
+    `Outcome(status="failed", error=<one line>)`, never raised (KeyboardInterrupt is)."""
+    import slides
+
+    path = Path(path)
+    start = time.time()
+    try:
+        if path.is_file() and slides.is_slide_file(path):
+            import wsi
+
+            return wsi.predict_slide(predictor, path, name, Path(output_dir), options)
+        image = read_image(path)
+        fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
+                                      mpp=options.mpp, batch_size=options.batch_size, maps_fn=predictor.maps_fn,
+                                      postprocess=predictor.postprocess or None, progress=True)
+        nuclei, _, error = finish_image(path, Path(output_dir), name, image, fg, hv, settings, mpp=options.mpp,
+                                        overlay=options.overlay)
+    except Exception as e:  # one bad input must not stop the others
+        log.debug("failed on %s", path, exc_info=True)
+        nuclei, error = 0, error_message(path, e)
+        image = None
+    if error:
+        return Outcome(str(path), name, "failed", error=error, seconds=round(time.time() - start, 3))
+    return Outcome(str(path), name, "ok", nuclei, image.shape[0], image.shape[1], round(time.time() - start, 3),
+                   mpp=options.mpp)
 
 
 def write_outputs(output_dir: Path, name: str, image: np.ndarray, labels: np.ndarray,
@@ -557,55 +728,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=None,
                         help="processes that post-process and write the results of one image while the model "
                              "segments the next (0 = all in this process; default: min(4, CPU cores) when the "
-                             "model runs on a GPU, 0 on CPU, where workers would compete with the network)")
+                             "model runs on a GPU, 0 on CPU, where workers would compete with the network); "
+                             "for slides: processes that post-process finished regions")
+    slide = parser.add_argument_group("whole-slide images (SVS, NDPI, MRXS, SCN, tiled TIFF / OME-TIFF, ...)")
+    slide.add_argument("--tissue_mask", default="auto", metavar="auto|none|FILE",
+                       help="which windows run: auto = detected on a low-resolution level; none = everywhere; "
+                            "FILE = a binary image (any size, scaled to the slide) or a QuPath GeoJSON of annotations")
+    slide.add_argument("--label_image", action="store_true",
+                       help="also write <stem>_labels.tif for slides (uint32 pyramidal OME-TIFF, written tile by tile)")
+    slide.add_argument("--geojson_gzip", action="store_true", help="write <stem>.geojson.gz instead of <stem>.geojson")
+    slide.add_argument("--overwrite", action="store_true",
+                       help="start slides again (default: skip complete slides, continue unfinished ones)")
+    slide.add_argument("--region_size", type=int, default=2048,
+                       help="side of the square regions a slide is processed in, pixels at the model's pixel "
+                            "size (memory grows with its square)")
+    slide.add_argument("--read_threads", type=int, default=2,
+                       help="threads reading regions ahead of the network")
 
 
 def run(args: argparse.Namespace) -> int:
-    import nuclei_model
-
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UserError(f"--num_workers {args.num_workers}: must be 0 or more")
-    if args.tile_size is not None and args.tile_size < 16:
-        raise UserError(f"--tile_size {args.tile_size}: must be at least 16 pixels")
-    if args.mpp is not None and not args.mpp > 0:
-        raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
-    model_path = Path(args.model_path)
-    if not model_path.exists():
-        raise UserError(f"--model_path {model_path}: not found")
-    if args.pretrained is not None and not Path(args.pretrained).is_file():
-        raise UserError(f"--pretrained {args.pretrained}: file not found")
+    options = options_from_args(args)
     inputs = expand_inputs(args.input)
     names = output_stems(inputs)
     output_dir = utils.make_output_dir(args.output_dir)
-
-    device = utils.select_device(args.device)
-    num_workers = args.num_workers
-    if num_workers is None:
-        num_workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-    model_set = nuclei_model.load_model_set(model_path, device, pretrained=args.pretrained)
-    tile_size = args.tile_size or model_tile_size(model_set)
-    overlap = tile_size // 4 if args.overlap is None else args.overlap
-    if 2 * overlap > tile_size or overlap < 0:
-        raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
-    maps_fn = model_maps_fn(model_set, ensemble=args.ensemble, device=device, amp=not args.no_amp)
+    predictor = load_predictor(options)
+    model_set = predictor.model_set
     utils.write_json(output_dir / "predict_config.json", {
-        "model_path": str(model_path), "inputs": [str(p) for p in inputs], "tile_size": tile_size,
-        "overlap": overlap, "mpp": args.mpp, "model_mpp": model_mpp(model_set),
-        "ensemble": bool(args.ensemble), "batch_size": args.batch_size, "device": str(device),
-        "amp": not args.no_amp, "postprocess": getattr(model_set, "postprocess", None),
+        "model_path": options.model_path, "inputs": [str(p) for p in inputs], "tile_size": predictor.tile_size,
+        "overlap": predictor.overlap, "mpp": options.mpp, "model_mpp": predictor.model_mpp,
+        "ensemble": options.ensemble, "batch_size": options.batch_size, "device": predictor.device,
+        "amp": options.amp, "options": options.to_dict(), "postprocess": getattr(model_set, "postprocess", None),
         "model_config": getattr(model_set, "config", None), "environment": utils.environment_info(),
     })
 
-    outcomes = segment_images(model_set, inputs, names, output_dir, maps_fn, tile_size=tile_size,
-                              overlap=overlap, mpp=args.mpp, batch_size=args.batch_size,
-                              overlay=not args.no_overlay, num_workers=num_workers)
-    utils.write_csv(output_dir / "summary.csv", [vars(o) for o in outcomes],
-                    columns=["input", "name", "status", "nuclei", "height", "width", "seconds", "error"])
-    failed = [o for o in outcomes if o.status != "ok"]
+    outcomes = []
+    for path, name in tqdm(list(zip(inputs, names)), desc="inputs", unit="input"):
+        outcome = predict_one(predictor, path, name, output_dir, options)
+        if outcome.status == "failed":
+            tqdm.write(f"error: {outcome.error} (skipped)", file=sys.stderr)
+        outcomes.append(outcome)
+    utils.write_csv(output_dir / "summary.csv", [o.summary_row() for o in outcomes], columns=SUMMARY_COLUMNS)
+    failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)
-    print(f"predictions for {done} of {len(outcomes)} image(s) written to {output_dir.resolve()} "
+    print(f"predictions for {done} of {len(outcomes)} input(s) written to {output_dir.resolve()} "
           f"(summary.csv lists every input)")
     if failed:
         print(f"error: {len(failed)} input(s) failed: " + ", ".join(o.input for o in failed), file=sys.stderr)

@@ -319,3 +319,118 @@ def run(args: argparse.Namespace) -> int:
                               image_size=args.image_size)
     print(f"wrote {args.num_images} synthetic images in the NuInsSeg layout to {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic whole slides (tests and benchmarks)
+# ----------------------------------------------------------------------------------------------
+def aperio_description(width: int, height: int, mpp: float, tile_size: int = 256) -> str:
+    """An Aperio-style ImageDescription (`Aperio Image Library ...|MPP = ...`): OpenSlide's aperio driver
+    and tiffslide both read `MPP` from it as `openslide.mpp-x` / `tiffslide.mpp-x`."""
+    return (f"Aperio Image Library v10.0.0\n{width}x{height} [0,0 {width}x{height}] ({tile_size}x{tile_size}) "
+            f"-|AppMag = {40 if mpp <= 0.375 else 20}|MPP = {mpp:g}")
+
+
+def write_pyramidal_tiff_from_tiles(path: str | os.PathLike, shape: tuple[int, int], read_tile, mpp: float | None,
+                                    tile_size: int = 256, levels: int | None = None,
+                                    description: str | None = None, min_size: int = 512,
+                                    compression: str = "zlib") -> Path:
+    """Write a tiled pyramidal RGB TIFF of `shape` (H, W) from `read_tile(y, x, h, w) -> uint8 (h, w, 3)`
+    without holding the image whole (`label_pyramid.write_tiled_pyramid`): levels halve (2x2 mean) down to
+    `min_size`, or `levels` levels. Levels are consecutive pages (reduced-resolution ones marked so), the
+    layout OpenSlide's generic-tiff driver and tiffslide read. With `mpp` every level carries TIFF
+    resolution tags (pixels per centimetre, scaled per level), which both readers report as the slide's mpp.
+    `description` goes into the first page's ImageDescription; an Aperio one (see `aperio_description`)
+    also gets a small strip thumbnail as the second page and its levels are not marked reduced-resolution,
+    as in real SVS files (tifffile's SVS reader, used by tiffslide, expects that), and OpenSlide opens it
+    with its aperio driver."""
+    import label_pyramid
+
+    path = Path(path)
+    height, width = int(shape[0]), int(shape[1])
+    aperio = bool(description) and description.startswith("Aperio")
+
+    def level_kwargs(level: int, downsample: float) -> dict:
+        kwargs: dict = {}
+        if mpp:
+            per_cm = 1e4 / (float(mpp) * downsample)
+            kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+        if level == 0 and description:
+            kwargs["description"] = description
+        return kwargs
+
+    if not aperio:
+        return label_pyramid.write_tiled_pyramid(path, (height, width), read_tile, dtype=np.uint8, samples=3,
+                                                 reduce="mean", tile_size=tile_size, levels=levels,
+                                                 min_size=min_size, compression=compression, subifds=False,
+                                                 level_kwargs=level_kwargs, desc="slide tiles")
+    # Aperio layout: level 0, a strip thumbnail, then the other levels. Written as a plain pyramid first,
+    # then the pages are copied with the thumbnail inserted (tile data copied as decoded arrays, bounded
+    # by one level at a time - test slides only).
+    import tifffile
+
+    plain = path.with_name(f".{path.name}.plain.tif")
+    try:
+        label_pyramid.write_tiled_pyramid(plain, (height, width), read_tile, dtype=np.uint8, samples=3,
+                                          reduce="mean", tile_size=tile_size, levels=levels, min_size=min_size,
+                                          compression=compression, subifds=False, level_kwargs=level_kwargs)
+        with tifffile.TiffFile(plain) as src:
+            pages = list(src.pages)
+            thumb = pages[-1].asarray()
+            buf = io.BytesIO()
+            with tifffile.TiffWriter(buf, bigtiff=src.is_bigtiff) as tw:
+                for i, page in enumerate(pages):
+                    tw.write(page.asarray(), tile=(tile_size, tile_size), photometric="rgb",
+                             compression=compression, metadata=None, subfiletype=0,
+                             **level_kwargs(i, float(2 ** i)))
+                    if i == 0:
+                        tw.write(thumb, photometric="rgb", compression=compression, metadata=None,
+                                 description="Aperio Image Library v10.0.0\nthumbnail")
+        atomic_write_bytes(path, buf.getvalue())
+    finally:
+        plain.unlink(missing_ok=True)
+    return path
+
+
+def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, mpp: float | None, tile_size: int = 256,
+                         levels: int | None = None, description: str | None = None, min_size: int = 512,
+                         compression: str = "zlib") -> Path:
+    """Write the uint8 RGB `image` (H, W, 3) as a tiled pyramidal TIFF (see
+    `write_pyramidal_tiff_from_tiles`; level 0 holds exactly `image`)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}")
+    return write_pyramidal_tiff_from_tiles(path, image.shape[:2], lambda y, x, h, w: image[y:y + h, x:x + w],
+                                           mpp, tile_size=tile_size, levels=levels, description=description,
+                                           min_size=min_size, compression=compression)
+
+
+def real_sample_mosaic(data_dir: str | os.PathLike, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 (n*S, n*S, 3), labels uint32 (n*S, n*S)): the first n*n tiles of a NuInsSeg-layout
+    folder (sorted by relative path, all S x S) placed row by row in an n x n mosaic. Each tile's ids are
+    renumbered 1..k in increasing order and shifted past the previous tiles', so every id is unique."""
+    import dataset
+
+    samples = dataset.discover_nuinsseg(data_dir)
+    if len(samples) < n * n:
+        raise UserError(f"{data_dir}: {len(samples)} images, a {n}x{n} mosaic needs {n * n}")
+    image = labels = None
+    next_id = 0
+    for k, sample in enumerate(samples[:n * n]):
+        tile, tile_labels, _ = dataset.load_sample(sample)
+        size = tile.shape[0]
+        if tile.shape[:2] != (size, size) or (image is not None and size * n != image.shape[0]):
+            raise UserError(f"{sample.image_path}: {tile.shape[1]}x{tile.shape[0]} pixels; the mosaic needs "
+                            f"square tiles of one size")
+        if image is None:
+            image = np.zeros((n * size, n * size, 3), dtype=np.uint8)
+            labels = np.zeros((n * size, n * size), dtype=np.uint32)
+        ids, compact = np.unique(tile_labels, return_inverse=True)
+        compact = compact.reshape(tile_labels.shape).astype(np.uint32)
+        if ids[0] != 0:
+            compact += 1
+        row, col = divmod(k, n)
+        image[row * size:(row + 1) * size, col * size:(col + 1) * size] = tile
+        labels[row * size:(row + 1) * size, col * size:(col + 1) * size] = np.where(compact > 0, compact + next_id, 0)
+        next_id += int(compact.max())
+    return image, labels

@@ -1,0 +1,244 @@
+"""Writing a big image tile by tile as a tiled, compressed, pyramidal TIFF, in bounded memory.
+
+`write_label_pyramid` writes a uint32 instance-label image (whole-slide predictions) as an OME-TIFF whose
+sub-resolutions are SubIFDs (the layout QuPath, napari/tifffile and Bio-Formats read as one pyramidal image).
+`write_tiled_pyramid` is the general streaming writer underneath, also used for synthetic RGB slides
+(`sample_data.write_pyramidal_tiff_from_tiles`, levels as consecutive IFDs: the layout OpenSlide reads).
+
+Memory: level 0 comes from `read_tile(y, x, h, w)` one tile at a time, in row-major order, and goes straight
+to the output file. Each level-0 tile is also reduced 2x into a temporary tiled TIFF of level 1 (tiles of
+half the size, so one level-0 tile makes exactly one temporary tile). Every further level is made from the
+previous temporary file, reading 2x2 output tiles' worth at a time through tifffile's zarr store; the output
+file gets each level by reading its temporary file back block by block. So at most a few tiles are held at
+once, whatever the image size, and the temporary files (1/3 of the level-0 pixels, compressed) are removed.
+
+Reduction: labels are subsampled (every second pixel, no averaging that would invent ids); RGB is the mean
+of each 2x2 block (edges replicated on odd sizes). Level k has size ceil(H / 2^k) x ceil(W / 2^k).
+The bytes depend only on the input (no timestamps, a UUID derived from the image's shape and pixel size).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+import utils
+
+log = logging.getLogger(__name__)
+
+ReadTile = Callable[[int, int, int, int], np.ndarray]
+
+
+def level_shapes(shape: tuple[int, int], min_size: int = 2048, levels: int | None = None) -> list[tuple[int, int]]:
+    """Sizes (H, W) of the pyramid levels: halving (rounded up) until the longest side is <= `min_size`,
+    or exactly `levels` levels when given."""
+    height, width = int(shape[0]), int(shape[1])
+    shapes = [(height, width)]
+    while True:
+        h, w = shapes[-1]
+        if levels is not None:
+            if len(shapes) >= levels or (h == 1 and w == 1):
+                break
+        elif max(h, w) <= min_size:
+            break
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def reduce2(block: np.ndarray, mode: str) -> np.ndarray:
+    """2x reduction of an (h, w[, c]) block whose origin is even in the full image: 'nearest' keeps
+    pixels (0, 0), (0, 2), ...; 'mean' averages each 2x2 block (edges replicated), rounding half up."""
+    if mode == "nearest":
+        return np.ascontiguousarray(block[::2, ::2])
+    if mode != "mean":
+        raise ValueError(f"unknown reduction {mode!r}")
+    h, w = block.shape[:2]
+    pad = [(0, h % 2), (0, w % 2)] + [(0, 0)] * (block.ndim - 2)
+    b = np.pad(block, pad, mode="edge").astype(np.uint32)
+    total = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
+    return ((total + 2) // 4).astype(block.dtype)
+
+
+def _tile_grid(shape: tuple[int, int], tile: int) -> Iterator[tuple[int, int, int, int]]:
+    height, width = shape
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            yield y, x, min(tile, height - y), min(tile, width - x)
+
+
+def _zarr_reader(path: Path):
+    import tifffile
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True)
+    return store, zarr.open(store, mode="r")
+
+
+_TEMP_OPTIONS = dict(compression="zlib", compressionargs={"level": 1}, metadata=None)
+
+
+class _ThreadedTileWriter:
+    """Writes tiles `put` from the calling thread to a tiled TIFF through tifffile in a background thread
+    (tifffile's writer pulls tiles from an iterator; this lets a second file be written while the first
+    writer pulls from the main stream). The queue holds at most a few tiles."""
+
+    _END = object()
+
+    def __init__(self, path: Path, shape, dtype, tile: int, photometric: str, bigtiff: bool):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._ended = False
+
+        def tiles():
+            while True:
+                item = self._queue.get()
+                if item is self._END:
+                    self._ended = True
+                    return
+                yield item
+
+        def work():
+            import tifffile
+
+            try:
+                with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
+                    tw.write(tiles(), shape=shape, dtype=dtype, tile=(tile, tile), photometric=photometric,
+                             **_TEMP_OPTIONS)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                self._error = e
+                while not self._ended:  # drain so the producer never blocks on a dead consumer
+                    self._ended = self._queue.get() is self._END
+
+        self._thread = threading.Thread(target=work, name="pyramid-level1", daemon=True)
+        self._thread.start()
+
+    def put(self, tile: np.ndarray) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing the temporary level failed: {self._error}") from self._error
+        self._queue.put(tile)
+
+    def __enter__(self) -> "_ThreadedTileWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(self._END)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise RuntimeError(f"writing the temporary level failed: {self._error}") from self._error
+
+
+def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_tile: ReadTile, *,
+                        dtype, samples: int = 1, reduce: str = "nearest", tile_size: int = 512,
+                        levels: int | None = None, min_size: int = 2048, compression: str = "zlib",
+                        subifds: bool = True, photometric: str | None = None,
+                        level_kwargs: Callable[[int, float], dict] | None = None,
+                        bigtiff: bool | None = None, desc: str = "pyramid") -> Path:
+    """Stream a tiled pyramidal TIFF to `path` (temporary file + rename); see the module docstring.
+
+    `read_tile(y, x, h, w)` returns level-0 pixels (h, w) or (h, w, samples) of `dtype`, called once per
+    tile in row-major order. `subifds=True` stores levels >= 1 as SubIFDs of the first page (OME-TIFF
+    pyramids), else as following pages marked reduced-resolution (OpenSlide's generic / Aperio layout).
+    `level_kwargs(level, downsample)` gives extra `TiffWriter.write` keywords per level (description,
+    resolution, metadata...). Returns the path.
+    """
+    import tifffile
+    from tqdm import tqdm
+
+    path = Path(path)
+    tile_size = int(tile_size)
+    if tile_size < 32 or tile_size % 32:
+        raise ValueError(f"tile_size must be a multiple of 32, got {tile_size}")
+    height, width = int(shape[0]), int(shape[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"image shape must be positive, got {shape}")
+    dtype = np.dtype(dtype)
+    shapes = level_shapes((height, width), min_size=min_size, levels=levels)
+    pixel_shape = (lambda h, w: (h, w)) if samples == 1 else (lambda h, w: (h, w, samples))
+    if bigtiff is None:
+        bigtiff = height * width * samples * dtype.itemsize * 4 // 3 > 2**31
+    if photometric is None:
+        photometric = "minisblack" if samples == 1 else "rgb"
+    extra = level_kwargs or (lambda level, ds: {})
+    common = dict(compression=compression, photometric=photometric, metadata=None)
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".pyramid_", dir=path.parent if path.parent.exists() else None))
+    out_tmp = utils.temp_file_beside(path)
+    try:
+        # temporary level 1 with half-size tiles, filled while level 0 streams to the output
+        half = tile_size // 2
+
+        def level0_tiles(progress, level1_sink) -> Iterator[np.ndarray]:
+            for y, x, h, w in _tile_grid((height, width), tile_size):
+                tile = np.asarray(read_tile(y, x, h, w))
+                if tile.shape != pixel_shape(h, w):
+                    raise ValueError(f"read_tile({y}, {x}, {h}, {w}) returned shape {tile.shape}, "
+                                     f"expected {pixel_shape(h, w)}")
+                tile = tile.astype(dtype, copy=False)
+                if level1_sink is not None:
+                    level1_sink.put(reduce2(tile, reduce))
+                progress.update(1)
+                yield tile
+
+        def level_tiles_from(source_zarr, level_shape) -> Iterator[np.ndarray]:
+            for y, x, h, w in _tile_grid(level_shape, tile_size):
+                yield np.asarray(source_zarr[y:y + h, x:x + w])
+
+        def reduced_tiles(source_zarr, level_shape) -> Iterator[np.ndarray]:
+            for y, x, h, w in _tile_grid(level_shape, tile_size):
+                yield reduce2(np.asarray(source_zarr[2 * y:2 * (y + h), 2 * x:2 * (x + w)]), reduce)
+
+        def write_temp(level_path: Path, level_shape, tiles, tile) -> None:
+            with tifffile.TiffWriter(level_path, bigtiff=bigtiff) as tw:
+                tw.write(tiles, shape=pixel_shape(*level_shape), dtype=dtype, tile=(tile, tile),
+                         **_TEMP_OPTIONS, photometric=photometric)
+
+        n_tiles = sum(1 for _ in _tile_grid((height, width), tile_size))
+        temp1 = tmp_dir / "level1.tif"
+        with tifffile.TiffWriter(out_tmp, bigtiff=bigtiff) as tw:
+            with tqdm(total=n_tiles, desc=desc, unit="tile", disable=n_tiles < 64, leave=False) as progress:
+                if len(shapes) > 1:
+                    # level 1 goes to its temporary file through a second writer in a thread, fed by a
+                    # small bounded queue: one half-size tile per level-0 tile, same row-major grid
+                    with _ThreadedTileWriter(temp1, pixel_shape(*shapes[1]), dtype, half, photometric,
+                                             bigtiff) as level1:
+                        tw.write(level0_tiles(progress, level1), shape=pixel_shape(height, width),
+                                 dtype=dtype, tile=(tile_size, tile_size),
+                                 subifds=(len(shapes) - 1) if subifds else None, subfiletype=0,
+                                 **common, **extra(0, 1.0))
+                else:
+                    tw.write(level0_tiles(progress, None), shape=pixel_shape(height, width), dtype=dtype,
+                             tile=(tile_size, tile_size), subfiletype=0, **common, **extra(0, 1.0))
+            previous = temp1
+            for level in range(1, len(shapes)):
+                store, source = _zarr_reader(previous)
+                try:
+                    downsample = float(2 ** level)
+                    tw.write(level_tiles_from(source, shapes[level]), shape=pixel_shape(*shapes[level]),
+                             dtype=dtype, tile=(tile_size, tile_size), subfiletype=1, **common,
+                             **extra(level, downsample))
+                    if level + 1 < len(shapes):
+                        following = tmp_dir / f"level{level + 1}.tif"
+                        write_temp(following, shapes[level + 1], reduced_tiles(source, shapes[level + 1]),
+                                   tile_size)
+                finally:
+                    store.close()
+                previous.unlink()
+                if level + 1 < len(shapes):
+                    previous = following
+        os.replace(out_tmp, path)
+    except BaseException:
+        out_tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path

@@ -1,0 +1,402 @@
+"""Reading whole-slide images: OpenSlide first, tiffslide where OpenSlide cannot open the file.
+
+- `is_slide_file(path)` tells the slide path (vendor formats, tiled / pyramidal TIFF and OME-TIFF) from
+  plain images that `predict` reads whole (PNG, JPEG, strip TIFF). It reads the file header only.
+- `open_slide(path, mpp=None, backend=None) -> SlideReader`: one reader for both libraries, with
+  `read_region` (level pixels, alpha composited over white, white outside the slide), `read_scaled`
+  (any target pixel size, from the closest pyramid level that is not coarser, resampled with a fixed
+  separable kernel so boxes tile seamlessly), `thumbnail` (streamed, bounded memory) and the pixel size.
+
+OpenSlide (`openslide-python` + the `openslide-bin` wheel) is imported lazily: a machine without it still
+reads TIFF-based slides through tiffslide. A reader is not shared between processes (each process opens
+the path itself); reads from several threads of one process are fine for both libraries.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+VENDOR_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+TIFF_SUFFIXES = (".tif", ".tiff")
+SLIDE_SUFFIXES = VENDOR_SUFFIXES + TIFF_SUFFIXES
+BACKENDS = ("openslide", "tiffslide")
+
+# A level whose downsample exceeds the wanted one by at most this fraction still counts as "not coarser"
+# (pyramid sizes are rounded, so a nominal 4x level is often 4.0003x).
+LEVEL_TOLERANCE = 0.01
+# Source pixels (of the chosen level) read at once by `thumbnail` (bounds its memory: ~3 bytes each + floats).
+_THUMBNAIL_CHUNK_PIXELS = 4 * 1024 * 1024
+
+
+def _tiff_is_tiled_rgb(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            rgb = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) or (
+                page.samplesperpixel in (3, 4) and page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
+            return bool(page.is_tiled and rgb and page.dtype == np.uint8)
+    except Exception:  # noqa: BLE001 - any unreadable TIFF is not routed to the slide path
+        return False
+
+
+def is_slide_file(path: str | os.PathLike) -> bool:
+    """True for vendor slide formats and for tiled 8-bit RGB TIFF / OME-TIFF files (pyramidal or large),
+    which `predict` reads region by region; False for PNG/JPEG, strip TIFFs and non-RGB TIFFs (label
+    images, fluorescence), which go through the in-memory image path. Reads the TIFF header only."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in VENDOR_SUFFIXES:
+        return True
+    if suffix in TIFF_SUFFIXES and path.is_file():
+        return _tiff_is_tiled_rgb(path)
+    return False
+
+
+def _import_openslide():
+    """The `openslide` module, or None where it (or its shared library) is missing."""
+    try:
+        import openslide  # noqa: PLC0415 - optional, lazy
+    except (ImportError, OSError) as e:
+        log.debug("OpenSlide unavailable: %s", e)
+        return None
+    return openslide
+
+
+def openslide_available() -> bool:
+    return _import_openslide() is not None
+
+
+def _check_tiff_complete(path: Path) -> None:
+    """Raise UserError when a TIFF's IFD chain or tile data run past the end of the file (truncated copy).
+
+    tifffile logs (instead of raising) a page offset beyond the end of the file, so its log is watched
+    while the pages are listed; every page's data segments must lie inside the file.
+    """
+    import tifffile
+
+    size = path.stat().st_size
+    problems: list[str] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING and ("offset" in message or "truncat" in message
+                                                      or "corrupt" in message):
+                problems.append(message)
+
+    handler = _Catch()
+    tif_log = logging.getLogger("tifffile")
+    tif_log.addHandler(handler)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            for page in pages:
+                for sub in getattr(page, "pages", None) or []:  # SubIFD levels (OME pyramids)
+                    pages.append(sub)
+            for page in pages:
+                offsets = getattr(page, "dataoffsets", ()) or ()
+                counts = getattr(page, "databytecounts", ()) or ()
+                ends = [o + c for o, c in zip(offsets, counts) if c]
+                if ends and max(ends) > size:
+                    problems.append(f"image data of page {page.index} ends at byte {max(ends)}")
+                    break
+    except tifffile.TiffFileError as e:
+        problems.append(str(e))
+    finally:
+        tif_log.removeHandler(handler)
+    if problems:
+        raise UserError(f"{path}: truncated or damaged TIFF ({size} bytes; {problems[0]})")
+
+
+def _is_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
+
+
+def _positive_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+class SlideReader:
+    """One opened slide (see the module docstring). Use `open_slide` to make one; close it (or use `with`)."""
+
+    def __init__(self, path: Path, backend: str, handle: Any, mpp: float | None):
+        self.path = path
+        self.backend = backend
+        self._slide = handle
+        self.properties: dict[str, str] = {str(k): str(v) for k, v in dict(handle.properties).items()}
+        self.dimensions: tuple[int, int] = tuple(int(v) for v in handle.dimensions)
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in handle.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
+        self.mpp = mpp if mpp is not None else self._metadata_mpp()
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _metadata_mpp(self) -> float | None:
+        prefix = "openslide" if self.backend == "openslide" else "tiffslide"
+        mpp_x = _positive_float(self.properties.get(f"{prefix}.mpp-x"))
+        mpp_y = _positive_float(self.properties.get(f"{prefix}.mpp-y"))
+        if mpp_x is None:
+            return mpp_y
+        if mpp_y is not None and abs(mpp_x - mpp_y) > 0.01 * mpp_x:
+            log.warning("%s: non-square pixels (mpp-x %.4g, mpp-y %.4g); using mpp-x", self.path, mpp_x, mpp_y)
+        return mpp_x
+
+    def require_mpp(self) -> float:
+        if self.mpp is None:
+            raise UserError(f"{self.path}: no pixel size (mpp) in the file's metadata; pass --mpp")
+        return float(self.mpp)
+
+    # -- raw reads -----------------------------------------------------------------------------
+    def _to_rgb(self, array: np.ndarray) -> np.ndarray:
+        array = np.asarray(array)
+        if array.dtype != np.uint8:
+            raise UserError(f"{self.path}: {array.dtype} pixels; only 8-bit RGB slides are supported")
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.shape[2] == 1:
+            return np.repeat(array, 3, axis=2)
+        if array.shape[2] == 4:  # straight (non-premultiplied) alpha, composited over white
+            alpha = array[..., 3:4].astype(np.uint16)
+            rgb = (array[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+            return rgb.astype(np.uint8)
+        return np.ascontiguousarray(array[..., :3])
+
+    def _location(self, level: int, lx: int) -> int:
+        """A level-0 coordinate that the backend maps to level pixel `lx` (tiffslide: int(x / ds))."""
+        ds = self.level_downsamples[level]
+        if level == 0:
+            return int(lx)
+        loc = int(round(lx * ds))
+        if self.backend == "tiffslide":
+            while int(loc / ds) < lx:
+                loc += 1
+            while loc > 0 and int(loc / ds) > lx:
+                loc -= 1
+        return loc
+
+    def _read_level(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+        """uint8 RGB (height, width, 3) of `level` pixels [ly, ly+height) x [lx, lx+width); white outside."""
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        level_w, level_h = self.level_dimensions[level]
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + width, level_w), min(ly + height, level_h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        location = (self._location(level, x0), self._location(level, y0))
+        size = (x1 - x0, y1 - y0)
+        try:
+            if self.backend == "openslide":
+                region = np.asarray(self._slide.read_region(location, level, size))
+            else:
+                region = self._slide.read_region(location, level, size, as_array=True, padding=False)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged tile anywhere in the file
+            raise UserError(f"{self.path}: cannot read level {level} region {size[0]}x{size[1]} at "
+                            f"({x0}, {y0}): {type(e).__name__}: {e}") from None
+        region = self._to_rgb(region)
+        if region.shape[:2] != (size[1], size[0]):
+            raise UserError(f"{self.path}: level {level} read returned {region.shape[1]}x{region.shape[0]} "
+                            f"pixels instead of {size[0]}x{size[1]} (damaged file?)")
+        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = region
+        return out
+
+    def read_region(self, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
+        """uint8 RGB (height, width, 3): `x, y` in level-0 pixels, `width, height` in pixels of `level`.
+        Transparent pixels are composited over white; parts outside the slide are white (255)."""
+        width, height, level = int(width), int(height), int(level)
+        if width < 0 or height < 0:
+            raise ValueError(f"negative region size {width}x{height}")
+        if not 0 <= level < len(self.level_dimensions):
+            raise ValueError(f"level {level} out of range (the slide has {len(self.level_dimensions)})")
+        ds = self.level_downsamples[level]
+        lx = int(x) if level == 0 else math.floor(int(x) / ds + 1e-9)
+        ly = int(y) if level == 0 else math.floor(int(y) / ds + 1e-9)
+        return self._read_level(level, lx, ly, width, height)
+
+    # -- resampled reads -----------------------------------------------------------------------
+    def best_level(self, scale: float) -> int:
+        """The pyramid level closest to target pixels of `1 / scale` level-0 pixels that is not coarser."""
+        wanted = 1.0 / float(scale)
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= wanted * (1.0 + LEVEL_TOLERANCE) and ds > self.level_downsamples[best]:
+                best = level
+        return best
+
+    def read_scaled(self, box: tuple[int, int, int, int], scale: float) -> np.ndarray:
+        """uint8 RGB (h, w, 3) of `box = (x, y, w, h)` in the target grid (level 0 scaled by `scale` =
+        level-0 mpp / target mpp). Target pixel (r, c) is centred on level-0 ((c + 0.5) / scale - 0.5,
+        (r + 0.5) / scale - 0.5). Reads `best_level(scale)` and resamples with a separable triangle
+        kernel (widened by the shrink factor, so shrinking is antialiased); every target pixel depends
+        only on its own position, so adjacent boxes tile seamlessly. `scale == 1` is `read_region`."""
+        x, y, w, h = (int(v) for v in box)
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be positive, got {scale}")
+        if w < 0 or h < 0:
+            raise ValueError(f"negative box size {w}x{h}")
+        if scale == 1.0:
+            return self.read_region(x, y, w, h, 0)
+        level = self.best_level(scale)
+        level_w, level_h = self.level_dimensions[level]
+        # target px per level px, per axis (from the level's actual size, not the rounded downsample)
+        fx = scale * self.dimensions[0] / level_w
+        fy = scale * self.dimensions[1] / level_h
+        if abs(fx - 1.0) < 1e-9 and abs(fy - 1.0) < 1e-9:
+            return self._read_level(level, x, y, w, h)
+        if w == 0 or h == 0:
+            return np.full((h, w, 3), 255, dtype=np.uint8)
+        cols, wx = _kernel(x, w, fx, level_w)
+        rows, wy = _kernel(y, h, fy, level_h)
+        lx0, lx1 = int(cols.min()), int(cols.max()) + 1
+        ly0, ly1 = int(rows.min()), int(rows.max()) + 1
+        source = self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0).astype(np.float32)
+        out = _resample(source, rows - ly0, wy, cols - lx0, wx)
+        # target pixels centred outside the slide are white
+        outside_x = _outside(x, w, scale, self.dimensions[0])
+        outside_y = _outside(y, h, scale, self.dimensions[1])
+        out[:, outside_x] = 255
+        out[outside_y] = 255
+        return out
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """(uint8 RGB thumbnail of the whole slide, longest side <= max_size, downsample = level-0
+        pixels per thumbnail pixel). Read strip by strip through `read_scaled`, so memory stays bounded
+        even for a slide without a pyramid."""
+        width0, height0 = self.dimensions
+        max_size = int(max_size)
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, got {max_size}")
+        scale = min(1.0, max_size / max(width0, height0))
+        tw = min(max_size, max(1, int(round(width0 * scale))))
+        th = min(max_size, max(1, int(round(height0 * scale))))
+        level = self.best_level(scale)
+        src_per_row = max(1.0, self.level_dimensions[level][0] * (1.0 / max(tw, 1)))
+        rows_per_chunk = max(1, int(_THUMBNAIL_CHUNK_PIXELS / (self.level_dimensions[level][0] * src_per_row)))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        for r0 in range(0, th, rows_per_chunk):
+            r1 = min(th, r0 + rows_per_chunk)
+            out[r0:r1] = self.read_scaled((0, r0, tw, r1 - r0), scale)
+        return out, 1.0 / scale
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"SlideReader({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
+                f"levels={len(self.level_dimensions)}, mpp={self.mpp})")
+
+
+def _outside(start: int, count: int, scale: float, size0: int) -> np.ndarray:
+    """Target pixels start..start+count-1 whose centre lies outside level-0 pixels 0..size0-1 (their area)."""
+    centre0 = (np.arange(start, start + count, dtype=np.float64) + 0.5) / scale
+    return (centre0 < 0) | (centre0 > size0)
+
+
+def _kernel(start: int, count: int, f: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices (count, K) and weights (count, K) for target pixels start..start+count-1 along an
+    axis with `f` target pixels per source pixel. Triangle kernel of radius max(1, 1 / f) source pixels;
+    K depends only on f, so the sum for every target pixel runs over the same taps in the same order.
+    Taps beyond the level's `size` pixels reuse its edge pixel (edge replication)."""
+    radius = max(1.0, 1.0 / f)
+    taps = int(math.ceil(2 * radius)) + 1
+    centre = (np.arange(start, start + count, dtype=np.float64) + 0.5) / f - 0.5
+    first = np.floor(centre - radius).astype(np.int64) + 1
+    index = first[:, None] + np.arange(taps, dtype=np.int64)[None, :]
+    weight = np.clip(1.0 - np.abs(index - centre[:, None]) / radius, 0.0, None)
+    weight /= weight.sum(axis=1, keepdims=True)
+    return np.clip(index, 0, size - 1), weight.astype(np.float32)
+
+
+def _resample(source: np.ndarray, rows: np.ndarray, wy: np.ndarray, cols: np.ndarray,
+              wx: np.ndarray) -> np.ndarray:
+    """Separable resampling of float32 (H, W, 3) `source` with per-output taps (fixed summation order)."""
+    horizontal = np.zeros((source.shape[0], cols.shape[0], 3), dtype=np.float32)
+    for k in range(cols.shape[1]):
+        horizontal += source[:, cols[:, k]] * wx[None, :, k, None]
+    out = np.zeros((rows.shape[0], cols.shape[0], 3), dtype=np.float32)
+    for k in range(rows.shape[1]):
+        out += horizontal[rows[:, k]] * wy[:, k, None, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _open_openslide(path: Path):
+    openslide = _import_openslide()
+    if openslide is None:
+        raise RuntimeError("OpenSlide is not installed (pip install openslide-python openslide-bin)")
+    return openslide.OpenSlide(str(path))
+
+
+def _open_tiffslide(path: Path):
+    import tiffslide
+
+    if _is_tiff(path):
+        _check_tiff_complete(path)
+    return tiffslide.TiffSlide(str(path))
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str | None = None) -> SlideReader:
+    """Open a slide with OpenSlide, or tiffslide where OpenSlide cannot open it (`backend` forces one).
+
+    `mpp` (level-0 micrometres per pixel) overrides the file's metadata. A file neither library opens,
+    or a truncated one, raises `UserError("<path>: <problem>")`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    if mpp is not None:
+        given = _positive_float(mpp)
+        if given is None:
+            raise UserError(f"--mpp {mpp}: must be a positive number (micrometres per pixel)")
+        mpp = given
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    order = [backend] if backend else list(BACKENDS)
+    failures: list[str] = []
+    for name in order:
+        try:
+            handle = _open_openslide(path) if name == "openslide" else _open_tiffslide(path)
+        except UserError as e:  # truncated / damaged: no other reader will do better
+            raise e from None
+        except Exception as e:  # noqa: BLE001 - each library has its own error types
+            failures.append(f"{name}: {str(e).strip() or type(e).__name__}")
+            continue
+        try:
+            reader = SlideReader(path, name, handle, mpp)
+            if not reader.dimensions[0] or not reader.dimensions[1]:
+                raise UserError(f"{path}: empty image ({reader.dimensions[0]}x{reader.dimensions[1]} pixels)")
+        except BaseException:
+            handle.close()
+            raise
+        return reader
+    raise UserError(f"{path}: not a slide or image that OpenSlide or tiffslide can open ({'; '.join(failures)})")

@@ -1,0 +1,191 @@
+"""Tests of slides.py (OpenSlide / tiffslide readers) and sample_data's synthetic pyramidal TIFF writers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+import sample_data
+import slides
+from utils import UserError
+
+BACKENDS = ["openslide", "tiffslide"]
+
+
+def _ramp_image(height: int, width: int) -> np.ndarray:
+    """A smooth RGB image: R = linear ramp in x, G = ramp in y, B = constant (resampling reproduces it)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    return np.stack([20 + (200 * xx) // max(width - 1, 1), 30 + (180 * yy) // max(height - 1, 1),
+                     np.full_like(xx, 140)], axis=2).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def noise_image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (256, 320, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", params=["generic", "aperio"])
+def slide_path(request, tmp_path_factory, noise_image):
+    """The noise image as a 3-level pyramid: plain tiled TIFF with resolution tags, or Aperio-style SVS."""
+    out = tmp_path_factory.mktemp("slides")
+    h, w = noise_image.shape[:2]
+    if request.param == "generic":
+        return sample_data.write_pyramidal_tiff(out / "generic.tif", noise_image, 0.25, tile_size=64, levels=3)
+    return sample_data.write_pyramidal_tiff(out / "aperio.svs", noise_image, None, tile_size=64, levels=3,
+                                            description=sample_data.aperio_description(w, h, 0.25, 64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_readers_report_mpp_levels_and_exact_pixels(slide_path, noise_image, backend):
+    assert slides.is_slide_file(slide_path)
+    with slides.open_slide(slide_path, backend=backend) as slide:
+        assert slide.backend == backend
+        assert slide.mpp == pytest.approx(0.25)
+        assert slide.dimensions == (320, 256)
+        assert slide.level_dimensions == ((320, 256), (160, 128), (80, 64))
+        assert slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+        np.testing.assert_array_equal(slide.read_region(13, 7, 100, 60), noise_image[7:67, 13:113])
+        with tifffile.TiffFile(slide_path) as tif:
+            tiled = [p for p in tif.pages if p.is_tiled]
+            level1 = tiled[1].asarray()
+        np.testing.assert_array_equal(slide.read_region(20, 10, 50, 40, level=1), level1[5:45, 10:60])
+        # outside the slide: white
+        corner = slide.read_region(-4, -6, 10, 10)
+        assert (corner[:6] == 255).all() and (corner[:, :4] == 255).all()
+        np.testing.assert_array_equal(corner[6:, 4:], noise_image[0:4, 0:6])
+        assert (slide.read_region(318, 250, 5, 5)[:, 2:] == 255).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_read_scaled_exactness(slide_path, noise_image, backend):
+    with slides.open_slide(slide_path, backend=backend) as slide:
+        # scale 1 is read_region
+        np.testing.assert_array_equal(slide.read_scaled((5, 9, 70, 33), 1.0), slide.read_region(5, 9, 70, 33))
+        # scale 0.5 reads the level at downsample 2 as it is, 0.25 the level at 4
+        assert slide.best_level(0.5) == 1 and slide.best_level(0.26) == 1 and slide.best_level(0.25) == 2
+        np.testing.assert_array_equal(slide.read_scaled((10, 4, 60, 50), 0.5),
+                                      slide.read_region(20, 8, 60, 50, level=1))
+        np.testing.assert_array_equal(slide.read_scaled((3, 2, 40, 30), 0.25),
+                                      slide.read_region(12, 8, 40, 30, level=2))
+        # seamless: adjacent boxes equal one box covering both; boxes tile the whole resampled image
+        for scale in (0.37, 0.8, 1.6):
+            whole = slide.read_scaled((0, 0, 90, 70), scale)
+            left, right = slide.read_scaled((0, 0, 41, 70), scale), slide.read_scaled((41, 0, 49, 70), scale)
+            np.testing.assert_array_equal(np.concatenate([left, right], axis=1), whole)
+            top, bottom = slide.read_scaled((0, 0, 90, 29), scale), slide.read_scaled((0, 29, 90, 41), scale)
+            np.testing.assert_array_equal(np.concatenate([top, bottom], axis=0), whole)
+            w, h = int(320 * scale), int(256 * scale)
+            full = slide.read_scaled((0, 0, w, h), scale)
+            rows = [np.concatenate([slide.read_scaled((x, y, min(32, w - x), min(32, h - y)), scale)
+                                    for x in range(0, w, 32)], axis=1) for y in range(0, h, 32)]
+            assert np.abs(np.concatenate(rows, axis=0).astype(int) - full).max() <= 1
+
+
+def test_read_scaled_reproduces_a_linear_ramp(tmp_path):
+    """Independent reference: a normalised symmetric kernel reproduces a linear image at every target
+    pixel centre ((c + 0.5) / scale - 0.5 in level-0 pixels), away from the borders."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    image = np.stack([xx // 2 + 40, yy // 2 + 50, np.full_like(xx, 90)], axis=2).astype(np.uint8)
+    path = sample_data.write_pyramidal_tiff(tmp_path / "ramp.tif", image, 0.5, tile_size=64, levels=1)
+    with slides.open_slide(path, backend="tiffslide") as slide:
+        for scale in (0.3, 0.7, 1.5):
+            out = slide.read_scaled((0, 0, int(256 * scale), int(256 * scale)), scale).astype(float)
+            c = np.arange(out.shape[1])
+            centre = (c + 0.5) / scale - 0.5
+            inner = (centre > 8) & (centre < 240)
+            # the ramp x // 2 is linear to within 0.5 (its steps); kernel averages keep that bound + rounding
+            expected = centre / 2 + 40 - 0.25
+            assert np.abs(out[10, inner, 0] - expected[inner]).max() <= 1.0
+            assert np.abs(out[inner, 10, 1] - (centre[inner] / 2 + 50 - 0.25)).max() <= 1.0
+            assert (out[..., 2] == 90).all()
+
+
+def test_thumbnail_and_mpp_override(slide_path, noise_image):
+    with slides.open_slide(slide_path, mpp=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.require_mpp() == 0.5
+        thumb, downsample = slide.thumbnail(64)
+        assert thumb.shape == (51, 64, 3) and downsample == pytest.approx(5.0)
+        np.testing.assert_array_equal(thumb, slide.read_scaled((0, 0, 64, 51), 0.2))
+        big, ds = slide.thumbnail(1000)
+        assert ds == 1.0
+        np.testing.assert_array_equal(big, noise_image)
+
+
+def test_openslide_is_tried_first(slide_path):
+    with slides.open_slide(slide_path) as slide:
+        assert slide.backend == ("openslide" if slides.openslide_available() else "tiffslide")
+
+
+def test_is_slide_file(tmp_path):
+    from PIL import Image
+
+    image = _ramp_image(64, 64)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "strip.tif", image, photometric="rgb")
+    tifffile.imwrite(tmp_path / "tiled_labels.tif", np.zeros((64, 64), np.uint32), tile=(32, 32))
+    sample_data.write_pyramidal_tiff(tmp_path / "tiled.tiff", image, 0.25, tile_size=32, levels=1)
+    (tmp_path / "text.tif").write_text("not a tiff")
+    assert not slides.is_slide_file(tmp_path / "a.png")
+    assert not slides.is_slide_file(tmp_path / "strip.tif")
+    assert not slides.is_slide_file(tmp_path / "tiled_labels.tif")
+    assert not slides.is_slide_file(tmp_path / "text.tif")
+    assert slides.is_slide_file(tmp_path / "tiled.tiff")
+    assert slides.is_slide_file(tmp_path / "missing.svs")  # vendor suffix: routed to the slide path
+
+
+@pytest.mark.parametrize("backend", [None] + BACKENDS)
+def test_bad_slides_are_one_line_user_errors(tmp_path, backend):
+    (tmp_path / "notes.svs").write_text("this is not a slide\n")
+    with pytest.raises(UserError, match=r"notes\.svs: not a slide or image that OpenSlide or tiffslide can open"):
+        slides.open_slide(tmp_path / "notes.svs", backend=backend)
+    image = np.random.default_rng(1).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    good = sample_data.write_pyramidal_tiff(tmp_path / "good.tif", image, 0.25, tile_size=64, levels=3)
+    data = good.read_bytes()
+    for fraction in (0.3, 0.9):
+        cut = tmp_path / f"cut{int(fraction * 10)}.tif"
+        cut.write_bytes(data[:int(len(data) * fraction)])
+        with pytest.raises(UserError, match=rf"cut{int(fraction * 10)}\.tif: "):
+            slides.open_slide(cut, backend=backend)
+    with pytest.raises(UserError, match="file not found"):
+        slides.open_slide(tmp_path / "missing.svs", backend=backend)
+    no_mpp = sample_data.write_pyramidal_tiff(tmp_path / "nompp.tif", image, None, tile_size=64, levels=2)
+    with slides.open_slide(no_mpp, backend=backend) as slide:
+        assert slide.mpp is None
+        with pytest.raises(UserError, match=r"nompp\.tif: no pixel size \(mpp\) in the file's metadata; pass --mpp"):
+            slide.require_mpp()
+    with pytest.raises(UserError, match="--mpp"):
+        slides.open_slide(no_mpp, mpp=-1)
+
+
+def test_tiffslide_alone_without_openslide(monkeypatch, slide_path, noise_image):
+    """A machine without openslide-bin: OpenSlide's import fails, tiffslide still opens TIFF slides."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openslide(name, *args, **kwargs):
+        if name == "openslide" or name.startswith("openslide."):
+            raise OSError("libopenslide.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openslide)
+    assert not slides.openslide_available()
+    with slides.open_slide(slide_path) as slide:
+        assert slide.backend == "tiffslide" and slide.mpp == pytest.approx(0.25)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 32, 32), noise_image[:32, :32])
+
+
+def test_real_sample_slide_both_readers(real_sample_dir, tmp_path):
+    """Four real NuInsSeg tiles as a 2x2 mosaic slide: both readers return the exact pixels and mpp."""
+    image, labels = sample_data.real_sample_mosaic(real_sample_dir, n=2)
+    assert image.shape == (1024, 1024, 3) and labels.shape == (1024, 1024)
+    ids = np.unique(labels[labels > 0])
+    assert ids[0] == 1 and ids[-1] == len(ids)  # unique ids across tiles, no gaps
+    path = sample_data.write_pyramidal_tiff(tmp_path / "mosaic.tif", image, 0.25, tile_size=256)
+    for backend in BACKENDS:
+        with slides.open_slide(path, backend=backend) as slide:
+            assert slide.mpp == pytest.approx(0.25) and slide.level_dimensions[1] == (512, 512)
+            np.testing.assert_array_equal(slide.read_region(384, 500, 300, 200), image[500:700, 384:684])
+            half = slide.read_scaled((0, 0, 512, 512), 0.5)
+            reference = image.reshape(512, 2, 512, 2, 3).astype(np.uint32).sum(axis=(1, 3))
+            np.testing.assert_array_equal(half, ((reference + 2) // 4).astype(np.uint8))

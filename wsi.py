@@ -1,0 +1,615 @@
+"""Whole-slide inference: every nucleus of a slide, region by region, in bounded memory, resumable.
+
+`predict_slide(predictor, path, name, output_dir, options)` is what `predict.predict_one` runs for a slide
+(`slides.is_slide_file`). The steps:
+
+1. Scale. The slide is read at the model's pixel size (`slides.SlideReader.read_scaled`, from the pyramid
+   level closest to it that is not coarser): the "target grid" is level 0 scaled by
+   `scale = slide mpp / model mpp`.
+2. Windows. The network windows (`tile_size`, `overlap` at the model's pixel size) lie on ONE global grid
+   over the target grid, the very grid `predict.stitch_maps` uses for a whole image, with the same blend
+   weights. A window runs only if it touches tissue (`tissue.TissueMask.touches`); skipped windows add
+   nothing (their pixels get foreground 0).
+3. Regions. The target grid is cut into square regions (`--region_size`). A region's maps are stitched on its
+   core plus a margin (`REGION_MARGIN`) from every window that covers a pixel of that area, so they are
+   exactly the whole-image maps there. The area is post-processed on its own; an instance is kept by the
+   region whose core holds its centroid (the seam rule: the margin is wider than a nucleus, so a kept
+   instance is whole, and each instance is kept by exactly one region).
+4. Streaming. Background threads read regions ahead of the network (at most `read_threads + 1` regions
+   waiting); finished regions are post-processed in `num_workers` worker processes (at most
+   `num_workers + 1` in flight) or in this process (`num_workers` 0). Each region's kept instances
+   (label crop + measurements + polygons) go to a small file in `.progress/<name>/` and the progress file
+   `state.json` is rewritten atomically after every region.
+5. Outputs, assembled from the region files in region order (global ids 1..N in that order):
+   `<name>.geojson[.gz]`, `<name>_nuclei.csv`, optional `<name>_labels.tif` (rasterised tile by tile),
+   `<name>_tissue.png`, `<name>_overview.png`. All coordinates are level-0 pixels of the slide.
+
+Memory: one region's arrays per stage (read-ahead, network, post-processing), the thumbnail-size tissue
+mask, the window flags (one byte per window) and the nuclei centroids for the overview, whatever the slide
+size. Re-running the same command skips a complete slide and continues an unfinished one (only the
+regions not recorded in `state.json`); a change of any option that changes results, of the model or of
+the slide file starts the slide again; `--overwrite` always does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+import utils
+from utils import UserError
+
+log = logging.getLogger(__name__)
+
+REGION_MARGIN = 128        # target pixels post-processed around a region's core (> the largest nucleus)
+THUMBNAIL_SIZE = 2048      # longest side of the thumbnail used for tissue detection and the overview
+LABEL_TILE = 512           # tile side of the label pyramid
+STATE_VERSION = 1
+
+
+@dataclass
+class Region:
+    """One region: `core` (y0, x0, y1, x1) in target pixels (the cores tile the slide), `crop` the core
+    plus the margin (clipped), `windows` the indices (iy, ix) of the global windows that touch tissue and
+    cover a pixel of `crop`, `box` (y0, x0, y1, x1) what is read: the crop and those windows."""
+    index: int
+    core: tuple[int, int, int, int]
+    crop: tuple[int, int, int, int]
+    windows: list[tuple[int, int]]
+    box: tuple[int, int, int, int]
+
+
+@dataclass
+class Geometry:
+    """The target grid of a slide: `shape` (H, W) at the model's pixel size, `scale` target pixels per
+    level-0 pixel, window starts `ys`, `xs` (`predict.tile_starts`), `tile`, `overlap`."""
+    shape: tuple[int, int]
+    scale: float
+    ys: list[int]
+    xs: list[int]
+    tile: int
+    overlap: int
+
+
+def slide_geometry(dimensions: tuple[int, int], scale: float, tile: int, overlap: int, path: Path) -> Geometry:
+    import predict
+
+    width0, height0 = dimensions
+    height, width = int(round(height0 * scale)), int(round(width0 * scale))
+    if height < tile or width < tile:
+        raise UserError(f"{path}: level 0 is {width0} x {height0} pixels, smaller than one window "
+                        f"({tile} pixels at the model's pixel size = {tile / scale:.0f} slide pixels); "
+                        f"use a smaller --tile_size or convert it to a PNG/plain TIFF")
+    return Geometry((height, width), float(scale), predict.tile_starts(height, tile, overlap),
+                    predict.tile_starts(width, tile, overlap), int(tile), int(overlap))
+
+
+def window_flags(geo: Geometry, tissue) -> np.ndarray:
+    """bool (len(ys), len(xs)): which windows touch tissue (level-0 boxes asked to the mask)."""
+    flags = np.zeros((len(geo.ys), len(geo.xs)), dtype=bool)
+    s = geo.scale
+    for iy, y in enumerate(geo.ys):
+        for ix, x in enumerate(geo.xs):
+            flags[iy, ix] = bool(tissue.touches((x / s, y / s, geo.tile / s, geo.tile / s)))
+    return flags
+
+
+def _covering(starts: list[int], tile: int, lo: int, hi: int) -> list[int]:
+    """Indices of the windows (starts of length `tile`) that overlap [lo, hi)."""
+    return [i for i, s in enumerate(starts) if s < hi and s + tile > lo]
+
+
+def plan_regions(geo: Geometry, flags: np.ndarray, region_size: int, margin: int = REGION_MARGIN) -> list[Region]:
+    """The regions of the slide in raster order (index = position in the full grid, also for regions left
+    out because none of the windows over their core touches tissue)."""
+    height, width = geo.shape
+    regions = []
+    index = 0
+    for y0 in range(0, height, region_size):
+        for x0 in range(0, width, region_size):
+            core = (y0, x0, min(y0 + region_size, height), min(x0 + region_size, width))
+            crop = (max(core[0] - margin, 0), max(core[1] - margin, 0),
+                    min(core[2] + margin, height), min(core[3] + margin, width))
+            core_iy = _covering(geo.ys, geo.tile, core[0], core[2])
+            core_ix = _covering(geo.xs, geo.tile, core[1], core[3])
+            if flags[np.ix_(core_iy, core_ix)].any():
+                iys = _covering(geo.ys, geo.tile, crop[0], crop[2])
+                ixs = _covering(geo.xs, geo.tile, crop[1], crop[3])
+                windows = [(iy, ix) for iy in iys for ix in ixs if flags[iy, ix]]
+                by0 = min([crop[0]] + [geo.ys[iy] for iy, _ in windows])
+                bx0 = min([crop[1]] + [geo.xs[ix] for _, ix in windows])
+                by1 = max([crop[2]] + [geo.ys[iy] + geo.tile for iy, _ in windows])
+                bx1 = max([crop[3]] + [geo.xs[ix] + geo.tile for _, ix in windows])
+                regions.append(Region(index, core, crop, windows, (by0, bx0, by1, bx1)))
+            index += 1
+    return regions
+
+
+# ----------------------------------------------------------------------------------------------
+# Network part (this process)
+# ----------------------------------------------------------------------------------------------
+def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch_size: int,
+                  cache: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended with the
+    global window weights of `predict.stitch_maps` (identical values to the whole-image maps there), and
+    the number of windows run. `cache` {(iy, ix): (fg, hv)} holds window maps already computed for the
+    previous region (not run again); the maps of this region's windows are put in it."""
+    import predict
+
+    cache = {} if cache is None else cache
+    todo = [k for k in region.windows if k not in cache]
+
+    cy0, cx0, cy1, cx1 = region.crop
+    by0, bx0 = region.box[:2]
+    h, w = cy1 - cy0, cx1 - cx0
+    fg_sum = np.zeros((h, w), np.float32)
+    w_sum = np.zeros((h, w), np.float32)
+    hv_sum = None
+    has_hv = None
+    tile, overlap = geo.tile, geo.overlap
+    for first in range(0, len(todo), max(batch_size, 1)):
+        batch = todo[first:first + max(batch_size, 1)]
+        tiles = [np.ascontiguousarray(rgb[geo.ys[iy] - by0:geo.ys[iy] - by0 + tile,
+                                          geo.xs[ix] - bx0:geo.xs[ix] - bx0 + tile]) for iy, ix in batch]
+        results = maps_fn(tiles)
+        if len(results) != len(tiles):
+            raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
+        for key, result in zip(batch, results):
+            cache[key] = result
+    for iy, ix in region.windows:
+        fg, hv = cache[(iy, ix)]
+        y, x = geo.ys[iy], geo.xs[ix]
+        if has_hv is None:
+            has_hv = hv is not None
+            if has_hv:
+                hv_sum = np.zeros((2, h, w), np.float32)
+        weight = np.outer(predict.tile_weights(tile, y, tile, overlap, geo.shape[0]),
+                          predict.tile_weights(tile, x, tile, overlap, geo.shape[1]))
+        # the part of the window inside the crop
+        ty0, tx0 = max(cy0 - y, 0), max(cx0 - x, 0)
+        ty1, tx1 = min(cy1 - y, tile), min(cx1 - x, tile)
+        oy, ox = y + ty0 - cy0, x + tx0 - cx0
+        sl = (slice(oy, oy + ty1 - ty0), slice(ox, ox + tx1 - tx0))
+        wpart = weight[ty0:ty1, tx0:tx1]
+        fg_sum[sl] += wpart * np.asarray(fg, np.float32)[ty0:ty1, tx0:tx1]
+        w_sum[sl] += wpart
+        if hv_sum is not None:
+            hv_sum[(slice(None),) + sl] += wpart[None] * np.asarray(hv, np.float32)[:, ty0:ty1, tx0:tx1]
+    w_sum = np.maximum(w_sum, 1e-12)
+    fg_map = fg_sum / w_sum
+    hv_map = None if hv_sum is None else hv_sum / w_sum[None]
+    return fg_map, hv_map, len(todo)
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-processing part (worker processes)
+# ----------------------------------------------------------------------------------------------
+def _scale_row(row: dict, scale: float) -> dict:
+    """A `measure_nuclei` row in target pixels -> level-0 pixels (µm columns unchanged)."""
+    if scale == 1.0:
+        return row
+    row = dict(row)
+    row["centroid_x"] = (row["centroid_x"] + 0.5) / scale - 0.5
+    row["centroid_y"] = (row["centroid_y"] + 0.5) / scale - 0.5
+    row["area_px"] = row["area_px"] / (scale * scale)
+    for key in ("perimeter_px", "major_axis_px", "minor_axis_px"):
+        row[key] = row[key] / scale
+    return row
+
+
+def finish_region(job: dict) -> dict:
+    """Post-process one region's maps, keep the instances whose centroid lies in the core, measure them and
+    write the region file (atomic). Returns {"nuclei", "seconds", "file"}. Runs in a worker process."""
+    import export
+    import postprocess as pp
+    from scipy import ndimage
+
+    start = time.time()
+    settings = dict(job["settings"])
+    if job["hv"] is None and settings.get("mode", "hv") == "hv":
+        settings["mode"] = "binary"
+    labels = pp.postprocess(job["fg"], job["hv"], pp.PostprocessConfig.from_dict(settings))
+    cy0, cx0, cy1, cx1 = job["crop"]
+    ky0, kx0, ky1, kx1 = job["core"]
+    ids = np.unique(labels[labels > 0])
+    kept = np.zeros(labels.shape, np.uint32)
+    n = 0
+    if ids.size:
+        centres = ndimage.center_of_mass(np.ones(labels.shape), labels, ids)
+        lut = np.zeros(int(labels.max()) + 1, np.uint32)
+        for label_id, (cy, cx) in zip(ids.tolist(), centres):
+            gy, gx = math.floor(cy + 0.5) + cy0, math.floor(cx + 0.5) + cx0
+            if ky0 <= gy < ky1 and kx0 <= gx < kx1:
+                n += 1
+                lut[label_id] = n
+        kept = lut[labels]
+    scale = float(job["scale"])
+    rows = export.measure_nuclei(kept, job["rgb"], mpp=job["mpp"]) if n else []
+    for row in rows:  # region crop -> target grid of the whole slide
+        row["centroid_x"] += cx0
+        row["centroid_y"] += cy0
+    rows = [_scale_row(r, scale) for r in rows]
+    collection = export.labels_to_geojson(kept, offset=(cx0, cy0), properties={int(r["id"]): r for r in rows})
+    features = collection["features"]
+    if scale != 1.0:
+        for f in features:
+            f["geometry"]["coordinates"] = [[[u / scale, v / scale] for u, v in ring]
+                                            for ring in f["geometry"]["coordinates"]]
+    # the kept instances' bounding box in target pixels, as compact as their count allows
+    if n:
+        rr = np.flatnonzero(kept.any(axis=1))
+        cc = np.flatnonzero(kept.any(axis=0))
+        by0, by1, bx0, bx1 = int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
+        crop_labels = kept[by0:by1, bx0:bx1]
+    else:
+        by0 = bx0 = 0
+        crop_labels = np.zeros((0, 0), np.uint32)
+    crop_labels = crop_labels.astype(np.uint16 if n < 65536 else np.uint32)
+    path = Path(job["file"])
+    tmp = utils.temp_file_beside(path, ".npz")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, labels=crop_labels, origin=np.array([by0 + cy0, bx0 + cx0], np.int64),
+                                nuclei=np.array(n, np.int64),
+                                rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
+                                features=np.frombuffer(json.dumps(features, separators=(",", ":")).encode(),
+                                                       np.uint8))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"nuclei": n, "seconds": time.time() - start, "file": path.name}
+
+
+def read_region_file(path: Path) -> dict:
+    with np.load(path) as data:
+        return {"labels": data["labels"], "origin": tuple(int(v) for v in data["origin"]),
+                "nuclei": int(data["nuclei"]), "rows": json.loads(data["rows"].tobytes().decode()),
+                "features": json.loads(data["features"].tobytes().decode())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume state
+# ----------------------------------------------------------------------------------------------
+def progress_dir(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / ".progress" / name
+
+
+def _fingerprint(path: str | os.PathLike | None) -> dict | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        return {"path": str(p)}
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def run_key(path: Path, predictor, options, geo: Geometry, mpp0: float) -> dict:
+    """What the slide's results depend on; a saved state with another key is not continued."""
+    tissue = options.tissue_mask
+    return {"version": STATE_VERSION, "slide": _fingerprint(path), "mpp": mpp0, "shape": list(geo.shape),
+            "tile": geo.tile, "overlap": geo.overlap, "region_size": int(options.region_size),
+            "margin": REGION_MARGIN, "tissue_mask": tissue if tissue in ("auto", "none") else _fingerprint(tissue),
+            "model": _fingerprint(options.model_path), "ensemble": bool(options.ensemble),
+            "postprocess": predictor.postprocess, "model_mpp": predictor.model_mpp}
+
+
+def output_paths(output_dir: Path, name: str, options) -> dict[str, Path]:
+    paths = {"geojson": output_dir / (f"{name}.geojson.gz" if options.geojson_gzip else f"{name}.geojson"),
+             "csv": output_dir / f"{name}_nuclei.csv", "tissue": output_dir / f"{name}_tissue.png",
+             "overview": output_dir / f"{name}_overview.png"}
+    if options.label_image:
+        paths["labels"] = output_dir / f"{name}_labels.tif"
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The slide
+# ----------------------------------------------------------------------------------------------
+def _tissue_mask(slide, options):
+    import tissue
+
+    if options.tissue_mask == "none":
+        return tissue.full_mask(slide.dimensions), None
+    thumb, downsample = slide.thumbnail(THUMBNAIL_SIZE)
+    if options.tissue_mask == "auto":
+        return tissue.detect_tissue(thumb, downsample), (thumb, downsample)
+    return tissue.read_tissue_mask(options.tissue_mask, slide.dimensions), (thumb, downsample)
+
+
+def predict_slide(predictor, path: Path, name: str, output_dir: Path, options,
+                  on_region_done: Callable[[int], None] | None = None):
+    """Segment one slide into `output_dir` (see the module docstring); returns a `predict.Outcome`.
+    A problem of this slide comes back as `Outcome(status="failed")`. `on_region_done(k)` is called after
+    the k-th region of this run is recorded (tests use it to interrupt a run)."""
+    import predict
+
+    start = time.time()
+    try:
+        return _predict_slide(predictor, Path(path), name, Path(output_dir), options, on_region_done, start)
+    except Exception as e:
+        log.debug("failed on %s", path, exc_info=True)
+        return predict.Outcome(str(path), name, "failed", error=predict.error_message(Path(path), e),
+                               seconds=round(time.time() - start, 3), kind="slide")
+
+
+def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, on_region_done, start):
+    import predict
+    import slides
+
+    with slides.open_slide(path, mpp=options.mpp) as slide:
+        mpp0 = float(slide.require_mpp())
+        width0, height0 = slide.dimensions
+        scale = mpp0 / float(predictor.model_mpp)
+        geo = slide_geometry(slide.dimensions, scale, predictor.tile_size, predictor.overlap, path)
+        key = run_key(path, predictor, options, geo, mpp0)
+        pdir = progress_dir(output_dir, name)
+        state_path = pdir / "state.json"
+        outputs = output_paths(output_dir, name, options)
+        state = None
+        if state_path.is_file() and not options.overwrite:
+            try:
+                state = utils.read_json(state_path)
+            except Exception:  # an unreadable state is started again
+                state = None
+            if state is not None and state.get("key") != key:
+                log.warning("%s: options, model or slide changed since the recorded progress; starting again", path)
+                state = None
+        if state is not None and state.get("complete") and all(p.is_file() for p in outputs.values()):
+            log.info("%s: already complete (pass --overwrite to redo it)", path)
+            return predict.Outcome(**dict(state["outcome"], status="skipped"))
+        if state is None or state.get("complete"):
+            if pdir.exists():
+                shutil.rmtree(pdir)
+            state = {"key": key, "complete": False, "regions": {}}
+        pdir.mkdir(parents=True, exist_ok=True)
+        utils.write_json(state_path, state)
+
+        tissue_mask, thumb = _tissue_mask(slide, options)
+        if thumb is None:
+            thumb = slide.thumbnail(THUMBNAIL_SIZE)
+    flags = window_flags(geo, tissue_mask)
+    regions = plan_regions(geo, flags, int(options.region_size))
+    if not regions:
+        log.warning("%s: no tissue found (0 nuclei); see %s", path, outputs["tissue"])
+    timing = run_regions(predictor, path, options, geo, regions, state, state_path, pdir, on_region_done)
+
+    # assemble the outputs from the region files
+    t_write = time.time()
+    nuclei, centroids = assemble(output_dir, name, outputs, regions, state, pdir, geo, mpp0,
+                                 (height0, width0), options)
+    tissue_mask.save_png(outputs["tissue"])
+    import visualize
+
+    visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
+    write_seconds = time.time() - t_write
+    area = float(tissue_mask.area_mm2(mpp0))
+    outcome = predict.Outcome(
+        str(path), name, "ok", nuclei, height0, width0, round(time.time() - start, 3), kind="slide", mpp=mpp0,
+        tissue_area_mm2=round(area, 6), nuclei_per_mm2=(round(nuclei / area, 3) if area > 0 else None),
+        windows=int(timing["windows"]), read_seconds=round(timing["read"], 3),
+        network_seconds=round(timing["network"], 3), postprocess_seconds=round(timing["postprocess"], 3),
+        write_seconds=round(write_seconds, 3))
+    for region in regions:  # the region files are no longer needed; the state keeps the outcome
+        f = pdir / f"region_{region.index:06d}.npz"
+        if f.exists():
+            f.unlink()
+    state.update(complete=True, outcome=vars(outcome))
+    utils.write_json(state_path, state)
+    log.info("%s: %d nuclei in %.1f mm² of tissue -> %s", path, nuclei, area, outputs["geojson"])
+    return outcome
+
+
+class _Readers:
+    """Region reads in background threads, each thread with its own slide handle."""
+
+    def __init__(self, path: Path, options, scale: float) -> None:
+        self.path, self.options, self.scale = path, options, scale
+        self.local = threading.local()
+        self.handles: list = []
+        self.lock = threading.Lock()
+
+    def read(self, region: Region) -> tuple[np.ndarray, float]:
+        import slides
+
+        start = time.time()
+        slide = getattr(self.local, "slide", None)
+        if slide is None:
+            slide = slides.open_slide(self.path, mpp=self.options.mpp)
+            self.local.slide = slide
+            with self.lock:
+                self.handles.append(slide)
+        y0, x0, y1, x1 = region.box
+        rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), self.scale)
+        return rgb, time.time() - start
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+
+
+def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Region], state: dict,
+                state_path: Path, pdir: Path, on_region_done) -> dict:
+    """Run the regions not yet recorded in `state`; records each finished one (atomically)."""
+    todo = [r for r in regions if str(r.index) not in state["regions"]]
+    timing = {"read": 0.0, "network": 0.0, "postprocess": 0.0, "windows": 0}
+    timing["postprocess"] = sum(float(v.get("seconds", 0.0)) for v in state["regions"].values())
+    if not todo:
+        return timing
+    settings = dict(predictor.postprocess or {})
+    workers = int(predictor.num_workers)
+    readers = _Readers(path, options, geo.scale)
+    read_pool = ThreadPoolExecutor(max(1, int(options.read_threads)), thread_name_prefix="wsi-read")
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 0 else None)
+    reads: deque = deque()
+    pending: deque = deque()
+    upcoming = iter(todo)
+    cache: dict = {}
+    done_count = 0
+    bar = tqdm(total=len(todo), desc=f"{path.name} regions", unit="region", leave=False)
+
+    def read_next() -> None:
+        region = next(upcoming, None)
+        if region is not None:
+            reads.append((region, read_pool.submit(readers.read, region)))
+
+    def record(region: Region, result: dict) -> None:
+        nonlocal done_count
+        state["regions"][str(region.index)] = {"file": result["file"], "nuclei": int(result["nuclei"]),
+                                               "seconds": round(float(result["seconds"]), 3)}
+        timing["postprocess"] += float(result["seconds"])
+        utils.write_json(state_path, state)
+        done_count += 1
+        bar.update(1)
+        if on_region_done is not None:
+            on_region_done(done_count)
+
+    try:
+        for _ in range(max(1, int(options.read_threads)) + 1):
+            read_next()
+        while reads:
+            region, future = reads.popleft()
+            rgb, seconds = future.result()
+            read_next()
+            timing["read"] += seconds
+            t0 = time.time()
+            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, int(options.batch_size), cache)
+            timing["network"] += time.time() - t0
+            timing["windows"] += ran
+            # keep only the window maps the next region (the right-hand neighbour) shares
+            following = set(reads[0][0].windows) if reads else set()
+            cache = {k: v for k, v in cache.items() if k in following}
+            (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop
+            job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
+                   "settings": settings, "crop": region.crop, "core": region.core, "scale": geo.scale,
+                   "mpp": float(predictor.model_mpp), "file": str(pdir / f"region_{region.index:06d}.npz")}
+            del rgb, fg, hv
+            if pool is None:
+                record(region, finish_region(job))
+            else:
+                pending.append((region, pool.submit(finish_region, job)))
+                while len(pending) > workers:
+                    r, f = pending.popleft()
+                    record(r, f.result())
+            del job
+        while pending:
+            r, f = pending.popleft()
+            record(r, f.result())
+    finally:
+        bar.close()
+        for _, f in reads:
+            f.cancel()
+        read_pool.shutdown(wait=True, cancel_futures=True)
+        readers.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return timing
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+class _RegionLabels:
+    """Level-0 label tiles rasterised from the region files (nearest neighbour from the target grid),
+    with a small cache of decoded regions."""
+
+    def __init__(self, files: list[Path], offsets: list[int], scale: float, cache: int = 6) -> None:
+        self.files, self.offsets, self.scale = files, offsets, scale
+        self.cache: OrderedDict[int, tuple] = OrderedDict()
+        self.size = cache
+        boxes = []
+        for f in files:
+            with np.load(f) as data:
+                shape = data["labels"].shape
+                oy, ox = (int(v) for v in data["origin"])
+            boxes.append((oy, ox, oy + shape[0], ox + shape[1]))
+        self.boxes = np.array(boxes, np.float64).reshape(-1, 4)
+
+    def _get(self, i: int) -> tuple:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        with np.load(self.files[i]) as data:
+            item = (data["labels"], tuple(int(v) for v in data["origin"]))
+        self.cache[i] = item
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return item
+
+    def read_tile(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        out = np.zeros((h, w), np.uint32)
+        if not len(self.boxes):
+            return out
+        s = self.scale
+        ty0, ty1 = math.floor((y + 0.5) * s), math.floor((y + h - 0.5) * s) + 1
+        tx0, tx1 = math.floor((x + 0.5) * s), math.floor((x + w - 0.5) * s) + 1
+        b = self.boxes
+        hits = np.flatnonzero((b[:, 0] < ty1) & (b[:, 2] > ty0) & (b[:, 1] < tx1) & (b[:, 3] > tx0)
+                              & (b[:, 2] > b[:, 0]))
+        rows_t = np.floor((np.arange(y, y + h) + 0.5) * s).astype(np.int64)
+        cols_t = np.floor((np.arange(x, x + w) + 0.5) * s).astype(np.int64)
+        for i in hits.tolist():
+            labels, (oy, ox) = self._get(i)
+            r = rows_t - oy
+            c = cols_t - ox
+            rv = np.flatnonzero((r >= 0) & (r < labels.shape[0]))
+            cv = np.flatnonzero((c >= 0) & (c < labels.shape[1]))
+            if not rv.size or not cv.size:
+                continue
+            sub = labels[np.ix_(r[rv], c[cv])].astype(np.uint32)
+            target = out[np.ix_(rv, cv)]
+            nz = sub > 0
+            target[nz] = sub[nz] + np.uint32(self.offsets[i])
+            out[np.ix_(rv, cv)] = target
+        return out
+
+
+def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], state: dict, pdir: Path,
+             geo: Geometry, mpp0: float, shape0: tuple[int, int], options) -> tuple[int, np.ndarray]:
+    """Write GeoJSON, CSV (and the label image) from the region files in region order; global ids
+    1..N in that order. Returns (N, level-0 centroids (N, 2) x, y float32)."""
+    import export
+
+    files, offsets, centroids = [], [], []
+    total = 0
+    columns = export.measurement_columns(mpp0)
+    with export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip) as geojson, \
+            export.CSVWriter(outputs["csv"], columns) as csv:
+        for region in regions:
+            f = pdir / state["regions"][str(region.index)]["file"]
+            data = read_region_file(f)
+            offset = total
+            for row in data["rows"]:
+                row["id"] = int(row["id"]) + offset
+                centroids.append((row["centroid_x"], row["centroid_y"]))
+            for feature in data["features"]:
+                gid = int(feature["properties"]["id"]) + offset
+                feature["properties"]["id"] = gid
+                feature["properties"]["name"] = f"{export.CLASS_NAME} {gid}"
+            geojson.add(data["features"])
+            csv.add(data["rows"])
+            files.append(f)
+            offsets.append(offset)
+            total += data["nuclei"]
+    if "labels" in outputs:
+        import label_pyramid
+
+        raster = _RegionLabels(files, offsets, geo.scale)
+        label_pyramid.write_label_pyramid(outputs["labels"], shape0, raster.read_tile, mpp=mpp0,
+                                          tile_size=LABEL_TILE)
+    return total, np.asarray(centroids, np.float32).reshape(-1, 2)
