@@ -280,6 +280,9 @@ def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, o
                                       usable_cores())
             if plan.device is not None and getattr(options, "device", None) != plan.device:
                 options = dataclasses.replace(options, device=plan.device)
+            if plan.device == "cuda" and getattr(options, "num_workers", 0) is None:
+                # post-processing processes per GPU worker: their share of the cores, at most 4
+                options = dataclasses.replace(options, num_workers=min(4, plan.torch_threads))
             if dashboard_address is not None and not _has_bokeh():
                 dashboard_address = None  # the dashboard needs bokeh; without it the page would be empty
             cluster = start_local_cluster(plan, dashboard_address, stack)
