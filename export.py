@@ -6,6 +6,8 @@
   Each instance becomes one Polygon that follows the pixel edges of the instance's outer boundary.
 - `measure_nuclei` / `save_measurements_csv` compute one row of morphology and colour measurements per
   nucleus (scikit-image `regionprops_table`) and write them as CSV.
+- `GeoJSONWriter` / `CSVWriter` stream the same files feature by feature / row by row for whole slides
+  (temporary file renamed on a successful close, removed on an error; gzip output is byte-deterministic).
 
 Coordinates are pixel units with the origin at the top-left corner of the image, x to the right and y
 downwards (QuPath's convention). See docs/export.md for the formats and the QuPath import steps.
@@ -212,10 +214,12 @@ def _json_number(value: Any) -> float | int | None:
 
 
 def labels_to_geojson(labels: np.ndarray, offset: tuple[float, float] = (0, 0),
-                      properties: Mapping[int, Mapping[str, Any]] | None = None) -> dict:
+                      properties: Mapping[int, Mapping[str, Any]] | None = None,
+                      scale: float = 1.0) -> dict:
     """GeoJSON FeatureCollection with one QuPath detection ("Nucleus") per instance id.
 
-    `offset` (x, y) is added to every coordinate (e.g. the position of a crop in a larger slide).
+    `offset` (x, y) is added to every coordinate (e.g. the position of a crop in a larger slide), and the
+    sum is multiplied by `scale` (e.g. level-0 pixels per pixel of the grid the labels were made on).
     `properties` optionally maps an instance id to numeric values (e.g. a row of `measure_nuclei`),
     stored in the feature's `measurements` as a list of {"name", "value"} (the form every QuPath
     version from 0.2 reads; QuPath shows them in its measurement table; non-numeric values and the
@@ -232,6 +236,8 @@ def labels_to_geojson(labels: np.ndarray, offset: tuple[float, float] = (0, 0),
         mask = labels[rows, cols] == label_id
         ring = [[float(x + cols.start + ox), float(y + rows.start + oy)]
                 for x, y in instance_outline(mask)]
+        if scale != 1.0:
+            ring = [[x * float(scale), y * float(scale)] for x, y in ring]
         feature_properties: dict[str, Any] = {
             "objectType": "detection",
             "name": f"{CLASS_NAME} {label_id}",
@@ -330,3 +336,129 @@ def save_measurements_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, A
     if columns is None:
         columns = list(rows[0].keys()) if rows else measurement_columns()
     return utils.write_csv(path, rows, columns=columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming writers (whole slides: results arrive region by region)
+# ----------------------------------------------------------------------------------------------
+class _StreamingFile:
+    """A text file written through a temporary file beside `path`: renamed onto `path` by `close()`,
+    deleted by `abort()` (or by leaving a `with` block through an exception), so an existing `path` is
+    never touched by a failed write. With `gzip=True` the bytes are gzip-compressed with a fixed header
+    (mtime 0, no file name), so the same content always gives the same bytes."""
+
+    def __init__(self, path: str | os.PathLike, gzip: bool = False):
+        import gzip as gzip_module
+
+        self.path = Path(path)
+        self._tmp = utils.temp_file_beside(self.path)
+        self._raw = open(self._tmp, "wb")
+        self._zip = (gzip_module.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=6)
+                     if gzip else None)
+        self._text = io.TextIOWrapper(self._zip or self._raw, encoding="utf-8", newline="\n",
+                                      write_through=False)
+        self.closed = False
+
+    def _write(self, text: str) -> None:
+        if self.closed:
+            raise ValueError(f"{self.path}: writer already closed")
+        self._text.write(text)
+
+    def _finish(self) -> None:
+        """Write whatever ends the file (subclasses)."""
+
+    def close(self) -> Path:
+        """Finish the file and rename it onto `path`."""
+        if self.closed:
+            return self.path
+        try:
+            self._finish()
+            self._text.flush()
+            self._text.detach()
+            if self._zip is not None:
+                self._zip.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; `path` keeps what it had before."""
+        self.closed = True
+        try:
+            self._text.detach()
+        except Exception:  # noqa: BLE001 - already detached, or its stream already failed
+            pass
+        for stream in (self._zip, self._raw):
+            try:
+                if stream is not None:
+                    stream.close()
+            except Exception:  # noqa: BLE001 - closing a half-written stream on the error path
+                pass
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:  # an unclosed writer never leaves its temporary file behind
+        if not getattr(self, "closed", True):
+            self.abort()
+
+
+class GeoJSONWriter(_StreamingFile):
+    """Writes a GeoJSON FeatureCollection feature by feature: `add(features)` with features as made by
+    `labels_to_geojson(...)["features"]`. The bytes equal `save_geojson`'s for the same features (compact
+    JSON, one final newline); `.geojson.gz` with `gzip=True`. `count` is the number of features written."""
+
+    def __init__(self, path: str | os.PathLike, gzip: bool = False):
+        super().__init__(path, gzip=gzip)
+        self.count = 0
+        self._write('{"type":"FeatureCollection","features":[')
+
+    def add(self, features: Sequence[Mapping[str, Any]]) -> None:
+        if self.closed:
+            raise ValueError(f"{self.path}: writer already closed")
+        for feature in features:
+            self._write(("," if self.count else "") + json.dumps(feature, separators=(",", ":")))
+            self.count += 1
+
+    def _finish(self) -> None:
+        self._text.write("]}\n")
+
+
+class CSVWriter(_StreamingFile):
+    """Writes a CSV file row by row with the fixed `columns` (header first; missing values empty, extra keys
+    ignored; floats with 6 significant digits), byte-identical to `utils.write_csv` for the same rows."""
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], gzip: bool = False):
+        import csv
+
+        super().__init__(path, gzip=gzip)
+        self.columns = list(columns)
+        self.count = 0
+        self._csv = csv.DictWriter(self._text, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+        self._csv.writeheader()
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.closed:
+            raise ValueError(f"{self.path}: writer already closed")
+        for row in rows:
+            self._csv.writerow({k: _csv_cell(row.get(k, "")) for k in self.columns})
+            self.count += 1
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}"
+    return value

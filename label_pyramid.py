@@ -142,14 +142,15 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
                         levels: int | None = None, min_size: int = 2048, compression: str = "zlib",
                         subifds: bool = True, photometric: str | None = None,
                         level_kwargs: Callable[[int, float], dict] | None = None,
-                        bigtiff: bool | None = None, desc: str = "pyramid") -> Path:
+                        bigtiff: bool | None = None, ome: bool = False, desc: str = "pyramid") -> Path:
     """Stream a tiled pyramidal TIFF to `path` (temporary file + rename); see the module docstring.
 
     `read_tile(y, x, h, w)` returns level-0 pixels (h, w) or (h, w, samples) of `dtype`, called once per
     tile in row-major order. `subifds=True` stores levels >= 1 as SubIFDs of the first page (OME-TIFF
     pyramids), else as following pages marked reduced-resolution (OpenSlide's generic / Aperio layout).
     `level_kwargs(level, downsample)` gives extra `TiffWriter.write` keywords per level (description,
-    resolution, metadata...). Returns the path.
+    resolution, metadata...); `ome=True` makes tifffile write OME-XML from level 0's `metadata`.
+    Returns the path.
     """
     import tifffile
     from tqdm import tqdm
@@ -168,8 +169,13 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
         bigtiff = height * width * samples * dtype.itemsize * 4 // 3 > 2**31
     if photometric is None:
         photometric = "minisblack" if samples == 1 else "rgb"
-    extra = level_kwargs or (lambda level, ds: {})
+    level_extra = level_kwargs or (lambda level, ds: {})
     common = dict(compression=compression, photometric=photometric, metadata=None)
+
+    def extra(level: int, downsample: float) -> dict:
+        kwargs = dict(common)
+        kwargs.update(level_extra(level, downsample))
+        return kwargs
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=".pyramid_", dir=path.parent if path.parent.exists() else None))
     out_tmp = utils.temp_file_beside(path)
@@ -204,7 +210,7 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
 
         n_tiles = sum(1 for _ in _tile_grid((height, width), tile_size))
         temp1 = tmp_dir / "level1.tif"
-        with tifffile.TiffWriter(out_tmp, bigtiff=bigtiff) as tw:
+        with tifffile.TiffWriter(out_tmp, bigtiff=bigtiff, ome=ome) as tw:
             with tqdm(total=n_tiles, desc=desc, unit="tile", disable=n_tiles < 64, leave=False) as progress:
                 if len(shapes) > 1:
                     # level 1 goes to its temporary file through a second writer in a thread, fed by a
@@ -214,17 +220,17 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
                         tw.write(level0_tiles(progress, level1), shape=pixel_shape(height, width),
                                  dtype=dtype, tile=(tile_size, tile_size),
                                  subifds=(len(shapes) - 1) if subifds else None, subfiletype=0,
-                                 **common, **extra(0, 1.0))
+                                 **extra(0, 1.0))
                 else:
                     tw.write(level0_tiles(progress, None), shape=pixel_shape(height, width), dtype=dtype,
-                             tile=(tile_size, tile_size), subfiletype=0, **common, **extra(0, 1.0))
+                             tile=(tile_size, tile_size), subfiletype=0, **extra(0, 1.0))
             previous = temp1
             for level in range(1, len(shapes)):
                 store, source = _zarr_reader(previous)
                 try:
                     downsample = float(2 ** level)
                     tw.write(level_tiles_from(source, shapes[level]), shape=pixel_shape(*shapes[level]),
-                             dtype=dtype, tile=(tile_size, tile_size), subfiletype=1, **common,
+                             dtype=dtype, tile=(tile_size, tile_size), subfiletype=1,
                              **extra(level, downsample))
                     if level + 1 < len(shapes):
                         following = tmp_dir / f"level{level + 1}.tif"
@@ -242,3 +248,41 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def ome_uuid(shape: tuple[int, int], mpp: float | None, name: str) -> str:
+    """A UUID derived from the image's shape, pixel size and file name (OME wants one; a random one would
+    make the bytes differ between identical runs)."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'nuclei-labels/{name}/{shape[0]}x{shape[1]}/{mpp}')}"
+
+
+def write_label_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_tile: ReadTile, *,
+                        mpp: float | None = None, tile_size: int = 512, compression: str = "zlib",
+                        min_size: int = 2048) -> Path:
+    """Write a uint32 instance-label image of `shape` (H, W) as a tiled, compressed, pyramidal OME-TIFF.
+
+    `read_tile(y, x, h, w) -> uint32 (h, w)` is called for the level-0 tiles in row-major order. Levels
+    halve by subsampling (every second pixel: ids are kept, never averaged) until the longest side is at
+    most `min_size`; they are SubIFDs of the first page (OME-TIFF pyramid: QuPath, napari, Bio-Formats).
+    With `mpp` the OME metadata carries PhysicalSizeX/Y in micrometres and every level has TIFF
+    resolution tags. Written to a temporary file and renamed; byte-deterministic. Returns the path.
+    """
+    path = Path(path)
+    shape = (int(shape[0]), int(shape[1]))
+
+    def level_kwargs(level: int, downsample: float) -> dict:
+        kwargs: dict = {}
+        if mpp:
+            per_cm = 1e4 / (float(mpp) * downsample)
+            kwargs.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+        if level == 0:
+            metadata = {"axes": "YX", "Name": path.name, "UUID": ome_uuid(shape, mpp, path.name)}
+            if mpp:
+                metadata.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm",
+                                PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
+            kwargs["metadata"] = metadata
+        return kwargs
+
+    return write_tiled_pyramid(path, shape, read_tile, dtype=np.uint32, samples=1, reduce="nearest",
+                               tile_size=tile_size, min_size=min_size, compression=compression, subifds=True,
+                               photometric="minisblack", level_kwargs=level_kwargs, ome=True, desc="label tiles")

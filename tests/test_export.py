@@ -221,3 +221,78 @@ def test_measurements_without_image_and_bad_input(scene):
         export.measure_nuclei(labels, image[:10])
     with pytest.raises(ValueError):
         export.measure_nuclei(labels, image, mpp=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming writers
+# ----------------------------------------------------------------------------------------------
+def _two_crops():
+    labels = np.zeros((40, 60), dtype=np.uint32)
+    labels[5:15, 5:20] = 7
+    labels[20:35, 30:50] = 9
+    return labels[:, :30], labels[:, 30:], labels
+
+
+def test_geojson_writer_matches_save_geojson_and_gzip_is_deterministic(tmp_path):
+    import gzip
+
+    left, right, whole = _two_crops()
+    export.save_geojson(tmp_path / "reference.geojson", whole)
+    with export.GeoJSONWriter(tmp_path / "streamed.geojson") as writer:
+        writer.add(export.labels_to_geojson(left)["features"])
+        writer.add([])
+        writer.add(export.labels_to_geojson(right, offset=(30, 0))["features"])
+    assert writer.count == 2
+    assert (tmp_path / "streamed.geojson").read_bytes() == (tmp_path / "reference.geojson").read_bytes()
+    blobs = []
+    for run in range(2):
+        with export.GeoJSONWriter(tmp_path / f"run{run}.geojson.gz", gzip=True) as writer:
+            writer.add(export.labels_to_geojson(whole)["features"])
+        blobs.append((tmp_path / f"run{run}.geojson.gz").read_bytes())
+    assert blobs[0] == blobs[1]
+    assert blobs[0][4:8] == b"\0\0\0\0" and not blobs[0][3] & 0x08  # gzip header: mtime 0, no file name
+    assert gzip.decompress(blobs[0]) == (tmp_path / "reference.geojson").read_bytes()
+    empty = export.GeoJSONWriter(tmp_path / "empty.geojson")
+    empty.close()
+    assert json.loads((tmp_path / "empty.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+
+
+def test_geojson_scale_maps_a_coarser_grid_to_level_0():
+    labels = np.zeros((10, 10), dtype=np.uint8)
+    labels[2:4, 3:6] = 1
+    ring = export.labels_to_geojson(labels, offset=(100, 50), scale=2.0)["features"][0]["geometry"]["coordinates"][0]
+    xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (206.0, 212.0, 104.0, 108.0)
+
+
+def test_csv_writer_matches_write_csv(tmp_path):
+    import utils
+
+    rows = [{"id": 1, "centroid_x": 1.23456789, "area_px": 10}, {"id": 2, "centroid_x": np.float32(2.5), "extra": 1}]
+    utils.write_csv(tmp_path / "reference.csv", rows, columns=["id", "centroid_x", "area_px"])
+    with export.CSVWriter(tmp_path / "streamed.csv", ["id", "centroid_x", "area_px"]) as writer:
+        writer.add(rows[:1])
+        writer.add(rows[1:])
+    assert writer.count == 2
+    assert (tmp_path / "streamed.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["geojson", "csv"])
+def test_streaming_writer_failure_keeps_the_existing_file(tmp_path, kind):
+    path = tmp_path / f"result.{kind}"
+    path.write_text("previous result\n")
+    with pytest.raises(RuntimeError, match="crash"):
+        with (export.GeoJSONWriter(path) if kind == "geojson" else export.CSVWriter(path, ["id"])) as writer:
+            writer.add([{"type": "Feature"}] if kind == "geojson" else [{"id": 1}])
+            raise RuntimeError("crash")
+    assert path.read_text() == "previous result\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # temporary file removed
+    with pytest.raises(ValueError, match="closed"):
+        writer.add([])
+    # abort without a with block, and a writer dropped without closing, leave nothing either
+    other = export.CSVWriter(tmp_path / "other.csv", ["id"])
+    other.add([{"id": 3}])
+    other.abort()
+    dropped = export.GeoJSONWriter(tmp_path / "dropped.geojson")
+    del dropped
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

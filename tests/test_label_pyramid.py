@@ -1,0 +1,112 @@
+"""Tests of label_pyramid.py: streaming pyramidal OME-TIFF of uint32 labels (and the RGB pyramid core)."""
+from __future__ import annotations
+
+import hashlib
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import tifffile
+
+import label_pyramid
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    """Random uint32 ids (full range, so nothing may be averaged or truncated) on an odd-sized image."""
+    return np.random.default_rng(0).integers(0, 2**32, (300, 370), dtype=np.uint64).astype(np.uint32)
+
+
+def _write(path, labels, **kwargs):
+    calls = []
+
+    def read_tile(y, x, h, w):
+        calls.append((y, x, h, w))
+        return labels[y:y + h, x:x + w]
+
+    label_pyramid.write_label_pyramid(path, labels.shape, read_tile, **kwargs)
+    return calls
+
+
+def test_round_trip_every_level_equals_the_subsampled_reference(tmp_path, labels):
+    path = tmp_path / "labels.ome.tif"
+    calls = _write(path, labels, mpp=0.5, tile_size=64, min_size=50)
+    # read_tile: each level-0 tile once, in row-major order
+    assert calls == [(y, x, min(64, 300 - y), min(64, 370 - x)) for y in range(0, 300, 64) for x in range(0, 370, 64)]
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome and len(tif.series) == 1
+        levels = tif.series[0].levels
+        assert [level.shape for level in levels] == [(300, 370), (150, 185), (75, 93), (38, 47)]
+        for k, level in enumerate(levels):
+            data = level.asarray()
+            assert data.dtype == np.uint32
+            np.testing.assert_array_equal(data, labels[::2 ** k, ::2 ** k])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.tif"]  # temporaries removed
+
+
+def test_layout_and_ome_metadata(tmp_path, labels):
+    """napari/QuPath layout: one OME image, tiled zlib pages, sub-resolutions as SubIFDs of page 0,
+    PhysicalSizeX/Y in micrometres and resolution tags on every level."""
+    path = tmp_path / "labels.ome.tif"
+    _write(path, labels, mpp=0.25, tile_size=64, min_size=100)
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 1  # the levels are not separate images
+        page = tif.pages.first
+        assert page.is_tiled and page.tilewidth == 64 and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert len(page.subifds) == 2
+        for k, level in enumerate(tif.series[0].levels):
+            assert level.keyframe.is_tiled
+            assert level.keyframe.get_resolution("CENTIMETER")[0] == pytest.approx(1e4 / (0.25 * 2 ** k))
+        root = ET.fromstring(tif.ome_metadata)
+    ns = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
+    pixels = root.find("ome:Image/ome:Pixels", ns)
+    assert pixels.get("Type") == "uint32" and pixels.get("SizeX") == "370" and pixels.get("SizeY") == "300"
+    assert float(pixels.get("PhysicalSizeX")) == 0.25 and float(pixels.get("PhysicalSizeY")) == 0.25
+    assert pixels.get("PhysicalSizeXUnit") == "µm"
+
+
+def test_byte_determinism(tmp_path, labels):
+    digests = set()
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        out.mkdir()
+        _write(out / "labels.ome.tif", labels, mpp=0.25, tile_size=64, min_size=64)
+        digests.add(hashlib.sha256((out / "labels.ome.tif").read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_failure_leaves_the_existing_file_untouched(tmp_path, labels):
+    path = tmp_path / "labels.ome.tif"
+    path.write_bytes(b"previous result")
+
+    def failing(y, x, h, w):
+        if y >= 128:
+            raise RuntimeError("network failed")
+        return labels[y:y + h, x:x + w]
+
+    with pytest.raises(RuntimeError, match="network failed"):
+        label_pyramid.write_label_pyramid(path, labels.shape, failing, tile_size=64, min_size=64)
+    assert path.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.tif"]
+    with pytest.raises(ValueError, match="returned shape"):
+        label_pyramid.write_label_pyramid(path, (100, 100), lambda y, x, h, w: np.zeros((3, 3), np.uint32),
+                                          tile_size=64)
+    assert path.read_bytes() == b"previous result"
+
+
+def test_single_level_and_rgb_mean_reduction(tmp_path):
+    small = np.arange(50 * 60, dtype=np.uint32).reshape(50, 60)
+    path = tmp_path / "small.ome.tif"
+    label_pyramid.write_label_pyramid(path, small.shape, lambda y, x, h, w: small[y:y + h, x:x + w])
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.series[0].levels) == 1 and not tif.pages.first.subifds
+        np.testing.assert_array_equal(tif.asarray(), small)
+    # RGB: 2x2 means with the odd edge replicated, rounding half up (hand-computed)
+    block = np.array([[[0, 10, 255], [1, 10, 255], [7, 0, 0]],
+                      [[2, 10, 255], [2, 11, 255], [8, 0, 0]],
+                      [[3, 3, 3], [5, 5, 5], [9, 9, 9]]], dtype=np.uint8)
+    expected = np.array([[[1, 10, 255], [8, 0, 0]], [[4, 4, 4], [9, 9, 9]]], dtype=np.uint8)
+    np.testing.assert_array_equal(label_pyramid.reduce2(block, "mean"), expected)
+    np.testing.assert_array_equal(label_pyramid.reduce2(block, "nearest"), block[::2, ::2])
+    assert label_pyramid.level_shapes((5000, 3001), min_size=2048) == [(5000, 3001), (2500, 1501), (1250, 751)]
+    assert label_pyramid.level_shapes((100, 100), levels=3) == [(100, 100), (50, 50), (25, 25)]
