@@ -28,6 +28,28 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--partition", default=None, help="Slurm partition (queue) of the worker jobs")
+    parser.add_argument("--account", default=None, help="Slurm account charged for the worker jobs")
+    parser.add_argument("--jobs", type=int, default=4, help="worker jobs to start")
+    parser.add_argument("--adapt", action="store_true",
+                        help="let Dask start up to --jobs jobs as needed (and replace jobs that ended) instead of "
+                             "exactly --jobs")
+    parser.add_argument("--cpu", action="store_true", help="CPU-only worker jobs (default: one GPU per job)")
+    parser.add_argument("--gres", default="gpu:1",
+                        help="the GPU request of each job (#SBATCH --gres=...); empty with --extra=--gpus=1 on "
+                             "sites that want --gpus")
+    parser.add_argument("--cpus_per_job", type=int, default=8, help="CPU cores booked per job")
+    parser.add_argument("--memory", default="64GB", help="memory per job")
+    parser.add_argument("--walltime", default="04:00:00", help="time limit of each worker job")
+    parser.add_argument("--extra", action="append", default=[], help="more #SBATCH lines, e.g. '--constraint=a100'")
+    parser.add_argument("--interface", default=None,
+                        help="network interface the scheduler and workers talk over, e.g. ib0 (default: Dask's choice)")
+    parser.add_argument("--log_dir", default="dask-logs", help="folder for the worker jobs' logs")
+    return parser
+
+
 def build_cluster(args: argparse.Namespace):
     """The SLURMCluster of `args` (nothing is submitted until it is scaled)."""
     from dask_jobqueue import SLURMCluster
@@ -50,24 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     predict_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--partition", default=None, help="Slurm partition (queue) of the worker jobs")
-    parser.add_argument("--account", default=None, help="Slurm account charged for the worker jobs")
-    parser.add_argument("--jobs", type=int, default=4, help="worker jobs to start")
-    parser.add_argument("--adapt", action="store_true",
-                        help="let Dask start up to --jobs jobs as needed (and replace jobs that ended) instead of "
-                             "exactly --jobs")
-    parser.add_argument("--cpu", action="store_true", help="CPU-only worker jobs (default: one GPU per job)")
-    parser.add_argument("--gres", default="gpu:1",
-                        help="the GPU request of each job (#SBATCH --gres=...); empty with --extra '--gpus=1' on "
-                             "sites that want --gpus")
-    parser.add_argument("--cpus_per_job", type=int, default=8, help="CPU cores booked per job")
-    parser.add_argument("--memory", default="64GB", help="memory per job")
-    parser.add_argument("--walltime", default="04:00:00", help="time limit of each worker job")
-    parser.add_argument("--extra", action="append", default=[], help="more #SBATCH lines, e.g. '--constraint=a100'")
-    parser.add_argument("--interface", default=None,
-                        help="network interface the scheduler and workers talk over, e.g. ib0 (default: Dask's choice)")
-    parser.add_argument("--log_dir", default="dask-logs", help="folder for the worker jobs' logs")
+    parser = build_parser()
     args = parser.parse_args(own)
     if not predict_args:
         parser.error("give the predict options after '--' (at least --model_path, --input and --output_dir)")
