@@ -128,6 +128,51 @@ def _is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "Å": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _tiff_mpp(path: Path) -> float | None:
+    """Level-0 um/px from a TIFF's own metadata, for files whose reader reports none: OME-XML
+    `PhysicalSizeX` (with its unit), else the first page's resolution tags (centimetre or inch units)."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                root = ET.fromstring(tif.ome_metadata)
+                for element in root.iter():
+                    if element.tag.endswith("Pixels") and element.get("PhysicalSizeX"):
+                        factor = _UNIT_TO_UM.get(element.get("PhysicalSizeXUnit", "µm"))
+                        size = _positive_float(element.get("PhysicalSizeX"))
+                        if factor and size:
+                            return size * factor
+                        break
+            page = tif.pages.first
+            unit = page.resolutionunit
+            xres = page.tags.get("XResolution")
+            if xres is None or unit not in (tifffile.RESUNIT.CENTIMETER, tifffile.RESUNIT.INCH):
+                return None
+            numerator, denominator = xres.value
+            per_unit = numerator / denominator if denominator else 0
+            if per_unit <= 0:
+                return None
+            return (1e4 if unit == tifffile.RESUNIT.CENTIMETER else 25400.0) / per_unit
+    except Exception:  # noqa: BLE001 - metadata is optional; a broken file fails elsewhere
+        return None
+
+
+def _is_ome_tiff(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _positive_float(value: Any) -> float | None:
     try:
         number = float(value)
@@ -155,6 +200,8 @@ class SlideReader:
         prefix = "openslide" if self.backend == "openslide" else "tiffslide"
         mpp_x = _positive_float(self.properties.get(f"{prefix}.mpp-x"))
         mpp_y = _positive_float(self.properties.get(f"{prefix}.mpp-y"))
+        if mpp_x is None and mpp_y is None and _is_tiff(self.path):
+            return _tiff_mpp(self.path)
         if mpp_x is None:
             return mpp_y
         if mpp_y is not None and abs(mpp_x - mpp_y) > 0.01 * mpp_x:
@@ -367,8 +414,11 @@ def _open_tiffslide(path: Path):
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str | None = None) -> SlideReader:
     """Open a slide with OpenSlide, or tiffslide where OpenSlide cannot open it (`backend` forces one).
+    OME-TIFF files go to tiffslide first (OpenSlide ignores their SubIFD pyramid).
 
-    `mpp` (level-0 micrometres per pixel) overrides the file's metadata. A file neither library opens,
+    `mpp` (level-0 micrometres per pixel) overrides the file's metadata: the reader's `mpp-x` property
+    (Aperio `MPP`, vendor fields, TIFF resolution tags), else OME-XML `PhysicalSizeX` or the resolution tags
+    read with tifffile. A file neither library opens,
     or a truncated one, raises `UserError("<path>: <problem>")`.
     """
     path = Path(path)
@@ -382,6 +432,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str |
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     order = [backend] if backend else list(BACKENDS)
+    if backend is None and _is_tiff(path) and _is_ome_tiff(path):
+        order.reverse()  # OpenSlide reads only the first level of an OME-TIFF (its pyramid is in SubIFDs)
     failures: list[str] = []
     for name in order:
         try:

@@ -2,8 +2,8 @@
 
 - `detect_tissue(thumbnail, downsample, mpp=None)`: automatic mask on a low-resolution picture of the
   slide: colour saturation (H&E tissue is pink/purple, glass and background are grey-white), Otsu's
-  threshold (never below `MIN_SATURATION`, so a blank slide gives an empty mask instead of thresholding
-  noise), then pieces smaller than `MIN_TISSUE_UM2` are removed (dust, pen dots) and holes smaller than
+  threshold, kept within [`MIN_SATURATION`, `MAX_SATURATION`] (a blank slide gives an empty mask instead
+  of thresholding noise; on a slide that is nearly all tissue Otsu would split pale from dark stain), then pieces smaller than `MIN_TISSUE_UM2` are removed (dust, pen dots) and holes smaller than
   `MAX_HOLE_UM2` are filled. Sizes are in level-0 square micrometres, converted with the slide's mpp (or
   `ASSUMED_MPP` when it is unknown).
 - `read_tissue_mask(path, slide_dimensions)`: a user's mask, either an image of any size whose non-zero
@@ -34,6 +34,8 @@ from utils import UserError
 log = logging.getLogger(__name__)
 
 MIN_SATURATION = 0.07      # saturation threshold floor (0..1): background and glass stay below it
+MAX_SATURATION = 0.12      # ... and ceiling: pale tissue (fat, mucosa: 0.1-0.2) stays above it, even when
+                           # the thumbnail is nearly all tissue and Otsu splits pale from dark stain
 MIN_TISSUE_UM2 = 10_000.0  # tissue pieces smaller than this (0.01 mm^2, about 100 x 100 um) are dropped
 MAX_HOLE_UM2 = 10_000.0    # holes smaller than this inside tissue are filled
 ASSUMED_MPP = 0.25         # level-0 um/px used for those sizes when the slide has no pixel size
@@ -137,7 +139,7 @@ def detect_tissue(thumbnail_rgb: np.ndarray, downsample: float, mpp: float | Non
     if saturation.size and float(saturation.max()) > float(saturation.min()):
         from skimage.filters import threshold_otsu
 
-        threshold = max(MIN_SATURATION, float(threshold_otsu(saturation)))
+        threshold = min(MAX_SATURATION, max(MIN_SATURATION, float(threshold_otsu(saturation))))
     mask = saturation > threshold
     pixel_um2 = (float(mpp or ASSUMED_MPP) * float(downsample)) ** 2
     mask = remove_small_pieces(mask, MIN_TISSUE_UM2 / pixel_um2)

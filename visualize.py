@@ -11,6 +11,8 @@ Image helpers take and return `uint8` RGB arrays `(H, W, 3)` and never modify th
 - `save_png(path, image)` writes a PNG atomically; `figure_panels(panels, path)` writes a row of titled
   panels as one matplotlib figure.
 - `plot_tissue_bars`, `plot_distributions`, `plot_learning_curves` write the evaluation plots.
+- `slide_overview` / `save_slide_overview` draw a whole slide: thumbnail, tissue outline and a heat map of
+  nuclei per mm² (`nuclei_density`) with its colour bar.
 
 Matplotlib is used through its object API with the Agg canvas only (no pyplot state, no display needed),
 so these functions are safe to call from worker processes and threads.
@@ -496,3 +498,88 @@ def plot_learning_curves(histories: Mapping[Any, Sequence[Mapping[str, Any]]], p
         ax.legend(fontsize=6)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-slide overview
+# ----------------------------------------------------------------------------------------------
+def nuclei_density(centroids_level0: np.ndarray, dimensions: tuple[int, int], mpp0: float,
+                   bin_um: float = 250.0) -> tuple[np.ndarray, float]:
+    """(density (rows, cols) in nuclei per mm^2, bin side in level-0 pixels): nuclei counted in square bins
+    of `bin_um` micrometres laid from the slide's top-left corner over level-0 `dimensions` (width, height),
+    divided by the bin's area (edge bins by their part inside the slide)."""
+    if not (mpp0 and mpp0 > 0):
+        raise ValueError(f"mpp0 must be positive, got {mpp0}")
+    width, height = float(dimensions[0]), float(dimensions[1])
+    side = float(bin_um) / float(mpp0)
+    cols, rows = max(1, math.ceil(width / side)), max(1, math.ceil(height / side))
+    points = np.asarray(centroids_level0, dtype=np.float64).reshape(-1, 2)
+    counts = np.zeros((rows, cols), dtype=np.float64)
+    if len(points):
+        c = np.clip((points[:, 0] // side).astype(np.int64), 0, cols - 1)
+        r = np.clip((points[:, 1] // side).astype(np.int64), 0, rows - 1)
+        np.add.at(counts, (r, c), 1.0)
+    bin_w = np.minimum((np.arange(cols) + 1) * side, width) - np.arange(cols) * side
+    bin_h = np.minimum((np.arange(rows) + 1) * side, height) - np.arange(rows) * side
+    area_mm2 = np.outer(bin_h, bin_w) * (float(mpp0) / 1000.0) ** 2
+    return counts / area_mm2, side
+
+
+def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_level0: np.ndarray,
+                   mpp0: float, bin_um: float = 250.0, title: str | None = None,
+                   width_inches: float = 9.0) -> np.ndarray:
+    """uint8 RGB picture of a slide's results: the thumbnail (`downsample` level-0 pixels per pixel), the
+    tissue outline (`tissue.TissueMask`, green) and a heat map of nuclei per mm^2 in bins of `bin_um`
+    micrometres (drawn where the bins hold tissue), with a colour bar in nuclei per mm^2, axes in mm and a
+    title (default: the nuclei count, tissue area and mean density)."""
+    thumb = _check_image(thumbnail)
+    th, tw = thumb.shape[:2]
+    mm = float(mpp0) / 1000.0  # mm per level-0 pixel
+    width0, height0 = tw * float(downsample), th * float(downsample)
+    if getattr(tissue, "dimensions", None):
+        width0, height0 = float(tissue.dimensions[0]), float(tissue.dimensions[1])
+    density, side = nuclei_density(centroids_level0, (width0, height0), mpp0, bin_um)
+    rows, cols = density.shape
+    # a bin is shown where the tissue mask has tissue inside it
+    tissue_bins = np.zeros_like(density, dtype=bool)
+    mask = np.asarray(tissue.mask, dtype=bool)
+    if mask.any():
+        mr, mc = np.nonzero(mask)
+        centre_x = (mc + 0.5) * tissue.downsample
+        centre_y = (mr + 0.5) * tissue.downsample
+        tissue_bins[np.clip((centre_y // side).astype(int), 0, rows - 1),
+                    np.clip((centre_x // side).astype(int), 0, cols - 1)] = True
+    shown = np.ma.masked_array(density, mask=~tissue_bins)
+
+    aspect = th / max(tw, 1)
+    fig = new_figure(width_inches, max(2.5, width_inches * aspect * 0.85 + 0.9))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
+    vmax = float(shown.max()) if shown.count() and float(shown.max()) > 0 else 1.0
+    heat = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), cmap="inferno", alpha=0.55,
+                     vmin=0.0, vmax=vmax, interpolation="nearest")
+    if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
+        ys = (np.arange(mask.shape[0]) + 0.5) * tissue.downsample * mm
+        xs = (np.arange(mask.shape[1]) + 0.5) * tissue.downsample * mm
+        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=["#00c000"], linewidths=1.0)
+    ax.set_xlim(0, width0 * mm)
+    ax.set_ylim(height0 * mm, 0)
+    ax.set_xlabel("mm")
+    ax.set_ylabel("mm")
+    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(f"nuclei per mm² (bins of {bin_um:g} µm)")
+    if title is None:
+        count = len(np.asarray(centroids_level0).reshape(-1, 2))
+        area = tissue.area_mm2(mpp0)
+        per_mm2 = f", {count / area:.0f} per mm²" if area > 0 else ""
+        title = f"{count} nuclei, tissue {area:.2f} mm²{per_mm2} (green: tissue outline)"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_slide_overview(path: str | os.PathLike, thumbnail: np.ndarray, downsample: float, tissue,
+                        centroids_level0: np.ndarray, mpp0: float, **kwargs) -> Path:
+    """Write `slide_overview(...)` as a PNG, atomically."""
+    return save_png(path, slide_overview(thumbnail, downsample, tissue, centroids_level0, mpp0, **kwargs))

@@ -189,3 +189,24 @@ def test_real_sample_slide_both_readers(real_sample_dir, tmp_path):
             half = slide.read_scaled((0, 0, 512, 512), 0.5)
             reference = image.reshape(512, 2, 512, 2, 3).astype(np.uint32).sum(axis=(1, 3))
             np.testing.assert_array_equal(half, ((reference + 2) // 4).astype(np.uint8))
+
+
+def test_ome_tiff_goes_to_tiffslide_with_its_pyramid_and_physical_size(tmp_path, noise_image):
+    import label_pyramid
+
+    def level_kwargs(level, downsample):
+        if level:
+            return {}
+        return {"metadata": {"axes": "YXS", "PhysicalSizeX": 500, "PhysicalSizeXUnit": "nm",
+                             "PhysicalSizeY": 500, "PhysicalSizeYUnit": "nm",
+                             "UUID": "urn:uuid:00000000-0000-0000-0000-000000000000"}}
+
+    path = label_pyramid.write_tiled_pyramid(
+        tmp_path / "rgb.ome.tif", noise_image.shape[:2], lambda y, x, h, w: noise_image[y:y + h, x:x + w],
+        dtype=np.uint8, samples=3, reduce="mean", tile_size=64, levels=3, subifds=True, ome=True,
+        level_kwargs=level_kwargs)
+    assert slides.is_slide_file(path)
+    with slides.open_slide(path) as slide:
+        assert slide.backend == "tiffslide" and len(slide.level_dimensions) == 3
+        assert slide.mpp == pytest.approx(0.5)  # 500 nm from the OME-XML
+        np.testing.assert_array_equal(slide.read_region(3, 4, 50, 40), noise_image[4:44, 3:53])

@@ -101,27 +101,30 @@ def _qupath_feature(rings, kind="Polygon"):
 
 
 def test_qupath_geojson_polygons(tmp_path):
-    square = [[1000, 1000], [3000, 1000], [3000, 3000], [1000, 3000], [1000, 1000]]
-    hole = [[1500, 1500], [2500, 1500], [2500, 2500], [1500, 2500], [1500, 1500]]
-    far = [[[[6000, 500], [7000, 500], [7000, 1500], [6000, 500]]]]
+    square = [[250, 250], [750, 250], [750, 750], [250, 750], [250, 250]]
+    hole = [[375, 375], [625, 375], [625, 625], [375, 625], [375, 375]]
+    far = [[[[1500, 125], [1750, 125], [1750, 375], [1500, 125]]]]
     collection = {"type": "FeatureCollection",
                   "features": [_qupath_feature([square, hole]), _qupath_feature(far, "MultiPolygon"),
                                {"type": "Feature", "geometry": {"type": "Point", "coordinates": [10, 10]},
                                 "properties": {}}]}
     (tmp_path / "annotations.geojson").write_text(json.dumps(collection))
-    mask = tissue.read_tissue_mask(tmp_path / "annotations.geojson", (8000, 4000))
-    assert mask.downsample == pytest.approx(8000 / tissue.GEOJSON_MAX_SIZE)
-    assert mask.touches((1100, 1100, 10, 10)) and mask.touches((6800, 600, 10, 10))
-    assert not mask.touches((1900, 1900, 200, 200))  # inside the hole
-    assert not mask.touches((4000, 3500, 500, 400)) and not mask.touches((0, 0, 900, 900))
-    expected = 2000 * 2000 - 1000 * 1000 + 1000 * 1000 / 2
+    mask = tissue.read_tissue_mask(tmp_path / "annotations.geojson", (2000, 1000))
+    assert mask.downsample == 1.0 and mask.mask.shape == (1000, 2000)
+    assert mask.touches((275, 275, 3, 3)) and mask.touches((1700, 150, 3, 3))
+    assert not mask.touches((475, 475, 50, 50))  # inside the hole
+    assert not mask.touches((1000, 875, 125, 100)) and not mask.touches((0, 0, 225, 225))
+    expected = 500 * 500 - 250 * 250 + 250 * 250 / 2
     assert mask.area_mm2(1.0) * 1e6 == pytest.approx(expected, rel=0.01)
+    # a big slide is drawn at a bounded resolution
+    big = tissue.read_tissue_mask(tmp_path / "annotations.geojson", (80_000, 40_000))
+    assert max(big.mask.shape) == tissue.GEOJSON_MAX_SIZE and big.downsample == pytest.approx(80_000 / 4096)
     # QuPath also writes a bare list of features; a single Feature or geometry works too
     (tmp_path / "list.json").write_text(json.dumps([_qupath_feature([square, hole])]))
     (tmp_path / "geometry.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [square, hole]}))
     for name in ("list.json", "geometry.geojson"):
-        other = tissue.read_tissue_mask(tmp_path / name, (8000, 4000))
-        np.testing.assert_array_equal(other.mask[:, :2500], mask.mask[:, :2500])
+        other = tissue.read_tissue_mask(tmp_path / name, (2000, 1000))
+        np.testing.assert_array_equal(other.mask[:, :1000], mask.mask[:, :1000])
 
 
 def test_mask_files_of_the_wrong_kind(tmp_path):
@@ -142,3 +145,17 @@ def test_mask_files_of_the_wrong_kind(tmp_path):
         with pytest.raises(UserError, match=message) as info:
             tissue.read_tissue_mask(tmp_path / name, (600, 400))
         assert name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_real_tissue_is_found_whole(real_sample_dir):
+    """A 4 x 4 mosaic of real NuInsSeg tiles (all tissue, pale and dark) on a white margin: the mask
+    covers nearly all of the mosaic and none of the margin."""
+    import sample_data
+
+    image, _ = sample_data.real_sample_mosaic(real_sample_dir, n=4)
+    thumb = np.full((700, 700, 3), 242, dtype=np.uint8)
+    thumb[100:612, 100:612] = image[::4, ::4]
+    mask = tissue.detect_tissue(thumb, downsample=4.0, mpp=0.25)
+    inside = mask.mask[100:612, 100:612]
+    assert inside.mean() > 0.97
+    assert not mask.mask[:90].any() and not mask.mask[:, :90].any() and not mask.mask[622:].any()

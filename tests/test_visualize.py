@@ -140,3 +140,39 @@ def test_plots(tmp_path):
                      tmp_path / "curves.png")):
         with Image.open(path) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-slide overview
+# ----------------------------------------------------------------------------------------------
+def test_nuclei_density_hand_computed():
+    # slide 1000 x 600 px at 0.5 um/px = 500 x 300 um; bins of 250 um = 500 px: 2 x 2 bins, bottom row 100 px high
+    centroids = np.array([[10, 10], [499, 499], [500, 10], [999, 599], [700, 550], [650, 520]])
+    density, side = visualize.nuclei_density(centroids, (1000, 600), 0.5, bin_um=250)
+    assert side == 500 and density.shape == (2, 2)
+    full, edge = 0.25 * 0.25, 0.25 * 0.05  # mm^2
+    np.testing.assert_allclose(density, [[2 / full, 1 / full], [0, 3 / edge]])
+
+
+def test_slide_overview_draws_density_and_outline(tmp_path):
+    import tissue
+
+    thumb = np.full((60, 100, 3), 245, dtype=np.uint8)
+    thumb[10:50, 20:70] = (210, 140, 190)
+    mask = tissue.TissueMask(np.zeros((60, 100), bool), 20.0, "auto", (2000, 1200))
+    mask.mask[10:50, 20:70] = True
+    rng = np.random.default_rng(0)
+    centroids = np.column_stack([rng.uniform(400, 1400, 500), rng.uniform(200, 1000, 500)])
+    image = visualize.slide_overview(thumb, 20.0, mask, centroids, mpp0=0.5, bin_um=100)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[1] > 500
+    empty = visualize.slide_overview(thumb, 20.0, mask, np.zeros((0, 2)), mpp0=0.5, bin_um=100)
+    assert not np.array_equal(image[:, :image.shape[1] // 2], empty[:, :empty.shape[1] // 2])
+    green = (image[..., 1] > 150) & (image[..., 0] < 60) & (image[..., 2] < 60)
+    assert green.sum() > 100  # the tissue outline
+    path = visualize.save_slide_overview(tmp_path / "overview.png", thumb, 20.0, mask, centroids, 0.5)
+    from PIL import Image
+
+    assert Image.open(path).size[0] > 500
+    visualize.save_slide_overview(tmp_path / "again.png", thumb, 20.0, mask, centroids, 0.5)
+    assert (tmp_path / "again.png").read_bytes() == path.read_bytes()  # deterministic
