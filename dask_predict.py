@@ -161,12 +161,14 @@ class ClusterPlan:
         return len(self.envs)
 
 
-def plan_local_cluster(workers: int, device: str | None, gpus: Sequence[str], cores: int) -> ClusterPlan:
+def plan_local_cluster(workers: int, device: str | None, gpus: Sequence[str], cores: int,
+                       threads: int | None = None) -> ClusterPlan:
     """`workers` worker processes on this machine (0: one per GPU; on a CPU machine one per 4 cores).
 
     With CUDA GPUs (`gpus` not empty and `device` None or "cuda") worker i sees only `gpus[i % len(gpus)]`
     and uses device "cuda"; otherwise (no GPU, `device` "cpu" or "mps") the workers keep `device` and share
-    the machine. Each worker gets `cores // workers` threads (at least 1) for torch and OpenMP/MKL/BLAS.
+    the machine. Each worker gets `threads`, by default `cores // workers` (at least 1), threads for torch and
+    OpenMP/MKL/BLAS.
     """
     if workers < 0:
         raise UserError(f"--workers {workers}: must be 1 or more (or no number: one per GPU)")
@@ -176,7 +178,9 @@ def plan_local_cluster(workers: int, device: str | None, gpus: Sequence[str], co
                         f"CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1,2) and --device cuda")
     on_gpus = bool(gpus) and device in (None, "cuda")
     n = workers or (len(gpus) if on_gpus else max(1, cores // 4))
-    threads = max(1, cores // n)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
+    threads = int(threads) if threads is not None else max(1, cores // n)
     envs = [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if on_gpus else {} for i in range(n)]
     for env in envs:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
@@ -255,13 +259,15 @@ def _size(path: Path) -> int:
 def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, options, *,
                workers: int | None = None, scheduler: str | None = None, retries: int = DEFAULT_RETRIES,
                dashboard_address: str | None = DEFAULT_DASHBOARD, task: Task | None = None,
-               progress: bool = True) -> list:
+               torch_threads: int | None = None, progress: bool = True) -> list:
     """Segment every input on a Dask cluster; one `predict.Outcome` per input, in input order.
 
     `scheduler` (an address or a scheduler JSON file) uses an existing cluster; otherwise a local one with
     `workers` worker processes is started (0 or None: one per GPU, see `plan_local_cluster`) and closed at
     the end. A failed input is reported on stderr in one line (`error: ... (skipped)`) and recorded as failed;
-    the others go on. `task` replaces `predict_input` (it must be importable on the workers).
+    the others go on. `torch_threads` fixes the torch threads of every worker process (default: the cores
+    shared out, see `plan_local_cluster` and `WorkerSetup`). `task` replaces `predict_input` (it must be
+    importable on the workers).
     """
     from distributed import Client, as_completed
     from distributed.client import FutureCancelledError
@@ -272,12 +278,12 @@ def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, o
     with contextlib.ExitStack() as stack:
         if scheduler is not None:
             client = connect(scheduler, stack)
-            plugin = WorkerSetup(None)
+            plugin = WorkerSetup(torch_threads)
             print(f"Dask scheduler {client.scheduler.address}: "
                   f"{len(client.scheduler_info().get('workers', {}))} worker(s) connected now")
         else:
             plan = plan_local_cluster(int(workers or 0), getattr(options, "device", None), visible_gpus(),
-                                      usable_cores())
+                                      usable_cores(), threads=torch_threads)
             if plan.device is not None and getattr(options, "device", None) != plan.device:
                 options = dataclasses.replace(options, device=plan.device)
             if plan.device == "cuda" and getattr(options, "num_workers", 0) is None:

@@ -779,7 +779,7 @@ def run(args: argparse.Namespace) -> int:
         import dask_predict
 
         outcomes = dask_predict.run_inputs(inputs, names, output_dir, options, workers=args.workers,
-                                           scheduler=args.scheduler)
+                                           scheduler=args.scheduler, torch_threads=getattr(args, "threads", None))
     else:
         outcomes = []
         for path, name in tqdm(list(zip(inputs, names)), desc="inputs", unit="input"):

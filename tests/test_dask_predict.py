@@ -1,7 +1,10 @@
 """Tests of dask_predict.py (`predict --workers / --scheduler`).
 
 Independent reference: the same command without Dask (inputs one after the other in the test process). Every
-result file of a Dask run must be byte-identical to it, and summary.csv must agree except for timings. The
+result file of a Dask run must be byte-identical to it, and summary.csv must agree except for timings. Every
+process runs the network with one torch thread, as the reference does: on a CPU the last bits of the float
+maps depend on how the work is split among threads (1 vs 2 threads moved one boundary pixel of one nucleus
+in these slides), whatever the engine. The
 inputs are 3 small synthetic pyramidal slides and 1 corrupt file; the network is a tiny random model (input
 64) whose foreground threshold is set so that it finds nuclei, so the files are not trivially empty. Worker
 processes are real processes (Nanny-managed), and the scheduler test starts `dask scheduler` / `dask worker`
@@ -9,6 +12,9 @@ itself on 127.0.0.1.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import os
 import signal
@@ -61,14 +67,32 @@ def study(tmp_path_factory, one_torch_thread):
     return root, out
 
 
+@functools.lru_cache(maxsize=None)
+def one_thread_flag() -> tuple[str, ...]:
+    """`--threads 1` where the command has that flag (it pins the reference and the workers to one thread)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            main.build_parser().parse_args(["predict", "--model_path", "m", "--input", "i", "--threads", "1"])
+    except SystemExit:
+        return ()
+    return ("--threads", "1")
+
+
 def predict_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["-q", "predict", "--model_path", str(root / "tiny.pth"), "--input", str(root / "in" / "*.tif"),
-            "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--label_image", *extra]
+            "--output_dir", str(out), "--device", "cpu", "--batch_size", "4", "--label_image",
+            "--tissue_mask", "none", *one_thread_flag(), *extra]
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """The local cluster plans as on a 2-core machine: 2 workers, 1 torch thread each (as the reference)."""
+    monkeypatch.setattr(dask_predict, "usable_cores", lambda: 2)
 
 
 def result_files(out: Path) -> dict[str, bytes]:
-    """Every result file but the run's own records (summary.csv, predict_config.json)."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+    """Every result file but the run's own records (summary.csv, predict_config.json, the resume state)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
             if p.is_file() and p.name not in ("summary.csv", "predict_config.json")}
 
 
@@ -102,7 +126,7 @@ def test_plan_local_cluster():
         dask_predict.plan_local_cluster(2, "cuda:1", ["0", "1"], cores=8)
 
 
-def test_two_workers_same_outputs_as_sequential(study, tmp_path, capsys):
+def test_two_workers_same_outputs_as_sequential(study, two_cores, tmp_path, capsys):
     """`--workers 2`: the 3 slides' files byte-identical to the sequential run, one line for the corrupt file,
     exit status 1; summary.csv in input order whatever worker did each slide."""
     root, reference = study
@@ -128,7 +152,7 @@ def kill_once_task(path: str, name: str, output_dir: str, options):
     return dask_predict.predict_input(path, name, output_dir, options)
 
 
-def test_killed_worker_redone(study, tmp_path):
+def test_killed_worker_redone(study, two_cores, tmp_path):
     """A worker process killed while it holds a slide: the slide is given to a live worker and the outputs are
     complete and identical to the sequential run."""
     root, reference = study
@@ -158,26 +182,25 @@ def loopback_cluster(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                                    "--port", "0", "--dashboard-address", "127.0.0.1:0",
                                    "--scheduler-file", str(scheduler_file)], env=env, cwd=tmp_path,
-                                  stdout=logs[0], stderr=subprocess.STDOUT)]
+                                  stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)]
     try:
         deadline = time.time() + 60
         while not scheduler_file.is_file() and time.time() < deadline:
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:")
+        # one CPU for the worker (as a Slurm job step would get): one torch thread, as the reference
+        one_cpu = min(os.sched_getaffinity(0))
         processes.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
                                            "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
                                            "--dashboard-address", "127.0.0.1:0"], env=env, cwd=PROJECT_DIR,
-                                          stdout=logs[1], stderr=subprocess.STDOUT))
+                                          stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu})))
         yield address
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        for process in processes:  # each started in its own session: the group is the process and its children
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
         for log in logs:
             log.close()
 
