@@ -69,6 +69,7 @@ Task = Callable[[str, str, str, object], object]
 # ----------------------------------------------------------------------------------------------
 _predictor_lock = threading.Lock()
 _predictor_cache: dict[str, object] = {}
+_daemon_warned = False
 
 
 def options_key(options) -> str:
@@ -94,9 +95,12 @@ def predict_input(path: str, name: str, output_dir: str, options):
 
     In a daemonic worker process (Dask's default for workers it did not start with our settings), which may
     not start child processes, the input's post-processing runs in the worker itself (`num_workers=0`)."""
-    if getattr(options, "num_workers", 0) and multiprocessing.current_process().daemon:
-        log.warning("daemonic Dask worker: post-processing in the worker process itself; start the workers "
-                    "with DASK_DISTRIBUTED__WORKER__DAEMON=False to let each one use --num_workers processes")
+    global _daemon_warned
+    if getattr(options, "num_workers", 0) != 0 and multiprocessing.current_process().daemon:
+        if options.num_workers and not _daemon_warned:  # None (the default) quietly means none here
+            log.warning("daemonic Dask worker: post-processing in the worker process itself; start the workers "
+                        "with DASK_DISTRIBUTED__WORKER__DAEMON=False to let each one use --num_workers processes")
+            _daemon_warned = True
         options = dataclasses.replace(options, num_workers=0)
     return predict.predict_one(cached_predictor(options), Path(path), name, Path(output_dir), options)
 
@@ -279,8 +283,9 @@ def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, o
         if scheduler is not None:
             client = connect(scheduler, stack)
             plugin = WorkerSetup(torch_threads)
-            print(f"Dask scheduler {client.scheduler.address}: "
-                  f"{len(client.scheduler_info().get('workers', {}))} worker(s) connected now")
+            connected = len(client.scheduler_info().get("workers", {}))
+            print(f"Dask scheduler {client.scheduler.address}: {connected} worker(s) connected now"
+                  + ("" if connected else " (the inputs wait for workers to join)"))
         else:
             plan = plan_local_cluster(int(workers or 0), getattr(options, "device", None), visible_gpus(),
                                       usable_cores(), threads=torch_threads)
@@ -313,21 +318,23 @@ def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, o
                                    priority=priority[i], retries=retries, pure=False)
             futures[future.key] = (i, future)
         try:
-            bar = tqdm(as_completed([f for _, f in futures.values()], loop=client.loop), total=len(futures), desc="inputs",
-                       unit="input", disable=not progress)
+            bar = tqdm(as_completed([f for _, f in futures.values()], loop=client.loop), total=len(futures),
+                       desc="inputs", unit="input", disable=not progress)
             for future in bar:
                 i, _ = futures[future.key]
                 outcomes[i] = _collect(future, inputs[i], names[i], FutureCancelledError)
                 if outcomes[i].status == "failed":
                     tqdm.write(f"error: {outcomes[i].error} (skipped)", file=sys.stderr)
                 future.release()
-        except BaseException:
-            client.cancel([f for _, f in futures.values()])
+        except BaseException:  # interrupted: the workers stop these inputs (their finished files stay)
+            with contextlib.suppress(Exception):
+                client.cancel([f for _, f in futures.values()])
             raise
     for i, outcome in enumerate(outcomes):
         if outcome is None:  # as_completed ended early (the scheduler went away)
-            outcomes[i] = failed_outcome(inputs[i], names[i], f"{inputs[i]}: not finished (the Dask cluster went "
-                                                              f"away); rerun the same command to resume")
+            outcomes[i] = failed_outcome(inputs[i], names[i], f"{inputs[i]}: no result (the Dask cluster went "
+                                                              f"away); rerun the same command: finished inputs "
+                                                              f"are skipped")
             print(f"error: {outcomes[i].error} (skipped)", file=sys.stderr)
     return outcomes
 
@@ -339,10 +346,10 @@ def _collect(future, path: Path, name: str, cancelled_error):
     try:
         return future.result()
     except KilledWorker:
-        return failed_outcome(path, name, f"{path}: the worker process died {ALLOWED_FAILURES} times while "
-                                          f"segmenting it (out of memory?); rerun to retry")
+        return failed_outcome(path, name, f"{path}: the worker processes holding it died too often (Dask's "
+                                          f"allowed-failures; out of memory?); rerun to retry")
     except cancelled_error:
-        return failed_outcome(path, name, f"{path}: not finished (the Dask scheduler or connection was lost); "
-                                          f"rerun the same command to resume")
+        return failed_outcome(path, name, f"{path}: no result (the Dask scheduler or the connection to it was "
+                                          f"lost); rerun the same command: finished inputs are skipped")
     except Exception as e:  # the task raised (not an input failure, which predict_one returns)
         return failed_outcome(path, name, predict.error_message(path, e))
