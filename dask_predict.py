@@ -90,6 +90,12 @@ def cached_predictor(options):
         return _predictor_cache[key]
 
 
+def forget_predictor() -> None:
+    """Drop this process's cached predictor (a worker that closes; tests)."""
+    with _predictor_lock:
+        _predictor_cache.clear()
+
+
 def predict_input(path: str, name: str, output_dir: str, options):
     """The Dask task of one input: segment it with this process's predictor and write its result files.
 
@@ -134,7 +140,7 @@ class WorkerSetup(WorkerPlugin):
                  os.environ.get("CUDA_VISIBLE_DEVICES", "(all)"))
 
     def teardown(self, worker) -> None:
-        _predictor_cache.clear()
+        forget_predictor()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -126,6 +126,22 @@ def test_plan_local_cluster():
         dask_predict.plan_local_cluster(2, "cuda:1", ["0", "1"], cores=8)
 
 
+def test_model_loaded_once_per_process(monkeypatch):
+    """The task reuses its process's predictor: one load for any number of inputs with the same options; other
+    options replace it (one model held at a time)."""
+    loads = []
+    dask_predict.forget_predictor()
+    monkeypatch.setattr(predict, "load_predictor", lambda options: loads.append(options) or f"model {len(loads)}")
+    monkeypatch.setattr(predict, "predict_one", lambda predictor, path, name, out, options: (predictor, name))
+    options = predict.PredictOptions(model_path="m.pth", device="cpu", num_workers=0)
+    got = [dask_predict.predict_input(f"/in/{n}.svs", n, "/out", options) for n in ("a", "b", "c")]
+    assert got == [("model 1", "a"), ("model 1", "b"), ("model 1", "c")] and len(loads) == 1
+    other = predict.PredictOptions(model_path="m.pth", device="cpu", num_workers=0, ensemble=True)
+    assert dask_predict.predict_input("/in/d.svs", "d", "/out", other) == ("model 2", "d")
+    assert dask_predict.predict_input("/in/e.svs", "e", "/out", other) == ("model 2", "e") and len(loads) == 2
+    dask_predict.forget_predictor()
+
+
 def test_two_workers_same_outputs_as_sequential(study, two_cores, tmp_path, capsys):
     """`--workers 2`: the 3 slides' files byte-identical to the sequential run, one line for the corrupt file,
     exit status 1; summary.csv in input order whatever worker did each slide."""
@@ -214,6 +230,7 @@ def test_scheduler_address(study, tmp_path, loopback_cluster, capsys):
     captured = capsys.readouterr()
     assert status == 1, captured.err
     assert f"Dask scheduler {loopback_cluster}" in captured.out
+    assert "Dask dashboard: http://127.0.0.1:" in captured.out
     assert len([line for line in error_lines(captured.err) if line.endswith("(skipped)")]) == 1
     assert_same_results(tmp_path / "out", reference)
 
