@@ -124,8 +124,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
 
     A pattern that matches nothing and a path that does not exist are kept as they are, so the caller
     reports them as failed inputs instead of silently skipping them. Folders are expanded to the image
-    files they contain.
+    and slide files they contain.
     """
+    import slides
+
     out: list[Path] = []
     seen: set[str] = set()
 
@@ -145,7 +147,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
                 add(f)
         elif Path(pattern).is_dir():
             files = sorted(p for p in Path(pattern).iterdir()
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + slides.SLIDE_SUFFIXES)
             if not files:
                 add(Path(pattern))
             for f in files:
@@ -759,6 +761,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {args.workers}: must be 1 or more (no number: one per GPU), and not given "
                         f"with --scheduler")
     options = options_from_args(args)
+    if options.tissue_mask not in ("auto", "none"):
+        import tissue
+
+        # a mask file of the wrong kind fails here, in one line, before any work (the size is only a probe)
+        tissue.read_tissue_mask(options.tissue_mask, (1024, 1024))
     inputs = expand_inputs(args.input)
     names = output_stems(inputs)
     output_dir = utils.make_output_dir(args.output_dir)

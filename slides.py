@@ -318,7 +318,7 @@ class SlideReader:
         rows, wy = _kernel(y, h, fy, level_h)
         lx0, lx1 = int(cols.min()), int(cols.max()) + 1
         ly0, ly1 = int(rows.min()), int(rows.max()) + 1
-        source = self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0).astype(np.float32)
+        source = self._read_level(level, lx0, ly0, lx1 - lx0, ly1 - ly0)
         out = _resample(source, rows - ly0, wy, cols - lx0, wx)
         # target pixels centred outside the slide are white
         outside_x = _outside(x, w, scale, self.dimensions[0])
@@ -387,13 +387,25 @@ def _kernel(start: int, count: int, f: float, size: int) -> tuple[np.ndarray, np
 
 def _resample(source: np.ndarray, rows: np.ndarray, wy: np.ndarray, cols: np.ndarray,
               wx: np.ndarray) -> np.ndarray:
-    """Separable resampling of float32 (H, W, 3) `source` with per-output taps (fixed summation order)."""
-    horizontal = np.zeros((source.shape[0], cols.shape[0], 3), dtype=np.float32)
-    for k in range(cols.shape[1]):
-        horizontal += source[:, cols[:, k]] * wx[None, :, k, None]
-    out = np.zeros((rows.shape[0], cols.shape[0], 3), dtype=np.float32)
-    for k in range(rows.shape[1]):
-        out += horizontal[rows[:, k]] * wy[:, k, None, None]
+    """Separable resampling of uint8 (H, W, 3) `source` with per-output taps. Sparse matrix products
+    (scipy's CSR product adds each output row's taps in their stored order), so every output pixel gets
+    the same arithmetic whatever the box it belongs to."""
+    from scipy import sparse
+
+    height, width = source.shape[:2]
+    out_w, out_h = cols.shape[0], rows.shape[0]
+
+    def matrix(index: np.ndarray, weight: np.ndarray, size: int):
+        n, taps = index.shape
+        return sparse.csr_matrix((weight.ravel(), index.ravel(), np.arange(0, n * taps + 1, taps)),
+                                 shape=(n, size))
+
+    # along x: (out_w, W) @ (W, H*3)
+    columns = np.ascontiguousarray(source.transpose(1, 0, 2)).reshape(width, height * 3).astype(np.float32)
+    horizontal = (matrix(cols, wx, width) @ columns).reshape(out_w, height, 3)
+    # along y: (out_h, H) @ (H, out_w*3)
+    rows_major = np.ascontiguousarray(horizontal.transpose(1, 0, 2)).reshape(height, out_w * 3)
+    out = (matrix(rows, wy, height) @ rows_major).reshape(out_h, out_w, 3)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 

@@ -142,40 +142,32 @@ def plan_regions(geo: Geometry, flags: np.ndarray, region_size: int, margin: int
 # Network part (this process)
 # ----------------------------------------------------------------------------------------------
 def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch_size: int,
-                  cache: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
+                  cache: dict | None = None, keep: set | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended with the
     global window weights of `predict.stitch_maps` (identical values to the whole-image maps there), and
-    the number of windows run. `cache` {(iy, ix): (fg, hv)} holds window maps already computed for the
-    previous region (not run again); the maps of this region's windows are put in it."""
+    the number of windows run. `cache` {(iy, ix): (fg, hv)} holds window maps computed for the previous
+    region (used, not run again); it is replaced by the maps of this region's windows in `keep` (those the
+    next region shares), so at most one band of windows is held."""
     import predict
 
     cache = {} if cache is None else cache
-    todo = [k for k in region.windows if k not in cache]
-
+    keep = set() if keep is None else keep
     cy0, cx0, cy1, cx1 = region.crop
     by0, bx0 = region.box[:2]
     h, w = cy1 - cy0, cx1 - cx0
     fg_sum = np.zeros((h, w), np.float32)
     w_sum = np.zeros((h, w), np.float32)
-    hv_sum = None
-    has_hv = None
+    acc: dict = {"hv": None, "has_hv": None}
     tile, overlap = geo.tile, geo.overlap
-    for first in range(0, len(todo), max(batch_size, 1)):
-        batch = todo[first:first + max(batch_size, 1)]
-        tiles = [np.ascontiguousarray(rgb[geo.ys[iy] - by0:geo.ys[iy] - by0 + tile,
-                                          geo.xs[ix] - bx0:geo.xs[ix] - bx0 + tile]) for iy, ix in batch]
-        results = maps_fn(tiles)
-        if len(results) != len(tiles):
-            raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
-        for key, result in zip(batch, results):
-            cache[key] = result
-    for iy, ix in region.windows:
-        fg, hv = cache[(iy, ix)]
+    kept: dict = {}
+
+    def add(iy: int, ix: int, fg, hv) -> None:
         y, x = geo.ys[iy], geo.xs[ix]
-        if has_hv is None:
-            has_hv = hv is not None
-            if has_hv:
-                hv_sum = np.zeros((2, h, w), np.float32)
+        if acc["has_hv"] is None:
+            acc["has_hv"] = hv is not None
+            if hv is not None:
+                acc["hv"] = np.zeros((2, h, w), np.float32)
         weight = np.outer(predict.tile_weights(tile, y, tile, overlap, geo.shape[0]),
                           predict.tile_weights(tile, x, tile, overlap, geo.shape[1]))
         # the part of the window inside the crop
@@ -186,11 +178,45 @@ def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch
         wpart = weight[ty0:ty1, tx0:tx1]
         fg_sum[sl] += wpart * np.asarray(fg, np.float32)[ty0:ty1, tx0:tx1]
         w_sum[sl] += wpart
-        if hv_sum is not None:
-            hv_sum[(slice(None),) + sl] += wpart[None] * np.asarray(hv, np.float32)[:, ty0:ty1, tx0:tx1]
+        if acc["hv"] is not None:
+            acc["hv"][(slice(None),) + sl] += wpart[None] * np.asarray(hv, np.float32)[:, ty0:ty1, tx0:tx1]
+        if (iy, ix) in keep:
+            kept[(iy, ix)] = (fg, hv)
+
+    # windows are added in raster order (as in `predict.stitch_maps`), whether cached or run, so the sums
+    # are bit-identical to the whole-image ones and do not depend on what an earlier run left in the cache
+    order = region.windows
+    todo = [key for key in order if key not in cache]
+    ready: dict = {}
+    position = 0
+
+    def drain() -> None:
+        nonlocal position
+        while position < len(order):
+            key = order[position]
+            if key in cache:
+                add(*key, *cache[key])
+            elif key in ready:
+                add(*key, *ready.pop(key))
+            else:
+                break
+            position += 1
+
+    for first in range(0, len(todo), max(batch_size, 1)):
+        batch = todo[first:first + max(batch_size, 1)]
+        tiles = [np.ascontiguousarray(rgb[geo.ys[iy] - by0:geo.ys[iy] - by0 + tile,
+                                          geo.xs[ix] - bx0:geo.xs[ix] - bx0 + tile]) for iy, ix in batch]
+        results = maps_fn(tiles)
+        if len(results) != len(tiles):
+            raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
+        ready.update(zip(batch, results))
+        drain()
+    drain()
+    cache.clear()
+    cache.update(kept)
     w_sum = np.maximum(w_sum, 1e-12)
     fg_map = fg_sum / w_sum
-    hv_map = None if hv_sum is None else hv_sum / w_sum[None]
+    hv_map = None if acc["hv"] is None else acc["hv"] / w_sum[None]
     return fg_map, hv_map, len(todo)
 
 
@@ -320,14 +346,14 @@ def output_paths(output_dir: Path, name: str, options) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 # The slide
 # ----------------------------------------------------------------------------------------------
-def _tissue_mask(slide, options):
+def _tissue_mask(slide, options, mpp0: float):
     import tissue
 
     if options.tissue_mask == "none":
         return tissue.full_mask(slide.dimensions), None
     thumb, downsample = slide.thumbnail(THUMBNAIL_SIZE)
     if options.tissue_mask == "auto":
-        return tissue.detect_tissue(thumb, downsample), (thumb, downsample)
+        return tissue.detect_tissue(thumb, downsample, mpp=mpp0), (thumb, downsample)
     return tissue.read_tissue_mask(options.tissue_mask, slide.dimensions), (thumb, downsample)
 
 
@@ -379,7 +405,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
         pdir.mkdir(parents=True, exist_ok=True)
         utils.write_json(state_path, state)
 
-        tissue_mask, thumb = _tissue_mask(slide, options)
+        tissue_mask, thumb = _tissue_mask(slide, options, mpp0)
         if thumb is None:
             thumb = slide.thumbnail(THUMBNAIL_SIZE)
     flags = window_flags(geo, tissue_mask)
@@ -488,12 +514,12 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             read_next()
             timing["read"] += seconds
             t0 = time.time()
-            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, int(options.batch_size), cache)
+            # window maps the next region (the right-hand neighbour) shares are kept for it
+            following = set(reads[0][0].windows) if reads else set()
+            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, int(options.batch_size), cache,
+                                        following)
             timing["network"] += time.time() - t0
             timing["windows"] += ran
-            # keep only the window maps the next region (the right-hand neighbour) shares
-            following = set(reads[0][0].windows) if reads else set()
-            cache = {k: v for k, v in cache.items() if k in following}
             (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop
             job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
                    "settings": settings, "crop": region.crop, "core": region.core, "scale": geo.scale,
@@ -528,16 +554,12 @@ class _RegionLabels:
     """Level-0 label tiles rasterised from the region files (nearest neighbour from the target grid),
     with a small cache of decoded regions."""
 
-    def __init__(self, files: list[Path], offsets: list[int], scale: float, cache: int = 6) -> None:
+    def __init__(self, files: list[Path], offsets: list[int], boxes: list[tuple], scale: float,
+                 cache: int = 6) -> None:
+        """`boxes`: each region file's label crop (y0, x0, y1, x1) in target pixels."""
         self.files, self.offsets, self.scale = files, offsets, scale
         self.cache: OrderedDict[int, tuple] = OrderedDict()
         self.size = cache
-        boxes = []
-        for f in files:
-            with np.load(f) as data:
-                shape = data["labels"].shape
-                oy, ox = (int(v) for v in data["origin"])
-            boxes.append((oy, ox, oy + shape[0], ox + shape[1]))
         self.boxes = np.array(boxes, np.float64).reshape(-1, 4)
 
     def _get(self, i: int) -> tuple:
@@ -585,7 +607,7 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
     1..N in that order. Returns (N, level-0 centroids (N, 2) x, y float32)."""
     import export
 
-    files, offsets, centroids = [], [], []
+    files, offsets, boxes, centroids = [], [], [], []
     total = 0
     columns = export.measurement_columns(mpp0)
     with export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip) as geojson, \
@@ -596,7 +618,8 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             offset = total
             for row in data["rows"]:
                 row["id"] = int(row["id"]) + offset
-                centroids.append((row["centroid_x"], row["centroid_y"]))
+            centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
+                                      np.float32).reshape(-1, 2))
             for feature in data["features"]:
                 gid = int(feature["properties"]["id"]) + offset
                 feature["properties"]["id"] = gid
@@ -605,11 +628,13 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             csv.add(data["rows"])
             files.append(f)
             offsets.append(offset)
+            oy, ox = data["origin"]
+            boxes.append((oy, ox, oy + data["labels"].shape[0], ox + data["labels"].shape[1]))
             total += data["nuclei"]
     if "labels" in outputs:
         import label_pyramid
 
-        raster = _RegionLabels(files, offsets, geo.scale)
+        raster = _RegionLabels(files, offsets, boxes, geo.scale)
         label_pyramid.write_label_pyramid(outputs["labels"], shape0, raster.read_tile, mpp=mpp0,
                                           tile_size=LABEL_TILE)
-    return total, np.asarray(centroids, np.float32).reshape(-1, 2)
+    return total, (np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32))

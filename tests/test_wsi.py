@@ -1,0 +1,241 @@
+"""Whole-slide inference (issue 10): slide path = whole-image path, resume, scale, bad inputs.
+
+Slides are written by the tests as tiled pyramidal TIFFs with mpp metadata (`sample_data.write_pyramidal_tiff`)
+and read back through OpenSlide / tiffslide (`slides.py`). The maps function is the pure one of test_predict
+(dark pixels + their HV maps) unless the test is about the network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import dataset
+import main
+import metrics
+import postprocess
+import predict
+import sample_data
+import utils
+import wsi
+from test_predict import PP, pure_maps, synthetic_slide, tiny_model  # noqa: F401  (fixture)
+
+
+def _options(**kw) -> predict.PredictOptions:
+    base = dict(model_path="unused", tile_size=256, overlap=64, tissue_mask="none", region_size=384,
+                num_workers=0, read_threads=2, batch_size=6, label_image=True)
+    base.update(kw)
+    return predict.PredictOptions(**base)
+
+
+def _predictor(options, maps_fn=pure_maps):
+    predictor = predict.load_predictor(options, maps_fn=maps_fn)
+    predictor.postprocess = dict(PP)
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory):
+    image, truth = synthetic_slide(900, 1000, seed=5)
+    path = tmp_path_factory.mktemp("slide") / "small.tif"
+    sample_data.write_pyramidal_tiff(path, image, dataset.NUINSSEG_MPP, tile_size=256)
+    return path, image, truth
+
+
+def _outputs(out: Path, name: str) -> dict:
+    return {f: (out / f).read_bytes() for f in (f"{name}.geojson", f"{name}_nuclei.csv", f"{name}_labels.tif")}
+
+
+def test_slide_path_equals_whole_image_path(small_slide, tmp_path):
+    path, image, truth = small_slide
+    options = _options()
+    outcome = wsi.predict_slide(_predictor(options), path, "small", tmp_path, options)
+    assert outcome.status == "ok", outcome.error
+    labels = tifffile.imread(tmp_path / "small_labels.tif")
+    assert labels.shape == image.shape[:2] and labels.dtype == np.uint32
+    whole = predict.predict_image(None, image, 256, 64, maps_fn=pure_maps, postprocess=PP)
+    m = metrics.instance_metrics(whole, labels)
+    assert m["num_pred"] == m["num_true"] == outcome.nuclei and m["fp"] == 0 and m["fn"] == 0
+    assert m["iou_sum"] / m["tp"] > 0.99
+    assert metrics.instance_metrics(truth, labels)["num_pred"] == int(truth.max())  # and it is right
+    # the vector outputs agree with the label image: ids 1..N, one polygon and one CSV row each
+    rows = utils.read_csv(tmp_path / "small_nuclei.csv")
+    features = json.loads((tmp_path / "small.geojson").read_text())["features"]
+    assert [int(r["id"]) for r in rows] == list(range(1, outcome.nuclei + 1))
+    assert sorted(f["properties"]["id"] for f in features) == list(range(1, outcome.nuclei + 1))
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == list(range(1, outcome.nuclei + 1))
+    r = rows[len(rows) // 2]  # a centroid in level-0 pixels lies on its own nucleus in the label image
+    assert labels[int(round(float(r["centroid_y"]))), int(round(float(r["centroid_x"])))] == int(r["id"])
+    assert "area_um2" in rows[0] and (tmp_path / "small_tissue.png").is_file()
+    assert (tmp_path / "small_overview.png").is_file()
+    assert outcome.windows > 0 and outcome.tissue_area_mm2 > 0 and outcome.mpp == pytest.approx(0.25)
+    # post-processing in a worker process gives the same bytes (and --geojson_gzip the same GeoJSON, gzipped)
+    import gzip
+
+    out2 = tmp_path / "workers"
+    options2 = _options(num_workers=1, geojson_gzip=True)
+    assert wsi.predict_slide(_predictor(options2), path, "small", out2, options2).status == "ok"
+    assert gzip.decompress((out2 / "small.geojson.gz").read_bytes()) == (tmp_path / "small.geojson").read_bytes()
+    for f in ("small_nuclei.csv", "small_labels.tif"):
+        assert (out2 / f).read_bytes() == (tmp_path / f).read_bytes()
+
+
+def test_region_maps_are_the_whole_image_maps_bit_for_bit(small_slide):
+    """Every region's stitched maps (crop = core + margin), with the window cache carried from region to
+    region as in a run, equal the whole-image `stitch_maps` there exactly."""
+    import slides
+    import tissue
+
+    path, image, _ = small_slide
+    fg, hv = predict.stitch_maps(image, 256, 64, pure_maps, batch_size=5)
+    with slides.open_slide(path) as slide:
+        geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
+        regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
+        assert len(regions) == 9
+        cache: dict = {}
+        ran = 0
+        for k, region in enumerate(regions):
+            y0, x0, y1, x1 = region.box
+            rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), 1.0)
+            following = set(regions[k + 1].windows) if k + 1 < len(regions) else set()
+            rfg, rhv, n = wsi.stitch_region(region, rgb, geo, pure_maps, 5, cache, following)
+            ran += n
+            cy0, cx0, cy1, cx1 = region.crop
+            assert np.array_equal(rfg, fg[cy0:cy1, cx0:cx1]) and np.array_equal(rhv, hv[:, cy0:cy1, cx0:cx1])
+    assert ran < sum(len(r.windows) for r in regions)  # shared windows were not run twice
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(small_slide, tmp_path):
+    path, _, _ = small_slide
+    options = _options()
+    full = tmp_path / "full"
+    assert wsi.predict_slide(_predictor(options), path, "s", full, options).status == "ok"
+
+    def stop_after_two(k):
+        if k == 2:
+            raise Interrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        wsi.predict_slide(_predictor(options), path, "s", out, options, on_region_done=stop_after_two)
+    state = utils.read_json(wsi.progress_dir(out, "s") / "state.json")
+    assert len(state["regions"]) == 2 and not state["complete"]
+    assert not (out / "s.geojson").exists()
+    seen = []
+    outcome = wsi.predict_slide(_predictor(options), path, "s", out, options, on_region_done=seen.append)
+    assert outcome.status == "ok" and len(seen) == 9 - 2  # 3 x 3 regions, 2 were done
+    assert _outputs(out, "s") == _outputs(full, "s")
+    # complete: skipped; --overwrite: done again, same bytes
+    again = wsi.predict_slide(_predictor(options), path, "s", out, options, on_region_done=seen.append)
+    assert again.status == "skipped" and again.nuclei == outcome.nuclei and len(seen) == 7
+    redo = _options(overwrite=True)
+    assert wsi.predict_slide(_predictor(redo), path, "s", out, redo, on_region_done=seen.append).status == "ok"
+    assert len(seen) == 16 and _outputs(out, "s") == _outputs(full, "s")
+
+
+def test_slide_at_another_pixel_size_is_read_at_the_models(tmp_path):
+    """A 0.5 µm/px slide: windows at the model's 0.25 µm/px (read_scaled 2x), outputs in level-0 pixels."""
+    image, truth = synthetic_slide(900, 800, seed=6)
+    small = dataset.resize_image(image, (450, 400))
+    path = tmp_path / "half.tif"
+    sample_data.write_pyramidal_tiff(path, small, 2 * dataset.NUINSSEG_MPP, tile_size=128)
+    options = _options(region_size=256)
+    outcome = wsi.predict_slide(_predictor(options), path, "half", tmp_path, options)
+    assert outcome.status == "ok", outcome.error
+    labels = tifffile.imread(tmp_path / "half_labels.tif")
+    assert labels.shape == (450, 400) and outcome.mpp == pytest.approx(0.5)
+    whole = predict.predict_image(None, small, 256, 64, mpp=0.5, maps_fn=pure_maps, postprocess=PP)
+    m = metrics.instance_metrics(whole, labels)
+    assert abs(m["num_pred"] - m["num_true"]) <= 0.02 * m["num_true"] and m["iou_sum"] / m["tp"] > 0.85
+    rows = utils.read_csv(tmp_path / "half_nuclei.csv")
+    areas_um2 = np.array([float(r["area_um2"]) for r in rows])
+    areas_px = np.array([float(r["area_px"]) for r in rows])
+    assert np.allclose(areas_um2, areas_px * 0.25)  # level-0 pixels of 0.5 µm
+    assert 10 < np.median(areas_px) < 80  # discs of radius 5-9 at 0.25 µm/px -> r 2.5-4.5 here
+
+
+def test_bad_inputs_one_line_each_the_rest_finish(tiny_model, tmp_path, capsys):  # noqa: F811
+    from PIL import Image
+
+    image, _ = synthetic_slide(600, 700, seed=7)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(image[:200, :200]).save(d / "plain.png")
+    sample_data.write_pyramidal_tiff(d / "good.tif", image, 0.25, tile_size=256)
+    sample_data.write_pyramidal_tiff(d / "nompp.tif", image, None, tile_size=256)
+    sample_data.write_pyramidal_tiff(d / "blank.tif", np.full((600, 700, 3), 245, np.uint8), 0.25, tile_size=256)
+    sample_data.write_pyramidal_tiff(d / "tiny.tif", image[:160, :160], 0.25, tile_size=128)
+    good = (d / "good.tif").read_bytes()
+    (d / "truncated.tif").write_bytes(good[: len(good) // 2])
+    (d / "garbage.svs").write_bytes(b"not a slide at all" * 100)
+    out = tmp_path / "out"
+    args = ["-q", "predict", "--model_path", str(tiny_model), "--input", str(d / "*"), "--output_dir", str(out),
+            "--tile_size", "256", "--overlap", "64", "--device", "cpu", "--region_size", "512"]
+    status = main.main(args)
+    err = capsys.readouterr().err
+    assert status == 1
+    lines = [line for line in err.splitlines() if line.startswith("error: ") and "(skipped)" in line]
+    failed = {name: [line for line in lines if name in line] for name in
+              ("garbage.svs", "truncated.tif", "nompp.tif", "tiny.tif")}
+    assert all(len(v) == 1 for v in failed.values()), lines
+    assert "--mpp" in failed["nompp.tif"][0] and "window" in failed["tiny.tif"][0]
+    assert len(lines) == 4
+    summary = {Path(r["image"]).name: r for r in utils.read_csv(out / "summary.csv")}
+    assert {k for k, r in summary.items() if r["status"] == "ok"} == {"plain.png", "good.tif", "blank.tif"}
+    assert summary["blank.tif"]["nuclei"] == "0" and float(summary["blank.tif"]["tissue_area_mm2"]) == 0.0
+    assert summary["plain.png"]["tissue_area_mm2"] == "" and summary["good.tif"]["mpp"] == "0.25"
+    assert (out / "blank.geojson").is_file() and (out / "blank_tissue.png").is_file()
+    # a tissue mask of the wrong kind: one line, exit 2 before any work, nothing written
+    (tmp_path / "mask.txt").write_text("not a mask")
+    out2 = tmp_path / "out2"
+    assert main.main(args[:-10] + ["--output_dir", str(out2), "--tissue_mask", str(tmp_path / "mask.txt"),
+                                   "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "mask.txt" in err[0]
+    assert not out2.exists()
+
+
+def test_real_network_on_the_real_sample_mosaic(real_sample_dir, tmp_path, one_torch_thread, report):
+    """The 8 x 8 mosaic of the real NuInsSeg sample (4096², 0.25 µm/px, pyramidal TIFF) through a real
+    network (small, random weights: this checks that the two paths agree, not accuracy): slide path vs
+    whole-image path, nuclei counts within 1 %, PQ between the two >= 0.97. A random network's foreground
+    is low everywhere, so the threshold is set at its 70th percentile (~900 'nuclei')."""
+    import time
+
+    import nuclei_model
+
+    start = time.time()
+    image, _ = sample_data.real_sample_mosaic(real_sample_dir, n=8)
+    path = tmp_path / "mosaic.tif"
+    sample_data.write_pyramidal_tiff(path, image, dataset.NUINSSEG_MPP, tile_size=256)
+    config = {"input_size": 64, "pretrained": None, "head": "hv", "lora_rank": 2, "lora_alpha": 2.0,
+              "train_only_lora": False, "mpp": dataset.NUINSSEG_MPP, "tile_size": 512}
+    utils.set_seed(0)
+    net = nuclei_model.build_model(config, pretrained=None)
+    model_path = tmp_path / "tiny.pth"
+    nuclei_model.save_checkpoint(model_path, net, config, dict(PP), fold=0, epoch=1, val={"pq": 0.1}, monitor="pq")
+    options = predict.PredictOptions(model_path=str(model_path), device="cpu", tissue_mask="none",
+                                     label_image=True, num_workers=0, region_size=2048, batch_size=8)
+    predictor = predict.load_predictor(options)
+    assert predictor.tile_size == 512 and predictor.overlap == 128
+    fg, hv, _ = predict.image_maps(predictor.model_set, image, 512, 128, maps_fn=predictor.maps_fn, batch_size=8)
+    settings = dict(PP, fg_threshold=float(np.percentile(fg, 70)))
+    whole = predict.labels_from_maps(fg, hv, settings, image.shape[:2])
+    del fg, hv
+    predictor.postprocess = settings
+    outcome = wsi.predict_slide(predictor, path, "mosaic", tmp_path, options)
+    assert outcome.status == "ok", outcome.error
+    labels = tifffile.imread(tmp_path / "mosaic_labels.tif")
+    m = metrics.instance_metrics(whole, labels)
+    report(f"mosaic 4096^2, real network: whole-image {m['num_true']} vs slide {m['num_pred']} nuclei, "
+           f"PQ {m['pq']:.4f}, {time.time() - start:.0f} s")
+    assert m["num_true"] > 500
+    assert abs(m["num_pred"] - m["num_true"]) <= 0.01 * m["num_true"], (m["num_pred"], m["num_true"])
+    assert m["pq"] >= 0.97, m["pq"]
