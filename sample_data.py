@@ -365,30 +365,37 @@ def write_pyramidal_tiff_from_tiles(path: str | os.PathLike, shape: tuple[int, i
                                                  min_size=min_size, compression=compression, subifds=False,
                                                  level_kwargs=level_kwargs, desc="slide tiles")
     # Aperio layout: level 0, a strip thumbnail, then the other levels. Written as a plain pyramid first,
-    # then the pages are copied with the thumbnail inserted (tile data copied as decoded arrays, bounded
-    # by one level at a time - test slides only).
+    # then its pages are copied tile by tile (through tifffile's zarr store) with the thumbnail inserted.
     import tifffile
+    import zarr
 
     plain = path.with_name(f".{path.name}.plain.tif")
+    out_tmp = path.with_name(f".{path.name}.aperio.tmp")
     try:
         label_pyramid.write_tiled_pyramid(plain, (height, width), read_tile, dtype=np.uint8, samples=3,
                                           reduce="mean", tile_size=tile_size, levels=levels, min_size=min_size,
                                           compression=compression, subifds=False, level_kwargs=level_kwargs)
-        with tifffile.TiffFile(plain) as src:
+        with tifffile.TiffFile(plain) as src, tifffile.TiffWriter(out_tmp, bigtiff=src.is_bigtiff) as tw:
             pages = list(src.pages)
-            thumb = pages[-1].asarray()
-            buf = io.BytesIO()
-            with tifffile.TiffWriter(buf, bigtiff=src.is_bigtiff) as tw:
-                for i, page in enumerate(pages):
-                    tw.write(page.asarray(), tile=(tile_size, tile_size), photometric="rgb",
-                             compression=compression, metadata=None, subfiletype=0,
+            for i, page in enumerate(pages):
+                store = page.aszarr()
+                try:
+                    level = zarr.open(store, mode="r")
+                    ph, pw = page.shape[:2]
+                    tiles = (np.asarray(level[y:y + tile_size, x:x + tile_size])
+                             for y in range(0, ph, tile_size) for x in range(0, pw, tile_size))
+                    tw.write(tiles, shape=page.shape, dtype=np.uint8, tile=(tile_size, tile_size),
+                             photometric="rgb", compression=compression, metadata=None, subfiletype=0,
                              **level_kwargs(i, float(2 ** i)))
-                    if i == 0:
-                        tw.write(thumb, photometric="rgb", compression=compression, metadata=None,
-                                 description="Aperio Image Library v10.0.0\nthumbnail")
-        atomic_write_bytes(path, buf.getvalue())
+                finally:
+                    store.close()
+                if i == 0:
+                    tw.write(pages[-1].asarray(), photometric="rgb", compression=compression, metadata=None,
+                             description="Aperio Image Library v10.0.0\nthumbnail")
+        os.replace(out_tmp, path)
     finally:
         plain.unlink(missing_ok=True)
+        out_tmp.unlink(missing_ok=True)
     return path
 
 

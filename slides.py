@@ -98,6 +98,7 @@ def _check_tiff_complete(path: Path) -> None:
     handler = _Catch()
     tif_log = logging.getLogger("tifffile")
     tif_log.addHandler(handler)
+    propagate, tif_log.propagate = tif_log.propagate, False  # reported below as one UserError line
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
@@ -115,6 +116,7 @@ def _check_tiff_complete(path: Path) -> None:
         problems.append(str(e))
     finally:
         tif_log.removeHandler(handler)
+        tif_log.propagate = propagate
     if problems:
         raise UserError(f"{path}: truncated or damaged TIFF ({size} bytes; {problems[0]})")
 
@@ -419,8 +421,6 @@ def _open_openslide(path: Path):
 def _open_tiffslide(path: Path):
     import tiffslide
 
-    if _is_tiff(path):
-        _check_tiff_complete(path)
     return tiffslide.TiffSlide(str(path))
 
 
@@ -443,8 +443,13 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str |
         mpp = given
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    is_tiff = _is_tiff(path)
+    if is_tiff and path.suffix.lower() != ".ndpi":  # NDPI stores 64-bit offsets in 32-bit fields
+        # OpenSlide opens a TIFF whose later IFDs, tag values or tiles were cut off as long as the first
+        # level's header reads; such a copy must stop here, not midway through the slide
+        _check_tiff_complete(path)
     order = [backend] if backend else list(BACKENDS)
-    if backend is None and _is_tiff(path) and _is_ome_tiff(path):
+    if backend is None and is_tiff and _is_ome_tiff(path):
         order.reverse()  # OpenSlide reads only the first level of an OME-TIFF (its pyramid is in SubIFDs)
     failures: list[str] = []
     for name in order:

@@ -146,6 +146,20 @@ def test_bad_slides_are_one_line_user_errors(tmp_path, backend):
         cut.write_bytes(data[:int(len(data) * fraction)])
         with pytest.raises(UserError, match=rf"cut{int(fraction * 10)}\.tif: "):
             slides.open_slide(cut, backend=backend)
+    # an OME-TIFF cut anywhere after its first tiles: the OME-XML (written last) or the SubIFDs are missing
+    import label_pyramid
+
+    ome = label_pyramid.write_tiled_pyramid(tmp_path / "rgb.ome.tif", (512, 512),
+                                            lambda y, x, h, w: image[y:y + h, x:x + w], dtype=np.uint8,
+                                            samples=3, reduce="mean", tile_size=64, levels=3, ome=True,
+                                            level_kwargs=lambda level, ds: {"metadata": {"axes": "YXS"}}
+                                            if level == 0 else {})
+    data = ome.read_bytes()
+    for fraction in (0.5, 0.99):
+        cut = tmp_path / f"cut{int(fraction * 100)}.ome.tif"
+        cut.write_bytes(data[:int(len(data) * fraction)])
+        with pytest.raises(UserError, match=r"truncated or damaged TIFF"):
+            slides.open_slide(cut, backend=backend)
     with pytest.raises(UserError, match="file not found"):
         slides.open_slide(tmp_path / "missing.svs", backend=backend)
     no_mpp = sample_data.write_pyramidal_tiff(tmp_path / "nompp.tif", image, None, tile_size=64, levels=2)
@@ -210,3 +224,17 @@ def test_ome_tiff_goes_to_tiffslide_with_its_pyramid_and_physical_size(tmp_path,
         assert slide.backend == "tiffslide" and len(slide.level_dimensions) == 3
         assert slide.mpp == pytest.approx(0.5)  # 500 nm from the OME-XML
         np.testing.assert_array_equal(slide.read_region(3, 4, 50, 40), noise_image[4:44, 3:53])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_from_several_threads_agree(slide_path, backend):
+    """The slide pipeline reads ahead in threads sharing one reader."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    boxes = [(x, y, 40, 30) for x in range(0, 200, 37) for y in range(0, 150, 29)]
+    with slides.open_slide(slide_path, backend=backend) as slide:
+        expected = [slide.read_scaled(box, 0.7) for box in boxes]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda box: slide.read_scaled(box, 0.7), boxes))
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
