@@ -34,7 +34,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -728,6 +728,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "size (memory grows with its square)")
     slide.add_argument("--read_threads", type=int, default=2,
                        help="threads reading regions ahead of the network")
+    many = parser.add_argument_group("many inputs on many GPUs / machines (Dask; see docs/predict.md)")
+    many.add_argument("--workers", type=int, nargs="?", const=0, default=None, metavar="N",
+                      help="run the inputs on a local Dask cluster of N worker processes (no N: one per visible "
+                           "GPU, each pinned to its GPU; on a CPU machine one per 4 cores); default: in this process")
+    many.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="run the inputs on an existing Dask cluster: its scheduler's address (tcp://host:8786) "
+                           "or scheduler file (JSON)")
 
 
 def _mask_probe_size(path: Path) -> tuple[int, int]:
@@ -750,6 +757,10 @@ def _mask_probe_size(path: Path) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_dask = args.workers is not None or args.scheduler is not None
+    if args.workers is not None and (args.scheduler is not None or args.workers < 0):
+        raise UserError(f"--workers {args.workers}: must be 1 or more (no number: one per GPU), and not given "
+                        f"with --scheduler")
     options = options_from_args(args)
     if options.tissue_mask not in ("auto", "none"):
         import tissue
@@ -764,24 +775,34 @@ def run(args: argparse.Namespace) -> int:
     names = output_stems(inputs)
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
-    predictor = load_predictor(options)  # also checks the overlap against the model's window
-    utils.configure_threads(getattr(args, "threads", None), workers=predictor.num_workers)
+    # with Dask the model runs in the workers: here it is only checked, on the CPU
+    predictor = load_predictor(replace(options, device="cpu") if use_dask else options)
+    if not use_dask:
+        utils.configure_threads(getattr(args, "threads", None), workers=predictor.num_workers)
     model_set = predictor.model_set
     output_dir = utils.make_output_dir(args.output_dir)  # only once every option is known to be good
     utils.write_json(output_dir / "predict_config.json", {
         "model_path": options.model_path, "inputs": [str(p) for p in inputs], "tile_size": predictor.tile_size,
         "overlap": predictor.overlap, "mpp": options.mpp, "model_mpp": predictor.model_mpp,
-        "ensemble": options.ensemble, "batch_size": options.batch_size, "device": predictor.device,
+        "ensemble": options.ensemble, "batch_size": options.batch_size,
+        "device": predictor.device if not use_dask else options.device or "auto (in each Dask worker)",
+        "dask": {"workers": args.workers, "scheduler": args.scheduler} if use_dask else None,
         "amp": options.amp, "options": options.to_dict(), "postprocess": getattr(model_set, "postprocess", None),
         "model_config": getattr(model_set, "config", None), "environment": utils.environment_info(),
     })
 
-    outcomes = []
-    for path, name in tqdm(list(zip(inputs, names)), desc="inputs", unit="input"):
-        outcome = predict_one(predictor, path, name, output_dir, options)
-        if outcome.status == "failed":
-            tqdm.write(f"error: {outcome.error} (skipped)", file=sys.stderr)
-        outcomes.append(outcome)
+    if use_dask:
+        import dask_predict
+
+        outcomes = dask_predict.run_inputs(inputs, names, output_dir, options, workers=args.workers,
+                                           scheduler=args.scheduler, torch_threads=getattr(args, "threads", None))
+    else:
+        outcomes = []
+        for path, name in tqdm(list(zip(inputs, names)), desc="inputs", unit="input"):
+            outcome = predict_one(predictor, path, name, output_dir, options)
+            if outcome.status == "failed":
+                tqdm.write(f"error: {outcome.error} (skipped)", file=sys.stderr)
+            outcomes.append(outcome)
     utils.write_csv(output_dir / "summary.csv", [o.summary_row() for o in outcomes], columns=SUMMARY_COLUMNS)
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)
