@@ -369,10 +369,17 @@ class SAMHead(SAMPromptDecoder):
             return self.forward_head(image, feats)
         return super().forward(image, points=points, boxes=boxes, multimask_output=multimask_output)
 
-    def freeze_prompt_encoder(self) -> None:
-        """The prompt encoder stays as loaded (pretrained or the recorded random init)."""
-        for p in self.prompt_encoder.parameters():
-            p.requires_grad_(False)
+    def untrained_modules(self) -> list[nn.Module]:
+        """What the promptless single-mask loss cannot train: the prompt encoder (only its constant
+        `no_mask_embed` is used, kept as loaded), the IoU head and the hypernetworks of masks 1-3."""
+        return [self.prompt_encoder, self.mask_decoder.iou_prediction_head,
+                *self.mask_decoder.output_hypernetworks_mlps[1:]]
+
+    def freeze_untrained(self) -> None:
+        """Freeze `untrained_modules` (they stay as loaded: pretrained, or the recorded random init)."""
+        for module in self.untrained_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
