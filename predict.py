@@ -558,10 +558,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes that post-process and write the results of one image while the model "
                              "segments the next (0 = all in this process; default: min(4, CPU cores) when the "
                              "model runs on a GPU, 0 on CPU, where workers would compete with the network)")
+    prompt = parser.add_argument_group("prompt mode (prompts.py; --model_path may then be the official mobile_sam.pt "
+                                       "or a --head sam model)")
+    prompt.add_argument("--points", default=None, metavar="CSV",
+                        help="one mask per point: CSV rows 'x, y' in image pixels (one image as --input)")
+    prompt.add_argument("--boxes", default=None, metavar="CSV",
+                        help="one mask per box: CSV rows 'x0, y0, x1, y1' in image pixels")
+    prompt.add_argument("--merge_into", default=None, metavar="LABELS.tif",
+                        help="add the prompt masks to this label map (new ids; they win where they overlap it)")
 
 
 def run(args: argparse.Namespace) -> int:
     import nuclei_model
+
+    if getattr(args, "points", None) or getattr(args, "boxes", None) or getattr(args, "merge_into", None):
+        import prompts
+
+        return prompts.run(args)
 
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
