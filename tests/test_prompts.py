@@ -126,11 +126,20 @@ def test_outside_coordinates_are_one_line(golden, tmp_path, capsys):
 
 
 def test_prompt_mode_with_trained_sam_head(golden, synthetic_data_dir, tmp_path, one_torch_thread):
+    # a --head sam checkpoint as train writes it (LoRA + decoder tensors, base weights by reference), with
+    # changed trainable weights so that its decoder differs from the base file's
     out = tmp_path / "sam"
-    assert main.main(["-q", "train", "--data_dir", str(synthetic_data_dir), "--output_dir", str(out),
-                      "--head", "sam", "--pretrained", str(golden["weights"]), "--train_only_lora",
-                      "--input_size", "64", "--epochs", "1", "--batch_size", "4", "--fold", "0", "--num_folds", "2",
-                      "--num_workers", "0", "--device", "cpu", "--no_augment"]) == 0
+    config = {"pretrained": str(golden["weights"]), "head": "sam", "input_size": 64, "lora_rank": 4,
+              "lora_alpha": 4.0, "lora_dropout": 0.0, "lora_targets": ["qkv", "proj"], "train_only_lora": True,
+              "tile_size": 128}
+    trained = nm.build_model(config)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    (out / "fold_0").mkdir(parents=True)
+    nm.save_checkpoint(out / "fold_0" / "best_model.pth", trained, config, train.default_postprocess("sam"))
+    shutil.copy(out / "fold_0" / "best_model.pth", out / "best_model.pth")
     image_path = next(synthetic_data_dir.glob("*/tissue images/*.png"))
     points = tmp_path / "p.csv"
     points.write_text("20,30\n100,64.5\n")
