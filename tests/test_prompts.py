@@ -234,3 +234,32 @@ def test_merge_into_without_prompts_is_an_error(golden, tmp_path, capsys):
     code = main.main(["predict", "--model_path", str(golden["weights"]), "--input", str(golden["image_path"]),
                       "--merge_into", str(tmp_path / "x.tif"), "--output_dir", str(tmp_path / "o")])
     assert code == 2 and "--merge_into: give the prompts with --points" in capsys.readouterr().err
+
+
+def test_tiled_image_prompt_goes_to_its_window(reference_dir, tmp_path, one_torch_thread):
+    """An image larger than the window: the prompt is decoded in the window where it is most central, and the
+    mask lands at the right place (two paths agree: the whole image vs that window cut out by hand)."""
+    config = {"pretrained": str(reference_dir / "mobile_sam_random_weights.pt"), "head": "sam", "input_size": 64,
+              "lora_rank": 0, "train_only_lora": True, "tile_size": 128}
+    path = tmp_path / "sam.pth"
+    nm.save_checkpoint(path, nm.build_model(config), config, train.default_postprocess("sam"))
+    net = prompts.load_prompt_net(path, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    point = prompts.Prompt("point", np.array([250.0, 150.0]), "t:1")
+    (pm,) = prompts.segment_prompts(net, image, [point])
+    # windows start at x 0, 96, 172 and y 0, 72 (tile 128, overlap 32): (250, 150) is most central in (72, 172)
+    assert pm.window == (72, 172, 128, 128)
+    (ref,) = prompts.segment_prompts(net, np.ascontiguousarray(image[72:, 172:]),
+                                     [prompts.Prompt("point", np.array([250.0 - 172, 150.0 - 72]), "t:1")])
+    assert ref.window == (0, 0, 128, 128)
+    full = np.zeros(image.shape[:2], bool)
+    y, x = pm.origin
+    full[y:y + pm.mask.shape[0], x:x + pm.mask.shape[1]] = pm.mask
+    expected = np.zeros(image.shape[:2], bool)
+    y, x = ref.origin
+    expected[72 + y:72 + y + ref.mask.shape[0], 172 + x:172 + x + ref.mask.shape[1]] = ref.mask
+    assert np.array_equal(full, expected) and pm.iou == pytest.approx(ref.iou, abs=1e-5)
+    big_box = prompts.Prompt("box", np.array([10.0, 10.0, 200.0, 60.0]), "boxes.csv:4")
+    with pytest.raises(UserError, match=r"boxes\.csv:4: box \(10, 10, 200, 60\) is larger than a window \(128 x 128"):
+        list(prompts.segment_prompts(net, image, [big_box]))
