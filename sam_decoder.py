@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import LayerNorm2d, read_state_dict  # LayerNorm over channels, eps 1e-6, as in SAM
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,6 @@ IOU_HEAD_DEPTH = 3
 IOU_HEAD_HIDDEN = 256
 PATCH = 16                 # input pixels per embedding cell (the image encoder's stride)
 PREFIXES = ("prompt_encoder.", "mask_decoder.")
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of an NCHW tensor (eps 1e-6, as in SAM)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,12 +403,10 @@ def decoder_state_from_checkpoint(state: Mapping[str, Tensor], module: nn.Module
 def load_decoder_weights(module: nn.Module, checkpoint: str | Path | Mapping[str, Tensor],
                          source: str | Path | None = None) -> None:
     """Load the official prompt encoder + mask decoder weights (a file or a state dict) into `module`."""
-    import model as mobile_sam
-
     if isinstance(checkpoint, Mapping):
         state, name = checkpoint, source or "checkpoint"
     else:
-        state, name = mobile_sam.read_state_dict(checkpoint), Path(checkpoint)
+        state, name = read_state_dict(checkpoint), Path(checkpoint)
     module.load_state_dict(decoder_state_from_checkpoint(state, module, name), strict=True)
 
 
