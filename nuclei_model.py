@@ -13,6 +13,12 @@ any batch size and under DistributedDataParallel). It outputs, at the input reso
 - `"hv"`: HoVer-Net horizontal/vertical distance maps (B, 2, S, S), linear output (targets lie in [-1, 1]);
   absent for the `head="binary"` comparison baseline.
 
+`head="sam"` replaces that decoder by MobileSAM's own mask decoder (`sam_decoder.SAMHead`): run without
+prompts on the neck embedding, its single mask upsampled to the input size (foreground logits only). Its
+weights come from the base file with the encoder's; the prompt encoder, the IoU head and the three
+multimask hypernetworks are frozen (the promptless single-mask loss cannot reach them), the rest of the
+mask decoder is trained.
+
 Loss (`compute_loss`). Foreground: binary cross-entropy + soft Dice (Dice per image, then averaged).
 HV maps (HoVer-Net): mean squared error over the whole map (background target 0, so the head also learns
 to keep the background flat) + "MSGE", the mean squared error of the Sobel derivatives (d/dx of the
@@ -47,13 +53,14 @@ from torch import Tensor, nn
 import dataset
 import lora
 import model as mobile_sam
+import sam_decoder
 from utils import UserError, atomic_torch_save
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "nuclei-sam-checkpoint/1"
 MODEL_SET_FORMAT = "nuclei-sam-cv-set/1"
-HEADS = ("hv", "binary")
+HEADS = ("hv", "binary", "sam")
 # model-related configuration keys and their defaults (the training config holds many more keys)
 MODEL_DEFAULTS: dict[str, Any] = {
     "pretrained": None, "head": "hv", "input_size": 1024, "lora_rank": 4, "lora_alpha": 4.0,
@@ -153,7 +160,7 @@ class NucleiSAM(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head_type = head
-        self.head = DecoderHead(encoder.feature_channels, head)
+        self.head = sam_decoder.SAMHead() if head == "sam" else DecoderHead(encoder.feature_channels, head)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = mobile_sam.normalize_image(x)
@@ -229,13 +236,18 @@ def _build(cfg: Mapping[str, Any], load_pretrained: bool) -> NucleiSAM:
                             f"`python main.py download --output_dir weights` (or pass --pretrained none "
                             f"for a random encoder)")
         encoder = mobile_sam.load_mobile_sam_encoder(path)
+    base = None if not load_pretrained or is_no_weights(cfg["pretrained"]) else Path(cfg["pretrained"]).expanduser()
     if rank > 0:
         targets = cfg["lora_targets"]
         targets = tuple(targets.split(",")) if isinstance(targets, str) else tuple(targets)
         lora.apply_lora(encoder, rank, float(cfg["lora_alpha"]), targets=targets,
                         dropout=float(cfg["lora_dropout"]))
     net = NucleiSAM(encoder, head)
+    if head == "sam" and base is not None:
+        sam_decoder.load_decoder_weights(net.head, base)  # MobileSAM's pretrained prompt encoder + mask decoder
     lora.mark_trainable(net, bool(cfg["train_only_lora"]), always_trainable=(HEAD_PREFIX,))
+    if head == "sam":
+        net.head.freeze_untrained()
     return net.eval()
 
 

@@ -736,6 +736,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run the inputs on an existing Dask cluster: its scheduler's address (tcp://host:8786) "
                            "or scheduler file (JSON)")
 
+    prompt = parser.add_argument_group("prompt mode (prompts.py; --model_path may then be the official mobile_sam.pt "
+                                       "or a --head sam model)")
+    prompt.add_argument("--points", default=None, metavar="CSV",
+                        help="one mask per point: CSV rows 'x, y' in image pixels (one image as --input)")
+    prompt.add_argument("--boxes", default=None, metavar="CSV",
+                        help="one mask per box: CSV rows 'x0, y0, x1, y1' in image pixels")
+    prompt.add_argument("--merge_into", default=None, metavar="LABELS.tif",
+                        help="add the prompt masks to this label map (new ids; they win where they overlap it)")
 
 def _mask_probe_size(path: Path) -> tuple[int, int]:
     """(width, height) of a mask image from its header, or (1024, 1024) for anything else (GeoJSON)."""
@@ -757,6 +765,10 @@ def _mask_probe_size(path: Path) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "points", None) or getattr(args, "boxes", None) or getattr(args, "merge_into", None):
+        import prompts
+
+        return prompts.run(args)
     use_dask = args.workers is not None or args.scheduler is not None
     if args.workers is not None and (args.scheduler is not None or args.workers < 0):
         raise UserError(f"--workers {args.workers}: must be 1 or more (no number: one per GPU), and not given "

@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="official MobileSAM checkpoint; 'none' = random encoder (for tests only)")
     g.add_argument("--input_size", type=int, default=1024, help="network input size (multiple of 64)")
     g.add_argument("--head", choices=nuclei_model.HEADS, default="hv",
-                   help="hv: foreground + HoVer-Net maps (instances); binary: foreground only (baseline)")
+                   help="hv: foreground + HoVer-Net maps (instances); binary: foreground only (baseline); "
+                        "sam: MobileSAM's own mask decoder, promptless, instances by distance-transform watershed")
     g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank (0 = no LoRA)")
     g.add_argument("--lora_alpha", type=float, default=4.0, help="LoRA scaling numerator (scale = alpha/rank)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA input")
@@ -119,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_postprocess(head: str) -> dict[str, Any]:
     """The post-processing defaults stored with a model of this head."""
     mode = "hv" if head == "hv" else "binary"
-    return postprocess.PostprocessConfig(mode=mode).to_dict()
+    # sam: the published MobileSAM + LoRA design separates touching nuclei by a distance-transform watershed
+    return postprocess.PostprocessConfig(mode=mode, watershed=head == "sam").to_dict()
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
