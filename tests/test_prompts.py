@@ -96,7 +96,7 @@ def test_cli_writes_instances_merged_into_labels(golden, official_masks, tmp_pat
     assert main.main(["-q", "predict", "--model_path", str(golden["weights"]), "--input", str(golden["image_path"]),
                       "--points", str(golden["points_csv"]), "--boxes", str(golden["boxes_csv"]),
                       "--tile_size", "1024", "--merge_into", str(merge_path), "--output_dir", str(out),
-                      "--no_overlay", "--device", "cpu"]) == 0
+                      "--no_overlay", "--device", "cpu", "--threads", "1"]) == 0  # as the 1-thread reference
     merged = tifffile.imread(out / "golden_labels.tif")
     expected, assigned = prompts.compose(official_masks, base.shape, base)
     assert [i for _, i in assigned] == [10, 11, 12, 13, 14]  # new ids above the largest existing id
