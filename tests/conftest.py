@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest -n N runs N worker processes: one torch thread each, or they oversubscribe the cores
+    # pytest -n N runs N worker processes: one torch thread each, or they oversubscribe the cores; also for the
+    # commands the tests run through main.main (which share the cores by OMP_NUM_THREADS, read when utils loads)
+    # and for the processes they start
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
