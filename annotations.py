@@ -256,16 +256,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _by_stem(folder: Path, suffixes: Sequence[str], what: str, option: str) -> dict[str, Path]:
+    """`dataset.files_by_stem` of a folder given by `option`, which must exist and hold at least one file."""
     if not folder.is_dir():
         raise UserError(f"{option} {folder}: folder not found")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in suffixes:
-            continue
-        if path.stem in found:
-            raise UserError(f"{path}: two {what} files share the name {path.stem!r} "
-                            f"({found[path.stem].name} and {path.name}); keep one")
-        found[path.stem] = path
+    found = dataset.files_by_stem(folder, suffixes, what)
     if not found:
         raise UserError(f"{option} {folder}: no {what} files ({', '.join(suffixes)})")
     return found

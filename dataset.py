@@ -76,7 +76,7 @@ class Sample:
     rel_path: str  # "<organ>/tissue images/<file>", POSIX separators
 
 
-def _files_by_stem(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
+def files_by_stem(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in suffixes:
@@ -134,8 +134,8 @@ def discover_nuinsseg(data_dir: str | os.PathLike) -> list[Sample]:
             else:
                 raise UserError(f"{organ_dir}: has '{IMAGE_DIR}' but no '{LABEL_DIR}' (or '{LABEL_DIR_FALLBACK}') "
                                 f"folder with the instance label masks")
-        images = _files_by_stem(organ_dir / IMAGE_DIR, IMAGE_SUFFIXES, "image")
-        labels = _files_by_stem(label_dir, LABEL_SUFFIXES, "label mask")
+        images = files_by_stem(organ_dir / IMAGE_DIR, IMAGE_SUFFIXES, "image")
+        labels = files_by_stem(label_dir, LABEL_SUFFIXES, "label mask")
         vague = _vague_masks(organ_dir)
         for stem, image_path in images.items():
             if stem not in labels:
@@ -907,10 +907,10 @@ def discover_folders(data_dir: str | os.PathLike) -> list[Sample]:
                 f"'{FOLDERS_LABEL_DIR}/<stem>.tif'")
     if not is_folders_layout(data_dir):
         raise UserError(f"{data_dir}: no '{FOLDERS_IMAGE_DIR}' and '{FOLDERS_LABEL_DIR}' folders ({expected})")
-    images = _files_by_stem(data_dir / FOLDERS_IMAGE_DIR, FOLDERS_IMAGE_SUFFIXES, "image")
-    labels = _files_by_stem(data_dir / FOLDERS_LABEL_DIR, FOLDERS_LABEL_SUFFIXES, "label map")
+    images = files_by_stem(data_dir / FOLDERS_IMAGE_DIR, FOLDERS_IMAGE_SUFFIXES, "image")
+    labels = files_by_stem(data_dir / FOLDERS_LABEL_DIR, FOLDERS_LABEL_SUFFIXES, "label map")
     ignore_dir = data_dir / FOLDERS_IGNORE_DIR
-    ignore = _files_by_stem(ignore_dir, FOLDERS_IGNORE_SUFFIXES, "ignore mask") if ignore_dir.is_dir() else {}
+    ignore = files_by_stem(ignore_dir, FOLDERS_IGNORE_SUFFIXES, "ignore mask") if ignore_dir.is_dir() else {}
     if not images:
         raise UserError(f"{data_dir / FOLDERS_IMAGE_DIR}: no images ({expected})")
     for stem, image_path in images.items():

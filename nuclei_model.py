@@ -609,7 +609,15 @@ def predict_maps_batch(models: nn.Module | Sequence[nn.Module], images: Sequence
             raise ValueError(f"predict_maps: expected (H, W, 3) images, got shape {im.shape}")
     batch = np.stack([dataset.resize_image(np.asarray(im, dtype=np.uint8), int(input_size)) for im in images])
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(device)
+    return maps_to_images(_average_outputs(models, x, device, amp), [tuple(im.shape[:2]) for im in images])
+
+
+def _average_outputs(models: list[nn.Module], x: Tensor, device: torch.device | str, amp: bool,
+                     crop: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    """{"foreground_prob", "hv" (when the head has it)} of the batch `x` (B, 3, S, S), averaged over `models`
+    (each run in eval mode under autocast), cropped to the top-left `crop` (h, w) when given."""
     dtype = autocast_dtype(device, amp)
+    rows, cols = (slice(None), slice(None)) if crop is None else (slice(0, crop[0]), slice(0, crop[1]))
     fg_sum: Tensor | None = None
     hv_sum: Tensor | None = None
     for net in models:
@@ -620,16 +628,16 @@ def predict_maps_batch(models: nn.Module | Sequence[nn.Module], images: Sequence
                 out = net(x)
         finally:
             net.train(was_training)
-        fg = torch.sigmoid(out["foreground"].float())
+        fg = torch.sigmoid(out["foreground"].float())[:, :, rows, cols]
         fg_sum = fg if fg_sum is None else fg_sum + fg
         if "hv" in out:
-            hv = out["hv"].float()
+            hv = out["hv"].float()[:, :, rows, cols]
             hv_sum = hv if hv_sum is None else hv_sum + hv
     n = float(len(models))
     averaged = {"foreground_prob": fg_sum / n}
     if hv_sum is not None:
         averaged["hv"] = hv_sum / n
-    return maps_to_images(averaged, [tuple(im.shape[:2]) for im in images])
+    return averaged
 
 
 def network_size(length: int, scale: float, multiple: int = 64) -> tuple[int, int]:
@@ -666,27 +674,7 @@ def predict_maps_scaled(models: nn.Module | Sequence[nn.Module], images: Sequenc
             resized = np.pad(resized, ((0, side - rh), (0, side - rw), (0, 0)), mode="symmetric")
         batch.append(resized)
     x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous().to(torch.device(device))
-    dtype = autocast_dtype(device, amp)
-    fg_sum: Tensor | None = None
-    hv_sum: Tensor | None = None
-    for net in models:
-        was_training = net.training
-        net.eval()
-        try:
-            with autocast(device, dtype):
-                out = net(x)
-        finally:
-            net.train(was_training)
-        fg = torch.sigmoid(out["foreground"].float())[:, :, :rh, :rw]
-        fg_sum = fg if fg_sum is None else fg_sum + fg
-        if "hv" in out:
-            hv = out["hv"].float()[:, :, :rh, :rw]
-            hv_sum = hv if hv_sum is None else hv_sum + hv
-    n = float(len(models))
-    averaged = {"foreground_prob": fg_sum / n}
-    if hv_sum is not None:
-        averaged["hv"] = hv_sum / n
-    return maps_to_images(averaged, [(h, w)] * len(images))
+    return maps_to_images(_average_outputs(models, x, device, amp, crop=(rh, rw)), [(h, w)] * len(images))
 
 
 def maps_to_images(outputs: Mapping[str, Tensor], sizes: Sequence[tuple[int, int]]
