@@ -621,59 +621,61 @@ def finish_image(path: Path, output_dir: Path, name: str, image: np.ndarray, fg:
     return int(len(np.unique(labels[labels > 0]))), time.time() - start, ""
 
 
-def segment_images(model_set, inputs: Sequence[Path], names: Sequence[str], output_dir: Path, maps_fn: MapsFn,
-                   *, tile_size: int, overlap: int | None = None, mpp: float | None = None,
-                   batch_size: int = 8, overlay: bool = True, num_workers: int = 0) -> list[Outcome]:
-    """Segment every input and write its result files (`write_outputs`); one Outcome per input, in order.
+def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence[str], output_dir: Path,
+                   options: PredictOptions) -> list[Outcome]:
+    """The in-process engine of `predict`: every input in order, one Outcome each; a failed input is
+    reported on stderr in one line and the others go on.
 
-    An input that fails (unreadable file, any error) is reported on stderr and recorded as failed; the
-    others go on. The model segments image i+1 while `num_workers` spawned processes post-process image i
-    and write its files (a single image, or `num_workers=0`, runs everything in this process); at most
-    `num_workers` images wait for a worker. `Outcome.seconds` is the model time plus the post-processing
-    and writing time of that image.
+    Slides go through `predict_one` (`wsi` has its own read-ahead threads and post-processing workers). For
+    plain images with `predictor.num_workers` > 0 (the default on a GPU) the network segments image i+1 while
+    spawned worker processes post-process image i and write its files (`finish_image`); at most
+    `num_workers` images wait for a worker. With 0 workers, or a single input, everything runs here through
+    `predict_one`. `Outcome.seconds` is the model time plus the post-processing and writing time of the input.
     """
+    import slides
+
+    output_dir = Path(output_dir)
     outcomes: list[Outcome | None] = [None] * len(inputs)
-    workers = num_workers if len(inputs) > 1 else 0
+    workers = predictor.num_workers if len(inputs) > 1 else 0
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             if workers > 0 else None)
     pending: deque[tuple[int, float, tuple, Future]] = deque()
 
-    def record(i: int, model_seconds: float, shape: tuple, result: tuple[int, float, str]) -> None:
-        nuclei, seconds, error = result
-        path, name = inputs[i], names[i]
-        if error:
-            tqdm.write(f"error: {error} (skipped)", file=sys.stderr)
-            outcomes[i] = Outcome(str(path), name, "failed", error=error)
-            return
-        outcomes[i] = Outcome(str(path), name, "ok", nuclei, shape[0], shape[1],
-                              round(model_seconds + seconds, 3))
-        log.info("%s: %d nuclei -> %s", path, nuclei, output_dir / f"{name}_labels.tif")
+    def record(i: int, outcome: Outcome) -> None:
+        outcomes[i] = outcome
+        if outcome.status == "failed":
+            tqdm.write(f"error: {outcome.error} (skipped)", file=sys.stderr)
 
     def collect_oldest() -> None:
         i, model_seconds, shape, future = pending.popleft()
         try:
-            result = future.result()
+            nuclei, seconds, error = future.result()
         except Exception as e:  # the worker process died (e.g. out of memory)
-            result = (0, 0.0, error_message(inputs[i], e))
-        record(i, model_seconds, shape, result)
+            nuclei, seconds, error = 0, 0.0, error_message(inputs[i], e)
+        path, name = inputs[i], names[i]
+        record(i, Outcome(str(path), name, "failed", error=error) if error else
+               Outcome(str(path), name, "ok", nuclei, shape[0], shape[1], round(model_seconds + seconds, 3),
+                       mpp=options.mpp))
 
     try:
-        for i, (path, name) in enumerate(tqdm(list(zip(inputs, names)), desc="images", unit="image")):
+        for i, (path, name) in enumerate(tqdm(list(zip(inputs, names)), desc="inputs", unit="input")):
+            path = Path(path)
+            if pool is None or not path.is_file() or slides.is_slide_file(path):
+                record(i, predict_one(predictor, path, name, output_dir, options))
+                continue
             start = time.time()
             try:
                 image = read_image(path)
-                fg, hv, settings = image_maps(model_set, image, tile_size, overlap, mpp=mpp,
-                                              batch_size=batch_size, maps_fn=maps_fn, progress=True)
-                job = (path, output_dir, name, image, fg, hv, settings, mpp, overlay)
-                model_seconds = time.time() - start
-                if pool is not None:
-                    pending.append((i, model_seconds, image.shape, pool.submit(finish_image, *job)))
+                fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
+                                              mpp=options.mpp, batch_size=options.batch_size,
+                                              maps_fn=predictor.maps_fn, postprocess=predictor.postprocess or None,
+                                              progress=True)
             except Exception as e:  # one bad input must not stop the others
                 log.debug("failed on %s", path, exc_info=True)
-                record(i, 0.0, (0, 0), (0, 0.0, error_message(path, e)))
+                record(i, Outcome(str(path), name, "failed", error=error_message(path, e)))
                 continue
-            if pool is None:
-                record(i, model_seconds, image.shape, finish_image(*job))
+            job = (path, output_dir, name, image, fg, hv, settings, options.mpp, options.overlay)
+            pending.append((i, time.time() - start, image.shape, pool.submit(finish_image, *job)))
             while len(pending) > workers:
                 collect_oldest()
         while pending:
@@ -809,12 +811,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes = dask_predict.run_inputs(inputs, names, output_dir, options, workers=args.workers,
                                            scheduler=args.scheduler, torch_threads=getattr(args, "threads", None))
     else:
-        outcomes = []
-        for path, name in tqdm(list(zip(inputs, names)), desc="inputs", unit="input"):
-            outcome = predict_one(predictor, path, name, output_dir, options)
-            if outcome.status == "failed":
-                tqdm.write(f"error: {outcome.error} (skipped)", file=sys.stderr)
-            outcomes.append(outcome)
+        outcomes = segment_images(predictor, inputs, names, output_dir, options)
     utils.write_csv(output_dir / "summary.csv", [o.summary_row() for o in outcomes], columns=SUMMARY_COLUMNS)
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)

@@ -367,8 +367,10 @@ def bench_prediction(input_size: int, num_tiles: int, batch_size: int, num_worke
             network_seconds.clear()
             load = load_average()
             start = time.perf_counter()
-            outcomes = predict.segment_images(model_set, inputs, names, tmp / mode, maps_fn, tile_size=tile,
-                                              overlap=0, batch_size=batch_size, num_workers=workers)
+            options = predict.PredictOptions(model_path=str(ROOT), tile_size=tile, overlap=0, batch_size=batch_size,
+                                             num_workers=workers, device=str(device))
+            predictor = predict.load_predictor(options, maps_fn=maps_fn, model_set=model_set)
+            outcomes = predict.segment_images(predictor, inputs, names, tmp / mode, options)
             wall = time.perf_counter() - start
             failed = [o.error for o in outcomes if o.status != "ok"]
             if failed:

@@ -199,6 +199,29 @@ def test_command_outputs_bad_file_and_mpp(tiny_model, tmp_path, capsys):
     assert utils.read_json(out / "predict_config.json")["tile_size"] == 64
 
 
+def test_worker_processes_give_the_same_files(tiny_model, tmp_path, capsys):
+    """Plain images post-processed in worker processes (`--num_workers 2`, the GPU default) while the network
+    segments the next image: the same files as everything in this process, a bad input reported, exit 1."""
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        Image.fromarray(synthetic_slide(96, 80 + 16 * k, seed=10 + k)[0]).save(tmp_path / "in" / f"im{k}.png")
+    (tmp_path / "in" / "im9.png").write_bytes(b"\x89PNG garbage")
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        status = main.main(["-q", "predict", "--model_path", str(tiny_model), "--input", str(tmp_path / "in"),
+                            "--output_dir", str(out), "--tile_size", "64", "--overlap", "16", "--device", "cpu",
+                            "--num_workers", workers, "--threads", "1"])
+        assert status == 1 and "im9.png" in capsys.readouterr().err
+        outputs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())
+                            if p.name not in ("summary.csv", "predict_config.json")}
+        summary = utils.read_csv(out / "summary.csv")
+        assert [r["status"] for r in summary] == ["ok", "ok", "ok", "failed"]
+    assert len(outputs["0"]) == 12 and outputs["0"] == outputs["2"]
+
+
 def test_command_rejects_bad_options(tiny_model, tmp_path, capsys):
     from PIL import Image
 
