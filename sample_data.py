@@ -343,13 +343,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image_size", type=int, default=512,
                         help="tile size in pixels (NuInsSeg tiles are 512; nuclei scale with it, and the true pixel size "
                              "0.25 * 512 / image_size um/px is recorded in sample_data.json)")
+    parser.add_argument("--slide", default=None, metavar="FILE.svs",
+                        help="also write a synthetic whole-slide image here: an Aperio-layout pyramidal TIFF with its "
+                             "pixel size, a roughly round tissue section of synthetic tiles on white glass (to try "
+                             "`predict` on a slide)")
+    parser.add_argument("--slide_tiles", type=int, default=8,
+                        help="the slide is this many tiles (of --image_size) across, including the glass border")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.slide is not None:
+        check_slide_options(args.slide, args.slide_tiles)
     out = make_sample_dataset(args.output_dir, num_images=args.num_images, seed=args.seed,
                               image_size=args.image_size)
     print(f"wrote {args.num_images} synthetic images in the NuInsSeg layout to {out}")
+    if args.slide is not None:
+        slide = make_sample_slide(args.slide, tiles=args.slide_tiles, seed=args.seed, image_size=args.image_size)
+        print(f"wrote a synthetic whole-slide image ({args.slide_tiles * args.image_size} px square, "
+              f"{tile_mpp(args.image_size):g} um/px) to {slide}")
     return 0
+
+
+def check_slide_options(path: str | os.PathLike, tiles: int) -> None:
+    """UserError for a `--slide` file name or `--slide_tiles` count that cannot work (before anything is written)."""
+    if Path(path).suffix.lower() != ".svs":
+        raise UserError(f"--slide {path}: the synthetic slide is written in the Aperio layout; name it <name>.svs")
+    if Path(path).is_dir():
+        raise UserError(f"--slide {path}: is a folder")
+    if int(tiles) < 3:
+        raise UserError(f"--slide_tiles {tiles}: must be at least 3 (one tile of glass on each side)")
+
+
+def make_sample_slide(path: str | os.PathLike, tiles: int = 8, seed: int = 0, image_size: int = 512) -> Path:
+    """A synthetic whole-slide image at `path` (.svs, Aperio layout, pixel size `tile_mpp(image_size)`): a
+    `tiles` x `tiles` grid of `image_size` cells in which the cells inside a circle (one cell of white glass
+    at least on every side) hold synthetic H&E tiles (`render_tile`, organ styles in turn) and the others the
+    slightly noisy white of empty glass. Deterministic for a seed."""
+    check_slide_options(path, tiles)
+    tiles, size = int(tiles), int(image_size)
+    rng_glass = np.random.default_rng([seed, 999_999])
+    canvas = np.clip(rng_glass.normal(243, 2.0, (tiles * size, tiles * size, 3)), 0, 255).astype(np.uint8)
+    centre, radius = (tiles - 1) / 2.0, (tiles - 2) / 2.0
+    k = 0
+    for row in range(tiles):
+        for col in range(tiles):
+            if (row - centre) ** 2 + (col - centre) ** 2 > radius ** 2 + 0.25:
+                continue
+            image, _, _ = render_tile(np.random.default_rng([seed, 1_000_000 + k]), size, ORGANS[k % len(ORGANS)])
+            canvas[row * size:(row + 1) * size, col * size:(col + 1) * size] = image
+            k += 1
+    mpp = tile_mpp(size)
+    return write_pyramidal_tiff(path, canvas, mpp, tile_size=256,
+                                description=aperio_description(canvas.shape[1], canvas.shape[0], mpp, 256))
 
 
 # ----------------------------------------------------------------------------------------------

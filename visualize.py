@@ -568,12 +568,42 @@ def nuclei_density(centroids_level0: np.ndarray, dimensions: tuple[int, int], mp
     return counts / area_mm2, side
 
 
+def overview_bin_um(width_um: float, height_um: float) -> float:
+    """Heat-map bin side for a slide of that size: 250 um on a whole slide, smaller on a small image so its
+    longest side still has about 32 bins, never below 50 um (fewer nuclei per bin would be noise)."""
+    return float(min(250.0, max(50.0, max(width_um, height_um) / 32.0)))
+
+
+def tissue_density(centroids_level0: np.ndarray, tissue, dimensions: tuple[float, float], mpp0: float,
+                   bin_um: float) -> tuple[np.ma.MaskedArray, float]:
+    """(nuclei per mm^2 of tissue per bin, masked where tissue covers less than a tenth of the bin; bin side
+    in level-0 pixels): `nuclei_density`'s counts divided by the area of `tissue` (a `tissue.TissueMask`,
+    its pixels counted by their centre) inside each bin instead of the bin's whole area."""
+    density, side = nuclei_density(centroids_level0, dimensions, mpp0, bin_um)
+    rows, cols = density.shape
+    width0, height0 = float(dimensions[0]), float(dimensions[1])
+    tissue_px = np.zeros_like(density)
+    mask = np.asarray(tissue.mask, dtype=bool)
+    if mask.any():
+        mr, mc = np.nonzero(mask)
+        np.add.at(tissue_px, (np.clip(((mr + 0.5) * tissue.downsample // side).astype(int), 0, rows - 1),
+                              np.clip(((mc + 0.5) * tissue.downsample // side).astype(int), 0, cols - 1)),
+                  float(tissue.downsample) ** 2)
+    bin_w = np.minimum((np.arange(cols) + 1) * side, width0) - np.arange(cols) * side
+    bin_h = np.minimum((np.arange(rows) + 1) * side, height0) - np.arange(rows) * side
+    fraction = np.clip(tissue_px / np.outer(bin_h, bin_w), 0.0, 1.0)
+    shown = fraction >= 0.1
+    per_tissue = np.divide(density, fraction, out=np.zeros_like(density), where=shown)
+    return np.ma.masked_array(per_tissue, mask=~shown), side
+
+
 def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_level0: np.ndarray,
-                   mpp0: float, bin_um: float = 250.0, title: str | None = None,
+                   mpp0: float, bin_um: float | None = None, title: str | None = None,
                    width_inches: float = 9.0) -> np.ndarray:
     """uint8 RGB picture of a slide's results: the thumbnail (`downsample` level-0 pixels per pixel), the
-    tissue outline (`tissue.TissueMask`, green) and a heat map of nuclei per mm^2 in bins of `bin_um`
-    micrometres (drawn where the bins hold tissue), with a colour bar in nuclei per mm^2, axes in mm and a
+    tissue outline (`tissue.TissueMask`, green) and a heat map of nuclei per mm^2 of tissue in square bins of
+    `bin_um` micrometres (default `overview_bin_um`): each bin's nuclei divided by the tissue area inside it,
+    drawn where tissue covers at least a tenth of the bin; a colour bar in nuclei per mm^2, axes in mm and a
     title (default: the nuclei count, tissue area and mean density)."""
     thumb = _check_image(thumbnail)
     th, tw = thumb.shape[:2]
@@ -581,18 +611,11 @@ def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_l
     width0, height0 = tw * float(downsample), th * float(downsample)
     if getattr(tissue, "dimensions", None):
         width0, height0 = float(tissue.dimensions[0]), float(tissue.dimensions[1])
-    density, side = nuclei_density(centroids_level0, (width0, height0), mpp0, bin_um)
-    rows, cols = density.shape
-    # a bin is shown where the tissue mask has tissue inside it
-    tissue_bins = np.zeros_like(density, dtype=bool)
+    if bin_um is None:
+        bin_um = overview_bin_um(width0 * float(mpp0), height0 * float(mpp0))
+    shown, side = tissue_density(centroids_level0, tissue, (width0, height0), mpp0, bin_um)
+    rows, cols = shown.shape
     mask = np.asarray(tissue.mask, dtype=bool)
-    if mask.any():
-        mr, mc = np.nonzero(mask)
-        centre_x = (mc + 0.5) * tissue.downsample
-        centre_y = (mr + 0.5) * tissue.downsample
-        tissue_bins[np.clip((centre_y // side).astype(int), 0, rows - 1),
-                    np.clip((centre_x // side).astype(int), 0, cols - 1)] = True
-    shown = np.ma.masked_array(density, mask=~tissue_bins)
 
     aspect = th / max(tw, 1)
     fig = new_figure(width_inches, max(2.5, width_inches * aspect * 0.85 + 0.9))
@@ -610,7 +633,7 @@ def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_l
     ax.set_xlabel("mm")
     ax.set_ylabel("mm")
     bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
-    bar.set_label(f"nuclei per mm² (bins of {bin_um:g} µm)")
+    bar.set_label(f"nuclei per mm² of tissue (bins of {bin_um:g} µm)")
     if title is None:
         count = len(np.asarray(centroids_level0).reshape(-1, 2))
         area = tissue.area_mm2(mpp0)

@@ -134,3 +134,22 @@ def test_synthetic_pixel_size_is_recorded_and_used_by_train(tmp_path):
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     assert train.config_from_args(parser.parse_args(["--data_dir", str(tmp_path)]))["mpp"] == 0.25  # real data
+
+
+def test_synthetic_slide_opens_with_its_pixel_size(tmp_path, capsys):
+    """make_sample_data --slide: an Aperio-layout pyramid both readers open at the synthetic tiles' pixel size,
+    tissue in the middle and glass at the corners; a wrong file name is one line before anything is written."""
+    import main
+    import slides
+
+    path = tmp_path / "slide.svs"
+    assert main.main(["-q", "make_sample_data", "--output_dir", str(tmp_path / "d"), "--num_images", "2",
+                      "--image_size", "64", "--slide", str(path), "--slide_tiles", "5"]) == 0
+    for backend in ("openslide", "tiffslide"):
+        with slides.open_slide(path, backend=backend) as slide:
+            assert slide.dimensions == (320, 320) and slide.mpp == pytest.approx(sample_data.tile_mpp(64))
+            corner, middle = slide.read_region(0, 0, 64, 64), slide.read_region(128, 128, 64, 64)
+            assert corner.min() > 200 and middle.mean() < corner.mean() - 20
+    assert main.main(["make_sample_data", "--output_dir", str(tmp_path / "e"), "--slide",
+                      str(tmp_path / "slide.tif")]) == 2
+    assert ".svs" in capsys.readouterr().err and not (tmp_path / "e").exists()

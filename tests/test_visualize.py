@@ -154,6 +154,29 @@ def test_nuclei_density_hand_computed():
     np.testing.assert_allclose(density, [[2 / full, 1 / full], [0, 3 / edge]])
 
 
+def test_tissue_density_hand_computed():
+    """Nuclei per mm^2 of tissue: a bin half covered by tissue with 2 nuclei has twice the density of a full
+    bin with 2; a bin with under a tenth tissue is not shown."""
+    import tissue
+
+    # level 0: 1000 x 500 px at 0.5 um/px, bins of 250 um = 500 px: 1 row x 2 bins; mask at downsample 10
+    mask = np.zeros((50, 100), bool)
+    mask[:, :50] = True          # left bin full of tissue
+    mask[:25, 50:100] = True     # right bin: top half
+    centroids = np.array([[100, 100], [200, 300], [600, 100], [700, 200]])
+    got, side = visualize.tissue_density(centroids, tissue.TissueMask(mask, 10.0, "auto", (1000, 500)),
+                                         (1000, 500), 0.5, 250)
+    bin_mm2 = 0.25 * 0.25
+    assert side == 500 and not got.mask.any()
+    np.testing.assert_allclose(got.data, [[2 / bin_mm2, 2 / (bin_mm2 / 2)]])
+    mask[:, 50:] = False
+    mask[:2, 50:60] = True       # 20 of 2500 mask pixels: under a tenth
+    got, _ = visualize.tissue_density(centroids, tissue.TissueMask(mask, 10.0, "auto", (1000, 500)),
+                                      (1000, 500), 0.5, 250)
+    assert got.mask.tolist() == [[False, True]]
+    assert visualize.overview_bin_um(20000, 15000) == 250 and visualize.overview_bin_um(1000, 1000) == 50
+
+
 def test_slide_overview_draws_density_and_outline(tmp_path):
     import tissue
 
