@@ -107,25 +107,27 @@ def _up(x: Tensor, like: Tensor) -> Tensor:
 
 
 class DecoderHead(nn.Module):
-    """Light U-Net-like decoder: neck (/16) -> /8 -> /4 -> /2 -> /1 with lateral skips and image stems."""
+    """Light U-Net-like decoder that does its work at low resolution: neck (/16) -> /8 -> /4 with lateral
+    skips, then a thin /2 stage (a 16-channel image stem added to the /4 features) where the outputs are
+    predicted; they reach the input resolution by bilinear upsampling (no layer runs at full resolution)."""
 
     def __init__(self, feature_channels: Mapping[str, int], head: str = "hv") -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        c16, c8, c4, c2, c1 = 128, 80, 64, 48, 32
+        c16, c8, c4, c2 = 128, 80, 64, 24
         self.lat16 = ConvNormAct(feature_channels["neck"], c16)
         self.ref16 = ResSepConv(c16)
         self.lat8 = ConvNormAct(feature_channels["stride8"], 48)
         self.fuse8 = nn.Sequential(SepConv(c16 + 48, c8), ResSepConv(c8))
         self.lat4 = ConvNormAct(feature_channels["stride4"], 32)
         self.fuse4 = nn.Sequential(SepConv(c8 + 32, c4), ResSepConv(c4))
-        self.stem2 = nn.Sequential(ConvNormAct(3, 24, 3, stride=2), ResSepConv(24))
-        self.fuse2 = nn.Sequential(SepConv(c4 + 24, c2), ResSepConv(c2))
-        self.stem1 = ConvNormAct(3, 16, 3)
-        self.fuse1 = SepConv(c2 + 16, c1)
-        self.foreground = nn.Sequential(SepConv(c1, c1), nn.Conv2d(c1, 1, 1))
-        self.hv = nn.Sequential(SepConv(c1, c1), nn.Conv2d(c1, 2, 1)) if head == "hv" else None
+        # /2: channels are cut at /4 before upsampling, the image stem is added (not concatenated)
+        self.reduce4 = ConvNormAct(c4, c2)
+        self.stem2 = ConvNormAct(3, c2, 3, stride=2)
+        self.fuse2 = ResSepConv(c2)
+        self.foreground = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 1, 1))
+        self.hv = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 2, 1)) if head == "hv" else None
         # nuclei cover roughly a fifth of a tile: start the foreground logits near that prior
         nn.init.constant_(self.foreground[-1].bias, math.log(0.2 / 0.8))
 
@@ -136,12 +138,10 @@ class DecoderHead(nn.Module):
         x = self.fuse8(torch.cat([_up(x, s8), self.lat8(s8)], 1))
         x = self.fuse4(torch.cat([_up(x, s4), self.lat4(s4)], 1))
         h2 = self.stem2(image)
-        x = self.fuse2(torch.cat([_up(x, h2), h2], 1))
-        h1 = self.stem1(image)
-        x = self.fuse1(torch.cat([_up(x, h1), h1], 1))
-        out = {"foreground": self.foreground(x)}
+        x = self.fuse2(_up(self.reduce4(x), h2) + h2)
+        out = {"foreground": _up(self.foreground(x), image)}
         if self.hv is not None:
-            out["hv"] = self.hv(x)
+            out["hv"] = _up(self.hv(x), image)
         return out
 
 

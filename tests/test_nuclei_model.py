@@ -52,10 +52,61 @@ def test_output_shapes(size):
     assert set(out_b) == {"foreground"} and out_b["foreground"].shape == (1, 1, size, size)
 
 
+def _head_features(batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random encoder features of the shapes `forward_features` gives for a (height, width) input."""
+    g = torch.Generator().manual_seed(seed)
+    channels = mobile_sam.MobileSAMEncoder.feature_channels
+    strides = {"stride4": 4, "stride8": 8, "stride16": 16, "neck": 16}
+    return {k: torch.randn(batch, channels[k], -(-height // s), -(-width // s), generator=g)
+            for k, s in strides.items()}
+
+
+@pytest.mark.parametrize("height,width", [(64, 128), (192, 64), (96, 160)])
+def test_head_shapes_non_square(height, width):
+    """Both head variants give input-resolution maps for non-square inputs (head alone and whole network)."""
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, height, width)
+    feats = _head_features(2, height, width)
+    for head, keys in (("hv", {"foreground", "hv"}), ("binary", {"foreground"})):
+        out = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, head).eval()(image, feats)
+        assert set(out) == keys
+        assert out["foreground"].shape == (2, 1, height, width)
+        if head == "hv":
+            assert out["hv"].shape == (2, 2, height, width)
+        assert all(torch.isfinite(v).all() for v in out.values())
+    with torch.no_grad():
+        out = nm.build_model({**CONFIG, "head": "binary"})(torch.randint(0, 256, (1, 3, 64, 128), dtype=torch.uint8))
+    assert set(out) == {"foreground"} and out["foreground"].shape == (1, 1, 64, 128)
+
+
+def test_head_does_no_work_at_full_resolution():
+    """The speed design: every convolution and normalisation of the head runs at half resolution or less;
+    only the final bilinear upsampling of the 1 + 2 output maps touches the input resolution."""
+    size = 128
+    head = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, "hv").eval()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[-2:]))
+             for m in head.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))]
+    out = head(torch.randn(1, 3, size, size), _head_features(1, size, size))
+    for h in hooks:
+        h.remove()
+    assert out["hv"].shape[-2:] == (size, size)
+    # the stride-2 image stem reads the image itself; everything else sees at most size/2
+    full = [tuple(s) for s in seen if tuple(s) == (size, size)]
+    assert len(full) == 1, full
+    assert max(s[0] * s[1] for s in seen if tuple(s) != (size, size)) <= (size // 2) ** 2
+    assert head.stem2[0].stride == (2, 2) and head.stem2[0].in_channels == 3
+
+
 def test_parameter_budget_rank4():
     net = nm.build_model(CONFIG)
     report = nm.parameter_report(net)
-    assert 80_000 <= report["head"] <= 130_000
+    # hand count (conv weights + GroupNorm affine): ConvNormAct(i, o, k) = i*o*k*k + 2o, SepConv(i, o) =
+    # 9i + i*o + 2o; lat16 CNA(256,128) 33,024 + ref16 17,792 + lat8 CNA(128,48) 6,240 + fuse8 SepConv(176,80)
+    # 15,824 + res 7,280 + lat4 CNA(64,32) 2,112 + fuse4 SepConv(112,64) 8,304 + res 4,800 + reduce4 CNA(64,24)
+    # 1,584 + stem2 CNA(3,24,3) 696 + fuse2 840 + foreground SepConv(24,24) 840 + 1x1 25 + hv 840 + 50
+    assert report["head"] == 100_251
+    assert nm.head_parameter_count(nm.build_model({**CONFIG, "head": "binary"})) == 100_251 - 890
     assert report["percent"] < 3.0
     assert report["trainable"] == sum(p.numel() for n, p in net.named_parameters()
                                       if "lora" in n or n.startswith("head."))
