@@ -3,11 +3,14 @@ checkpoints and whole-image inference.
 
 Network. `NucleiSAM` runs MobileSAM's TinyViT encoder (optionally with LoRA adapters, `lora.py`) and a small
 U-Net-like decoder head on the encoder's multi-scale features: the neck embedding (256 ch, stride 16), the
-stage-1 tokens (128 ch, stride 8) and the stage-0 maps (64 ch, stride 4), plus two very light stems that
-read the normalised image at half and full resolution. Nuclei are only 4-10 px wide at stride 16, so the
-high-resolution skips carry the boundary detail the neck cannot. The head is built from depthwise-separable
-3x3 convolutions with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for
-any batch size and under DistributedDataParallel). It outputs, at the input resolution,
+stage-1 tokens (128 ch, stride 8) and the stage-0 maps (64 ch, stride 4), plus a very light stem that reads
+the normalised image at half resolution. Nuclei are only 4-10 px wide at stride 16, so the high-resolution
+skips carry the boundary detail the neck cannot. The head is built from depthwise-separable 3x3 convolutions
+with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for any batch size
+and under DistributedDataParallel). For speed the maps are predicted at half resolution, upsampled
+(bilinear + a learned sub-pixel correction) and refined by one thin 8-channel layer, the only one at full
+resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). It outputs, at the
+input resolution,
 
 - `"foreground"`: nucleus-vs-background logits (B, 1, S, S);
 - `"hv"`: HoVer-Net horizontal/vertical distance maps (B, 2, S, S), linear output (targets lie in [-1, 1]);
@@ -108,26 +111,35 @@ def _up(x: Tensor, like: Tensor) -> Tensor:
 
 class DecoderHead(nn.Module):
     """Light U-Net-like decoder that does its work at low resolution: neck (/16) -> /8 -> /4 with lateral
-    skips, then a thin /2 stage (a 16-channel image stem added to the /4 features) where the outputs are
-    predicted; they reach the input resolution by bilinear upsampling (no layer runs at full resolution)."""
+    skips, then a /2 stage (a stride-2 image stem added to the /4 features) where the output maps are
+    predicted. They reach the input resolution by bilinear upsampling plus a learned sub-pixel correction
+    (pixel shuffle), and are refined by a thin full-resolution layer that also sees the image."""
 
     def __init__(self, feature_channels: Mapping[str, int], head: str = "hv") -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        c16, c8, c4, c2 = 128, 80, 64, 24
+        c16, c8, c4, c2, c1 = 128, 80, 64, 32, 8
+        maps = 3 if head == "hv" else 1  # foreground logit (+ horizontal, vertical)
         self.lat16 = ConvNormAct(feature_channels["neck"], c16)
         self.ref16 = ResSepConv(c16)
         self.lat8 = ConvNormAct(feature_channels["stride8"], 48)
         self.fuse8 = nn.Sequential(SepConv(c16 + 48, c8), ResSepConv(c8))
         self.lat4 = ConvNormAct(feature_channels["stride4"], 32)
         self.fuse4 = nn.Sequential(SepConv(c8 + 32, c4), ResSepConv(c4))
-        # /2: channels are cut at /4 before upsampling, the image stem is added (not concatenated)
+        # /2: channels are cut at /4 before upsampling, and the image stem is added (not concatenated)
         self.reduce4 = ConvNormAct(c4, c2)
         self.stem2 = ConvNormAct(3, c2, 3, stride=2)
-        self.fuse2 = ResSepConv(c2)
+        self.fuse2 = nn.Sequential(ResSepConv(c2), ResSepConv(c2))
         self.foreground = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 1, 1))
         self.hv = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 2, 1)) if head == "hv" else None
+        # /2 -> /1: 4 values per map and half-resolution pixel, put onto its 2 x 2 full-resolution pixels
+        self.subpixel = nn.Conv2d(c2, 4 * maps, 1)
+        # /1: a thin residual refinement from the upsampled maps and the image
+        self.refine1 = nn.Sequential(nn.Conv2d(maps + 3, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, maps, 1))
+        for layer in (self.subpixel, self.refine1[-1]):  # both start as "no correction"
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         # nuclei cover roughly a fifth of a tile: start the foreground logits near that prior
         nn.init.constant_(self.foreground[-1].bias, math.log(0.2 / 0.8))
 
@@ -139,9 +151,13 @@ class DecoderHead(nn.Module):
         x = self.fuse4(torch.cat([_up(x, s4), self.lat4(s4)], 1))
         h2 = self.stem2(image)
         x = self.fuse2(_up(self.reduce4(x), h2) + h2)
-        out = {"foreground": _up(self.foreground(x), image)}
+        maps = torch.cat([self.foreground(x)] + ([self.hv(x)] if self.hv is not None else []), 1)
+        height, width = image.shape[-2:]
+        maps = _up(maps, image) + F.pixel_shuffle(self.subpixel(x), 2)[..., :height, :width]
+        maps = maps + self.refine1(torch.cat([maps, image], 1))
+        out = {"foreground": maps[:, :1]}
         if self.hv is not None:
-            out["hv"] = _up(self.hv(x), image)
+            out["hv"] = maps[:, 1:]
         return out
 
 
