@@ -9,8 +9,9 @@ skips carry the boundary detail the neck cannot. The head is built from depthwis
 with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for any batch size
 and under DistributedDataParallel). For speed the maps are predicted at half resolution, upsampled
 (bilinear + a learned sub-pixel correction) and refined by one thin 8-channel layer, the only one at full
-resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). It outputs, at the
-input resolution,
+resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). The half-resolution
+image stem (4x4 kernel, stride 2, padding 1) centres its pixel i between input pixels 2i and 2i+1, where the
+bilinear upsampling puts it, so the maps are not shifted by half a pixel. It outputs, at the input resolution,
 
 - `"foreground"`: nucleus-vs-background logits (B, 1, S, S);
 - `"hv"`: HoVer-Net horizontal/vertical distance maps (B, 2, S, S), linear output (targets lie in [-1, 1]);
@@ -119,7 +120,7 @@ class DecoderHead(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        c16, c8, c4, c2, c1 = 128, 80, 64, 32, 8
+        c16, c8, c4, c2, c1 = 128, 80, 64, 24, 8
         maps = 3 if head == "hv" else 1  # foreground logit (+ horizontal, vertical)
         self.lat16 = ConvNormAct(feature_channels["neck"], c16)
         self.ref16 = ResSepConv(c16)
@@ -129,17 +130,19 @@ class DecoderHead(nn.Module):
         self.fuse4 = nn.Sequential(SepConv(c8 + 32, c4), ResSepConv(c4))
         # /2: channels are cut at /4 before upsampling, and the image stem is added (not concatenated)
         self.reduce4 = ConvNormAct(c4, c2)
-        self.stem2 = ConvNormAct(3, c2, 3, stride=2)
-        self.fuse2 = nn.Sequential(ResSepConv(c2), ResSepConv(c2))
+        # 4x4 kernel, stride 2, padding 1: half-resolution pixel i is centred between input pixels 2i and
+        # 2i+1, where bilinear upsampling (align_corners=False) puts it
+        self.stem2 = nn.Sequential(nn.Conv2d(3, c2, 4, 2, 1, bias=False), nn.GroupNorm(_groups(c2), c2),
+                                   nn.GELU())
+        self.fuse2 = ResSepConv(c2)
         self.foreground = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 1, 1))
         self.hv = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 2, 1)) if head == "hv" else None
         # /2 -> /1: 4 values per map and half-resolution pixel, put onto its 2 x 2 full-resolution pixels
         self.subpixel = nn.Conv2d(c2, 4 * maps, 1)
         # /1: a thin residual refinement from the upsampled maps and the image
         self.refine1 = nn.Sequential(nn.Conv2d(maps + 3, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, maps, 1))
-        for layer in (self.subpixel, self.refine1[-1]):  # both start as "no correction"
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.subpixel.weight)  # starts as "no correction"
+        nn.init.zeros_(self.subpixel.bias)
         # nuclei cover roughly a fifth of a tile: start the foreground logits near that prior
         nn.init.constant_(self.foreground[-1].bias, math.log(0.2 / 0.8))
 

@@ -98,17 +98,35 @@ def test_head_does_little_work_at_full_resolution():
     assert max(s[0] * s[1] for m, s in seen if s != (size, size)) <= (size // 2) ** 2
 
 
+def test_half_resolution_stem_is_aligned_with_bilinear_upsampling():
+    """Hand-computed geometry: with a box-filter kernel the stride-2 stem turns a horizontal ramp (value =
+    column) into column 2i + 0.5 at half-resolution pixel i (the mean of columns 2i-1 .. 2i+2), and bilinear
+    upsampling (align_corners=False, as the head uses) gives back the ramp exactly away from the borders: no
+    half-pixel shift between the half-resolution maps and the input."""
+    head = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, "hv")
+    conv = head.stem2[0]
+    assert conv.kernel_size == (4, 4) and conv.stride == (2, 2) and conv.padding == (1, 1)
+    size = 32
+    ramp = torch.arange(size, dtype=torch.float32).expand(1, 1, size, size)
+    box = torch.nn.functional.conv2d(ramp, torch.full((1, 1) + conv.kernel_size, 1 / 16), stride=conv.stride,
+                                     padding=conv.padding)
+    assert box.shape[-2:] == (size // 2, size // 2)
+    assert torch.allclose(box[0, 0, 2, 1:-1], 2 * torch.arange(1, size // 2 - 1, dtype=torch.float32) + 0.5)
+    back = torch.nn.functional.interpolate(box, size=(size, size), mode="bilinear", align_corners=False)
+    assert torch.allclose(back[0, 0, 4:-4, 4:-4], ramp[0, 0, 4:-4, 4:-4], atol=1e-5)
+
+
 def test_parameter_budget_rank4():
     net = nm.build_model(CONFIG)
     report = nm.parameter_report(net)
     # hand count (conv weights + GroupNorm affine): ConvNormAct(i, o, k) = i*o*k*k + 2o, SepConv(i, o) =
     # 9i + i*o + 2o; lat16 CNA(256,128) 33,024 + ref16 17,792 + lat8 CNA(128,48) 6,240 + fuse8 SepConv(176,80)
-    # 15,824 + res 7,280 + lat4 CNA(64,32) 2,112 + fuse4 SepConv(112,64) 8,304 + res 4,800 + reduce4 CNA(64,32)
-    # 2,112 + stem2 CNA(3,32,3) 928 + fuse2 2 x 1,376 + foreground SepConv(32,32) 1,376 + 1x1 33 + hv 1,376 + 66
-    # + subpixel 1x1 (32 -> 12) 396 + refine1 3x3 (6 -> 8) 440 + 1x1 (8 -> 3) 27
-    assert report["head"] == 104_882
-    # binary: no hv branch (1,442), subpixel 32 -> 4 (132), refine1 4 -> 8 (296) and 8 -> 1 (9)
-    assert nm.head_parameter_count(nm.build_model({**CONFIG, "head": "binary"})) == 104_882 - 1_442 - 264 - 144 - 18
+    # 15,824 + res 7,280 + lat4 CNA(64,32) 2,112 + fuse4 SepConv(112,64) 8,304 + res 4,800 + reduce4 CNA(64,24)
+    # 1,584 + stem2 4x4 conv (3 -> 24) + GroupNorm 1,200 + fuse2 840 + foreground SepConv(24,24) 840 + 1x1 25
+    # + hv 840 + 50 + subpixel 1x1 (24 -> 12) 300 + refine1 3x3 (6 -> 8) 440 + 1x1 (8 -> 3) 27
+    assert report["head"] == 101_522
+    # binary: no hv branch (890), subpixel 24 -> 4 (100), refine1 4 -> 8 (296) and 8 -> 1 (9)
+    assert nm.head_parameter_count(nm.build_model({**CONFIG, "head": "binary"})) == 101_522 - 890 - 200 - 144 - 18
     assert report["percent"] < 3.0
     assert report["trainable"] == sum(p.numel() for n, p in net.named_parameters()
                                       if "lora" in n or n.startswith("head."))
