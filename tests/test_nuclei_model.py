@@ -98,6 +98,22 @@ def test_head_does_little_work_at_full_resolution():
     assert max(s[0] * s[1] for m, s in seen if s != (size, size)) <= (size // 2) ** 2
 
 
+def test_prepared_head_runs_channels_last_with_the_same_outputs():
+    """prepare_for_inference puts the head on channels-last tensors (faster on CPU): same maps, contiguous."""
+    torch.manual_seed(0)
+    net = nm.build_model({**CONFIG, "lora_rank": 0})
+    _perturb_trainable(net)
+    fast = nm.prepare_for_inference(net)
+    assert fast.head.channels_last and not net.head.channels_last
+    assert fast.head.refine1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = _images(2, 128, seed=3)
+    with torch.no_grad():
+        ref, out = net(x), fast(x)
+    for key in ("foreground", "hv"):
+        assert out[key].is_contiguous()
+        torch.testing.assert_close(out[key], ref[key], atol=1e-4, rtol=1e-4)
+
+
 def test_half_resolution_stem_is_aligned_with_bilinear_upsampling():
     """Hand-computed geometry: with a box-filter kernel the stride-2 stem turns a horizontal ramp (value =
     column) into column 2i + 0.5 at half-resolution pixel i (the mean of columns 2i-1 .. 2i+2), and bilinear
