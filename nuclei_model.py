@@ -8,10 +8,11 @@ the normalised image at half resolution. Nuclei are only 4-10 px wide at stride 
 skips carry the boundary detail the neck cannot. The head is built from depthwise-separable 3x3 convolutions
 with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for any batch size
 and under DistributedDataParallel). For speed the maps are predicted at half resolution, upsampled
-(bilinear + a learned sub-pixel correction) and refined by one thin 8-channel layer, the only one at full
-resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). The half-resolution
-image stem (4x4 kernel, stride 2, padding 1) centres its pixel i between input pixels 2i and 2i+1, where the
-bilinear upsampling puts it, so the maps are not shifted by half a pixel. It outputs, at the input resolution,
+(bilinear + a learned sub-pixel correction) and refined by two thin 3x3 convolutions (12 channels), the
+only layers at full resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). The
+half-resolution image stem (4x4 kernel, stride 2, padding 1) centres its pixel i between input pixels 2i and
+2i+1, where the bilinear upsampling puts it, so the maps are not shifted by half a pixel. It outputs, at the
+input resolution,
 
 - `"foreground"`: nucleus-vs-background logits (B, 1, S, S);
 - `"hv"`: HoVer-Net horizontal/vertical distance maps (B, 2, S, S), linear output (targets lie in [-1, 1]);
@@ -114,13 +115,13 @@ class DecoderHead(nn.Module):
     """Light U-Net-like decoder that does its work at low resolution: neck (/16) -> /8 -> /4 with lateral
     skips, then a /2 stage (a stride-2 image stem added to the /4 features) where the output maps are
     predicted. They reach the input resolution by bilinear upsampling plus a learned sub-pixel correction
-    (pixel shuffle), and are refined by a thin full-resolution layer that also sees the image."""
+    (pixel shuffle), and are refined by two thin full-resolution convolutions that also see the image."""
 
     def __init__(self, feature_channels: Mapping[str, int], head: str = "hv") -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        c16, c8, c4, c2, c1 = 128, 80, 64, 24, 8
+        c16, c8, c4, c2, c1 = 128, 80, 64, 24, 12
         maps = 3 if head == "hv" else 1  # foreground logit (+ horizontal, vertical)
         self.lat16 = ConvNormAct(feature_channels["neck"], c16)
         self.ref16 = ResSepConv(c16)
@@ -139,8 +140,9 @@ class DecoderHead(nn.Module):
         self.hv = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 2, 1)) if head == "hv" else None
         # /2 -> /1: 4 values per map and half-resolution pixel, put onto its 2 x 2 full-resolution pixels
         self.subpixel = nn.Conv2d(c2, 4 * maps, 1)
-        # /1: a thin residual refinement from the upsampled maps and the image
-        self.refine1 = nn.Sequential(nn.Conv2d(maps + 3, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, maps, 1))
+        # /1: a thin residual refinement (two 3x3 convolutions) from the upsampled maps and the image
+        self.refine1 = nn.Sequential(nn.Conv2d(maps + 3, c1, 3, padding=1), nn.GELU(),
+                                     nn.Conv2d(c1, maps, 3, padding=1))
         nn.init.zeros_(self.subpixel.weight)  # starts as "no correction"
         nn.init.zeros_(self.subpixel.bias)
         # nuclei cover roughly a fifth of a tile: start the foreground logits near that prior
