@@ -8,7 +8,7 @@ the normalised image at half resolution. Nuclei are only 4-10 px wide at stride 
 skips carry the boundary detail the neck cannot. The head is built from depthwise-separable 3x3 convolutions
 with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for any batch size
 and under DistributedDataParallel). For speed the maps are predicted at half resolution, upsampled
-(bilinear + a learned sub-pixel correction) and refined by two thin 3x3 convolutions (12 channels), the
+(bilinear + a learned sub-pixel correction) and refined by two thin 3x3 convolutions (16 channels), the
 only layers at full resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). The
 half-resolution image stem (4x4 kernel, stride 2, padding 1) centres its pixel i between input pixels 2i and
 2i+1, where the bilinear upsampling puts it, so the maps are not shifted by half a pixel. It outputs, at the
@@ -121,7 +121,7 @@ class DecoderHead(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        c16, c8, c4, c2, c1 = 128, 80, 64, 24, 12
+        c16, c8, c4, c2, c1 = 128, 80, 64, 24, 16
         maps = 3 if head == "hv" else 1  # foreground logit (+ horizontal, vertical)
         self.lat16 = ConvNormAct(feature_channels["neck"], c16)
         self.ref16 = ResSepConv(c16)

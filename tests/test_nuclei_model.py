@@ -81,7 +81,7 @@ def test_head_shapes_non_square(height, width):
 
 def test_head_does_little_work_at_full_resolution():
     """The speed design: the head's convolutions and normalisations run at half resolution or less, except
-    the stride-2 image stem (which reads the image) and the thin (12-channel) full-resolution refinement."""
+    the stride-2 image stem (which reads the image) and the thin (16-channel) full-resolution refinement."""
     size = 128
     head = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, "hv").eval()
     seen = []
@@ -94,7 +94,7 @@ def test_head_does_little_work_at_full_resolution():
     full = [m for m, s in seen if s == (size, size)]
     assert full == [head.stem2[0], head.refine1[0], head.refine1[2]], full
     assert head.stem2[0].stride == (2, 2) and head.stem2[0].in_channels == 3
-    assert head.refine1[0].out_channels <= 12
+    assert head.refine1[0].out_channels <= 16
     assert max(s[0] * s[1] for m, s in seen if s != (size, size)) <= (size // 2) ** 2
 
 
@@ -139,10 +139,10 @@ def test_parameter_budget_rank4():
     # 9i + i*o + 2o; lat16 CNA(256,128) 33,024 + ref16 17,792 + lat8 CNA(128,48) 6,240 + fuse8 SepConv(176,80)
     # 15,824 + res 7,280 + lat4 CNA(64,32) 2,112 + fuse4 SepConv(112,64) 8,304 + res 4,800 + reduce4 CNA(64,24)
     # 1,584 + stem2 4x4 conv (3 -> 24) + GroupNorm 1,200 + fuse2 840 + foreground SepConv(24,24) 840 + 1x1 25
-    # + hv 840 + 50 + subpixel 1x1 (24 -> 12) 300 + refine1 3x3 (6 -> 12) 660 + 3x3 (12 -> 3) 327
-    assert report["head"] == 102_042
-    # binary: no hv branch (890), subpixel 24 -> 4 (100), refine1 4 -> 12 (444) and 12 -> 1 (109)
-    assert nm.head_parameter_count(nm.build_model({**CONFIG, "head": "binary"})) == 102_042 - 890 - 200 - 216 - 218
+    # + hv 840 + 50 + subpixel 1x1 (24 -> 12) 300 + refine1 3x3 (6 -> 16) 880 + 3x3 (16 -> 3) 435
+    assert report["head"] == 102_370
+    # binary: no hv branch (890), subpixel 24 -> 4 (100), refine1 4 -> 16 (592) and 16 -> 1 (145)
+    assert nm.head_parameter_count(nm.build_model({**CONFIG, "head": "binary"})) == 102_370 - 890 - 200 - 288 - 290
     assert report["percent"] < 3.0
     assert report["trainable"] == sum(p.numel() for n, p in net.named_parameters()
                                       if "lora" in n or n.startswith("head."))
