@@ -3,11 +3,16 @@ checkpoints and whole-image inference.
 
 Network. `NucleiSAM` runs MobileSAM's TinyViT encoder (optionally with LoRA adapters, `lora.py`) and a small
 U-Net-like decoder head on the encoder's multi-scale features: the neck embedding (256 ch, stride 16), the
-stage-1 tokens (128 ch, stride 8) and the stage-0 maps (64 ch, stride 4), plus two very light stems that
-read the normalised image at half and full resolution. Nuclei are only 4-10 px wide at stride 16, so the
-high-resolution skips carry the boundary detail the neck cannot. The head is built from depthwise-separable
-3x3 convolutions with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for
-any batch size and under DistributedDataParallel). It outputs, at the input resolution,
+stage-1 tokens (128 ch, stride 8) and the stage-0 maps (64 ch, stride 4), plus a very light stem that reads
+the normalised image at half resolution. Nuclei are only 4-10 px wide at stride 16, so the high-resolution
+skips carry the boundary detail the neck cannot. The head is built from depthwise-separable 3x3 convolutions
+with GroupNorm and GELU (GroupNorm, not BatchNorm: per-sample statistics behave the same for any batch size
+and under DistributedDataParallel). For speed the maps are predicted at half resolution, upsampled
+(bilinear + a learned sub-pixel correction) and refined by two thin 3x3 convolutions (16 channels), the
+only layers at full resolution (the head costs a fraction of the encoder's time; see docs/benchmarks.md). The
+half-resolution image stem (4x4 kernel, stride 2, padding 1) centres its pixel i between input pixels 2i and
+2i+1, where the bilinear upsampling puts it, so the maps are not shifted by half a pixel. It outputs, at the
+input resolution,
 
 - `"foreground"`: nucleus-vs-background logits (B, 1, S, S);
 - `"hv"`: HoVer-Net horizontal/vertical distance maps (B, 2, S, S), linear output (targets lie in [-1, 1]);
@@ -114,41 +119,62 @@ def _up(x: Tensor, like: Tensor) -> Tensor:
 
 
 class DecoderHead(nn.Module):
-    """Light U-Net-like decoder: neck (/16) -> /8 -> /4 -> /2 -> /1 with lateral skips and image stems."""
+    """Light U-Net-like decoder that does its work at low resolution: neck (/16) -> /8 -> /4 with lateral
+    skips, then a /2 stage (a stride-2 image stem added to the /4 features) where the output maps are
+    predicted. They reach the input resolution by bilinear upsampling plus a learned sub-pixel correction
+    (pixel shuffle), and are refined by two thin full-resolution convolutions that also see the image."""
 
     def __init__(self, feature_channels: Mapping[str, int], head: str = "hv") -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        c16, c8, c4, c2, c1 = 128, 80, 64, 48, 32
+        c16, c8, c4, c2, c1 = 128, 80, 64, 24, 16
+        maps = 3 if head == "hv" else 1  # foreground logit (+ horizontal, vertical)
         self.lat16 = ConvNormAct(feature_channels["neck"], c16)
         self.ref16 = ResSepConv(c16)
         self.lat8 = ConvNormAct(feature_channels["stride8"], 48)
         self.fuse8 = nn.Sequential(SepConv(c16 + 48, c8), ResSepConv(c8))
         self.lat4 = ConvNormAct(feature_channels["stride4"], 32)
         self.fuse4 = nn.Sequential(SepConv(c8 + 32, c4), ResSepConv(c4))
-        self.stem2 = nn.Sequential(ConvNormAct(3, 24, 3, stride=2), ResSepConv(24))
-        self.fuse2 = nn.Sequential(SepConv(c4 + 24, c2), ResSepConv(c2))
-        self.stem1 = ConvNormAct(3, 16, 3)
-        self.fuse1 = SepConv(c2 + 16, c1)
-        self.foreground = nn.Sequential(SepConv(c1, c1), nn.Conv2d(c1, 1, 1))
-        self.hv = nn.Sequential(SepConv(c1, c1), nn.Conv2d(c1, 2, 1)) if head == "hv" else None
+        # /2: channels are cut at /4 before upsampling, and the image stem is added (not concatenated)
+        self.reduce4 = ConvNormAct(c4, c2)
+        # 4x4 kernel, stride 2, padding 1: half-resolution pixel i is centred between input pixels 2i and
+        # 2i+1, where bilinear upsampling (align_corners=False) puts it
+        self.stem2 = nn.Sequential(nn.Conv2d(3, c2, 4, 2, 1, bias=False), nn.GroupNorm(_groups(c2), c2),
+                                   nn.GELU())
+        self.fuse2 = ResSepConv(c2)
+        self.foreground = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 1, 1))
+        self.hv = nn.Sequential(SepConv(c2, c2), nn.Conv2d(c2, 2, 1)) if head == "hv" else None
+        # /2 -> /1: 4 values per map and half-resolution pixel, put onto its 2 x 2 full-resolution pixels
+        self.subpixel = nn.Conv2d(c2, 4 * maps, 1)
+        # /1: a thin residual refinement (two 3x3 convolutions) from the upsampled maps and the image
+        self.refine1 = nn.Sequential(nn.Conv2d(maps + 3, c1, 3, padding=1), nn.GELU(),
+                                     nn.Conv2d(c1, maps, 3, padding=1))
+        nn.init.zeros_(self.subpixel.weight)  # starts as "no correction"
+        nn.init.zeros_(self.subpixel.bias)
         # nuclei cover roughly a fifth of a tile: start the foreground logits near that prior
         nn.init.constant_(self.foreground[-1].bias, math.log(0.2 / 0.8))
+        # run on channels-last tensors (faster on CPU; set with the weights by `prepare_for_inference`)
+        self.channels_last = False
 
     def forward(self, image: Tensor, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """image: normalised (B, 3, S, S); feats: the encoder's `forward_features` output."""
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+            feats = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
         s4, s8 = feats["stride4"], feats["stride8"]
         x = self.ref16(self.lat16(feats["neck"]))
         x = self.fuse8(torch.cat([_up(x, s8), self.lat8(s8)], 1))
         x = self.fuse4(torch.cat([_up(x, s4), self.lat4(s4)], 1))
         h2 = self.stem2(image)
-        x = self.fuse2(torch.cat([_up(x, h2), h2], 1))
-        h1 = self.stem1(image)
-        x = self.fuse1(torch.cat([_up(x, h1), h1], 1))
-        out = {"foreground": self.foreground(x)}
+        x = self.fuse2(_up(self.reduce4(x), h2) + h2)
+        maps = torch.cat([self.foreground(x)] + ([self.hv(x)] if self.hv is not None else []), 1)
+        height, width = image.shape[-2:]
+        maps = _up(maps, image) + F.pixel_shuffle(self.subpixel(x), 2)[..., :height, :width]
+        maps = maps + self.refine1(torch.cat([maps, image], 1))
+        out = {"foreground": maps[:, :1].contiguous()}
         if self.hv is not None:
-            out["hv"] = self.hv(x)
+            out["hv"] = maps[:, 1:].contiguous()
         return out
 
 
@@ -576,10 +602,14 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
 
 
 def prepare_for_inference(net: nn.Module) -> nn.Module:
-    """A copy with LoRA merged into the base weights and encoder Conv+BN folded (faster, same outputs)."""
+    """A copy with LoRA merged into the base weights, encoder Conv+BN folded and the head on channels-last
+    tensors (faster, same outputs up to float rounding)."""
     net = copy.deepcopy(unwrap(net)).eval()
     lora.merge_lora(net)
     mobile_sam.fuse_batchnorm(net)
+    if isinstance(getattr(net, "head", None), DecoderHead):
+        net.head.to(memory_format=torch.channels_last)
+        net.head.channels_last = True
     for p in net.parameters():
         p.requires_grad_(False)
     return net

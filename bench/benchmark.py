@@ -27,6 +27,12 @@ What is measured (random weights throughout: weights do not change speed):
    post-processing look free). Both runs must write identical label maps.
 4. `metrics.instance_metrics` and `postprocess.postprocess` time per 512 x 512 tile with about 150 nuclei
    (`bench_metrics.synthetic_tile`).
+5. Network: encoder versus decoder head versus the whole network, at each size, batch 1, in the same run
+   (interleaved): `nuclei_model.prepare_for_inference` of `build_model` (rank-4 LoRA, `hv` head), under
+   inference_mode, float32 on CPU (bf16 autocast on CUDA, as `predict` runs it), with `--network-threads`
+   torch threads on CPU (default 1). Encoder = `encoder.forward_features` of the normalised image, head =
+   `head(image, features)` on those features, whole = `net(uint8 image)`; median and min of `--repeats`
+   runs after a warm-up, and head / encoder from the medians.
 
 Timings on a shared machine are noisy: the load average is recorded before each section.
 """
@@ -413,6 +419,52 @@ def bench_per_tile(repeats: int, size: int = 512, nuclei: int = 150) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. Network: encoder vs head vs whole
+# ----------------------------------------------------------------------------------------------
+def bench_network(sizes: Sequence[int], repeats: int, device: torch.device, threads: int,
+                  head: str = "hv") -> dict[str, Any]:
+    """Seconds of encoder features, head and whole network per image (batch 1) at each size, interleaved."""
+    previous_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        net = nuclei_model.prepare_for_inference(nuclei_model.build_model({"pretrained": None, "head": head}))
+        net = net.to(device)
+        amp_dtype = nuclei_model.autocast_dtype(device)
+        rows = []
+        for size in sizes:
+            raw = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8,
+                                generator=torch.Generator().manual_seed(size)).to(device)
+            load = load_average()
+            with torch.inference_mode(), nuclei_model.autocast(device, amp_dtype):
+                image = model.normalize_image(raw)
+                feats = net.encoder.forward_features(image)
+                calls = {"encoder": lambda: net.encoder.forward_features(image),
+                         "head": lambda: net.head(image, feats), "whole": lambda: net(raw)}
+                times: dict[str, list[float]] = {name: [] for name in calls}
+                for fn in calls.values():  # warm-up
+                    fn()
+                sync(device)
+                for _ in range(repeats):
+                    for name, fn in calls.items():
+                        start = time.perf_counter()
+                        fn()
+                        sync(device)
+                        times[name].append(time.perf_counter() - start)
+            row = {"size": size, "load_average": load, **{name: summary(t) for name, t in times.items()}}
+            row["head_over_encoder"] = row["head"]["median"] / row["encoder"]["median"]
+            rows.append(row)
+            print(f"network {size}: encoder {row['encoder']['median']:.3f} s, head {row['head']['median']:.3f} s "
+                  f"({row['head_over_encoder']:.2f}x), whole {row['whole']['median']:.3f} s", file=sys.stderr)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"head": head, "head_parameters": nuclei_model.head_parameter_count(net),
+            "threads": threads if device.type == "cpu" else None,
+            "amp": str(amp_dtype) if amp_dtype else "float32", "repeats": repeats, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
 # Reports
 # ----------------------------------------------------------------------------------------------
 def measured(section: dict[str, Any]) -> str:
@@ -490,6 +542,19 @@ def markdown_section(results: dict[str, Any]) -> str:
                   f"`metrics.instance_metrics` {pt['metrics_ms']:.1f} ms, `postprocess.postprocess` "
                   f"{pt['postprocess_ms']:.1f} ms ({pt['found_by_postprocess']} instances found). "
                   f"Load average {pt['load_average']}.", ""]
+    nw = results.get("network")
+    if nw:
+        threads = f"{nw['threads']} torch thread{'s' if nw['threads'] != 1 else ''}, " if nw["threads"] else ""
+        lines += [f"**Network: encoder vs head**{measured(nw)} (seconds per image, batch 1, median / min of "
+                  f"{nw['repeats']} interleaved runs; `prepare_for_inference`, {threads}{nw['amp']}; "
+                  f"`{nw['head']}` head, {nw['head_parameters']:,} parameters)", "",
+                  "| size | encoder features | head | whole network | head / encoder | load |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in nw["rows"]:
+            fmt = lambda t: f"{t['median']:.3f} / {t['min']:.3f}"  # noqa: E731
+            lines.append(f"| {r['size']} | {fmt(r['encoder'])} | {fmt(r['head'])} | {fmt(r['whole'])} | "
+                         f"{r['head_over_encoder']:.2f}x | {r['load_average']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -536,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", type=int, default=None, help="tiles for the end-to-end run (default 12; --quick: 4)")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="post-processing workers in the overlapped run (default: predict's default)")
-    parser.add_argument("--skip", default="", help="sections to leave out: encoder,training,prediction,per_tile")
+    parser.add_argument("--skip", default="",
+                        help="sections to leave out: encoder,training,prediction,per_tile,network")
+    parser.add_argument("--network-threads", type=int, default=1,
+                        help="torch threads of the encoder-vs-head section on CPU (default 1)")
     parser.add_argument("--train-case", choices=("lora", "full"), help=argparse.SUPPRESS)
     parser.add_argument("--train-size", type=int, default=None, help="training-step input size "
                         "(default 1024 on CUDA, 512 on CPU; --quick: 256)")
@@ -573,7 +641,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  8 if cuda else 1, num_workers, device)
     if "per_tile" not in skip:
         results["per_tile"] = bench_per_tile(5 if args.quick else 30)
-    for name in ("encoder", "training", "prediction", "per_tile"):
+    if "network" not in skip:
+        results["network"] = bench_network(sizes, repeats, device, args.network_threads)
+    for name in ("encoder", "training", "prediction", "per_tile", "network"):
         if name in results:
             results[name]["measured"] = results["machine"]["date"]
 

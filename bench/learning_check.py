@@ -1,15 +1,17 @@
 """Learning check: does the model learn, and does the HV head beat the binary baseline on the same budget?
 
-Makes a synthetic NuInsSeg-layout dataset (`make_sample_data`), then trains two models with identical data,
-split, seed, epochs and optimiser settings, from random encoder weights (`--pretrained none`, full
-fine-tuning): the HoVer-Net-style `hv` head and the `binary` baseline head (threshold + connected
-components). Each is evaluated on its fold's test images (never seen in training or selection). Writes a
-Markdown table, a JSON summary and a learning-curve figure.
+Makes a synthetic NuInsSeg-layout dataset (`make_sample_data`), or uses an existing one (`--data_dir`, e.g.
+the real sample `../shared/data/nuinsseg_sample`), then trains one model per head of `--heads` (default
+hv,binary: the HoVer-Net-style `hv` head and the `binary` baseline head, threshold + connected components)
+with identical data, split, seed, epochs and optimiser settings, from random encoder weights
+(`--pretrained none`, full fine-tuning). Each is evaluated on fold 0's test images (never seen in training
+or selection). Writes a Markdown table, a JSON summary and a learning-curve figure.
 
     python bench/learning_check.py --output_dir /tmp/learning_check --epochs 24
+    python bench/learning_check.py --output_dir /tmp/lc_real --data_dir ../shared/data/nuinsseg_sample --heads hv
     python bench/learning_check.py --quick          # a few minutes, to see that it runs
 
-The two trainings run in parallel, one torch thread each, so both get the same compute.
+The trainings run in parallel, one torch thread each, so all get the same compute.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
+import nuclei_model  # noqa: E402
 import utils  # noqa: E402
 import visualize  # noqa: E402
 
-HEADS = ("hv", "binary")
 SCORES = ("pq", "sq", "rq", "aji", "aji_plus", "dice", "f1")
 
 
@@ -42,8 +44,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
-    data = out / "data"
-    if not data.is_dir():
+    heads = args.heads
+    data = Path(args.data_dir) if args.data_dir else out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.data_dir and not data.is_dir():
         subprocess.run(main_py("make_sample_data", "--output_dir", str(data), "--num_images", str(args.num_images),
                                "--image_size", str(args.image_size), "--seed", str(args.seed)), check=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
               "--num_workers", "0", "--device", "cpu", "--overwrite"]
     start = time.time()
     procs = {}
-    for head in HEADS:
+    for head in heads:
         log = open(out / f"train_{head}.log", "w")
         procs[head] = (subprocess.Popen(main_py("-q", "train", "--output_dir", str(out / head), "--head", head,
                                                 *common), env=env, stdout=log, stderr=subprocess.STDOUT), log)
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
     train_seconds = time.time() - start
 
     results = {}
-    for head in HEADS:
+    for head in heads:
         subprocess.run(main_py("-q", "evaluate", "--data_dir", str(data), "--model_path",
                                str(out / head / "best_model.pth"), "--fold", "0", "--output_dir",
                                str(out / f"evaluation_{head}"), "--num_workers", "0"), check=True, env=env)
@@ -76,17 +80,19 @@ def run(args: argparse.Namespace) -> None:
                          "best_epoch": int(best["epoch"]), "best_val_pq": float(best["val_pq"]),
                          "history": history}
 
-    visualize.plot_learning_curves({h: results[h]["history"] for h in HEADS}, out / "learning_curves.png",
+    visualize.plot_learning_curves({h: results[h]["history"] for h in heads}, out / "learning_curves.png",
                                    panels=[("training loss", ["train_loss"]), ("validation loss", ["val_loss"]),
                                            ("validation PQ", ["val_pq"]), ("validation AJI", ["val_aji"]),
                                            ("validation Dice", ["val_dice"])])
-    lines = [f"Synthetic data: {args.num_images} images of {args.image_size} px (seed {args.seed}); fold 0 of 5 "
-             f"(test images never used for training or selection); input size {args.input_size}; random encoder "
-             f"weights, full fine-tuning; {args.epochs} epochs, batch 4, lr {args.learning_rate}; both heads "
-             f"trained in parallel with one CPU thread each ({train_seconds / 60:.1f} min wall).", "",
+    source = (f"Data: {data}" if args.data_dir else
+              f"Synthetic data: {args.num_images} images of {args.image_size} px (seed {args.seed})")
+    lines = [f"{source}; fold 0 of 5 (test images never used for training or selection); input size "
+             f"{args.input_size}; random encoder weights, full fine-tuning; {args.epochs} epochs, batch 4, "
+             f"lr {args.learning_rate}; heads {', '.join(heads)} trained in parallel with one CPU thread each "
+             f"({train_seconds / 60:.1f} min wall).", "",
              "| head | " + " | ".join(SCORES) + " | best epoch (val PQ) |",
              "| --- |" + " --- |" * (len(SCORES) + 1)]
-    for head in HEADS:
+    for head in heads:
         r = results[head]
         lines.append(f"| {head} | " + " | ".join(f"{r['test'].get(k, float('nan')):.3f}" for k in SCORES)
                      + f" | {r['best_epoch']} ({r['best_val_pq']:.3f}) |")
@@ -103,6 +109,10 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="learning_check")
+    p.add_argument("--data_dir", default=None,
+                   help="an existing NuInsSeg-layout dataset to use instead of synthetic data")
+    p.add_argument("--heads", default="hv,binary",
+                   help=f"comma list of heads to train and compare (from {', '.join(nuclei_model.HEADS)})")
     p.add_argument("--num_images", type=int, default=60)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--input_size", type=int, default=256)
@@ -113,6 +123,12 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.num_images, args.epochs = 20, 3
+    args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    unknown = [h for h in args.heads if h not in nuclei_model.HEADS]
+    if not args.heads or unknown or len(set(args.heads)) != len(args.heads):
+        p.error(f"--heads {','.join(args.heads)}: give distinct heads from {', '.join(nuclei_model.HEADS)}")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        p.error(f"--data_dir {args.data_dir}: not a folder")
     run(args)
 
 

@@ -61,8 +61,10 @@ def test_two_processes_match_one(synthetic_data_dir, tmp_path):
     assert trainable and set(a["state_dict"]) == set(b["state_dict"])
     start = torch.load(single_out / "fold_0" / "best_model.pth", weights_only=True)
     moved = 0
+    # atol 1e-4 (a tenth of an AdamW step at lr 1e-3): the first Adam steps are close to lr * sign(gradient), so
+    # an element whose gradient is near zero can move differently when only the float summation order differs
     for k in trainable:
-        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-4, atol=1e-4, msg=k)
         moved += int(not torch.equal(b["state_dict"][k], torch.zeros_like(b["state_dict"][k])))
     assert moved > 0 and start["epoch"] == 1
     # only rank 0 wrote: one history, one set of checkpoints, the test fold scored once

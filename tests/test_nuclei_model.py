@@ -52,10 +52,97 @@ def test_output_shapes(size):
     assert set(out_b) == {"foreground"} and out_b["foreground"].shape == (1, 1, size, size)
 
 
+def _head_features(batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random encoder features of the shapes `forward_features` gives for a (height, width) input."""
+    g = torch.Generator().manual_seed(seed)
+    channels = mobile_sam.MobileSAMEncoder.feature_channels
+    strides = {"stride4": 4, "stride8": 8, "stride16": 16, "neck": 16}
+    return {k: torch.randn(batch, channels[k], -(-height // s), -(-width // s), generator=g)
+            for k, s in strides.items()}
+
+
+@pytest.mark.parametrize("height,width", [(64, 128), (192, 64), (96, 160), (100, 150)])
+def test_head_shapes_non_square(height, width):
+    """Both head variants give input-resolution maps for non-square inputs (head alone and whole network)."""
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, height, width)
+    feats = _head_features(2, height, width)
+    for head, keys in (("hv", {"foreground", "hv"}), ("binary", {"foreground"})):
+        out = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, head).eval()(image, feats)
+        assert set(out) == keys
+        assert out["foreground"].shape == (2, 1, height, width)
+        if head == "hv":
+            assert out["hv"].shape == (2, 2, height, width)
+        assert all(torch.isfinite(v).all() for v in out.values())
+    with torch.no_grad():
+        out = nm.build_model({**CONFIG, "head": "binary"})(torch.randint(0, 256, (1, 3, 64, 128), dtype=torch.uint8))
+    assert set(out) == {"foreground"} and out["foreground"].shape == (1, 1, 64, 128)
+
+
+def test_head_does_little_work_at_full_resolution():
+    """The speed design: the head's convolutions and normalisations run at half resolution or less, except
+    the stride-2 image stem (which reads the image) and the thin (16-channel) full-resolution refinement."""
+    size = 128
+    head = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, "hv").eval()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, tuple(inp[0].shape[-2:]))))
+             for m in head.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))]
+    out = head(torch.randn(1, 3, size, size), _head_features(1, size, size))
+    for h in hooks:
+        h.remove()
+    assert out["hv"].shape[-2:] == (size, size)
+    full = [m for m, s in seen if s == (size, size)]
+    assert full == [head.stem2[0], head.refine1[0], head.refine1[2]], full
+    assert head.stem2[0].stride == (2, 2) and head.stem2[0].in_channels == 3
+    assert head.refine1[0].out_channels <= 16
+    assert max(s[0] * s[1] for m, s in seen if s != (size, size)) <= (size // 2) ** 2
+
+
+def test_prepared_head_runs_channels_last_with_the_same_outputs():
+    """prepare_for_inference puts the head on channels-last tensors (faster on CPU): same maps, contiguous."""
+    torch.manual_seed(0)
+    net = nm.build_model({**CONFIG, "lora_rank": 0})
+    _perturb_trainable(net)
+    fast = nm.prepare_for_inference(net)
+    assert fast.head.channels_last and not net.head.channels_last
+    assert fast.head.refine1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = _images(2, 128, seed=3)
+    with torch.no_grad():
+        ref, out = net(x), fast(x)
+    for key in ("foreground", "hv"):
+        assert out[key].is_contiguous()
+        torch.testing.assert_close(out[key], ref[key], atol=1e-4, rtol=1e-4)
+
+
+def test_half_resolution_stem_is_aligned_with_bilinear_upsampling():
+    """Hand-computed geometry: with a box-filter kernel the stride-2 stem turns a horizontal ramp (value =
+    column) into column 2i + 0.5 at half-resolution pixel i (the mean of columns 2i-1 .. 2i+2), and bilinear
+    upsampling (align_corners=False, as the head uses) gives back the ramp exactly away from the borders: no
+    half-pixel shift between the half-resolution maps and the input."""
+    head = nm.DecoderHead(mobile_sam.MobileSAMEncoder.feature_channels, "hv")
+    conv = head.stem2[0]
+    assert conv.kernel_size == (4, 4) and conv.stride == (2, 2) and conv.padding == (1, 1)
+    size = 32
+    ramp = torch.arange(size, dtype=torch.float32).expand(1, 1, size, size)
+    box = torch.nn.functional.conv2d(ramp, torch.full((1, 1) + conv.kernel_size, 1 / 16), stride=conv.stride,
+                                     padding=conv.padding)
+    assert box.shape[-2:] == (size // 2, size // 2)
+    assert torch.allclose(box[0, 0, 2, 1:-1], 2 * torch.arange(1, size // 2 - 1, dtype=torch.float32) + 0.5)
+    back = torch.nn.functional.interpolate(box, size=(size, size), mode="bilinear", align_corners=False)
+    assert torch.allclose(back[0, 0, 4:-4, 4:-4], ramp[0, 0, 4:-4, 4:-4], atol=1e-5)
+
+
 def test_parameter_budget_rank4():
     net = nm.build_model(CONFIG)
     report = nm.parameter_report(net)
-    assert 80_000 <= report["head"] <= 130_000
+    # hand count (conv weights + GroupNorm affine): ConvNormAct(i, o, k) = i*o*k*k + 2o, SepConv(i, o) =
+    # 9i + i*o + 2o; lat16 CNA(256,128) 33,024 + ref16 17,792 + lat8 CNA(128,48) 6,240 + fuse8 SepConv(176,80)
+    # 15,824 + res 7,280 + lat4 CNA(64,32) 2,112 + fuse4 SepConv(112,64) 8,304 + res 4,800 + reduce4 CNA(64,24)
+    # 1,584 + stem2 4x4 conv (3 -> 24) + GroupNorm 1,200 + fuse2 840 + foreground SepConv(24,24) 840 + 1x1 25
+    # + hv 840 + 50 + subpixel 1x1 (24 -> 12) 300 + refine1 3x3 (6 -> 16) 880 + 3x3 (16 -> 3) 435
+    assert report["head"] == 102_370
+    # binary: no hv branch (890), subpixel 24 -> 4 (100), refine1 4 -> 16 (592) and 16 -> 1 (145)
+    assert nm.head_parameter_count(nm.build_model({**CONFIG, "head": "binary"})) == 102_370 - 890 - 200 - 288 - 290
     assert report["percent"] < 3.0
     assert report["trainable"] == sum(p.numel() for n, p in net.named_parameters()
                                       if "lora" in n or n.startswith("head."))
