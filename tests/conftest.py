@@ -61,6 +61,24 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def run_error(capsys):
+    """`run_error(argv)` runs `main.main(argv)`, checks exit status 2 and exactly one line `error: ...` on
+    stderr (the project's rule for usage and input errors) and returns that line."""
+    import main
+
+    def run(argv: list[str]) -> str:
+        capsys.readouterr()
+        code = main.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    return run
+
+
+@pytest.fixture
 def report(record_property):
     """`report("text")` shows a measured figure in the test run's summary (also under pytest-xdist)."""
     return lambda text: record_property("report", text)

@@ -42,16 +42,6 @@ def _write_image(folder: Path, stem: str, height: int, width: int) -> Path:
     return path
 
 
-def _run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def test_imagescope_xml_imports_to_the_hand_computed_label_map(tmp_path, capsys):
     # Coordinates are pixel edges (origin = top-left corner of the image); a pixel is inside when its centre is.
     regions_1 = [
@@ -171,7 +161,7 @@ def test_geojson_variants(tmp_path):
     ("bad_image", "b.png: unreadable or truncated image"),
     ("output_not_empty", "folder exists and is not empty"),
 ])
-def test_bad_inputs_fail_before_writing(tmp_path, capsys, problem, expected):
+def test_bad_inputs_fail_before_writing(run_error, tmp_path, capsys, problem, expected):
     images, notes, out = tmp_path / "images", tmp_path / "notes", tmp_path / "out"
     fmt = "qupath_geojson" if "geojson" in problem else "imagescope_xml"
     suffix = ".geojson" if fmt == "qupath_geojson" else ".xml"
@@ -198,7 +188,7 @@ def test_bad_inputs_fail_before_writing(tmp_path, capsys, problem, expected):
     elif problem == "output_not_empty":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    line = _run_error(capsys, ["import_annotations", "--format", fmt, "--images", str(images), "--annotations",
+    line = run_error(["import_annotations", "--format", fmt, "--images", str(images), "--annotations",
                                str(notes), "--output_dir", str(out)])
     assert expected in line
     if problem == "output_not_empty":

@@ -81,16 +81,6 @@ def cv_evaluation(synthetic_data_dir, cv_model, tmp_path_factory) -> Path:
     return out
 
 
-def _run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # Units
 # ----------------------------------------------------------------------------------------------
@@ -287,21 +277,21 @@ def test_single_checkpoint_fold(synthetic_data_dir, cv_model, tmp_path):
     assert [r["image"] for r in rows] == expected and {r["fold"] for r in rows} == {"1"}
 
 
-def test_user_errors(synthetic_data_dir, cv_model, tmp_path, capsys):
+def test_user_errors(run_error, synthetic_data_dir, cv_model, tmp_path, capsys):
     base = ["evaluate", "--output_dir", str(tmp_path / "out"), "--num_workers", "0"]
-    line = _run_error(capsys, base + ["--data_dir", str(synthetic_data_dir),
+    line = run_error(base + ["--data_dir", str(synthetic_data_dir),
                                       "--model_path", str(tmp_path / "nope.pth")])
     assert "nope.pth" in line
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = _run_error(capsys, base + ["--data_dir", str(empty), "--model_path", str(cv_model)])
+    line = run_error(base + ["--data_dir", str(empty), "--model_path", str(cv_model)])
     assert "empty" in line
-    line = _run_error(capsys, base + ["--data_dir", str(synthetic_data_dir), "--model_path", str(cv_model),
+    line = run_error(base + ["--data_dir", str(synthetic_data_dir), "--model_path", str(cv_model),
                                       "--fold", "7"])
     assert "--fold 7" in line
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    line = _run_error(capsys, base + ["--data_dir", str(synthetic_data_dir), "--model_path", str(junk)])
+    line = run_error(base + ["--data_dir", str(synthetic_data_dir), "--model_path", str(junk)])
     assert "junk.pth" in line
     # a data folder that lacks an image of the model's folds: named in the message
     partial = tmp_path / "partial"
@@ -310,17 +300,17 @@ def test_user_errors(synthetic_data_dir, cv_model, tmp_path, capsys):
     victim.unlink()
     for label in (victim.parent.parent / "label masks modify").glob(victim.stem + ".*"):
         label.unlink()
-    line = _run_error(capsys, base + ["--data_dir", str(partial), "--model_path", str(cv_model)])
+    line = run_error(base + ["--data_dir", str(partial), "--model_path", str(cv_model)])
     assert victim.name in line and "missing" in line
     assert not (tmp_path / "out" / "per_image.csv").exists()
 
 
-def test_refuses_to_write_reports_into_a_training_run(synthetic_data_dir, cv_model, tmp_path, capsys):
+def test_refuses_to_write_reports_into_a_training_run(run_error, synthetic_data_dir, cv_model, tmp_path, capsys):
     """`--output_dir` = the training folder would replace the training run's own summary.json."""
     run_dir = tmp_path / "run"
     shutil.copytree(cv_model.parent, run_dir)
     (run_dir / "summary.json").write_text('{"training": "summary"}')
-    line = _run_error(capsys, ["evaluate", "--data_dir", str(synthetic_data_dir), "--model_path", str(run_dir),
+    line = run_error(["evaluate", "--data_dir", str(synthetic_data_dir), "--model_path", str(run_dir),
                                "--output_dir", str(run_dir), "--num_workers", "0"])
     assert str(run_dir) in line and "training run" in line
     assert (run_dir / "summary.json").read_text() == '{"training": "summary"}'

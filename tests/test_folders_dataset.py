@@ -47,16 +47,6 @@ def make_folders_dataset(root: Path, sizes=SIZES, per_size: int = 4, seed: int =
     return root
 
 
-def _run_error(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # Discovery
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +80,7 @@ def test_discover_folders_layout(tmp_path, synthetic_data_dir):
     ("unknown_group_stem", "groups.csv: line 2: no image 'nope'"),
     ("bad_json", "dataset.json: 'mpp' must be a positive number"),
 ])
-def test_folders_layout_errors(tmp_path, capsys, problem, expected):
+def test_folders_layout_errors(run_error, tmp_path, capsys, problem, expected):
     root = make_folders_dataset(tmp_path / "d", per_size=1)
     label = root / "labels" / "img_01.tif"
     if problem == "missing_label":
@@ -116,17 +106,17 @@ def test_folders_layout_errors(tmp_path, capsys, problem, expected):
     assert expected in str(info.value).replace("\\", "/")
     # the command line: one line, exit 2, nothing written
     out = tmp_path / "run"
-    line = _run_error(capsys, ["train", "--data_dir", str(root), "--output_dir", str(out), "--pretrained", "none",
+    line = run_error(["train", "--data_dir", str(root), "--output_dir", str(out), "--pretrained", "none",
                                "--input_size", "64", "--epochs", "1", "--num_workers", "0", "--device", "cpu"])
     assert expected in line.replace("\\", "/") and not out.exists()
 
 
-def test_parameter_search_reads_the_folders_layout(tmp_path, capsys):
+def test_parameter_search_reads_the_folders_layout(run_error, tmp_path, capsys):
     """parameter_search discovers through --data_format too: a folders-layout problem stops it before writing."""
     root = make_folders_dataset(tmp_path / "d", per_size=1)
     (root / "labels" / "img_00.tif").unlink()
     out = tmp_path / "search"
-    line = _run_error(capsys, ["parameter_search", "--data_dir", str(root), "--output_dir", str(out),
+    line = run_error(["parameter_search", "--data_dir", str(root), "--output_dir", str(out),
                                "--pretrained", "none", "--input_size", "64", "--epochs", "1", "--lora_ranks", "2",
                                "--lora_alphas", "2", "--learning_rates", "1e-4", "--device", "cpu"])
     assert "images/img_00.png: no label map" in line.replace("\\", "/") and not out.exists()
@@ -211,7 +201,7 @@ def test_training_data_scale_tile_and_windows(tmp_path, synthetic_data_dir):
 # ----------------------------------------------------------------------------------------------
 # Train and evaluate on non-square images of two sizes; cross-dataset evaluation
 # ----------------------------------------------------------------------------------------------
-def test_folders_dataset_trains_and_evaluates(tmp_path, capsys):
+def test_folders_dataset_trains_and_evaluates(run_error, tmp_path, capsys):
     import torch
 
     data = make_folders_dataset(tmp_path / "d1", mpp=0.5)
@@ -284,7 +274,7 @@ def test_folders_dataset_trains_and_evaluates(tmp_path, capsys):
                       str(demo_dir), "--num_samples", "1", "--device", "cpu"]) == 0
     shown = read_json(demo_dir / "demo.json")["images"]
     assert len(shown) == 1 and shown[0]["image"].startswith("images/other_")
-    assert "--mpp" in _run_error(capsys, ["evaluate", "--data_dir", str(other), "--model_path", str(run),
+    assert "--mpp" in run_error(["evaluate", "--data_dir", str(other), "--model_path", str(run),
                                           "--output_dir", str(tmp_path / "ev4"), "--mpp", "-1"])
 
 
