@@ -3,7 +3,7 @@
 # trains MobileSAM + LoRA with 2-fold cross-validation, evaluates out-of-fold, writes demo figures and segments
 # a synthetic whole-slide image (GeoJSON for QuPath, label pyramid, overview).
 # Uses weights/mobile_sam.pt when present (python main.py download), random weights otherwise.
-# Usage: bash quickstart.sh [OUTPUT_DIR]      (8.5 minutes measured on 2 busy CPU cores, plus the installs)
+# Usage: bash quickstart.sh [OUTPUT_DIR]      (2.5 minutes measured on 2 quiet CPU cores, 8.5 on busy ones)
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
