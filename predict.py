@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+import image_io
 import utils
 from utils import UserError
 
@@ -56,48 +57,9 @@ MapsFn = Callable[[list], list]
 # ----------------------------------------------------------------------------------------------
 # Reading images
 # ----------------------------------------------------------------------------------------------
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    if array.dtype.kind in "ui":
-        top = 65535 if array.dtype.itemsize >= 2 and array.max(initial=0) > 255 else 255
-        if array.dtype.itemsize > 2 and array.max(initial=0) > 65535:
-            top = float(array.max())
-        return np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-    data = np.nan_to_num(array.astype(np.float64))
-    scale = 255.0 if data.size and data.max() <= 1.0 else 1.0
-    return np.clip(np.round(data * scale), 0, 255).astype(np.uint8)
-
-
-def to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
-    """(H, W), (H, W, 1|2|3|4) or channel-first (1|3|4, H, W) array -> uint8 RGB (H, W, 3).
-
-    Grey images are repeated to three channels; an alpha channel is dropped (RGBA -> RGB, grey+alpha ->
-    grey). 16-bit and float images are scaled to 0..255.
-    """
-    array = np.asarray(array)
-    array = np.squeeze(array) if array.ndim > 3 else array
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 2, 3, 4):
-        array = np.moveaxis(array, 0, -1)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4) or min(array.shape[:2]) < 1:
-        raise UserError(f"{name}: unsupported image shape {array.shape} (expected H x W grey, RGB or RGBA)")
-    channels = array.shape[2]
-    if channels in (1, 2):
-        array = np.repeat(array[..., :1], 3, axis=2)
-    elif channels == 4:
-        array = array[..., :3]
-    return np.ascontiguousarray(_to_uint8(array))
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a PNG/JPEG/TIFF file as uint8 RGB (H, W, 3): `image_io.read_image` (the reader train and evaluate
     use too); raises UserError naming the file if it cannot or the image is not 8-bit."""
-    import image_io
-
     return image_io.read_image(path)
 
 
@@ -352,7 +314,7 @@ def image_maps(model_set, image: np.ndarray, tile_size: int | None = None, overl
     settings) of a whole image, the maps at the model's pixel size (see `labels_from_maps`)."""
     import dataset
 
-    image = to_rgb(image)
+    image = image_io.to_rgb(image)
     height, width = image.shape[:2]
     if tile_size is None:
         tile_size = model_tile_size(model_set) if model_set is not None else DEFAULT_TILE_SIZE
@@ -399,7 +361,7 @@ def predict_image(model_set, image: np.ndarray, tile_size: int | None = None,
     µm (None: same as the model's). `maps_fn` replaces the network (tests, other back-ends);
     `postprocess` overrides the model set's post-processing settings.
     """
-    image = to_rgb(image)
+    image = image_io.to_rgb(image)
     fg, hv, settings = image_maps(model_set, image, tile_size, overlap, mpp=mpp, ensemble=ensemble,
                                   batch_size=batch_size, device=device, amp=amp, maps_fn=maps_fn,
                                   postprocess=postprocess, progress=progress)

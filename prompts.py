@@ -148,8 +148,6 @@ class PromptNet:
     def content_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the window's image inside the frame."""
         if not self.official:
-            if self.scale is None:
-                return self.frame, self.frame
             return int(height * self.scale + 0.5), int(width * self.scale + 0.5)
         scale = self.frame / max(height, width)
         return int(height * scale + 0.5), int(width * scale + 0.5)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+import image_io
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -217,18 +218,9 @@ class SlideReader:
 
     # -- raw reads -----------------------------------------------------------------------------
     def _to_rgb(self, array: np.ndarray) -> np.ndarray:
-        array = np.asarray(array)
-        if array.dtype != np.uint8:
-            raise UserError(f"{self.path}: {array.dtype} pixels; only 8-bit RGB slides are supported")
-        if array.ndim == 2:
-            array = array[..., None]
-        if array.shape[2] == 1:
-            return np.repeat(array, 3, axis=2)
-        if array.shape[2] == 4:  # straight (non-premultiplied) alpha, composited over white
-            alpha = array[..., 3:4].astype(np.uint16)
-            rgb = (array[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
-            return rgb.astype(np.uint8)
-        return np.ascontiguousarray(array[..., :3])
+        """uint8 RGB of a backend's region (grey repeated, straight alpha composited over white): the policy
+        of `image_io.to_rgb`, which rejects anything but 8-bit samples."""
+        return image_io.to_rgb(array, str(self.path))
 
     def _location(self, level: int, lx: int) -> int:
         """A level-0 coordinate that the backend maps to level pixel `lx` (tiffslide: int(x / ds))."""

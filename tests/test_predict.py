@@ -117,6 +117,27 @@ def test_small_image_and_mpp_rescaling():
     assert m["num_pred"] == int(truth.max()) and iou > 0.8
 
 
+def test_arrays_follow_the_file_readers_alpha_and_depth_policy():
+    """An RGBA array given to the library is composited over white, like an RGBA file (image_io's one
+    policy); a 16-bit array is refused like a 16-bit file."""
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = synthetic_slide(64, 64, seed=5)[0]
+    rgba[..., 3] = 255
+    rgba[:32, :, 3] = 0  # the top half transparent: white, not the colours underneath
+    composited = rgba[..., :3].copy()
+    composited[:32] = 255
+    seen = []
+
+    def maps(tiles):
+        seen.extend(tiles)
+        return pure_maps(tiles)
+
+    predict.predict_image(None, rgba, 64, 16, maps_fn=maps, postprocess=PP)
+    assert np.array_equal(seen[0], composited)
+    with pytest.raises(utils.UserError, match="16-bit"):
+        predict.predict_image(None, rgba[..., :3].astype(np.uint16) * 257, 64, 16, maps_fn=pure_maps, postprocess=PP)
+
+
 def test_read_image_variants(tmp_path):
     import tifffile
     from PIL import Image
