@@ -202,6 +202,7 @@ def _rasterise_geojson(path: Path, slide_dimensions: tuple[int, int]) -> TissueM
     count = 0
     for item in _features(data, path):
         for rings in _polygons(item):
+            piece = np.zeros(shape, dtype=bool)  # this polygon alone: its holes cut only itself
             for k, ring in enumerate(rings or []):
                 try:
                     xy = np.asarray(ring, dtype=np.float64)
@@ -212,12 +213,13 @@ def _rasterise_geojson(path: Path, slide_dimensions: tuple[int, int]) -> TissueM
                 cols, rows = xy[:, 0] / ds - 0.5, xy[:, 1] / ds - 0.5  # pixel centres at c + 0.5 (level 0)
                 rr, cc = polygon(rows, cols, shape)
                 if k == 0:  # exterior ring: its inside and every mask pixel its outline passes through
-                    mask[rr, cc] = True
+                    piece[rr, cc] = True
                     rr, cc = polygon_perimeter(np.round(rows), np.round(cols), shape, clip=True)
-                    mask[rr, cc] = True
+                    piece[rr, cc] = True
                     count += 1
                 else:  # a hole
-                    mask[rr, cc] = False
+                    piece[rr, cc] = False
+            mask |= piece
     if count == 0:
         raise UserError(f"{path}: no Polygon or MultiPolygon annotation in the GeoJSON file")
     return TissueMask(mask, ds, str(path), (width, height))

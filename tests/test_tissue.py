@@ -159,3 +159,18 @@ def test_real_tissue_is_found_whole(real_sample_dir):
     inside = mask.mask[100:612, 100:612]
     assert inside.mean() > 0.97
     assert not mask.mask[:90].any() and not mask.mask[:, :90].any() and not mask.mask[622:].any()
+
+
+def test_geojson_hole_cuts_only_its_own_polygon(tmp_path):
+    """An island annotated inside another annotation's hole stays tissue whichever feature comes first."""
+    ring = lambda x0, y0, x1, y1: [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    donut = {"type": "Feature", "geometry": {"type": "Polygon",
+                                             "coordinates": [ring(10, 10, 190, 190), ring(60, 60, 140, 140)]}}
+    island = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring(80, 80, 120, 120)]}}
+    masks = []
+    for order in ([donut, island], [island, donut]):
+        path = tmp_path / f"m{len(masks)}.geojson"
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": order}))
+        masks.append(tissue.read_tissue_mask(path, (200, 200)).mask)
+    assert np.array_equal(masks[0], masks[1])
+    assert masks[1][100, 100] and not masks[1][70, 70] and masks[1][30, 30]
