@@ -22,8 +22,9 @@ its Nanny and the scheduler hands the input to a live worker, up to `ALLOWED_FAI
 (Dask's `distributed.scheduler.allowed-failures`); an exception raised by the task itself is re-run
 `retries` times (Dask's `retries`). A failure of the input itself (corrupt file, no pixel size) is not an
 exception: `predict_one` returns it as a failed Outcome, reported in one line while the others go on.
-Because every result file is written atomically and `predict_one` skips finished inputs, rerunning the same
-command after any crash (of a worker, a node, the scheduler or this process) continues where it stopped.
+Because every result file is written atomically and `predict_one` skips finished slides and continues
+unfinished ones (plain images, seconds each, are segmented again), rerunning the same command after any crash
+(of a worker, a node, the scheduler or this process) continues where it stopped.
 
 Granularity: one task per input, never region tasks. Each slide is already parallel inside its task
 (read-ahead threads, post-processing processes, batched network calls), a study has many more slides than

@@ -32,6 +32,7 @@ the slide file starts the slide again; `--overwrite` always does.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -285,18 +286,11 @@ def finish_region(job: dict) -> dict:
         crop_labels = np.zeros((0, 0), np.uint32)
     crop_labels = crop_labels.astype(np.uint16 if n < 65536 else np.uint32)
     path = Path(job["file"])
-    tmp = utils.temp_file_beside(path, ".npz")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, labels=crop_labels, origin=np.array([by0 + cy0, bx0 + cx0], np.int64),
-                                nuclei=np.array(n, np.int64),
-                                rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
-                                features=np.frombuffer(json.dumps(features, separators=(",", ":")).encode(),
-                                                       np.uint8))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, labels=crop_labels, origin=np.array([by0 + cy0, bx0 + cx0], np.int64),
+                        nuclei=np.array(n, np.int64), rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
+                        features=np.frombuffer(json.dumps(features, separators=(",", ":")).encode(), np.uint8))
+    utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
     return {"nuclei": n, "seconds": time.time() - start, "file": path.name}
 
 
@@ -330,7 +324,8 @@ def run_key(path: Path, predictor, options, geo: Geometry, mpp0: float) -> dict:
     return {"version": STATE_VERSION, "slide": _fingerprint(path), "mpp": mpp0, "shape": list(geo.shape),
             "tile": geo.tile, "overlap": geo.overlap, "region_size": int(options.region_size),
             "margin": REGION_MARGIN, "tissue_mask": tissue if tissue in ("auto", "none") else _fingerprint(tissue),
-            "model": _fingerprint(options.model_path), "ensemble": bool(options.ensemble),
+            "model": _fingerprint(options.model_path), "pretrained": _fingerprint(options.pretrained),
+            "ensemble": bool(options.ensemble), "amp": bool(options.amp),
             "postprocess": predictor.postprocess, "model_mpp": predictor.model_mpp}
 
 
@@ -353,7 +348,7 @@ def _tissue_mask(slide, options, mpp0: float):
         return tissue.full_mask(slide.dimensions), None
     thumb, downsample = slide.thumbnail(THUMBNAIL_SIZE)
     if options.tissue_mask == "auto":
-        return tissue.detect_tissue(thumb, downsample, mpp=mpp0), (thumb, downsample)
+        return tissue.detect_tissue(thumb, downsample, mpp=mpp0, dimensions=slide.dimensions), (thumb, downsample)
     return tissue.read_tissue_mask(options.tissue_mask, slide.dimensions), (thumb, downsample)
 
 
