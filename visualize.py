@@ -576,7 +576,8 @@ def overview_bin_um(width_um: float, height_um: float) -> float:
 
 def tissue_density(centroids_level0: np.ndarray, tissue, dimensions: tuple[float, float], mpp0: float,
                    bin_um: float) -> tuple[np.ma.MaskedArray, float]:
-    """(nuclei per mm^2 of tissue per bin, masked where tissue covers less than a tenth of the bin; bin side
+    """(nuclei per mm^2 of tissue per bin, masked where tissue covers less than a quarter of the bin (a thin rim of
+    tissue would divide by almost nothing); bin side
     in level-0 pixels): `nuclei_density`'s counts divided by the area of `tissue` (a `tissue.TissueMask`,
     its pixels counted by their centre) inside each bin instead of the bin's whole area."""
     density, side = nuclei_density(centroids_level0, dimensions, mpp0, bin_um)
@@ -592,7 +593,7 @@ def tissue_density(centroids_level0: np.ndarray, tissue, dimensions: tuple[float
     bin_w = np.minimum((np.arange(cols) + 1) * side, width0) - np.arange(cols) * side
     bin_h = np.minimum((np.arange(rows) + 1) * side, height0) - np.arange(rows) * side
     fraction = np.clip(tissue_px / np.outer(bin_h, bin_w), 0.0, 1.0)
-    shown = fraction >= 0.1
+    shown = fraction >= 0.25
     per_tissue = np.divide(density, fraction, out=np.zeros_like(density), where=shown)
     return np.ma.masked_array(per_tissue, mask=~shown), side
 
@@ -603,7 +604,8 @@ def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_l
     """uint8 RGB picture of a slide's results: the thumbnail (`downsample` level-0 pixels per pixel), the
     tissue outline (`tissue.TissueMask`, green) and a heat map of nuclei per mm^2 of tissue in square bins of
     `bin_um` micrometres (default `overview_bin_um`): each bin's nuclei divided by the tissue area inside it,
-    drawn where tissue covers at least a tenth of the bin; a colour bar in nuclei per mm^2, axes in mm and a
+    drawn where tissue covers at least a quarter of the bin; a colour bar (up to the 98th percentile of the
+    bins, so a few extreme bins do not wash out the rest) in nuclei per mm^2, axes in mm and a
     title (default: the nuclei count, tissue area and mean density)."""
     thumb = _check_image(thumbnail)
     th, tw = thumb.shape[:2]
@@ -621,7 +623,8 @@ def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_l
     fig = new_figure(width_inches, max(2.5, width_inches * aspect * 0.85 + 0.9))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
-    vmax = float(shown.max()) if shown.count() and float(shown.max()) > 0 else 1.0
+    vmax = float(np.percentile(shown.compressed(), 98)) if shown.count() else 0.0
+    vmax = vmax if vmax > 0 else 1.0
     heat = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), cmap="inferno", alpha=0.55,
                      vmin=0.0, vmax=vmax, interpolation="nearest")
     if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
