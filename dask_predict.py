@@ -1,8 +1,9 @@
 """Many inputs on many processes, GPUs and machines: the Dask engine behind `predict --workers/--scheduler`.
 
-Every input (a whole slide or a plain image) is one Dask task that calls `predict.predict_one` on a worker
-process; the task writes the input's result files itself (atomically, into the shared output folder) and
-returns its small `predict.Outcome`, so nothing big travels through Dask. The model is loaded once per worker
+Every input (a whole slide or a plain image) is one Dask task that calls the command's per-input function
+(`segment`: `predict.predict_one`, handed down by `predict.run`, so this module never imports the command) on a
+worker process; the task writes the input's result files itself (atomically, into the shared output folder)
+and returns its small `inference.Outcome`, so nothing big travels through Dask. The model is loaded once per worker
 process (a per-process cache keyed by the options, filled by the first task) and reused by every later task.
 
 Local cluster (`--workers N`): a Dask scheduler on 127.0.0.1 and N worker processes, each started by its own
@@ -50,7 +51,7 @@ from typing import Callable, Sequence
 from distributed import WorkerPlugin
 from tqdm import tqdm
 
-import predict
+import inference
 import utils
 from utils import UserError
 
@@ -61,8 +62,10 @@ DEFAULT_RETRIES = 1          # re-runs of a task that raised (an input's own fai
 ALLOWED_FAILURES = 3         # worker deaths while holding one input before that input is given up
 DEFAULT_DASHBOARD = ":8787"  # local cluster's dashboard (another free port if taken; shown only with bokeh)
 
-# task(path, name, output_dir, options) -> predict.Outcome, run on a worker; must be importable there
-Task = Callable[[str, str, str, object], object]
+# segment(predictor, path, name, output_dir, options) -> inference.Outcome: one input (`predict.predict_one`)
+Segment = Callable[[object, Path, str, Path, object], object]
+# task(path, name, output_dir, options, segment) -> inference.Outcome, run on a worker; must be importable there
+Task = Callable[[str, str, str, object, Segment], object]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def cached_predictor(options):
         if key not in _predictor_cache:
             _predictor_cache.clear()
             log.info("loading the model in worker process %d", os.getpid())
-            _predictor_cache[key] = predict.load_predictor(options)
+            _predictor_cache[key] = inference.load_predictor(options)
         return _predictor_cache[key]
 
 
@@ -97,8 +100,9 @@ def forget_predictor() -> None:
         _predictor_cache.clear()
 
 
-def predict_input(path: str, name: str, output_dir: str, options):
-    """The Dask task of one input: segment it with this process's predictor and write its result files.
+def predict_input(path: str, name: str, output_dir: str, options, segment: Segment):
+    """The Dask task of one input: segment it with this process's predictor (`segment(predictor, path, name,
+    output_dir, options)`) and write its result files.
 
     In a daemonic worker process (Dask's default for workers it did not start with our settings), which may
     not start child processes, the input's post-processing runs in the worker itself (`num_workers=0`)."""
@@ -109,7 +113,7 @@ def predict_input(path: str, name: str, output_dir: str, options):
                         "with DASK_DISTRIBUTED__WORKER__DAEMON=False to let each one use --num_workers processes")
             _daemon_warned = True
         options = dataclasses.replace(options, num_workers=0)
-    return predict.predict_one(cached_predictor(options), Path(path), name, Path(output_dir), options)
+    return segment(cached_predictor(options), Path(path), name, Path(output_dir), options)
 
 
 class WorkerSetup(WorkerPlugin):
@@ -249,7 +253,7 @@ def _has_bokeh() -> bool:
 # The run
 # ----------------------------------------------------------------------------------------------
 def failed_outcome(path: Path, name: str, error: str):
-    return predict.Outcome(input=str(path), name=name, status="failed", error=error)
+    return inference.Outcome(input=str(path), name=name, status="failed", error=error)
 
 
 def _size(path: Path) -> int:
@@ -259,11 +263,12 @@ def _size(path: Path) -> int:
         return 0
 
 
-def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, options, *,
+def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, options, segment: Segment, *,
                workers: int | None = None, scheduler: str | None = None, retries: int = DEFAULT_RETRIES,
                dashboard_address: str | None = DEFAULT_DASHBOARD, task: Task | None = None,
                torch_threads: int | None = None, progress: bool = True) -> list:
-    """Segment every input on a Dask cluster; one `predict.Outcome` per input, in input order.
+    """Segment every input on a Dask cluster with `segment` (`predict.predict_one`; it must be importable on the
+    workers); one `inference.Outcome` per input, in input order.
 
     `scheduler` (an address or a scheduler JSON file) uses an existing cluster; otherwise a local one with
     `workers` worker processes is started (0 or None: one per GPU, see `plan_local_cluster`) and closed at
@@ -313,8 +318,8 @@ def run_inputs(inputs: Sequence[Path], names: Sequence[str], output_dir: Path, o
         run_id = uuid.uuid4().hex[:8]
         futures = {}
         for i, (path, name) in enumerate(zip(inputs, names)):
-            future = client.submit(task, str(path), name, str(output_dir), options, key=f"predict-{name}-{run_id}",
-                                   priority=priority[i], retries=retries, pure=False)
+            future = client.submit(task, str(path), name, str(output_dir), options, segment,
+                                   key=f"predict-{name}-{run_id}", priority=priority[i], retries=retries, pure=False)
             futures[future.key] = (i, future)
         try:
             bar = tqdm(as_completed([f for _, f in futures.values()], loop=client.loop), total=len(futures),
@@ -351,4 +356,4 @@ def _collect(future, path: Path, name: str, cancelled_error):
         return failed_outcome(path, name, f"{path}: no result (the Dask scheduler or the connection to it was "
                                           f"lost); rerun the same command: finished inputs are skipped")
     except Exception as e:  # the task raised (not an input failure, which predict_one returns)
-        return failed_outcome(path, name, predict.error_message(path, e))
+        return failed_outcome(path, name, inference.error_message(path, e))

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         image, labels, vague = dataset.load_sample(sample)
         if id(member) not in nets:   # LoRA merged, Conv+BN folded: same outputs, faster
             nets[id(member)] = [nuclei_model.prepare_for_inference(m) for m in evaluate.member_models(member)]
-        # whole image through the network, or through predict's tiled engine when it is not one training tile
+        # whole image through the network, or through the inference engine's tiling when it is not one training tile
         (fg, hv), = evaluate.segment_maps(model_set, nets[id(member)], [image], device, mpp=args.data_mpp)
         settings = evaluate.member_postprocess(model_set, member, overrides)
         pred = postprocess.postprocess(fg, hv, postprocess.PostprocessConfig.from_dict(settings))

@@ -252,14 +252,14 @@ def is_cross_dataset(model_set: Any, samples: Sequence[Any], fold: int | None = 
 def cross_dataset_assignments(model_set: Any, samples: Sequence[Any], ensemble: bool
                               ) -> tuple[list[tuple[Any, int | None, list[Any]]], str]:
     """Every image to the fold-model ensemble (`ensemble`) or to the fold model with the best validation
-    score (`predict.select_models`); returns (assignments, which model in words)."""
-    import predict
+    score (`inference.select_models`); returns (assignments, which model in words)."""
+    import inference
 
     members = list(model_set.members)
     if ensemble and len(members) > 1:
         return ([(Ensemble(members), None, sorted(samples, key=lambda s: s.rel_path))],
                 f"ensemble of the {len(members)} fold models (maps averaged)")
-    best = predict.select_models(model_set, ensemble=False)[0]
+    best = inference.select_models(model_set, ensemble=False)[0]
     member = next(m for m in members if m.model is best)
     which = (f"best fold model (fold {member.fold}, highest validation "
              f"{(model_set.config or {}).get('monitor', 'pq')})" if len(members) > 1 else "the model")
@@ -268,14 +268,14 @@ def cross_dataset_assignments(model_set: Any, samples: Sequence[Any], ensemble: 
 
 def needs_tiling(model_set: Any, shape: Sequence[int], mpp: float | None = None) -> bool:
     """True when an image of `shape` (H, W) at `mpp` µm/px is not exactly one training tile at the model's
-    pixel size: it is then segmented whole through predict's tiled engine instead of resized as one input.
+    pixel size: it is then segmented whole through the tiled engine (inference.py) instead of resized as one input.
     (A model whose config records no `tile_size` is tiled only for another pixel size.)"""
-    import predict
+    import inference
 
-    same_scale = mpp is None or abs(float(mpp) / predict.model_mpp(model_set) - 1.0) < 1e-6
+    same_scale = mpp is None or abs(float(mpp) / inference.model_mpp(model_set) - 1.0) < 1e-6
     if not (getattr(model_set, "config", None) or {}).get("tile_size"):
         return not same_scale  # a model that records no tile size: images go whole, as they always did
-    tile = predict.model_tile_size(model_set)
+    tile = inference.model_tile_size(model_set)
     return not same_scale or tuple(int(v) for v in shape[:2]) != (tile, tile)
 
 
@@ -283,10 +283,10 @@ def segment_maps(model_set: Any, models: Sequence[Any], images: Sequence[np.ndar
                  mpp: float | None = None, batch_size: int = 1) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(foreground probability, HV maps | None) of each image, averaged over `models`: an image of the model's
     tile size and pixel size goes through the network whole (maps at its size, the NuInsSeg path); any other
-    image through `predict.image_maps`, the tiled engine of `predict` (maps at the model's pixel size, so the
+    image through `inference.image_maps`, the tiled engine (maps at the model's pixel size, so the
     post-processed labels must be resized back to the image: `labels_to_image`)."""
+    import inference
     import nuclei_model
-    import predict
 
     input_size = _model_input_size(model_set)
     out: list[Any] = [None] * len(images)
@@ -301,7 +301,7 @@ def segment_maps(model_set: Any, models: Sequence[Any], images: Sequence[np.ndar
 
     for i, image in enumerate(images):
         if out[i] is None:
-            fg, hv, _ = predict.image_maps(model_set, image, mpp=mpp, maps_fn=maps_fn, batch_size=max(1, batch_size))
+            fg, hv, _ = inference.image_maps(model_set, image, mpp=mpp, maps_fn=maps_fn, batch_size=max(1, batch_size))
             out[i] = (fg, hv)
     return out
 
@@ -396,7 +396,7 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
     `num_workers` spawned processes (0 = in this process) while the model predicts the next batch; images
     are read by a background thread. `predictions_dir`/`overlays_dir` turn on the label TIFFs / overlays.
     `mpp` is the images' pixel size (None: the model's); images that are not one training tile at the model's
-    pixel size are segmented whole through predict's tiled engine (`segment_maps`) and scored at their own size.
+    pixel size are segmented whole through the inference engine's tiling (`segment_maps`) and scored at their own size.
     """
     import nuclei_model
 

@@ -613,15 +613,6 @@ def load_mobile_sam_encoder(checkpoint: str | Path | None) -> MobileSAMEncoder:
     return model.eval()
 
 
-def load_mobile_sam_decoder(checkpoint: str | Path | None) -> nn.Module:
-    """MobileSAM's prompt encoder + mask decoder (eval mode) from the official `mobile_sam.pt`, read strictly;
-    `forward(image_embeddings, points=None, boxes=None, multimask_output=False) -> (low_res_masks, iou)`.
-    Implemented in `sam_decoder.py` (see there)."""
-    import sam_decoder
-
-    return sam_decoder.load_mobile_sam_decoder(checkpoint)
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -629,5 +620,5 @@ def count_parameters(module: nn.Module) -> int:
 __all__ = [
     "SAM_PIXEL_MEAN", "SAM_PIXEL_STD", "normalize_image", "MobileSAMEncoder", "TinyViTBlock",
     "WindowAttention", "ConvBN", "fuse_batchnorm", "load_mobile_sam_encoder", "read_state_dict",
-    "encoder_state_from_checkpoint", "count_parameters", "load_mobile_sam_decoder", "relative_offset_index", "ATTENTION_IMPLS",
+    "encoder_state_from_checkpoint", "count_parameters", "relative_offset_index", "ATTENTION_IMPLS",
 ]

@@ -670,6 +670,15 @@ def _average_outputs(models: list[nn.Module], x: Tensor, device: torch.device | 
     return averaged
 
 
+@torch.no_grad()
+def network_outputs(models: nn.Module | Sequence[nn.Module], x: Tensor, device: torch.device | str,
+                    amp: bool = True, crop: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    """{"foreground_prob", "hv" (when the head has it)} of a uint8 (B, 3, S, S) batch already on `device`,
+    averaged over `models` and cropped to the top-left `crop` (h, w): the network step of
+    `predict_maps_scaled`, for callers that keep the maps on the device (`inference.NetworkMaps`)."""
+    return _average_outputs(_as_list(models), x, device, amp, crop=crop)
+
+
 def network_size(length: int, scale: float, multiple: int = 64) -> tuple[int, int]:
     """(resized, padded) side of a window of `length` pixels seen by the network at `scale` network pixels
     per image pixel: `resized = round(length * scale)`, `padded` = the next multiple of `multiple` (what the
@@ -742,7 +751,7 @@ __all__ = [
     "CHECKPOINT_FORMAT", "MODEL_SET_FORMAT", "HEADS", "MODEL_DEFAULTS", "LOSS_WEIGHTS", "DecoderHead",
     "NucleiSAM", "build_model", "compute_loss", "save_checkpoint", "save_model_set_index", "read_checkpoint",
     "load_weights", "load_model", "Member", "ModelSet", "load_model_set", "predict_maps", "predict_maps_batch",
-    "predict_maps_scaled", "network_size",
+    "predict_maps_scaled", "network_size", "network_outputs",
     "prepare_for_inference", "maps_to_images", "parameter_report", "head_parameter_count", "unwrap", "model_config",
     "stores_trainable_only", "file_fingerprint", "autocast_dtype", "autocast", "model_state", "native_bf16",
     "to_cpu",

@@ -6,10 +6,10 @@ probability and horizontal/vertical (HV) maps of every tile are blended into ful
 smooth weight window, and the stitched maps are post-processed once. Because instances are only formed
 after stitching, a nucleus cut by a tile border comes out as one instance, never two and never twice.
 
-Window: along an edge shared with a neighbouring tile the weight is 0 on the outer quarter of the
-overlap (where the network sees only part of a nucleus and its HV map is unreliable), then rises as a
-smooth sin² ramp to 1; along an image border it is 1 up to the edge. Every pixel is covered by a
-positive weight of at least one tile.
+The window grid, the blend weights, batching and the device are the inference engine's (`inference.py`:
+`image_maps`, `stitch_maps`, `load_predictor`); this module is the command on top of it: arguments, inputs,
+dispatch of each input (`predict_one`: a plain image here, a slide through `wsi`, many inputs through
+`dask_predict`, prompts through `prompts`) and the summary.
 
 Scale: with `--mpp` (micrometres per pixel of the input) the image is resized so its pixel size matches
 the model's training pixel size (the checkpoint's `mpp`, NuInsSeg's value by default); tiles and overlap
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import math
 import multiprocessing
 import os
 import sys
@@ -36,22 +35,20 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 import image_io
 import utils
+from inference import (SUMMARY_COLUMNS, Outcome, Predictor, error_message, image_maps, labels_from_maps,
+                       load_predictor)
 from utils import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TILE_SIZE = 512   # source pixels per tile when the checkpoint does not say (NuInsSeg image size)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-# maps_fn(list of uint8 RGB tiles) -> list of (foreground probability (h, w), hv (2, h, w) or None)
-MapsFn = Callable[[list], list]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,287 +123,8 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiling and stitching
-# ----------------------------------------------------------------------------------------------
-def tile_starts(length: int, tile_size: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of `tile_size` covering 0..length with at least `overlap` pixels shared
-    between neighbours; the last tile ends at `length` (an image shorter than a tile gets one tile)."""
-    if length <= tile_size:
-        return [0]
-    stride = tile_size - overlap
-    starts = list(range(0, length - tile_size + 1, stride))
-    if starts[-1] + tile_size < length:
-        starts.append(length - tile_size)
-    return starts
-
-
-def _ramp(overlap: int) -> np.ndarray:
-    """Weights of the `overlap` pixels at a tile edge shared with a neighbour, outermost first: 0 on the
-    outer quarter, a sin² rise over the middle half, ~1 on the inner quarter."""
-    if overlap <= 0:
-        return np.ones(0, dtype=np.float32)
-    crop = overlap // 4
-    rise = max(overlap - 2 * crop, 1)
-    t = np.clip((np.arange(overlap) + 0.5 - crop) / rise, 0.0, 1.0)
-    return (np.sin(t * np.pi / 2) ** 2).astype(np.float32)
-
-
-def tile_weights(length: int, start: int, tile_size: int, overlap: int, total: int) -> np.ndarray:
-    """1-D weight profile of a tile spanning `start .. start + length` of an axis of `total` pixels."""
-    w = np.ones(length, dtype=np.float32)
-    ramp = _ramp(min(overlap, length // 2))
-    if start > 0 and ramp.size:
-        w[: ramp.size] = ramp
-    if start + length < total and ramp.size:
-        w[length - ramp.size:] = np.minimum(w[length - ramp.size:], ramp[::-1])
-    return w
-
-
-def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    pad_h, pad_w = max(height - image.shape[0], 0), max(width - image.shape[1], 0)
-    if pad_h == 0 and pad_w == 0:
-        return image
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
-
-
-def stitch_maps(image: np.ndarray, tile_size: int, overlap: int, maps_fn: MapsFn, batch_size: int = 8,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Foreground probability (H, W) and HV maps (2, H, W) (None for a binary model) of a whole image
-    from overlapping tiles blended with `tile_weights`.
-
-    `maps_fn` receives a list of at most `batch_size` uint8 RGB tiles of `tile_size` x `tile_size`
-    and returns one (foreground probability, hv | None) pair per tile at the tile's size. An image
-    smaller than a tile is padded (mirrored) to a full tile so the network always sees the same scale.
-    """
-    if tile_size < 16:
-        raise UserError(f"--tile_size {tile_size}: must be at least 16 pixels")
-    if overlap < 0 or 2 * overlap > tile_size:
-        raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
-    height, width = image.shape[:2]
-    padded = _pad_to(image, tile_size, tile_size)
-    full_h, full_w = padded.shape[:2]
-    ys, xs = tile_starts(full_h, tile_size, overlap), tile_starts(full_w, tile_size, overlap)
-    boxes = [(y, x) for y in ys for x in xs]
-
-    fg_sum = np.zeros((full_h, full_w), dtype=np.float32)
-    hv_sum: np.ndarray | None = None
-    w_sum = np.zeros((full_h, full_w), dtype=np.float32)
-    has_hv: bool | None = None
-    bar = tqdm(total=len(boxes), desc="tiles", unit="tile", leave=False, disable=not progress)
-    for first in range(0, len(boxes), max(batch_size, 1)):
-        batch = boxes[first:first + max(batch_size, 1)]
-        tiles = [np.ascontiguousarray(padded[y:y + tile_size, x:x + tile_size]) for y, x in batch]
-        results = maps_fn(tiles)
-        if len(results) != len(tiles):
-            raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
-        for (y, x), (fg, hv) in zip(batch, results):
-            fg = np.asarray(fg, dtype=np.float32)
-            if fg.shape != (tile_size, tile_size):
-                raise RuntimeError(f"maps function returned a {fg.shape} map for a {tile_size}-pixel tile")
-            if has_hv is None:
-                has_hv = hv is not None
-                if has_hv:
-                    hv_sum = np.zeros((2, full_h, full_w), dtype=np.float32)
-            w = np.outer(tile_weights(tile_size, y, tile_size, overlap, full_h),
-                         tile_weights(tile_size, x, tile_size, overlap, full_w))
-            fg_sum[y:y + tile_size, x:x + tile_size] += w * fg
-            w_sum[y:y + tile_size, x:x + tile_size] += w
-            if hv_sum is not None:
-                hv_sum[:, y:y + tile_size, x:x + tile_size] += w[None] * np.asarray(hv, dtype=np.float32)
-        bar.update(len(batch))
-    bar.close()
-    w_sum = np.maximum(w_sum, 1e-12)
-    fg_map = (fg_sum / w_sum)[:height, :width]
-    hv_map = None if hv_sum is None else (hv_sum / w_sum[None])[:, :height, :width]
-    return fg_map, hv_map
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-def model_tile_size(model_set) -> int:
-    """Source pixels per network input the model was trained with (config `tile_size`, recorded by
-    train.py; else 512, the NuInsSeg image size)."""
-    config = getattr(model_set, "config", None) or {}
-    for key in ("tile_size",):
-        value = config.get(key)
-        if isinstance(value, (int, float)) and value >= 16:
-            return int(value)
-    return DEFAULT_TILE_SIZE
-
-
-def model_mpp(model_set) -> float:
-    """Micrometres per pixel of the model's training images (config `mpp`, else NuInsSeg's)."""
-    config = getattr(model_set, "config", None) or {}
-    value = config.get("mpp")
-    if isinstance(value, (int, float)) and value > 0:
-        return float(value)
-    import dataset
-
-    return float(dataset.NUINSSEG_MPP)
-
-
-def _member_score(member) -> float | None:
-    """The member's validation score from its checkpoint (`val[monitor]`, negated for a loss so that
-    higher is always better), or None when the checkpoint records none."""
-    import nuclei_model
-
-    path = getattr(member, "checkpoint_path", None)
-    if path is None:
-        return None
-    try:
-        ckpt = nuclei_model.read_checkpoint(path)
-    except UserError:
-        return None
-    monitor = str(ckpt.get("monitor") or "pq")
-    value = (ckpt.get("val") or {}).get(monitor)
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return -float(value) if "loss" in monitor else float(value)
-
-
-def select_models(model_set, ensemble: bool) -> list:
-    """The networks to run: all fold models with `ensemble`, else the fold model with the best
-    validation score recorded in its checkpoint (`val[monitor]`; the first member when none is recorded)."""
-    members = list(model_set.members)
-    if not members:
-        raise UserError("--model_path: the model set holds no models")
-    if ensemble or len(members) == 1:
-        return [m.model for m in members]
-    scored = [(s, -i) for i, m in enumerate(members) if (s := _member_score(m)) is not None]
-    best = -max(scored)[1] if scored else 0
-    if not scored:
-        log.warning("no validation scores stored with the fold models; using fold %s "
-                    "(pass --ensemble to average all folds)", getattr(members[0], "fold", 0))
-    else:
-        log.info("using the fold model with the best validation score: fold %s "
-                 "(pass --ensemble to average all folds)", getattr(members[best], "fold", best))
-    return [members[best].model]
-
-
-def model_maps_fn(model_set, ensemble: bool = False, device=None, amp: bool = True) -> MapsFn:
-    """A `maps_fn` for `stitch_maps` running the model set's network(s) on batches of tiles."""
-    import nuclei_model
-
-    models = [nuclei_model.prepare_for_inference(m) for m in select_models(model_set, ensemble)]
-    scale = network_scale(model_set)
-    device = utils.select_device(None) if device is None else device
-
-    def maps_fn(tiles: list) -> list:
-        # the magnification is the model's (input size / training tile), whatever the window size
-        return nuclei_model.predict_maps_scaled(models, tiles, scale, device, amp=amp)
-
-    return maps_fn
-
-
-def network_scale(model_set) -> float:
-    """Network pixels per image pixel (at the model's pixel size) the model was trained at: its input size
-    divided by its training tile (`model_tile_size`), e.g. 1024 / 512 = 2. `--tile_size` only chooses the
-    window; every window is resized by this factor (and padded to a multiple of 64) for the network."""
-    return float(model_set.input_size) / float(model_tile_size(model_set))
-
-
-def image_maps(model_set, image: np.ndarray, tile_size: int | None = None, overlap: int | None = None, *,
-               mpp: float | None = None, ensemble: bool = False, batch_size: int = 8, device=None,
-               amp: bool = True, maps_fn: MapsFn | None = None, postprocess: dict | None = None,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """The network part of `predict_image`: (foreground probability, HV maps | None, post-processing
-    settings) of a whole image, the maps at the model's pixel size (see `labels_from_maps`)."""
-    import dataset
-
-    image = image_io.to_rgb(image)
-    height, width = image.shape[:2]
-    if tile_size is None:
-        tile_size = model_tile_size(model_set) if model_set is not None else DEFAULT_TILE_SIZE
-    if overlap is None:
-        overlap = int(tile_size) // 4
-    if maps_fn is None:
-        maps_fn = model_maps_fn(model_set, ensemble=ensemble, device=device, amp=amp)
-    work = image
-    if mpp is not None:
-        if not mpp > 0:
-            raise UserError(f"--mpp {mpp}: must be a positive number of micrometres per pixel")
-        scale = float(mpp) / (model_mpp(model_set) if model_set is not None else float(dataset.NUINSSEG_MPP))
-        size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
-        if size != (height, width):
-            work = dataset.resize_image(image, size)
-    fg, hv = stitch_maps(work, int(tile_size), int(overlap), maps_fn, batch_size=batch_size, progress=progress)
-    settings = dict(postprocess if postprocess is not None else (getattr(model_set, "postprocess", None) or {}))
-    if hv is None and settings.get("mode", "hv") == "hv":
-        settings["mode"] = "binary"
-    return fg, hv, settings
-
-
-def labels_from_maps(fg: np.ndarray, hv: np.ndarray | None, settings: dict,
-                     shape: tuple[int, int]) -> np.ndarray:
-    """The post-processing part of `predict_image`: instance labels (int32) of `image_maps`' output,
-    resized (nearest neighbour) to the input image's `shape` (H, W)."""
-    import dataset
-    import postprocess as pp
-
-    labels = pp.postprocess(fg, hv, pp.PostprocessConfig.from_dict(settings))
-    if labels.shape != tuple(shape):
-        labels = dataset.resize_labels(labels, tuple(shape))
-    return np.asarray(labels).astype(np.int32, copy=False)
-
-
-def predict_image(model_set, image: np.ndarray, tile_size: int | None = None,
-                  overlap: int | None = None, *, mpp: float | None = None, ensemble: bool = False,
-                  batch_size: int = 8, device=None, amp: bool = True, maps_fn: MapsFn | None = None,
-                  postprocess: dict | None = None, progress: bool = False) -> np.ndarray:
-    """Instance label map (int32, same H x W as `image`) of an RGB image of any size.
-
-    `model_set` comes from `nuclei_model.load_model_set`; `tile_size` (default: the model's training
-    tile) and `overlap` (default: a quarter of the tile) are in pixels at the model's resolution. `mpp` is the input's pixel size in
-    µm (None: same as the model's). `maps_fn` replaces the network (tests, other back-ends);
-    `postprocess` overrides the model set's post-processing settings.
-    """
-    image = image_io.to_rgb(image)
-    fg, hv, settings = image_maps(model_set, image, tile_size, overlap, mpp=mpp, ensemble=ensemble,
-                                  batch_size=batch_size, device=device, amp=amp, maps_fn=maps_fn,
-                                  postprocess=postprocess, progress=progress)
-    return labels_from_maps(fg, hv, settings, image.shape[:2])
-
-
-# ----------------------------------------------------------------------------------------------
 # Command
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    """What happened to one input: `status` "ok" | "skipped" (a slide whose outputs were already complete)
-    | "failed" (with the one-line `error`). `height`/`width` are the input's (level-0) size, `mpp` its pixel
-    size when known, `tissue_area_mm2` / `nuclei_per_mm2` only for slides (None otherwise: empty in
-    summary.csv); `windows` and the `*_seconds` split are filled for slides (read / network /
-    post-processing / writing)."""
-    input: str
-    name: str
-    status: str
-    nuclei: int = 0
-    height: int = 0
-    width: int = 0
-    seconds: float = 0.0
-    error: str = ""
-    kind: str = "image"
-    mpp: float | None = None
-    tissue_area_mm2: float | None = None
-    nuclei_per_mm2: float | None = None
-    windows: int = 0
-    read_seconds: float = 0.0
-    network_seconds: float = 0.0
-    postprocess_seconds: float = 0.0
-    write_seconds: float = 0.0
-
-    def summary_row(self) -> dict:
-        """One row of summary.csv (columns `SUMMARY_COLUMNS`)."""
-        row = {k: v for k, v in vars(self).items()}
-        row["image"] = self.input
-        return {k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS}
-
-
-SUMMARY_COLUMNS = ["image", "name", "kind", "status", "nuclei", "tissue_area_mm2", "nuclei_per_mm2", "mpp",
-                   "height", "width", "seconds", "windows", "read_seconds", "network_seconds",
-                   "postprocess_seconds", "write_seconds", "error"]
-
 
 @dataclass
 class PredictOptions:
@@ -420,7 +138,7 @@ class PredictOptions:
     tile_size: int | None = None
     overlap: int | None = None
     mpp: float | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     tissue_mask: str = "auto"
     label_image: bool = False
     geojson_gzip: bool = False
@@ -440,7 +158,7 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
     options = PredictOptions(
         model_path=str(args.model_path), pretrained=args.pretrained, device=args.device,
         ensemble=bool(args.ensemble), amp=bool(amp), tile_size=args.tile_size, overlap=args.overlap,
-        mpp=args.mpp, batch_size=int(args.batch_size), tissue_mask=str(getattr(args, "tissue_mask", "auto")),
+        mpp=args.mpp, batch_size=args.batch_size, tissue_mask=str(getattr(args, "tissue_mask", "auto")),
         label_image=bool(getattr(args, "label_image", False)), geojson_gzip=bool(getattr(args, "geojson_gzip", False)),
         overlay=not getattr(args, "no_overlay", False), overwrite=bool(getattr(args, "overwrite", False)),
         num_workers=args.num_workers, region_size=int(getattr(args, "region_size", 2048)),
@@ -451,7 +169,7 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
 
 def check_options(options: PredictOptions) -> None:
     """UserError for an option that can never work (before the model is loaded)."""
-    if options.batch_size < 1:
+    if options.batch_size is not None and options.batch_size < 1:
         raise UserError(f"--batch_size {options.batch_size}: must be at least 1")
     if options.num_workers is not None and options.num_workers < 0:
         raise UserError(f"--num_workers {options.num_workers}: must be 0 or more")
@@ -475,45 +193,6 @@ def check_options(options: PredictOptions) -> None:
         raise UserError(f"--pretrained {options.pretrained}: file not found")
 
 
-@dataclass
-class Predictor:
-    """The loaded model set and its maps function (`load_predictor`), plus the window the run uses
-    (`tile_size`, `overlap` at the model's pixel size), the model's pixel size and the post-processing
-    worker count. Loaded once per process; not picklable (holds the networks)."""
-    model_set: object
-    maps_fn: MapsFn
-    device: str
-    tile_size: int
-    overlap: int
-    model_mpp: float
-    num_workers: int
-    postprocess: dict
-
-
-def load_predictor(options: PredictOptions, maps_fn: MapsFn | None = None, model_set=None) -> Predictor:
-    """Load the model set of `options` (expensive: once per process) and build its maps function.
-    `maps_fn` / `model_set` replace the network (tests, other back-ends: `model_set` may then be None and the
-    window defaults to 512/128 at NuInsSeg's pixel size)."""
-    import nuclei_model
-
-    device = utils.select_device(options.device)
-    if model_set is None and maps_fn is None:
-        model_set = nuclei_model.load_model_set(Path(options.model_path), device, pretrained=options.pretrained)
-    tile_size = int(options.tile_size or (model_tile_size(model_set) if model_set is not None else DEFAULT_TILE_SIZE))
-    overlap = tile_size // 4 if options.overlap is None else int(options.overlap)
-    if 2 * overlap > tile_size or overlap < 0:
-        raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
-    if maps_fn is None:
-        maps_fn = model_maps_fn(model_set, ensemble=options.ensemble, device=device, amp=options.amp)
-    num_workers = options.num_workers
-    if num_workers is None:
-        num_workers = 0 if device.type == "cpu" else min(4, utils.usable_cores())
-    import dataset
-
-    mpp = model_mpp(model_set) if model_set is not None else float(dataset.NUINSSEG_MPP)
-    settings = dict(getattr(model_set, "postprocess", None) or {}) if model_set is not None else {}
-    return Predictor(model_set, maps_fn, str(device), tile_size, overlap, mpp, int(num_workers), settings)
-
 
 def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, options: PredictOptions) -> Outcome:
     """Segment one input (a plain image in memory, or a slide region by region through `wsi`) and write its
@@ -530,7 +209,7 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
             return wsi.predict_slide(predictor, path, name, Path(output_dir), options)
         image = read_image(path)
         fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
-                                      mpp=options.mpp, batch_size=options.batch_size, maps_fn=predictor.maps_fn,
+                                      mpp=options.mpp, batch_size=predictor.batch_size, maps_fn=predictor.maps_fn,
                                       postprocess=predictor.postprocess or None, progress=True)
         nuclei, _, error = finish_image(path, Path(output_dir), name, image, fg, hv, settings, mpp=options.mpp,
                                         overlay=options.overlay)
@@ -562,10 +241,6 @@ def write_outputs(output_dir: Path, name: str, image: np.ndarray, labels: np.nda
                                         visualize.draw_contours(image, labels, (0, 255, 0))))
     return paths
 
-
-def error_message(path: Path, error: Exception) -> str:
-    """The one-line report of a failed input: a UserError's own message, else path + exception."""
-    return str(error) if isinstance(error, UserError) else f"{path}: {type(error).__name__}: {error}"
 
 
 def finish_image(path: Path, output_dir: Path, name: str, image: np.ndarray, fg: np.ndarray,
@@ -629,7 +304,7 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
             try:
                 image = read_image(path)
                 fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
-                                              mpp=options.mpp, batch_size=options.batch_size,
+                                              mpp=options.mpp, batch_size=predictor.batch_size,
                                               maps_fn=predictor.maps_fn, postprocess=predictor.postprocess or None,
                                               progress=True)
             except Exception as e:  # one bad input must not stop the others
@@ -665,7 +340,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", action="store_true",
                         help="average the maps of all fold models of a cross-validation model "
                              "(default: the fold model with the best validation score)")
-    parser.add_argument("--batch_size", type=int, default=8, help="tiles per network call")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="windows per network call (default: the fastest per window on the device: 1 on a "
+                             "CPU; on CUDA the largest batch that still raises throughput, probed once)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="mixed precision on CUDA (the same flag as train's)")
@@ -674,8 +351,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_overlay", action="store_true", help="do not write <stem>_overlay.png")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="processes that post-process and write the results of one image while the model "
-                             "segments the next (0 = all in this process; default: min(4, CPU cores) when the "
-                             "model runs on a GPU, 0 on CPU, where workers would compete with the network); "
+                             "segments the next (0 = all in this process; default: every usable core but one, "
+                             "at most 16, when the model runs on a GPU, 0 on CPU, where workers would compete "
+                             "with the network); "
                              "for slides: processes that post-process finished regions")
     slide = parser.add_argument_group("whole-slide images (SVS, NDPI, MRXS, SCN, tiled TIFF / OME-TIFF, ...)")
     slide.add_argument("--tissue_mask", default="auto", metavar="auto|none|FILE",
@@ -709,6 +387,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--merge_into", default=None, metavar="LABELS.tif",
                         help="add the prompt masks to this label map (new ids; they win where they overlap it)")
 
+def run_prompts(args: argparse.Namespace) -> int:
+    """Prompt mode (`--points` / `--boxes` / `--merge_into`): one mask per prompt with `prompts`' decoder."""
+    import prompts as prompt_mode
+
+    if not (args.points or args.boxes):
+        raise UserError("--merge_into: give the prompts with --points and/or --boxes")
+    if getattr(args, "mpp", None) is not None:
+        raise UserError("--mpp: not used in prompt mode (prompts are in the image's own pixels)")
+    if getattr(args, "ensemble", False):
+        raise UserError("--ensemble: not used in prompt mode (the fold model with the best validation score runs)")
+    if args.tile_size is not None and args.tile_size < 16:
+        raise UserError(f"--tile_size {args.tile_size}: must be at least 16 pixels")
+    inputs = expand_inputs(args.input)
+    if len(inputs) != 1:
+        raise UserError(f"--input: prompt mode takes exactly one image (got {len(inputs)})")
+    image_path = inputs[0]
+    image = read_image(image_path)
+    shape = image.shape[:2]
+    prompts = prompt_mode.load_prompts(args.points, args.boxes, shape)
+    base = prompt_mode.read_merge_labels(args.merge_into, shape) if args.merge_into else None
+    device = utils.select_device(args.device)
+    net = prompt_mode.load_prompt_net(args.model_path, device, pretrained=args.pretrained, tile_size=args.tile_size)
+    overlap = net.window // 4 if args.overlap is None else args.overlap
+    if overlap < 0 or 2 * overlap > net.window:
+        raise UserError(f"--overlap {overlap}: must be between 0 and half the window ({net.window // 2})")
+    output_dir = utils.make_output_dir(args.output_dir)
+    name = output_stems([image_path])[0]
+
+    labels, assigned = prompt_mode.compose(prompt_mode.segment_prompts(net, image, prompts, overlap, progress=True),
+                                           shape, base)
+    write_outputs(output_dir, name, image, labels, overlay=not args.no_overlay)
+    ids, counts = np.unique(labels[labels > (int(base.max()) if base is not None and base.size else 0)],
+                            return_counts=True)
+    area_of = dict(zip(ids.tolist(), counts.tolist()))
+    rows = []
+    for k, (pm, new_id) in enumerate(assigned, 1):
+        p = pm.prompt
+        c = [float(v) for v in p.coords]
+        rows.append({"prompt": k, "source": p.source, "kind": p.kind,
+                     "x": c[0] if p.kind == "point" else "", "y": c[1] if p.kind == "point" else "",
+                     "x0": c[0] if p.kind == "box" else "", "y0": c[1] if p.kind == "box" else "",
+                     "x1": c[2] if p.kind == "box" else "", "y1": c[3] if p.kind == "box" else "",
+                     "id": new_id, "area": int(area_of.get(new_id, 0)),
+                     "mask_area": pm.area, "iou_prediction": round(pm.iou, 6),
+                     "window_x": pm.window[1], "window_y": pm.window[0], "window_size": pm.window[3]})
+        if not new_id:
+            log.warning("%s: the decoder gave an empty mask for this %s (no instance written)", p.source, p.kind)
+    utils.write_csv(output_dir / f"{name}_prompts.csv", rows)
+    made = sum(1 for _, i in assigned if i)
+    print(f"{made} of {len(prompts)} prompt mask(s) written as instances"
+          f"{' merged into ' + str(args.merge_into) if base is not None else ''}: "
+          f"{(output_dir / (name + '_labels.tif')).resolve()} (per-prompt table: {name}_prompts.csv)")
+    return 0
+
+
 def _mask_probe_size(path: Path) -> tuple[int, int]:
     """(width, height) of a mask image from its header, or (1024, 1024) for anything else (GeoJSON)."""
     try:
@@ -730,9 +463,7 @@ def _mask_probe_size(path: Path) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "points", None) or getattr(args, "boxes", None) or getattr(args, "merge_into", None):
-        import prompts
-
-        return prompts.run(args)
+        return run_prompts(args)
     use_dask = args.workers is not None or args.scheduler is not None
     if args.workers is not None and (args.scheduler is not None or args.workers < 0):
         raise UserError(f"--workers {args.workers}: must be 1 or more (no number: one per GPU), and not given "
@@ -760,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     utils.write_json(output_dir / "predict_config.json", {
         "model_path": options.model_path, "inputs": [str(p) for p in inputs], "tile_size": predictor.tile_size,
         "overlap": predictor.overlap, "mpp": options.mpp, "model_mpp": predictor.model_mpp,
-        "ensemble": options.ensemble, "batch_size": options.batch_size,
+        "ensemble": options.ensemble, "batch_size": predictor.batch_size if not use_dask else options.batch_size,
         "device": predictor.device if not use_dask else options.device or "auto (in each Dask worker)",
         "dask": {"workers": args.workers, "scheduler": args.scheduler} if use_dask else None,
         "amp": options.amp, "options": options.to_dict(), "postprocess": getattr(model_set, "postprocess", None),
@@ -770,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
     if use_dask:
         import dask_predict
 
-        outcomes = dask_predict.run_inputs(inputs, names, output_dir, options, workers=args.workers,
+        outcomes = dask_predict.run_inputs(inputs, names, output_dir, options, predict_one, workers=args.workers,
                                            scheduler=args.scheduler, torch_threads=getattr(args, "threads", None))
     else:
         outcomes = segment_images(predictor, inputs, names, output_dir, options)

@@ -32,7 +32,6 @@ per prompt: its id, area and predicted IoU, 0 / empty when it gave no mask).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import math
@@ -189,8 +188,8 @@ def load_prompt_net(model_path: str | Path, device: torch.device, pretrained: st
                     tile_size: int | None = None) -> PromptNet:
     """The official `mobile_sam.pt` (a plain state dict) or a `--head sam` checkpoint / CV folder."""
     import model as mobile_sam
+    import inference
     import nuclei_model
-    import predict
     import sam_decoder
 
     path = Path(model_path)
@@ -206,9 +205,9 @@ def load_prompt_net(model_path: str | Path, device: torch.device, pretrained: st
         if model_set.head != "sam":
             raise UserError(f"--model_path {path}: a --head {model_set.head} model has no prompt decoder; prompts "
                             f"need the official mobile_sam.pt or a model trained with --head sam")
-        net = nuclei_model.prepare_for_inference(predict.select_models(model_set, ensemble=False)[0])
-        window = tile_size or predict.model_tile_size(model_set)
-        scale = predict.network_scale(model_set)
+        net = nuclei_model.prepare_for_inference(inference.select_models(model_set, ensemble=False)[0])
+        window = tile_size or inference.model_tile_size(model_set)
+        scale = inference.network_scale(model_set)
         frame = nuclei_model.network_size(window, scale)[1]
         return PromptNet(net.encoder, net.head, frame, False, window, device, scale=scale)
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
@@ -264,8 +263,9 @@ def choose_window(extent: Sequence[float], starts_y: Sequence[int], starts_x: Se
 def segment_prompts(net: PromptNet, image: np.ndarray, prompts: Sequence[Prompt], overlap: int | None = None,
                     progress: bool = False) -> Iterator[PromptMask]:
     """One PromptMask per prompt (grouped by window, in prompt order inside a window)."""
-    import predict
     from tqdm import tqdm
+
+    import inference
 
     height, width = image.shape[:2]
     size = net.window
@@ -276,8 +276,8 @@ def segment_prompts(net: PromptNet, image: np.ndarray, prompts: Sequence[Prompt]
         pad_h, pad_w = max(size - height, 0), max(size - width, 0)
         padded = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric") if pad_h or pad_w else image
     overlap = size // 4 if overlap is None else int(overlap)
-    starts_y = predict.tile_starts(padded.shape[0], win_h, overlap)
-    starts_x = predict.tile_starts(padded.shape[1], win_w, overlap)
+    starts_y = inference.tile_starts(padded.shape[0], win_h, overlap)
+    starts_x = inference.tile_starts(padded.shape[1], win_w, overlap)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(prompts):
         extent = (p.coords[0], p.coords[1], p.coords[0], p.coords[1]) if p.kind == "point" else tuple(p.coords)
@@ -374,7 +374,7 @@ def read_merge_labels(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command (dispatched from predict.run)
+# Prompt files (read by the prompt mode of predict: `predict.run_prompts`)
 # ----------------------------------------------------------------------------------------------
 def load_prompts(points_path: str | None, boxes_path: str | None, shape: tuple[int, int]) -> list[Prompt]:
     prompts: list[Prompt] = []
@@ -389,58 +389,5 @@ def load_prompts(points_path: str | None, boxes_path: str | None, shape: tuple[i
     return prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    import predict
-
-    if not (args.points or args.boxes):
-        raise UserError("--merge_into: give the prompts with --points and/or --boxes")
-    if getattr(args, "mpp", None) is not None:
-        raise UserError("--mpp: not used in prompt mode (prompts are in the image's own pixels)")
-    if getattr(args, "ensemble", False):
-        raise UserError("--ensemble: not used in prompt mode (the fold model with the best validation score runs)")
-    if args.tile_size is not None and args.tile_size < 16:
-        raise UserError(f"--tile_size {args.tile_size}: must be at least 16 pixels")
-    inputs = predict.expand_inputs(args.input)
-    if len(inputs) != 1:
-        raise UserError(f"--input: prompt mode takes exactly one image (got {len(inputs)})")
-    image_path = inputs[0]
-    image = predict.read_image(image_path)
-    shape = image.shape[:2]
-    prompts = load_prompts(args.points, args.boxes, shape)
-    base = read_merge_labels(args.merge_into, shape) if args.merge_into else None
-    device = utils.select_device(args.device)
-    net = load_prompt_net(args.model_path, device, pretrained=args.pretrained, tile_size=args.tile_size)
-    overlap = net.window // 4 if args.overlap is None else args.overlap
-    if overlap < 0 or 2 * overlap > net.window:
-        raise UserError(f"--overlap {overlap}: must be between 0 and half the window ({net.window // 2})")
-    output_dir = utils.make_output_dir(args.output_dir)
-    name = predict.output_stems([image_path])[0]
-
-    labels, assigned = compose(segment_prompts(net, image, prompts, overlap, progress=True), shape, base)
-    predict.write_outputs(output_dir, name, image, labels, overlay=not args.no_overlay)
-    ids, counts = np.unique(labels[labels > (int(base.max()) if base is not None and base.size else 0)],
-                            return_counts=True)
-    area_of = dict(zip(ids.tolist(), counts.tolist()))
-    rows = []
-    for k, (pm, new_id) in enumerate(assigned, 1):
-        p = pm.prompt
-        c = [float(v) for v in p.coords]
-        rows.append({"prompt": k, "source": p.source, "kind": p.kind,
-                     "x": c[0] if p.kind == "point" else "", "y": c[1] if p.kind == "point" else "",
-                     "x0": c[0] if p.kind == "box" else "", "y0": c[1] if p.kind == "box" else "",
-                     "x1": c[2] if p.kind == "box" else "", "y1": c[3] if p.kind == "box" else "",
-                     "id": new_id, "area": int(area_of.get(new_id, 0)),
-                     "mask_area": pm.area, "iou_prediction": round(pm.iou, 6),
-                     "window_x": pm.window[1], "window_y": pm.window[0], "window_size": pm.window[3]})
-        if not new_id:
-            log.warning("%s: the decoder gave an empty mask for this %s (no instance written)", p.source, p.kind)
-    utils.write_csv(output_dir / f"{name}_prompts.csv", rows)
-    made = sum(1 for _, i in assigned if i)
-    print(f"{made} of {len(prompts)} prompt mask(s) written as instances"
-          f"{' merged into ' + str(args.merge_into) if base is not None else ''}: "
-          f"{(output_dir / (name + '_labels.tif')).resolve()} (per-prompt table: {name}_prompts.csv)")
-    return 0
-
-
 __all__ = ["read_points", "read_boxes", "check_inside", "PromptNet", "load_prompt_net", "Prompt", "PromptMask",
-           "segment_prompts", "compose", "read_merge_labels", "load_prompts", "run", "choose_window"]
+           "segment_prompts", "compose", "read_merge_labels", "load_prompts", "choose_window"]

@@ -458,9 +458,9 @@ class ImageSet:
                 self.images.append(image)
 
     def whole_maps(self, net: nn.Module, index: int, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
-        """Network maps of a whole image through `predict.image_maps` (tiles of the model's tile size at the
+        """Network maps of a whole image through `inference.image_maps` (tiles of the model's tile size at the
         model's pixel size; maps at that pixel size)."""
-        import predict
+        import inference
 
         model_set = nuclei_model.ModelSet([], self.config, {}, False, Path("."))
 
@@ -468,8 +468,8 @@ class ImageSet:
             return nuclei_model.predict_maps_batch([net], tiles, self.config["input_size"], device,
                                                    amp=self.config.get("amp", True))
 
-        fg, hv, _ = predict.image_maps(model_set, self.images[index], mpp=self.config.get("data_mpp"),
-                                       maps_fn=maps_fn, batch_size=max(1, int(self.config.get("batch_size", 1))))
+        fg, hv, _ = inference.image_maps(model_set, self.images[index], mpp=self.config.get("data_mpp"),
+                                         maps_fn=maps_fn, batch_size=max(1, int(self.config.get("batch_size", 1))))
         return fg, hv
 
     def __len__(self) -> int:

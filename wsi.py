@@ -7,8 +7,9 @@
    level closest to it that is not coarser): the "target grid" is level 0 scaled by
    `scale = slide mpp / model mpp`.
 2. Windows. The network windows (`tile_size`, `overlap` at the model's pixel size) lie on ONE global grid
-   over the target grid, the very grid `predict.stitch_maps` uses for a whole image, with the same blend
-   weights. A window runs only if it touches tissue (`tissue.TissueMask.touches`); skipped windows add
+   over the target grid, the very grid `inference.stitch_maps` uses for a whole image, with the same blend
+   weights and the same blending code (`inference.blend_windows`). Each window runs once: its maps are kept
+   until the last region that needs them (`run_regions`). A window runs only if it touches tissue (`tissue.TissueMask.touches`); skipped windows add
    nothing (their pixels get foreground 0).
 3. Regions. The target grid is cut into square regions (`--region_size`). A region's maps are stitched on its
    core plus a margin (`REGION_MARGIN`) from every window that covers a pixel of that area, so they are
@@ -26,7 +27,9 @@
 
 Memory: one region's arrays per stage (read-ahead, network, post-processing), the thumbnail-size tissue
 mask, the window flags (one byte per window) and the nuclei centroids for the overview, whatever the slide
-size. Re-running the same command skips a complete slide and continues an unfinished one (only the
+size, plus the maps of the windows that a later region still needs: those shared with the region below, two
+window rows across the tissue of the slide (3 x tile² float32 each: 3 MiB at 512; about 1.5 GiB for a slide
+100,000 pixels wide at the model's pixel size, on the device that computes the maps). Re-running the same command skips a complete slide and continues an unfinished one (only the
 regions not recorded in `state.json`); a change of any option that changes results, of the model or of
 the slide file starts the slide again; `--overwrite` always does.
 """
@@ -76,7 +79,7 @@ class Region:
 @dataclass
 class Geometry:
     """The target grid of a slide: `shape` (H, W) at the model's pixel size, `scale` target pixels per
-    level-0 pixel, window starts `ys`, `xs` (`predict.tile_starts`), `tile`, `overlap`."""
+    level-0 pixel, window starts `ys`, `xs` (`inference.tile_starts`), `tile`, `overlap`."""
     shape: tuple[int, int]
     scale: float
     ys: list[int]
@@ -86,7 +89,7 @@ class Geometry:
 
 
 def slide_geometry(dimensions: tuple[int, int], scale: float, tile: int, overlap: int, path: Path) -> Geometry:
-    import predict
+    import inference
 
     width0, height0 = dimensions
     height, width = int(round(height0 * scale)), int(round(width0 * scale))
@@ -94,8 +97,8 @@ def slide_geometry(dimensions: tuple[int, int], scale: float, tile: int, overlap
         raise UserError(f"{path}: level 0 is {width0} x {height0} pixels, smaller than one window "
                         f"({tile} pixels at the model's pixel size = {tile / scale:.0f} slide pixels); "
                         f"use a smaller --tile_size or convert it to a PNG/plain TIFF")
-    return Geometry((height, width), float(scale), predict.tile_starts(height, tile, overlap),
-                    predict.tile_starts(width, tile, overlap), int(tile), int(overlap))
+    return Geometry((height, width), float(scale), inference.tile_starts(height, tile, overlap),
+                    inference.tile_starts(width, tile, overlap), int(tile), int(overlap))
 
 
 def window_flags(geo: Geometry, tissue) -> np.ndarray:
@@ -143,82 +146,27 @@ def plan_regions(geo: Geometry, flags: np.ndarray, region_size: int, margin: int
 # Network part (this process)
 # ----------------------------------------------------------------------------------------------
 def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch_size: int,
-                  cache: dict | None = None, keep: set | None = None
-                  ) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended with the
-    global window weights of `predict.stitch_maps` (identical values to the whole-image maps there), and
-    the number of windows run. `cache` {(iy, ix): (fg, hv)} holds window maps computed for the previous
-    region (used, not run again); it is replaced by the maps of this region's windows in `keep` (those the
-    next region shares), so at most one band of windows is held."""
-    import predict
+                  cache: dict | None = None, keep=None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended by the engine
+    (`inference.blend_windows` with the global grid's weights: identical values to the whole-image maps of
+    `inference.stitch_maps` there), and the number of windows run. `cache` {(iy, ix): (fg, hv)} holds window
+    maps computed for earlier regions (used, not run again); the maps of this region's windows in `keep`
+    (those a later region needs) are added to it, and the caller drops them after their last region
+    (`run_regions`), so every window of the grid runs once."""
+    import inference
 
-    cache = {} if cache is None else cache
-    keep = set() if keep is None else keep
-    cy0, cx0, cy1, cx1 = region.crop
     by0, bx0 = region.box[:2]
-    h, w = cy1 - cy0, cx1 - cx0
-    fg_sum = np.zeros((h, w), np.float32)
-    w_sum = np.zeros((h, w), np.float32)
-    acc: dict = {"hv": None, "has_hv": None}
-    tile, overlap = geo.tile, geo.overlap
-    kept: dict = {}
+    tile = geo.tile
+    blender = inference.Blender(region.crop, geo.shape, tile, geo.overlap, inference.maps_device(maps_fn))
 
-    def add(iy: int, ix: int, fg, hv) -> None:
-        y, x = geo.ys[iy], geo.xs[ix]
-        if acc["has_hv"] is None:
-            acc["has_hv"] = hv is not None
-            if hv is not None:
-                acc["hv"] = np.zeros((2, h, w), np.float32)
-        weight = np.outer(predict.tile_weights(tile, y, tile, overlap, geo.shape[0]),
-                          predict.tile_weights(tile, x, tile, overlap, geo.shape[1]))
-        # the part of the window inside the crop
-        ty0, tx0 = max(cy0 - y, 0), max(cx0 - x, 0)
-        ty1, tx1 = min(cy1 - y, tile), min(cx1 - x, tile)
-        oy, ox = y + ty0 - cy0, x + tx0 - cx0
-        sl = (slice(oy, oy + ty1 - ty0), slice(ox, ox + tx1 - tx0))
-        wpart = weight[ty0:ty1, tx0:tx1]
-        fg_sum[sl] += wpart * np.asarray(fg, np.float32)[ty0:ty1, tx0:tx1]
-        w_sum[sl] += wpart
-        if acc["hv"] is not None:
-            acc["hv"][(slice(None),) + sl] += wpart[None] * np.asarray(hv, np.float32)[:, ty0:ty1, tx0:tx1]
-        if (iy, ix) in keep:
-            kept[(iy, ix)] = (fg, hv)
+    def pixels(key: tuple[int, int]) -> np.ndarray:
+        y, x = geo.ys[key[0]] - by0, geo.xs[key[1]] - bx0
+        return rgb[y:y + tile, x:x + tile]
 
-    # windows are added in raster order (as in `predict.stitch_maps`), whether cached or run, so the sums
-    # are bit-identical to the whole-image ones and do not depend on what an earlier run left in the cache
-    order = region.windows
-    todo = [key for key in order if key not in cache]
-    ready: dict = {}
-    position = 0
-
-    def drain() -> None:
-        nonlocal position
-        while position < len(order):
-            key = order[position]
-            if key in cache:
-                add(*key, *cache[key])
-            elif key in ready:
-                add(*key, *ready.pop(key))
-            else:
-                break
-            position += 1
-
-    for first in range(0, len(todo), max(batch_size, 1)):
-        batch = todo[first:first + max(batch_size, 1)]
-        tiles = [np.ascontiguousarray(rgb[geo.ys[iy] - by0:geo.ys[iy] - by0 + tile,
-                                          geo.xs[ix] - bx0:geo.xs[ix] - bx0 + tile]) for iy, ix in batch]
-        results = maps_fn(tiles)
-        if len(results) != len(tiles):
-            raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
-        ready.update(zip(batch, results))
-        drain()
-    drain()
-    cache.clear()
-    cache.update(kept)
-    w_sum = np.maximum(w_sum, 1e-12)
-    fg_map = fg_sum / w_sum
-    hv_map = None if acc["hv"] is None else acc["hv"] / w_sum[None]
-    return fg_map, hv_map, len(todo)
+    ran = inference.blend_windows(blender, region.windows, lambda key: (geo.ys[key[0]], geo.xs[key[1]]), pixels,
+                                  maps_fn, batch_size, cache, keep)
+    fg_map, hv_map = blender.maps()
+    return fg_map, hv_map, ran
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,22 +302,22 @@ def _tissue_mask(slide, options, mpp0: float):
 
 def predict_slide(predictor, path: Path, name: str, output_dir: Path, options,
                   on_region_done: Callable[[int], None] | None = None):
-    """Segment one slide into `output_dir` (see the module docstring); returns a `predict.Outcome`.
+    """Segment one slide into `output_dir` (see the module docstring); returns an `inference.Outcome`.
     A problem of this slide comes back as `Outcome(status="failed")`. `on_region_done(k)` is called after
     the k-th region of this run is recorded (tests use it to interrupt a run)."""
-    import predict
+    import inference
 
     start = time.time()
     try:
         return _predict_slide(predictor, Path(path), name, Path(output_dir), options, on_region_done, start)
     except Exception as e:
         log.debug("failed on %s", path, exc_info=True)
-        return predict.Outcome(str(path), name, "failed", error=predict.error_message(Path(path), e),
+        return inference.Outcome(str(path), name, "failed", error=inference.error_message(Path(path), e),
                                seconds=round(time.time() - start, 3), kind="slide")
 
 
 def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, on_region_done, start):
-    import predict
+    import inference
     import slides
 
     with slides.open_slide(path, mpp=options.mpp) as slide:
@@ -392,7 +340,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
                 state = None
         if state is not None and state.get("complete") and all(p.is_file() for p in outputs.values()):
             log.info("%s: already complete (pass --overwrite to redo it)", path)
-            return predict.Outcome(**dict(state["outcome"], status="skipped"))
+            return inference.Outcome(**dict(state["outcome"], status="skipped"))
         if state is None or state.get("complete"):
             if pdir.exists():
                 shutil.rmtree(pdir)
@@ -419,7 +367,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
     write_seconds = time.time() - t_write
     area = float(tissue_mask.area_mm2(mpp0))
-    outcome = predict.Outcome(
+    outcome = inference.Outcome(
         str(path), name, "ok", nuclei, height0, width0, round(time.time() - start, 3), kind="slide", mpp=mpp0,
         tissue_area_mm2=round(area, 6), nuclei_per_mm2=(round(nuclei / area, 3) if area > 0 else None),
         windows=int(timing["windows"]), read_seconds=round(timing["read"], 3),
@@ -480,7 +428,11 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     reads: deque = deque()
     pending: deque = deque()
     upcoming = iter(todo)
+    # window maps are kept from the region that runs them to the last region that needs them (the next one
+    # on the right, or the one below: at most about one region row of windows); each window runs once
+    last_use = {key: k for k, region in enumerate(todo) for key in region.windows}
     cache: dict = {}
+    batch_size = int(getattr(predictor, "batch_size", None) or options.batch_size or 1)
     done_count = 0
     bar = tqdm(total=len(todo), desc=f"{path.name} regions", unit="region", leave=False)
 
@@ -503,16 +455,17 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     try:
         for _ in range(max(1, int(options.read_threads)) + 1):
             read_next()
-        while reads:
+        for k in range(len(todo)):
             region, future = reads.popleft()
             rgb, seconds = future.result()
             read_next()
             timing["read"] += seconds
             t0 = time.time()
-            # window maps the next region (the right-hand neighbour) shares are kept for it
-            following = set(reads[0][0].windows) if reads else set()
-            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, int(options.batch_size), cache,
-                                        following)
+            later = {key for key in region.windows if last_use[key] > k}
+            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, batch_size, cache, later)
+            for key in region.windows:
+                if last_use[key] == k:
+                    cache.pop(key, None)
             timing["network"] += time.time() - t0
             timing["windows"] += ran
             (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop

@@ -91,13 +91,14 @@ def run_one(args: argparse.Namespace) -> None:
     from scipy import ndimage
 
     import dataset
+    import inference
     import predict
 
     torch.set_num_threads(max(1, args.threads))
     options = predict.PredictOptions(model_path=args.model, device=args.device, tissue_mask="auto",
                                      label_image=True, num_workers=args.num_workers, overwrite=True,
                                      region_size=args.region_size, batch_size=args.batch_size)
-    predictor = predict.load_predictor(options)
+    predictor = inference.load_predictor(options)
     network = predictor.maps_fn
 
     model_seconds = [0.0]

@@ -74,6 +74,7 @@ if __name__ != "__mp_main__":
     import model  # noqa: E402
     import nuclei_model  # noqa: E402
     import postprocess  # noqa: E402
+    import inference  # noqa: E402
     import predict  # noqa: E402
     import sample_data  # noqa: E402
     import utils  # noqa: E402
@@ -351,7 +352,7 @@ def bench_prediction(input_size: int, num_tiles: int, batch_size: int, num_worke
     net = nuclei_model.build_model(config, pretrained=None).to(device)
     pp = postprocess.PostprocessConfig().to_dict()
     model_set = nuclei_model.ModelSet([nuclei_model.Member(None, net, Path("random"))], config, pp, False, ROOT)
-    network = predict.model_maps_fn(model_set, device=device)
+    network = inference.model_maps_fn(model_set, device=device)
     network_seconds: list[float] = []
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -375,7 +376,7 @@ def bench_prediction(input_size: int, num_tiles: int, batch_size: int, num_worke
             start = time.perf_counter()
             options = predict.PredictOptions(model_path=str(ROOT), tile_size=tile, overlap=0, batch_size=batch_size,
                                              num_workers=workers, device=str(device))
-            predictor = predict.load_predictor(options, maps_fn=maps_fn, model_set=model_set)
+            predictor = inference.load_predictor(options, maps_fn=maps_fn, model_set=model_set)
             outcomes = predict.segment_images(predictor, inputs, names, tmp / mode, options)
             wall = time.perf_counter() - start
             failed = [o.error for o in outcomes if o.status != "ok"]

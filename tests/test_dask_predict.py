@@ -27,6 +27,7 @@ import pytest
 import dask_predict
 import dataset
 import main
+import inference
 import predict
 import sample_data
 import utils
@@ -119,14 +120,17 @@ def test_model_loaded_once_per_process(monkeypatch):
     options replace it (one model held at a time)."""
     loads = []
     dask_predict.forget_predictor()
-    monkeypatch.setattr(predict, "load_predictor", lambda options: loads.append(options) or f"model {len(loads)}")
-    monkeypatch.setattr(predict, "predict_one", lambda predictor, path, name, out, options: (predictor, name))
+    monkeypatch.setattr(inference, "load_predictor", lambda options: loads.append(options) or f"model {len(loads)}")
+
+    def segment(predictor, path, name, out, options):
+        return predictor, name
+
     options = predict.PredictOptions(model_path="m.pth", device="cpu", num_workers=0)
-    got = [dask_predict.predict_input(f"/in/{n}.svs", n, "/out", options) for n in ("a", "b", "c")]
+    got = [dask_predict.predict_input(f"/in/{n}.svs", n, "/out", options, segment) for n in ("a", "b", "c")]
     assert got == [("model 1", "a"), ("model 1", "b"), ("model 1", "c")] and len(loads) == 1
     other = predict.PredictOptions(model_path="m.pth", device="cpu", num_workers=0, ensemble=True)
-    assert dask_predict.predict_input("/in/d.svs", "d", "/out", other) == ("model 2", "d")
-    assert dask_predict.predict_input("/in/e.svs", "e", "/out", other) == ("model 2", "e") and len(loads) == 2
+    assert dask_predict.predict_input("/in/d.svs", "d", "/out", other, segment) == ("model 2", "d")
+    assert dask_predict.predict_input("/in/e.svs", "e", "/out", other, segment) == ("model 2", "e") and len(loads) == 2
     dask_predict.forget_predictor()
 
 
@@ -146,14 +150,14 @@ def test_two_workers_same_outputs_as_sequential(study, two_cores, tmp_path, caps
     assert config["dask"] == {"workers": 2, "scheduler": None}
 
 
-def kill_once_task(path: str, name: str, output_dir: str, options):
+def kill_once_task(path: str, name: str, output_dir: str, options, segment):
     """A task that kills its own worker process (SIGKILL, as the OOM killer would) the first time it holds
     slide1, then works normally; importable on the workers (this module is on their sys.path)."""
     marker = Path(output_dir).parent / f"killed-{name}"
     if name == "slide1" and not marker.exists():
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
-    return dask_predict.predict_input(path, name, output_dir, options)
+    return dask_predict.predict_input(path, name, output_dir, options, segment)
 
 
 def test_killed_worker_redone(study, two_cores, tmp_path):
@@ -165,7 +169,8 @@ def test_killed_worker_redone(study, two_cores, tmp_path):
     inputs = predict.expand_inputs(args.input)
     names = predict.output_stems(inputs)
     (tmp_path / "out").mkdir()
-    outcomes = dask_predict.run_inputs(inputs, names, tmp_path / "out", options, workers=2, task=kill_once_task,
+    outcomes = dask_predict.run_inputs(inputs, names, tmp_path / "out", options, predict.predict_one, workers=2,
+                                       task=kill_once_task,
                                        dashboard_address=None, progress=False)
     assert (tmp_path / "killed-slide1").is_file(), "the worker was not killed"
     assert {o.name: o.status for o in outcomes} == {"corrupt": "failed", **{n: "ok" for n in SLIDES}}

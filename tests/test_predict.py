@@ -23,6 +23,7 @@ import export
 import main
 import metrics
 import postprocess
+import inference
 import predict
 import utils
 
@@ -70,7 +71,7 @@ def test_tiled_equals_untiled(slide):
     image, truth = slide
     fg, hv = pure_maps([image])[0]
     untiled = postprocess.postprocess(fg, hv, postprocess.PostprocessConfig.from_dict(PP))
-    tiled = predict.predict_image(None, image, 256, 64, maps_fn=pure_maps, postprocess=PP, batch_size=7)
+    tiled = inference.predict_image(None, image, 256, 64, maps_fn=pure_maps, postprocess=PP, batch_size=7)
     assert tiled.shape == image.shape[:2] and tiled.dtype == np.int32
     m, iou = _matched_iou(untiled, tiled)
     assert abs(m["num_pred"] - m["num_true"]) <= 0.01 * m["num_true"]
@@ -78,7 +79,7 @@ def test_tiled_equals_untiled(slide):
     m_truth, iou_truth = _matched_iou(truth, tiled)  # and it is the right answer
     assert m_truth["num_pred"] == int(truth.max()) and iou_truth > 0.99
     # control: without overlap, nuclei cut by tile borders are split in two (the test can fail)
-    no_overlap = predict.predict_image(None, image, 256, 0, maps_fn=pure_maps, postprocess=PP)
+    no_overlap = inference.predict_image(None, image, 256, 0, maps_fn=pure_maps, postprocess=PP)
     assert metrics.instance_metrics(untiled, no_overlap)["fp"] > 20
     # one GeoJSON polygon per instance
     collection = json.loads(json.dumps(export.labels_to_geojson(tiled)))
@@ -91,10 +92,10 @@ def test_tiled_equals_untiled(slide):
 def test_tiles_cover_with_positive_weight(length):
     tile, overlap = 64, 16
     total = np.zeros(max(length, tile))
-    for start in predict.tile_starts(max(length, tile), tile, overlap):
-        total[start:start + tile] += predict.tile_weights(tile, start, tile, overlap, max(length, tile))
+    for start in inference.tile_starts(max(length, tile), tile, overlap):
+        total[start:start + tile] += inference.tile_weights(tile, start, tile, overlap, max(length, tile))
     assert total.min() > 0.05
-    starts = predict.tile_starts(max(length, tile), tile, overlap)
+    starts = inference.tile_starts(max(length, tile), tile, overlap)
     assert starts[0] == 0 and starts[-1] + tile == max(length, tile)
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
 
@@ -107,11 +108,11 @@ def test_small_image_and_mpp_rescaling():
         seen.extend(t.shape for t in tiles)
         return pure_maps(tiles)
 
-    labels = predict.predict_image(None, image, 128, 32, maps_fn=maps, postprocess=PP)
+    labels = inference.predict_image(None, image, 128, 32, maps_fn=maps, postprocess=PP)
     assert labels.shape == (150, 110) and set(seen) == {(128, 128, 3)}
     seen.clear()
     # input at 0.5 µm/px, model at NuInsSeg's 0.25: the image is doubled for the network, output at input size
-    doubled = predict.predict_image(None, image, 128, 32, mpp=2 * dataset.NUINSSEG_MPP, maps_fn=maps, postprocess=PP)
+    doubled = inference.predict_image(None, image, 128, 32, mpp=2 * dataset.NUINSSEG_MPP, maps_fn=maps, postprocess=PP)
     assert doubled.shape == (150, 110) and len(seen) > 4
     m, iou = _matched_iou(truth, doubled)
     assert m["num_pred"] == int(truth.max()) and iou > 0.8
@@ -132,10 +133,10 @@ def test_arrays_follow_the_file_readers_alpha_and_depth_policy():
         seen.extend(tiles)
         return pure_maps(tiles)
 
-    predict.predict_image(None, rgba, 64, 16, maps_fn=maps, postprocess=PP)
+    inference.predict_image(None, rgba, 64, 16, maps_fn=maps, postprocess=PP)
     assert np.array_equal(seen[0], composited)
     with pytest.raises(utils.UserError, match="16-bit"):
-        predict.predict_image(None, rgba[..., :3].astype(np.uint16) * 257, 64, 16, maps_fn=pure_maps, postprocess=PP)
+        inference.predict_image(None, rgba[..., :3].astype(np.uint16) * 257, 64, 16, maps_fn=pure_maps, postprocess=PP)
 
 
 def test_read_image_variants(tmp_path):

@@ -2,7 +2,7 @@
 
 The network here is a deterministic, scale-sensitive stand-in (`SizeTunedNet`): like a real model it only
 finds nuclei of the size it was "trained" on, measured in NETWORK pixels (dark blobs whose area in the
-network's input lies in a band). It runs behind the real `predict.model_maps_fn` (resizing, padding to a
+network's input lies in a band). It runs behind the real `inference.model_maps_fn` (resizing, padding to a
 multiple of 64, cropping, resizing back), so the test exercises the code that decides the scale. Before the
 fix a 384-pixel window was squeezed into the 512-pixel input of a model trained on 256-pixel tiles
 (1.5x smaller nuclei), the small discs fell out of the band and the counts differed by ~40 %.
@@ -20,7 +20,7 @@ import dataset
 import metrics
 import nuclei_model
 import postprocess
-import predict
+import inference
 from test_predict import synthetic_slide
 
 PP = postprocess.PostprocessConfig().to_dict()
@@ -69,16 +69,16 @@ def test_tile_size_does_not_change_the_magnification():
     # discs of radius 5-9 px; model trained on 256-pixel tiles at input 512 (2x): 314-1018 network px²
     image, truth = synthetic_slide(1024, 1536, seed=4)
     model_set = fake_model_set(SizeTunedNet(250, 1400), input_size=512, train_tile=256)
-    assert predict.network_scale(model_set) == 2.0
-    maps_fn = predict.model_maps_fn(model_set, device=torch.device("cpu"), amp=False)
+    assert inference.network_scale(model_set) == 2.0
+    maps_fn = inference.model_maps_fn(model_set, device=torch.device("cpu"), amp=False)
     seen = []
 
     def recording(tiles):
         seen.append(tiles[0].shape[0])
         return maps_fn(tiles)
 
-    a = predict.predict_image(model_set, image, 256, 64, maps_fn=recording, postprocess=PP, batch_size=8)
-    b = predict.predict_image(model_set, image, 384, 128, maps_fn=recording, postprocess=PP, batch_size=8)
+    a = inference.predict_image(model_set, image, 256, 64, maps_fn=recording, postprocess=PP, batch_size=8)
+    b = inference.predict_image(model_set, image, 384, 128, maps_fn=recording, postprocess=PP, batch_size=8)
     assert set(seen) == {256, 384}
     n_true, n_a, n_b = int(truth.max()), len(np.unique(a)) - 1, len(np.unique(b)) - 1
     m = metrics.instance_metrics(a, b)
@@ -88,5 +88,5 @@ def test_tile_size_does_not_change_the_magnification():
     assert metrics.instance_metrics(truth, a)["pq"] > 0.9
     # control: the same network fed at the wrong magnification (the old behaviour) misses the small discs
     old_fn = lambda tiles: nuclei_model.predict_maps_batch(model_set.models, tiles, 512, "cpu", amp=False)
-    old = predict.predict_image(model_set, image, 384, 128, maps_fn=old_fn, postprocess=PP, batch_size=8)
+    old = inference.predict_image(model_set, image, 384, 128, maps_fn=old_fn, postprocess=PP, batch_size=8)
     assert len(np.unique(old)) - 1 < 0.8 * n_a

@@ -30,7 +30,7 @@ def golden(reference_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def decoder(golden) -> torch.nn.Module:
-    return model.load_mobile_sam_decoder(golden["weights"])
+    return sam_decoder.load_mobile_sam_decoder(golden["weights"])
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_missing_key_names_file_and_key(reference_state, tmp_path):
     path = tmp_path / "missing.pt"
     torch.save(state, path)
     with pytest.raises(UserError, match=r"missing\.pt.*missing key 'mask_decoder\.transformer\.layers\.1\.norm4\.bias'"):
-        model.load_mobile_sam_decoder(path)
+        sam_decoder.load_mobile_sam_decoder(path)
 
 
 def test_misshaped_key_names_key_and_shapes(reference_state, tmp_path):
@@ -120,7 +120,7 @@ def test_misshaped_key_names_key_and_shapes(reference_state, tmp_path):
     path = tmp_path / "misshaped.pt"
     torch.save(state, path)
     with pytest.raises(UserError) as err:
-        model.load_mobile_sam_decoder(path)
+        sam_decoder.load_mobile_sam_decoder(path)
     msg = str(err.value)
     assert "\n" not in msg and "misshaped.pt" in msg
     assert "positional_encoding_gaussian_matrix" in msg and "(2, 64)" in msg and "(2, 128)" in msg
@@ -132,12 +132,12 @@ def test_unexpected_and_foreign_files(reference_state, tmp_path):
     path = tmp_path / "extra.pt"
     torch.save(state, path)
     with pytest.raises(UserError, match=r"extra\.pt.*unexpected key 'mask_decoder\.extra\.weight'"):
-        model.load_mobile_sam_decoder(path)
+        sam_decoder.load_mobile_sam_decoder(path)
     encoder_only = {k: v for k, v in reference_state.items() if k.startswith("image_encoder.")}
     path = tmp_path / "encoder_only.pt"
     torch.save(encoder_only, path)
     with pytest.raises(UserError, match=r"encoder_only\.pt.*prompt_encoder"):
-        model.load_mobile_sam_decoder(path)
+        sam_decoder.load_mobile_sam_decoder(path)
 
 
 def test_other_grid_sizes_run():

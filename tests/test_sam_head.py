@@ -67,7 +67,7 @@ def test_head_is_the_decoder_without_prompts_upsampled(weights, size, one_torch_
     with torch.no_grad():
         out = net(x)
         emb = net.encoder(mobile_sam.normalize_image(x))
-        decoder = mobile_sam.load_mobile_sam_decoder(weights)
+        decoder = sam_decoder.load_mobile_sam_decoder(weights)
         low, iou = decoder(emb)
         ref = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     assert set(out) == {"foreground"} and out["foreground"].shape == (2, 1, size, size)

@@ -16,6 +16,7 @@ import tifffile
 import dataset
 import main
 import metrics
+import inference
 import predict
 import sample_data
 import utils
@@ -31,7 +32,7 @@ def _options(**kw) -> predict.PredictOptions:
 
 
 def _predictor(options, maps_fn=pure_maps):
-    predictor = predict.load_predictor(options, maps_fn=maps_fn)
+    predictor = inference.load_predictor(options, maps_fn=maps_fn)
     predictor.postprocess = dict(PP)
     return predictor
 
@@ -55,7 +56,7 @@ def test_slide_path_equals_whole_image_path(small_slide, tmp_path):
     assert outcome.status == "ok", outcome.error
     labels = tifffile.imread(tmp_path / "small_labels.tif")
     assert labels.shape == image.shape[:2] and labels.dtype == np.uint32
-    whole = predict.predict_image(None, image, 256, 64, maps_fn=pure_maps, postprocess=PP)
+    whole = inference.predict_image(None, image, 256, 64, maps_fn=pure_maps, postprocess=PP)
     m = metrics.instance_metrics(whole, labels)
     assert m["num_pred"] == m["num_true"] == outcome.nuclei and m["fp"] == 0 and m["fn"] == 0
     assert m["iou_sum"] / m["tp"] > 0.99
@@ -89,7 +90,7 @@ def test_region_maps_are_the_whole_image_maps_bit_for_bit(small_slide):
     import tissue
 
     path, image, _ = small_slide
-    fg, hv = predict.stitch_maps(image, 256, 64, pure_maps, batch_size=5)
+    fg, hv = inference.stitch_maps(image, 256, 64, pure_maps, batch_size=5)
     with slides.open_slide(path) as slide:
         geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
         regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
@@ -150,7 +151,7 @@ def test_slide_at_another_pixel_size_is_read_at_the_models(tmp_path):
     assert outcome.status == "ok", outcome.error
     labels = tifffile.imread(tmp_path / "half_labels.tif")
     assert labels.shape == (450, 400) and outcome.mpp == pytest.approx(0.5)
-    whole = predict.predict_image(None, small, 256, 64, mpp=0.5, maps_fn=pure_maps, postprocess=PP)
+    whole = inference.predict_image(None, small, 256, 64, mpp=0.5, maps_fn=pure_maps, postprocess=PP)
     m = metrics.instance_metrics(whole, labels)
     assert abs(m["num_pred"] - m["num_true"]) <= 0.02 * m["num_true"] and m["iou_sum"] / m["tp"] > 0.85
     rows = utils.read_csv(tmp_path / "half_nuclei.csv")
@@ -226,11 +227,11 @@ def test_real_network_on_the_real_sample_mosaic(real_sample_dir, tmp_path, one_t
     nuclei_model.save_checkpoint(model_path, net, config, dict(PP), fold=0, epoch=1, val={"pq": 0.1}, monitor="pq")
     options = predict.PredictOptions(model_path=str(model_path), device="cpu", tissue_mask="none",
                                      label_image=True, num_workers=0, region_size=2048, batch_size=8)
-    predictor = predict.load_predictor(options)
+    predictor = inference.load_predictor(options)
     assert predictor.tile_size == 512 and predictor.overlap == 128
-    fg, hv, _ = predict.image_maps(predictor.model_set, image, 512, 128, maps_fn=predictor.maps_fn, batch_size=8)
+    fg, hv, _ = inference.image_maps(predictor.model_set, image, 512, 128, maps_fn=predictor.maps_fn, batch_size=8)
     settings = dict(PP, fg_threshold=float(np.percentile(fg, 70)))
-    whole = predict.labels_from_maps(fg, hv, settings, image.shape[:2])
+    whole = inference.labels_from_maps(fg, hv, settings, image.shape[:2])
     del fg, hv
     predictor.postprocess = settings
     outcome = wsi.predict_slide(predictor, path, "mosaic", tmp_path, options)
