@@ -96,11 +96,12 @@ def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def maps_device(maps_fn):
-    """The torch device a maps function's maps live on: `maps_fn.device` for one that computes on a device
-    (`NetworkMaps`, or anything with a `device_maps` method), else the CPU (a function returning numpy maps)."""
+    """The torch device where a maps function's maps are blended: `maps_fn.device` for one that keeps its maps
+    there (`keep_on_device` true and a `device_maps` method: `NetworkMaps` on an accelerator), else the CPU (a
+    function returning numpy maps)."""
     import torch
 
-    if getattr(maps_fn, "device_maps", None) is not None and getattr(maps_fn, "device", None) is not None:
+    if getattr(maps_fn, "keep_on_device", False) and getattr(maps_fn, "device_maps", None) is not None:
         return torch.device(maps_fn.device)
     return torch.device("cpu")
 
@@ -184,13 +185,14 @@ def blend_windows(blender: Blender, windows: Sequence, position: Callable, pixel
     `position(key)` is the window's (y, x) in the blender's grid, `pixels(key)` its uint8 RGB tile. Windows in
     `cache` {key: (fg, hv)} are not run again; the maps of run windows whose key is in `keep` are added to
     `cache` (the caller drops what no later call needs). Windows are added in the order of `windows`, whether
-    cached or run, so the sums never depend on the cache. A maps function with a `device_maps` method on a
-    non-CPU device is given the tiles through it (maps stay on the device); any other is called with the
-    list of tiles and returns numpy maps. Returns the number of windows run."""
+    cached or run, so the sums never depend on the cache. A maps function that keeps its maps on its device
+    (`keep_on_device`: `NetworkMaps` on an accelerator) is given the tiles through `device_maps`; any other is
+    called with the list of tiles and returns numpy maps. Returns the number of windows run."""
     cache = {} if cache is None else cache
     keep = () if keep is None else keep
     step = max(int(batch_size or 1), 1)
-    device_fn = getattr(maps_fn, "device_maps", None) if blender.device.type != "cpu" else None
+    keep_on_device = getattr(maps_fn, "keep_on_device", False) and getattr(maps_fn, "device_maps", None) is not None
+    device_fn = maps_fn.device_maps if keep_on_device else None
     todo = [key for key in windows if key not in cache]
     ready: dict = {}
     position_in_order = 0
@@ -334,13 +336,16 @@ class NetworkMaps:
     are stacked in pinned host memory and copied on a side CUDA stream (`non_blocking`, so the copy of the
     next batch overlaps the network on this one), resized to the network input there (bilinear, antialiased
     when shrinking, rounded to 0..255 as PIL does), mirror-padded to a multiple of 64, run, and the maps
-    resized back on the device; returns (fg (B, H, W), hv (B, 2, H, W) | None) device tensors."""
+    resized back on the device; returns (fg (B, H, W), hv (B, 2, H, W) | None) device tensors.
+    `keep_on_device` (default: on any device but the CPU) makes the engine use `device_maps` and blend on the
+    device; on the CPU it is off, so the CPU path is today's numpy one (tests turn it on to check it there)."""
 
     def __init__(self, models: list, scale: float, device, amp: bool = True, multiple: int = 64) -> None:
         import torch
 
         self.models, self.scale, self.amp, self.multiple = list(models), float(scale), bool(amp), int(multiple)
         self.device = torch.device(device)
+        self.keep_on_device = self.device.type != "cpu"
         self._copy_stream = None
 
     def __call__(self, tiles: list) -> list:
@@ -452,23 +457,37 @@ def probe_batch_size(maps_fn, tile: int, largest: int = PROBE_LARGEST, gain: flo
     while size <= largest:
         try:
             maps_fn.device_maps(tiles[:size])  # warm-up (kernel choice, allocator)
-            torch.cuda.synchronize(device)
+            _synchronize(device)
             start = time.perf_counter()
             for _ in range(repeats):
                 maps_fn.device_maps(tiles[:size])
-            torch.cuda.synchronize(device)
+            _synchronize(device)
             rate = size * repeats / max(time.perf_counter() - start, 1e-9)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            _empty_cache(device)
             break
         rates[size] = round(rate, 1)
         if rate <= best_rate * gain:
             break
         best, best_rate = size, rate
         size *= 2
-    torch.cuda.empty_cache()
+    _empty_cache(device)
     log.info("batch size %d on %s (windows/s by batch: %s)", best, device, rates)
     return best
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def default_num_workers(device) -> int:
