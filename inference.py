@@ -363,12 +363,12 @@ class NetworkMaps:
             return host.to(self.device)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device=self.device)
-        host = host.pin_memory()
+        host = host.pin_memory()  # the caching host allocator keeps it until the copy is done
         current = torch.cuda.current_stream(self.device)
-        self._copy_stream.wait_stream(current)  # the copy must not overtake the work it follows
+        # the copy runs on its own stream, so it does not wait for the network still busy on the previous batch
         with torch.cuda.stream(self._copy_stream):
             batch = host.to(self.device, non_blocking=True)
-        current.wait_stream(self._copy_stream)
+        current.wait_stream(self._copy_stream)  # the network on this batch waits for its copy only
         batch.record_stream(current)  # the caching allocator keeps it until the network has read it
         return batch
 

@@ -1,19 +1,37 @@
-"""Whole-slide inference: peak memory against slide size, seconds per mm² of tissue, windows per second, and the
-read / network / post-processing / writing split (issue 10, points 5 and 10).
+"""Whole-slide inference: peak memory against slide size, seconds per mm² of tissue, windows per second, the
+read / network / post-processing / writing split (issue 10, points 5 and 10), old code against new (issue 17,
+point 6) and the pipeline on a simulated accelerator (issue 17, point 5).
 
-    python bench/bench_wsi.py [--sizes 4096,16384] [--input_size 128] [--device cpu] [--num_workers 1]
-                              [--region_size 2048] [--out bench_wsi_output] [--markdown]
+    python bench/bench_wsi.py [--sizes 4096,16384] [--input_sizes 128] [--device cpu] [--num_workers N]
+                              [--batch_size N] [--region_size 2048] [--out DIR] [--code OLD_TREE NEW_TREE]
+                              [--repeats 1] [--network_probe] [--simulate] [--sim_size 4096]
+                              [--sim_latency 0.1] [--sim_batch 8] [--sim_workers 1,2,4]
 
 For each size a synthetic slide (0.25 µm/px, an elliptical piece of tissue on a white background, tiled
 pyramidal TIFF written tile by tile with `sample_data.write_pyramidal_tiff_from_tiles`, never whole in memory)
 is segmented by `predict.predict_one` in a fresh subprocess, with the real network (random weights, the
-configuration given: `--input_size` on 512-pixel training tiles) and the default window (512 / 128). A random
-network finds almost no nuclei, which would make post-processing and writing look free, so after the network
-has run on a window its maps are replaced by maps of the window's dark pixels (their HV maps from
+configuration given: each `--input_sizes` on 512-pixel training tiles) and the default window (512 / 128).
+A random network finds almost no nuclei, which would make post-processing and writing look free, so after
+the network has run on a window its maps are replaced by maps of the window's dark pixels (their HV maps from
 `dataset.hv_targets`): post-processing and writing then do the work of a slide full of nuclei. The label image
-is written too (`--label_image`). `network_s` is the network stage of the pipeline (stitching included, and here
-the replacement maps); `model_s` the time inside the network itself. Peak memory is the largest total resident set of the subprocess and its
-children (post-processing workers), sampled every 0.1 s with psutil. Timings on a shared machine are noisy.
+is written too (`--label_image`). `network_s` is the network stage of the pipeline (stitching included, and
+here the replacement maps, whose time is `replace_s`); `model_s` the time inside the network itself. Peak
+memory is the largest total resident set of the subprocess and its children (post-processing workers),
+sampled every 0.1 s with psutil. `--batch_size` / `--num_workers` not given: each code tree's own defaults.
+
+`--code OLD NEW` runs each code tree's `predict` (the subprocess puts that tree first on its path; for an older
+commit: `git worktree add /tmp/engine/old 487c4a1`), interleaved (old, new, old, new ... per repeat), and
+prints per tree seconds per mm², the stage split, windows run against the windows of the slide's grid that
+touch tissue (`grid_windows`, from this tree's `tissue` / `wsi` code). `--network_probe` (the last tree only):
+before the slide the bare network is timed on the slide's own windows at batch 1, 2, 4 and 8; `best_s_per_window`
+is the fastest, and `stage_ratio` = (network stage - replacement maps) / (windows x best_s_per_window).
+
+`--simulate` (this tree only): a stand-in accelerator. A first, untimed pass computes the dark-pixel maps of
+every window of a `--sim_size` slide; the timed passes return them (looked up by the window's pixels) after
+sleeping `--sim_latency` seconds per batch of `--sim_batch` windows, so the CPU is free while the "device"
+works. One pass per `--sim_workers` count; the table gives the slide time against max(network-bound time =
+batches x latency, CPU-side time (read + post-processing + writing) / workers), and against the same with
+workers capped at the usable cores. Timings on a shared machine are noisy.
 """
 from __future__ import annotations
 
@@ -85,47 +103,150 @@ def make_model(path: Path, input_size: int) -> None:
                                  val={"pq": 0.0}, monitor="pq")
 
 
-def run_one(args: argparse.Namespace) -> None:
-    """The measured process: load the model, segment one slide, print the Outcome as JSON."""
-    import torch
+def _probe_network(network, tiles: list, sizes=(1, 2, 4, 8)) -> dict:
+    """Seconds per window of the bare maps function at each batch size (one warm-up call first)."""
+    network(tiles[:1])
+    out = {}
+    for size in sizes:
+        calls = max(1, 4 // size)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            network(tiles[:size])
+        out[size] = (time.perf_counter() - t0) / (calls * size)
+    return out
+
+
+def _dark_maps(tile: np.ndarray):
     from scipy import ndimage
 
     import dataset
-    import inference
+
+    dark = tile.mean(axis=2) < 120
+    return dark.astype(np.float32), dataset.hv_targets(ndimage.label(dark)[0])
+
+
+def _options(predict, args, **extra):
+    kw = dict(model_path=args.model, device=args.device, tissue_mask="auto", label_image=True, overwrite=True,
+              region_size=args.region_size)
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
+    if args.num_workers is not None:
+        kw["num_workers"] = args.num_workers
+    kw.update(extra)
+    return predict.PredictOptions(**kw)
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """The measured process: load the model, segment one slide, print the Outcome as JSON."""
+    sys.path.insert(0, str(Path(args.tree).resolve()))
+    import torch
+
     import predict
 
     torch.set_num_threads(max(1, args.threads))
-    options = predict.PredictOptions(model_path=args.model, device=args.device, tissue_mask="auto",
-                                     label_image=True, num_workers=args.num_workers, overwrite=True,
-                                     region_size=args.region_size, batch_size=args.batch_size)
-    predictor = inference.load_predictor(options)
+    options = _options(predict, args)
+    predictor = predict.load_predictor(options)
     network = predictor.maps_fn
+    extra = {"batch_size": getattr(predictor, "batch_size", options.batch_size),
+             "num_workers": predictor.num_workers}
+    if args.network_probe:
+        import slides
 
-    model_seconds = [0.0]
+        with slides.open_slide(args.slide) as slide:
+            w, h = slide.dimensions
+            rgb = slide.read_scaled((w // 2 - 1024, h // 2 - 1024, 2048, 2048), 1.0)
+        tile = predictor.tile_size
+        tiles = [np.ascontiguousarray(rgb[y:y + tile, x:x + tile]) for y in (0, 768, 1536 - 128)
+                 for x in (0, 768, 1536 - 128)][:8]
+        per_window = _probe_network(network, tiles)
+        extra["s_per_window_by_batch"] = {str(k): round(v, 4) for k, v in per_window.items()}
+        extra["best_s_per_window"] = min(per_window.values())
+
+    spent = {"model": 0.0, "replace": 0.0}
 
     def maps_fn(tiles):
         t0 = time.perf_counter()
         network(tiles)  # the real network's work; its maps are replaced (see the module docstring)
-        model_seconds[0] += time.perf_counter() - t0
-        out = []
-        for tile in tiles:
-            dark = tile.mean(axis=2) < 120
-            out.append((dark.astype(np.float32), dataset.hv_targets(ndimage.label(dark)[0])))
+        t1 = time.perf_counter()
+        out = [_dark_maps(tile) for tile in tiles]
+        spent["model"] += t1 - t0
+        spent["replace"] += time.perf_counter() - t1
         return out
 
     predictor.maps_fn = maps_fn
     outcome = predict.predict_one(predictor, Path(args.slide), Path(args.slide).stem, Path(args.output), options)
-    print("OUTCOME " + json.dumps(dict(vars(outcome), model_seconds=model_seconds[0])))
+    print("OUTCOME " + json.dumps(dict(vars(outcome), model_seconds=spent["model"], replace_seconds=spent["replace"],
+                                       **extra)))
 
 
-def measure(cmd: list[str]) -> tuple[dict, float, float]:
-    """Run `cmd`, sampling the total RSS of it and its children; (outcome, peak MiB, seconds)."""
+def run_simulated(args: argparse.Namespace) -> None:
+    """The simulated accelerator (see the module docstring); prints one JSON row per worker count."""
+    import hashlib
+
+    import predict
+
+    maps: dict = {}
+
+    def key(tile: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(tile).tobytes(), digest_size=16).digest()
+
+    def precompute(tiles):
+        out = []
+        for tile in tiles:
+            m = maps.setdefault(key(tile), _dark_maps(tile))
+            out.append(m)
+        return out
+
+    calls = [0]
+
+    def device(tiles):
+        calls[0] += 1
+        time.sleep(args.sim_latency)  # the device works; this process's CPU is free
+        return [maps[key(tile)] for tile in tiles]
+
+    import nuclei_model
+
+    model_set = nuclei_model.load_model_set(Path(args.model), "cpu")  # window, pixel size, post-processing
+    options = _options(predict, args, batch_size=args.sim_batch, num_workers=0)
+    predictor = predict.load_predictor(options, maps_fn=precompute, model_set=model_set)
+    predict.predict_one(predictor, Path(args.slide), "warmup", Path(args.output), options)
+    cores = _usable_cores()
+    for workers in [int(w) for w in args.sim_workers.split(",")]:
+        options = _options(predict, args, batch_size=args.sim_batch, num_workers=workers)
+        predictor = predict.load_predictor(options, maps_fn=device, model_set=model_set)
+        calls[0] = 0
+        outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options)
+        if outcome.status != "ok":
+            raise SystemExit(outcome.error)
+        network_bound = calls[0] * args.sim_latency
+        cpu_side = outcome.read_seconds + outcome.postprocess_seconds + outcome.write_seconds
+        bound = max(network_bound, cpu_side / workers)
+        bound_cores = max(network_bound, cpu_side / min(workers, cores))
+        print("SIM " + json.dumps({
+            "workers": workers, "windows": outcome.windows, "batches": calls[0], "nuclei": outcome.nuclei,
+            "slide_s": outcome.seconds, "network_stage_s": outcome.network_seconds,
+            "network_bound_s": round(network_bound, 2), "read_s": outcome.read_seconds,
+            "postprocess_s": outcome.postprocess_seconds, "write_s": outcome.write_seconds,
+            "cpu_side_s": round(cpu_side, 2), "bound_s": round(bound, 2), "ratio": round(outcome.seconds / bound, 2),
+            "bound_cores_s": round(bound_cores, 2), "ratio_cores": round(outcome.seconds / bound_cores, 2)}),
+            flush=True)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def measure(cmd: list[str], cwd: Path | None = None, tag: str = "OUTCOME ") -> tuple[list, float, float]:
+    """Run `cmd`, sampling the total RSS of it and its children; (JSON of the lines starting with `tag`, peak
+    MiB, seconds)."""
     import psutil
 
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=cwd,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -137,23 +258,55 @@ def measure(cmd: list[str]) -> tuple[dict, float, float]:
         time.sleep(0.1)
     out = proc.stdout.read()
     seconds = time.time() - start
-    line = next((ln for ln in out.splitlines() if ln.startswith("OUTCOME ")), None)
-    if proc.returncode or line is None:
+    lines = [json.loads(ln[len(tag):]) for ln in out.splitlines() if ln.startswith(tag)]
+    if proc.returncode or not lines:
         raise SystemExit(f"measured run failed ({proc.returncode}): {out[-2000:]}")
-    return json.loads(line[len("OUTCOME "):]), peak / 2 ** 20, seconds
+    return lines, peak / 2 ** 20, seconds
+
+
+def grid_windows(slide_path: Path, tile: int = 512, overlap: int = 128) -> int:
+    """Windows of the slide's global grid (at the model's pixel size = the slide's here) that touch the auto
+    tissue mask: what each window computed once means."""
+    import slides
+    import tissue
+    import wsi
+
+    with slides.open_slide(slide_path) as slide:
+        mpp0 = float(slide.require_mpp())
+        thumb, downsample = slide.thumbnail(wsi.THUMBNAIL_SIZE)
+        mask = tissue.detect_tissue(thumb, downsample, mpp=mpp0, dimensions=slide.dimensions)
+        geo = wsi.slide_geometry(slide.dimensions, 1.0, tile, overlap, slide_path)
+    return int(wsi.window_flags(geo, mask).sum())
+
+
+def _table(rows: list[dict]) -> None:
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n| " + " | ".join("---" for _ in cols) + " |")
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4096,16384")
-    parser.add_argument("--input_size", type=int, default=128)
+    parser.add_argument("--input_sizes", "--input_size", default="128")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=_usable_cores())
+    parser.add_argument("--num_workers", type=int, default=None)
     parser.add_argument("--region_size", type=int, default=2048)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--code", nargs="+", default=[str(ROOT)], help="code trees to compare (old first)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--network_probe", action="store_true")
+    parser.add_argument("--simulate", action="store_true")
+    parser.add_argument("--sim_size", type=int, default=4096)
+    parser.add_argument("--sim_latency", type=float, default=0.1)
+    parser.add_argument("--sim_batch", type=int, default=8)
+    parser.add_argument("--sim_workers", default="1,2,4")
     parser.add_argument("--out", default=None, help="folder for slides and outputs (default: a temporary one)")
     parser.add_argument("--run_one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run_simulated", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -161,43 +314,87 @@ def main() -> None:
     if args.run_one:
         run_one(args)
         return
+    if args.run_simulated:
+        run_simulated(args)
+        return
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_wsi_"))
     work.mkdir(parents=True, exist_ok=True)
-    model = work / "model.pth"
-    make_model(model, args.input_size)
+    trees = [Path(c).resolve() for c in args.code]
     rows = []
-    for side in [int(s) for s in args.sizes.split(",")]:
+
+    def slide_for(side: int) -> Path:
         slide = work / f"synthetic_{side}.tif"
         if not slide.is_file():
             t0 = time.time()
             write_slide(slide, side)
             print(f"wrote {slide} ({slide.stat().st_size / 2**20:.0f} MiB) in {time.time() - t0:.0f} s", flush=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run_one", "--slide", str(slide), "--model",
-               str(model), "--output", str(work / f"out_{side}"), "--device", args.device, "--threads",
-               str(args.threads), "--num_workers", str(args.num_workers), "--region_size", str(args.region_size),
-               "--batch_size", str(args.batch_size)]
-        outcome, peak, seconds = measure(cmd)
-        if outcome["status"] != "ok":
-            raise SystemExit(f"{slide}: {outcome['error']}")
-        area = outcome["tissue_area_mm2"] or float("nan")
-        row = {"side": side, "pixels": side * side, "tissue_mm2": round(area, 3), "nuclei": outcome["nuclei"],
-               "windows": outcome["windows"], "seconds": round(seconds, 1),
-               "s_per_mm2": round(outcome["seconds"] / area, 2),
-               "windows_per_s": round(outcome["windows"] / max(outcome["seconds"], 1e-9), 2),
-               "read_s": outcome["read_seconds"], "network_s": outcome["network_seconds"],
-               "model_s": round(outcome["model_seconds"], 3),
-               "postprocess_s": outcome["postprocess_seconds"], "write_s": outcome["write_seconds"],
-               "peak_rss_mib": round(peak, 0)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if len(rows) >= 2:
-        ratio = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
-        print(f"peak RSS ratio {rows[-1]['side']}^2 / {rows[0]['side']}^2 = {ratio:.2f} "
-              f"(pixels x{rows[-1]['pixels'] / rows[0]['pixels']:.0f})")
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n| " + " | ".join("---" for _ in cols) + " |")
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        return slide
+
+    def common(slide: Path, model: Path, output: Path) -> list[str]:
+        cmd = ["--slide", str(slide), "--model", str(model), "--output", str(output), "--device", args.device,
+               "--threads", str(args.threads), "--region_size", str(args.region_size)]
+        if args.num_workers is not None:
+            cmd += ["--num_workers", str(args.num_workers)]
+        if args.batch_size is not None:
+            cmd += ["--batch_size", str(args.batch_size)]
+        return cmd
+
+    for input_size in [int(s) for s in args.input_sizes.split(",") if s]:
+        model = work / f"model_{input_size}.pth"
+        if not model.is_file():
+            make_model(model, input_size)
+        for side in [int(s) for s in args.sizes.split(",") if s]:
+            slide = slide_for(side)
+            grid = grid_windows(slide)
+            for repeat in range(args.repeats):
+                for t, tree in enumerate(trees):
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--run_one", "--tree", str(tree),
+                           *common(slide, model, work / f"out_{side}_{t}")]
+                    if args.network_probe and t == len(trees) - 1:
+                        cmd.append("--network_probe")
+                    (outcome,), peak, seconds = measure(cmd, cwd=tree)
+                    if outcome["status"] != "ok":
+                        raise SystemExit(f"{slide}: {outcome['error']}")
+                    area = outcome["tissue_area_mm2"] or float("nan")
+                    row = {"tree": tree.name, "input": input_size, "side": side, "repeat": repeat,
+                           "tissue_mm2": round(area, 3), "nuclei": outcome["nuclei"],
+                           "windows": outcome["windows"], "grid_windows": grid,
+                           "batch": outcome.get("batch_size"), "workers": outcome.get("num_workers"),
+                           "seconds": round(seconds, 1), "s_per_mm2": round(outcome["seconds"] / area, 2),
+                           "read_s": outcome["read_seconds"], "network_s": outcome["network_seconds"],
+                           "model_s": round(outcome["model_seconds"], 2),
+                           "replace_s": round(outcome["replace_seconds"], 2),
+                           "postprocess_s": outcome["postprocess_seconds"], "write_s": outcome["write_seconds"],
+                           "peak_rss_mib": round(peak, 0)}
+                    if "best_s_per_window" in outcome:
+                        best = outcome["best_s_per_window"]
+                        row["s_per_window_by_batch"] = outcome["s_per_window_by_batch"]
+                        row["stage_ratio"] = round((outcome["network_seconds"] - outcome["replace_seconds"])
+                                                   / (outcome["windows"] * best), 3)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    if rows:
+        sizes = sorted({r["side"] for r in rows})
+        if len(sizes) >= 2 and len(trees) == 1:
+            small, large = ([r for r in rows if r["side"] == s][0] for s in (sizes[0], sizes[-1]))
+            print(f"peak RSS ratio {large['side']}^2 / {small['side']}^2 = "
+                  f"{large['peak_rss_mib'] / small['peak_rss_mib']:.2f} (pixels x{(large['side'] / small['side']) ** 2:.0f})")
+        _table([{k: v for k, v in r.items() if k != "s_per_window_by_batch"} for r in rows])
+        for r in rows:
+            if "s_per_window_by_batch" in r:
+                print(f"network alone, {r['input']} input, s per window by batch: {r['s_per_window_by_batch']}")
+    if args.simulate:
+        slide = slide_for(args.sim_size)
+        model = work / f"model_{int(args.input_sizes.split(',')[0])}.pth"
+        if not model.is_file():
+            make_model(model, int(args.input_sizes.split(",")[0]))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--run_simulated", "--tree", str(ROOT),
+               "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
+               "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")]
+        sim, peak, _ = measure(cmd, cwd=ROOT, tag="SIM ")
+        print(f"simulated accelerator: {args.sim_size}^2 slide, {args.sim_latency} s per batch of "
+              f"{args.sim_batch} windows, {_usable_cores()} usable cores, peak RSS {peak:.0f} MiB")
+        _table(sim)
 
 
 if __name__ == "__main__":
