@@ -139,6 +139,9 @@ def _options(predict, args, **extra):
 def run_one(args: argparse.Namespace) -> None:
     """The measured process: load the model, segment one slide, print the Outcome as JSON."""
     sys.path.insert(0, str(Path(args.tree).resolve()))
+    import main as cli
+
+    cli.preset_environment(["--threads", str(args.threads)])  # what `main.py predict` does before torch loads
     import torch
 
     import predict
@@ -183,6 +186,9 @@ def run_simulated(args: argparse.Namespace) -> None:
     """The simulated accelerator (see the module docstring); prints one JSON row per worker count."""
     import hashlib
 
+    import main as cli
+
+    cli.preset_environment(["--threads", str(args.threads)])
     import predict
 
     maps: dict = {}

@@ -26,8 +26,8 @@ import pytest
 
 import dask_predict
 import dataset
-import main
 import inference
+import main
 import predict
 import sample_data
 import utils

@@ -20,10 +20,10 @@ from scipy import ndimage
 
 import dataset
 import export
+import inference
 import main
 import metrics
 import postprocess
-import inference
 import predict
 import utils
 

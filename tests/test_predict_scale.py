@@ -17,10 +17,10 @@ from scipy import ndimage
 from torch import nn
 
 import dataset
+import inference
 import metrics
 import nuclei_model
 import postprocess
-import inference
 from test_predict import synthetic_slide
 
 PP = postprocess.PostprocessConfig().to_dict()

@@ -14,9 +14,9 @@ import pytest
 import tifffile
 
 import dataset
+import inference
 import main
 import metrics
-import inference
 import predict
 import sample_data
 import utils
