@@ -9,8 +9,8 @@
 2. Windows. The network windows (`tile_size`, `overlap` at the model's pixel size) lie on ONE global grid
    over the target grid, the very grid `inference.stitch_maps` uses for a whole image, with the same blend
    weights and the same blending code (`inference.blend_windows`). Each window runs once: its maps are kept
-   until the last region that needs them (`run_regions`). A window runs only if it touches tissue (`tissue.TissueMask.touches`); skipped windows add
-   nothing (their pixels get foreground 0).
+   until the last region that needs them (`run_regions`). A window runs only if it touches tissue
+   (`tissue.TissueMask.touches`); skipped windows add nothing (their pixels get foreground 0).
 3. Regions. The target grid is cut into square regions (`--region_size`). A region's maps are stitched on its
    core plus a margin (`REGION_MARGIN`) from every window that covers a pixel of that area, so they are
    exactly the whole-image maps there. The area is post-processed on its own; an instance is kept by the
@@ -29,9 +29,10 @@ Memory: one region's arrays per stage (read-ahead, network, post-processing), th
 mask, the window flags (one byte per window) and the nuclei centroids for the overview, whatever the slide
 size, plus the maps of the windows that a later region still needs: those shared with the region below, two
 window rows across the tissue of the slide (3 x tile² float32 each: 3 MiB at 512; about 1.5 GiB for a slide
-100,000 pixels wide at the model's pixel size, on the device that computes the maps). Re-running the same command skips a complete slide and continues an unfinished one (only the
-regions not recorded in `state.json`); a change of any option that changes results, of the model or of
-the slide file starts the slide again; `--overwrite` always does.
+100,000 pixels wide at the model's pixel size, on the device that computes the maps). Re-running the same
+command skips a complete slide and continues an unfinished one (only the regions not recorded in
+`state.json`); a change of any option that changes results, of the model or of the slide file starts the slide
+again; `--overwrite` always does.
 """
 from __future__ import annotations
 

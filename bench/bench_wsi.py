@@ -383,8 +383,9 @@ def main() -> None:
         sizes = sorted({r["side"] for r in rows})
         if len(sizes) >= 2 and len(trees) == 1:
             small, large = ([r for r in rows if r["side"] == s][0] for s in (sizes[0], sizes[-1]))
-            print(f"peak RSS ratio {large['side']}^2 / {small['side']}^2 = "
-                  f"{large['peak_rss_mib'] / small['peak_rss_mib']:.2f} (pixels x{(large['side'] / small['side']) ** 2:.0f})")
+            ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
+            print(f"peak RSS ratio {large['side']}^2 / {small['side']}^2 = {ratio:.2f} "
+                  f"(pixels x{(large['side'] / small['side']) ** 2:.0f})")
         _table([{k: v for k, v in r.items() if k != "s_per_window_by_batch"} for r in rows])
         for r in rows:
             if "s_per_window_by_batch" in r:

@@ -15,7 +15,8 @@ def test_help_states_each_default_once():
         assert not re.search(r"\(default[^()]*\) \(default:", text), name
     predict_help = " ".join(subparsers.choices["predict"].format_help().split())
     assert "(default: the model's training tile, 512) (default: None)" not in predict_help
-    assert "--batch_size BATCH_SIZE tiles per network call (default: 8)" in predict_help
+    assert "--batch_size BATCH_SIZE windows per network call (default: the fastest per window on the device" in predict_help
+    assert "raises throughput, probed once) (default:" not in predict_help
 
 
 def test_os_error_on_a_user_path_is_one_line(tmp_path, capsys):
