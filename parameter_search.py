@@ -699,12 +699,16 @@ def run_search(base_config: Mapping[str, Any], space: Mapping[str, list], output
 
 
 class DropFailedTrialTraceback(logging.Filter):
-    """Optuna logs the exception of a failed trial with its traceback, then raises it again (`catch=()`):
-    main.py reports that exception itself (one line for Ctrl-C and user errors, the traceback of a bug once),
-    so the record with the traceback is dropped. The trial is still marked FAIL and run again later."""
+    """Optuna logs the exception of a failed trial with its traceback (and then "Trial N failed with value
+    None."), then raises it again (`catch=()`): main.py reports that exception itself (one line for Ctrl-C and
+    user errors, the traceback of a bug once), so both records are dropped. The trial is still marked FAIL and
+    run again later. (The objective returns a finite float or raises, so no other trial fails silently.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.exc_info
+        if record.exc_info:
+            return False
+        message = record.getMessage()
+        return not (message.startswith("Trial ") and message.endswith(" failed with value None."))
 
 
 def check_sampler_options(sampler: str, n_trials: int | None) -> None:

@@ -231,11 +231,15 @@ def load_torch_file(path: str | os.PathLike, name: str | None = None) -> Any:
     """torch.load(path, weights_only=True) on the CPU; a file that cannot be read is a UserError
     `<name>: <what is wrong with the file>` on one line (`torch_file_problem`), never PyTorch's multi-line
     advice about weights_only."""
+    import warnings
+
     import torch
 
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol N": a multi-line warning about a foreign file
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / foreign files
         raise UserError(f"{name or path}: {torch_file_problem(path, e)}") from None
 
