@@ -439,7 +439,8 @@ def check_memory(needed: float, problem: str, fraction: float = 0.8) -> None:
 # ----------------------------------------------------------------------------------------------
 # How tqdm progress shows, for this process and the processes it starts (they inherit the variable and apply
 # it when they import this module): "bars" (tqdm's own, on a terminal), "lines" (stderr is a log file or a
-# pipe: a plain line per update at most every PROGRESS_LINE_SECONDS, no carriage returns or cursor codes),
+# pipe: a plain line per bar at most every PROGRESS_LINE_SECONDS and its final state, no carriage returns or
+# cursor codes),
 # "off" (-q: no progress at all). Set by main.py (`configure_progress`); call sites keep plain tqdm calls.
 PROGRESS_ENV = "NUCLEI_PROGRESS"
 PROGRESS_MODES = ("bars", "lines", "off")
@@ -450,12 +451,28 @@ _ANSI_ESCAPE = None  # compiled on first use
 
 
 class ProgressLineWriter:
-    """A text stream for tqdm that turns its in-place redraws (carriage return + status + padding, cursor
-    moves) into plain newline-terminated lines on `stream`; an unchanged or blank status is not repeated."""
+    """A text stream for one tqdm bar that turns its in-place redraws (carriage return + status + padding,
+    cursor moves) into plain newline-terminated lines on `stream`, at most one every `interval` seconds
+    (counted from the bar's start; tqdm redraws on every `set_postfix`, i.e. every batch), plus the final
+    state when a bar that stays on screen (`leave`) closes. A bar that is cleared on close and lasts less
+    than `interval` writes nothing; an unchanged status is not repeated."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, interval: float = PROGRESS_LINE_SECONDS) -> None:
+        import time
+
         self.stream = stream
+        self.interval = float(interval)
+        self._clock = time.monotonic
+        self.last_time = self._clock()
         self.last = ""
+        self.pending = ""
+
+    def _emit(self, line: str) -> None:
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+        self.pending = ""
+        self.last_time = self._clock()
 
     def write(self, text: str) -> int:
         global _ANSI_ESCAPE
@@ -463,11 +480,20 @@ class ProgressLineWriter:
 
         if _ANSI_ESCAPE is None:
             _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-        for part in re.split(r"[\r\n]", _ANSI_ESCAPE.sub("", str(text))):
+        text = str(text)
+        clean = _ANSI_ESCAPE.sub("", text)
+        if clean.strip() == "":
+            if "\n" in clean:  # a kept bar closes (its final state was drawn just before): print it
+                self._emit(self.pending)
+            elif "\r" in clean:  # a cleared bar closes, or a blank redraw: nothing to print
+                self.pending = ""
+            return len(text)
+        for part in re.split(r"[\r\n]", clean):
             line = part.strip()
-            if line and line != self.last:
-                self.stream.write(line + "\n")
-                self.last = line
+            if line:
+                self.pending = line
+        if self._clock() - self.last_time >= self.interval:
+            self._emit(self.pending)
         return len(text)
 
     def flush(self) -> None:
@@ -492,7 +518,7 @@ def _progress_kwargs(kwargs: dict) -> dict:
         target = kwargs.get("file") or sys.stderr
         if not isinstance(target, ProgressLineWriter):
             kwargs["file"] = ProgressLineWriter(target)
-        kwargs["mininterval"] = max(float(kwargs.get("mininterval") or 0.0), PROGRESS_LINE_SECONDS)
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval") or 0.0), 1.0)  # the writer spaces the lines
         kwargs["ascii"] = True
         kwargs.pop("dynamic_ncols", None)
         kwargs.setdefault("bar_format", PROGRESS_LINE_FORMAT)  # no bar drawing in a log

@@ -85,7 +85,7 @@ def test_progress_in_a_log_is_plain_lines_and_quiet_has_none(tmp_path):
     err = _sample_data_stderr(tmp_path)
     assert "\r" not in err and "\x1b" not in err, repr(err[:300])
     progress = [line for line in err.splitlines() if line.startswith("sample images: ")]
-    assert progress and progress[0].startswith("sample images:   0% 0/20"), err
+    assert len(progress) == 1 and progress[0].startswith("sample images: 100% 20/20 ["), err  # a short bar: its end
     assert _sample_data_stderr(tmp_path, "-q") == ""
 
 
@@ -95,12 +95,26 @@ def test_progress_line_writer_turns_redraws_into_lines():
     from tqdm import tqdm
 
     sink = io.StringIO()
-    writer = utils.ProgressLineWriter(sink)
+    writer = utils.ProgressLineWriter(sink, interval=0)  # every redraw may become a line
     writer.write("\rstep 1 ")
     writer.write("\rstep 1     ")  # the same status redrawn: not repeated
-    writer.write("\x1b[A\rstep 2\n")
-    writer.write("\r     \r")  # a bar cleared on close: nothing
+    writer.write("\x1b[A\rstep 2")
+    writer.write("\r     ")  # a bar cleared on close: nothing
+    writer.write("\r")
     assert sink.getvalue() == "step 1\nstep 2\n"
+    sink = io.StringIO()
+    writer = utils.ProgressLineWriter(sink, interval=1e9)  # a bar shorter than the interval ...
+    for i in range(5):
+        writer.write(f"\rbatch {i}, loss=0.{i}")  # set_postfix redraws every batch
+    assert sink.getvalue() == ""
+    writer.write("\n")  # ... that stays on screen: only its final state
+    assert sink.getvalue() == "batch 4, loss=0.4\n"
+    sink = io.StringIO()
+    writer = utils.ProgressLineWriter(sink, interval=1e9)
+    writer.write("\rvalidation 1/2")
+    writer.write("\r              ")  # cleared on close (leave=False): nothing at all
+    writer.write("\r")
+    assert sink.getvalue() == ""
     before = os.environ.get(utils.PROGRESS_ENV)
     try:
         os.environ[utils.PROGRESS_ENV] = "lines"
@@ -108,7 +122,8 @@ def test_progress_line_writer_turns_redraws_into_lines():
         out = io.StringIO()
         for _ in tqdm(range(3), desc="work", file=out, disable=False):
             pass
-        assert "\r" not in out.getvalue() and out.getvalue().startswith("work:   0% 0/3"), repr(out.getvalue())
+        assert out.getvalue() == "work: 100% 3/3 [00:00<00:00, " + out.getvalue().split(", ", 1)[1], repr(out.getvalue())
+        assert "\r" not in out.getvalue() and out.getvalue().count("\n") == 1
         utils.configure_progress(True)
         out = io.StringIO()
         for _ in tqdm(range(3), desc="work", file=out, disable=False):  # -q wins over a call site's disable=False
