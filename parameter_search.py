@@ -536,7 +536,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], metric: str, counts: Map
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
         trainable = r.get("trainable_params")
-        cells = [str(i), str(r["trial"]), str(r["lora_rank"]), _fmt(r["lora_alpha"]), _fmt(r["learning_rate"])]
+        alpha = _fmt(r["lora_alpha"]) if r["lora_rank"] else "—"  # rank 0: no adapters, alpha unused
+        cells = [str(i), str(r["trial"]), str(r["lora_rank"]), alpha, _fmt(r["learning_rate"])]
         cells += [_pm(r.get(f"{m}_mean"), r.get(f"{m}_sd")) for m in metrics]
         cells += [f"{trainable:,}" if isinstance(trainable, int) else "—", _duration(r.get("seconds"))]
         if i == 1:

@@ -350,6 +350,7 @@ def test_lora_rank_0_is_searched_once_per_learning_rate(tmp_path):
     assert sorted((r, lr) for r, _, lr in keys if r == 0) == [(0, 1e-4), (0, 1e-3)]
     rows = _check_results(tmp_path, 6)
     assert sum(int(r["lora_rank"]) == 0 for r in rows) == 2
+    assert sum(line.split(" | ")[2:4] == ["0", "—"] for line in (tmp_path / "results.md").read_text().splitlines()) == 2
     assert (tmp_path / "score_vs_rank.png").stat().st_size > 1000  # rank 0 on the rank axis
     for ranks in ("-1", "2,-4"):
         with pytest.raises(utils.UserError, match=r"^--lora_ranks -\d: must be 0 \(no LoRA\) or a positive integer$"):
