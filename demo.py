@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = choose_images(assignments, args.num_samples, args.seed)
     if not chosen:
         raise UserError(f"--data_dir {data_dir}: no image to show with this model")
+    utils.make_output_dir(output_dir)  # every check passed: a folder that cannot be made fails before the work
     overrides = evaluate.postprocess_overrides(args)
     stems = evaluate.output_stems([s for _, _, s in chosen])
     from tqdm import tqdm

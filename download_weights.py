@@ -139,7 +139,7 @@ def download_file(url: str, destination: str | os.PathLike, expected_sha1: str |
         tmp = utils.temp_file_beside(destination, suffix=".part")
     except OSError as e:
         _remove_empty(created)
-        raise UserError(f"{destination.parent}: cannot write here ({e.strerror or e})") from None
+        raise UserError(f"{destination.parent}: {utils.output_dir_problem(destination.parent, e)}") from None
     try:
         with open(tmp, "wb") as out:
             _stream(url, out, destination, expected_sha1, expected_git_blob, timeout)

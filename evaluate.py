@@ -753,6 +753,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_postprocess_arguments(parser)
 
 
+def recorded_data_dir(config: Mapping[str, Any], model_path: str | Path) -> Path:
+    """The data folder recorded in a model's config when --data_dir is not given. Models trained by this
+    version record it absolute; an older relative one was relative to the folder `train` ran in, which is the
+    model folder's parent or an ancestor of it: the nearest ancestor where it exists is taken."""
+    recorded = config.get("data_dir")
+    if not recorded:
+        raise UserError("--data_dir: not given and the model's config records no data folder")
+    data_dir = Path(recorded).expanduser()
+    if data_dir.is_absolute():
+        if not data_dir.is_dir():
+            raise UserError(f"--data_dir: not given, and the model's data folder {data_dir} does not exist; "
+                            f"give --data_dir")
+        return data_dir
+    model_dir = Path(os.path.abspath(model_path)).parent
+    for base in model_dir.parents:
+        if (base / data_dir).is_dir():
+            return base / data_dir
+    raise UserError(f"--data_dir: not given, and the model's config records the data folder {recorded!r} "
+                    f"relative to where train ran, which is not in any folder above {model_dir}; give --data_dir")
+
+
+# bytes per pixel of an image segmented whole at the model's pixel size: RGB, the foreground and HV maps and
+# the tiled engine's accumulators (float32), the labels
+SEGMENT_BYTES_PER_PIXEL = 40
+
+
+def check_rescaled_size(model_set: Any, samples: Sequence[Any], data_mpp: float | None, option: str) -> None:
+    """Before any work: the largest image, resized from the data's pixel size to the model's, must fit in
+    memory (a wrong --mpp, e.g. nm instead of µm, would resize it a hundred-fold). UserError naming `option`."""
+    import dataset
+
+    model_mpp = (getattr(model_set, "config", None) or {}).get("mpp")
+    if not data_mpp or not isinstance(model_mpp, (int, float)) or model_mpp <= 0 or not samples:
+        return
+    scale = float(data_mpp) / float(model_mpp)
+    if abs(scale - 1.0) < 1e-9:
+        return
+    shapes = [dataset.scaled_shape(dataset.image_shape(s.image_path), scale) for s in samples]
+    h, w = max(shapes, key=lambda hw: hw[0] * hw[1])
+    utils.check_memory(h * w * SEGMENT_BYTES_PER_PIXEL,
+                       f"{option} {float(data_mpp):g} (the largest image resized to the model's {model_mpp:g} "
+                       f"µm/px would be {w} x {h} px)")
+
+
 def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path, Any]:
     """Check paths, load the model set and discover the images: (model_set, samples, data_dir, device)."""
     import dataset
@@ -772,8 +816,11 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
         if not data_dir.is_dir():
             raise UserError(f"--data_dir {data_dir}: folder not found")
     device = utils.select_device(args.device)
-    if args.pretrained is not None and not Path(args.pretrained).is_file():
-        raise UserError(f"--pretrained {args.pretrained}: file not found")
+    if args.pretrained is not None:
+        utils.check_input_file(args.pretrained, "--pretrained")
+    utils.check_mpp_range("--mpp", getattr(args, "mpp", None))
+    utils.check_at_most("--batch_size", getattr(args, "batch_size", None), utils.MAX_BATCH_SIZE, "images per forward pass")
+    utils.check_at_most("--num_workers", getattr(args, "num_workers", None), utils.MAX_WORKERS, "worker processes")
     try:
         model_set = nuclei_model.load_model_set(model_path, device, pretrained=args.pretrained)
     except UserError:
@@ -782,18 +829,15 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model_path {model_path}: not a compatible checkpoint ({first})") from None
     if args.data_dir is None:
-        recorded = (model_set.config or {}).get("data_dir")
-        if not recorded:
-            raise UserError("--data_dir: not given and the model's config records no data folder")
-        data_dir = Path(recorded)
-        if not data_dir.is_dir():
-            raise UserError(f"--data_dir: not given, and the model's data folder {data_dir} does not exist")
+        data_dir = recorded_data_dir(model_set.config or {}, model_path)
         log.info("data folder from the model's config: %s", data_dir)
     data_format = getattr(args, "data_format", "auto")
     samples = dataset.discover(data_dir, data_format)
     if getattr(args, "mpp", None) is not None and not args.mpp > 0:
         raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
     args.data_mpp = args.mpp if getattr(args, "mpp", None) is not None else dataset.dataset_mpp(data_dir, data_format)
+    check_rescaled_size(model_set, samples, args.data_mpp,
+                        "--mpp" if getattr(args, "mpp", None) is not None else f"{data_dir}/dataset.json: mpp")
     args.data_format = dataset.detect_format(data_dir, data_format)
     if not samples:
         raise UserError(f"--data_dir {data_dir}: no NuInsSeg images found (expected "
@@ -862,6 +906,7 @@ def run(args: argparse.Namespace) -> int:
     if num_images == 0:
         raise UserError(f"--data_dir {data_dir}: no image to score with this model"
                         + (f" in fold {args.fold}" if args.fold is not None else ""))
+    utils.make_output_dir(output_dir)  # every check passed: a folder that cannot be made fails before the work
     overrides = postprocess_overrides(args)
     pp_by_fold = {str(fold_id): member_postprocess(model_set, member, overrides)
                   for member, fold_id, _ in assignments}

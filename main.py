@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 import utils
@@ -43,7 +44,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """An option error is one line, `error: <option>: <problem> (see python main.py <command> --help)`,
-    exit status 2, instead of the whole usage text."""
+    exit status 2, instead of the whole usage text. A value that starts with a minus and a digit (`-1,0`,
+    `-1e-3`) is a value, never an option, so the command's own check can say what is wrong with it (argparse
+    itself only takes plain negative numbers such as `-1` as values)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse's test for "looks like a negative number" (no option of this CLI starts with a digit)
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {one_line_message(message)} (see python {self.prog} --help)", file=sys.stderr)
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    utils.configure_progress(args.quiet)  # -q: no bars; stderr not a terminal: plain progress lines
     try:
         utils.configure_threads(args.threads)  # commands that start worker processes refine the share
         return int(args._module.run(args) or 0)

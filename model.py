@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _activation_checkpoint
 
+import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)
@@ -541,14 +542,11 @@ def _shape(t: Any) -> str:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """torch.load a plain state dict (weights_only, on the CPU); UserError naming the file otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a checkpoint file (mobile_sam.pt)")
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found (`python main.py download` fetches mobile_sam.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt / non-torch files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                        f"{first_line[:200]})") from None
+    state = utils.load_torch_file(path)  # one line saying what is wrong with an unreadable file
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise UserError(f"{path}: not a state dict (got {type(state).__name__})")
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]

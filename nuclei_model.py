@@ -59,6 +59,7 @@ import dataset
 import lora
 import model as mobile_sam
 import sam_decoder
+import utils
 from utils import UserError, atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -256,11 +257,9 @@ def _build(cfg: Mapping[str, Any], load_pretrained: bool) -> NucleiSAM:
     elif is_no_weights(cfg["pretrained"]):
         encoder = mobile_sam.load_mobile_sam_encoder(None)
     else:
-        path = Path(cfg["pretrained"]).expanduser()
-        if not path.is_file():
-            raise UserError(f"--pretrained {path}: file not found; download the official weights with "
-                            f"`python main.py download --output_dir weights` (or pass --pretrained none "
-                            f"for a random encoder)")
+        path = utils.check_input_file(cfg["pretrained"], "--pretrained",
+                                      "the official mobile_sam.pt: download it with `python main.py download "
+                                      "--output_dir weights`, or pass --pretrained none for a random encoder")
         encoder = mobile_sam.load_mobile_sam_encoder(path)
     base = None if not load_pretrained or is_no_weights(cfg["pretrained"]) else Path(cfg["pretrained"]).expanduser()
     if rank > 0:
@@ -400,13 +399,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found")
     if not path.is_file():
         raise UserError(f"{path}: not a file (expected a .pth checkpoint)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for truncated/foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        first = first if len(first) <= 160 else first[:160].rsplit(" ", 1)[0] + " ..."
-        raise UserError(f"{path}: not a readable checkpoint (truncated, or not written by this toolkit: "
-                        f"{type(e).__name__}{': ' + first if first else ''})") from None
+    ckpt = utils.load_torch_file(path)  # one line saying what is wrong with an unreadable file
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt not in (CHECKPOINT_FORMAT, MODEL_SET_FORMAT):
         raise UserError(f"{path}: not a nuclei model checkpoint (format tag {fmt!r}, expected "

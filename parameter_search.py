@@ -69,25 +69,50 @@ def _positive(values: list, option: str) -> list:
     return values
 
 
+def _ranks(values: list) -> list:
+    """LoRA ranks: 0 (no LoRA: the head alone, or the whole encoder without --train_only_lora) or positive,
+    with `train --lora_rank`'s rule and message."""
+    import train
+
+    if not values:
+        raise UserError("--lora_ranks: give at least one value")
+    for v in values:
+        if v < 0:
+            raise UserError(f"--lora_ranks {v}: {train.LORA_RANK_RULE}")
+    if len(set(values)) != len(values):
+        raise UserError("--lora_ranks: a value is listed twice")
+    return values
+
+
 def search_space(ranks: str | Sequence, alphas: str | Sequence, lrs: str | Sequence) -> dict[str, list]:
     """{"lora_rank": [int], "lora_alpha": [float], "learning_rate": [float]} from comma-separated lists."""
     return {
-        "lora_rank": _positive(utils.parse_list(ranks, int, "--lora_ranks"), "--lora_ranks"),
+        "lora_rank": _ranks(utils.parse_list(ranks, int, "--lora_ranks")),
         "lora_alpha": _positive(utils.parse_list(alphas, float, "--lora_alphas"), "--lora_alphas"),
         "learning_rate": _positive(utils.parse_list(lrs, float, "--learning_rates"), "--learning_rates"),
     }
 
 
 def grid_points(space: Mapping[str, Sequence]) -> list[dict[str, Any]]:
-    """Every combination of the space, in the order of the lists (rank slowest)."""
+    """Every distinct configuration of the space, in the order of the lists (rank slowest). Rank 0 (no LoRA)
+    has no alpha to vary: it appears once per learning rate, with the first alpha."""
     points = [{}]
     for name in SEARCH_PARAMS:
         points = [dict(p, **{name: v}) for p in points for v in space[name]]
-    return points
+    seen: set[tuple] = set()
+    distinct = []
+    for p in points:
+        if _key(p) not in seen:
+            seen.add(_key(p))
+            distinct.append(p)
+    return distinct
 
 
 def _key(params: Mapping[str, Any]) -> tuple:
-    return (int(params["lora_rank"]), float(params["lora_alpha"]), float(params["learning_rate"]))
+    """The configuration a point trains: LoRA alpha means nothing at rank 0 (no adapters), so rank-0 points
+    that differ only in alpha are one configuration (trained once; the others are skipped as duplicates)."""
+    rank = int(params["lora_rank"])
+    return (rank, float(params["lora_alpha"]) if rank > 0 else 0.0, float(params["learning_rate"]))
 
 
 def _fmt(value: float) -> str:
@@ -207,7 +232,7 @@ def open_study(storage_url: str, study_name: str, space: Mapping[str, list], met
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
         path = storage_url.split(":///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            utils.make_output_dir(Path(path).parent, "--storage")
     for attempt in range(5):  # workers starting together may race to create the tables of a new database
         try:
             with warnings.catch_warnings():
@@ -511,7 +536,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], metric: str, counts: Map
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
         trainable = r.get("trainable_params")
-        cells = [str(i), str(r["trial"]), str(r["lora_rank"]), _fmt(r["lora_alpha"]), _fmt(r["learning_rate"])]
+        alpha = _fmt(r["lora_alpha"]) if r["lora_rank"] else "—"  # rank 0: no adapters, alpha unused
+        cells = [str(i), str(r["trial"]), str(r["lora_rank"]), alpha, _fmt(r["learning_rate"])]
         cells += [_pm(r.get(f"{m}_mean"), r.get(f"{m}_sd")) for m in metrics]
         cells += [f"{trainable:,}" if isinstance(trainable, int) else "—", _duration(r.get("seconds"))]
         if i == 1:
@@ -541,7 +567,10 @@ def plot_score_vs_rank(rows: Sequence[Mapping[str, Any]], metric: str, path: Pat
         err = [0.0 if not math.isfinite(e) else e for e in err]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"alpha {_fmt(alpha)}, lr {_fmt(lr)}")
     ranks = sorted({r["lora_rank"] for r in rows})
-    ax.set_xscale("log", base=2)
+    if ranks[0] == 0:  # rank 0 (no LoRA) on a log axis: linear between 0 and 1
+        ax.set_xscale("symlog", base=2, linthresh=1)
+    else:
+        ax.set_xscale("log", base=2)
     ax.set_xticks(ranks)
     ax.set_xticklabels([str(r) for r in ranks])
     ax.minorticks_off()
@@ -594,16 +623,23 @@ def run_search(base_config: Mapping[str, Any], space: Mapping[str, list], output
         import train
 
         train_fn = train.run_training
-    output_dir = utils.make_output_dir(output_dir)
-    storage = storage or default_storage(output_dir)
-    study_name = study_name or default_study_name(output_dir)
+    # every check before anything is created: no study.db or empty folder is left by a refused search
+    check_sampler_options(sampler, n_trials)
+    if storage is not None:
+        check_storage_url(storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, study_name, space, metric, sampler, base_config, pruner, seed,
-                       heartbeat_interval, grace_period, pruner_warmup_epochs, pruner_startup_trials)
+    open_args = (space, metric, sampler, base_config, pruner, seed, heartbeat_interval, grace_period,
+                 pruner_warmup_epochs, pruner_startup_trials)
+    study_name = study_name or default_study_name(output_dir)
+    if storage is not None:  # a shared database: opened (and checked against this search) first
+        study = open_study(storage, study_name, *open_args)
+        output_dir = utils.make_output_dir(output_dir)
+    else:
+        output_dir = utils.make_output_dir(output_dir)
+        storage = default_storage(output_dir)
+        study = open_study(storage, study_name, *open_args)
     points = grid_points(space)
     target = len(points) if sampler == "grid" else int(n_trials or 0)
-    if sampler == "tpe" and target <= 0:
-        raise UserError("--n_trials: give the number of configurations to try with --sampler tpe")
     if sampler == "tpe" and target > len(points):
         log.warning("--n_trials %d is larger than the %d distinct configurations; stopping at %d",
                     target, len(points), len(points))
@@ -638,15 +674,21 @@ def run_search(base_config: Mapping[str, Any], space: Mapping[str, list], output
             study_.stop()
 
     max_idle = 3 * len(points) + 10  # bound on one round (a sampler proposing only taken points)
-    while remaining_work()[0] > 0:
-        trained_before = objective.trained
-        study.optimize(objective, n_trials=max_idle, callbacks=[stop_when_done], catch=(),
-                       gc_after_trial=True, show_progress_bar=False)
-        if objective.trained == trained_before:
-            if remaining_work()[0] > 0:
-                log.warning("the sampler proposed only configurations that are already taken; stopping "
-                            "this worker (run it again to continue)")
-            break
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    quiet_failures = DropFailedTrialTraceback()
+    optuna_log.addFilter(quiet_failures)
+    try:
+        while remaining_work()[0] > 0:
+            trained_before = objective.trained
+            study.optimize(objective, n_trials=max_idle, callbacks=[stop_when_done], catch=(),
+                           gc_after_trial=True, show_progress_bar=False)
+            if objective.trained == trained_before:
+                if remaining_work()[0] > 0:
+                    log.warning("the sampler proposed only configurations that are already taken; stopping "
+                                "this worker (run it again to continue)")
+                break
+    finally:
+        optuna_log.removeFilter(quiet_failures)
     rows = write_results(study, metric, output_dir, base_config)
     open_points, running = remaining_work()
     finished = open_points == 0 and running == 0
@@ -655,6 +697,39 @@ def run_search(base_config: Mapping[str, Any], space: Mapping[str, list], output
                  "they finish", running)
     return {"rows": rows, "trained": objective.trained, "duplicates": objective.duplicates,
             "finished": finished, "study_name": study_name, "storage": storage}
+
+
+class DropFailedTrialTraceback(logging.Filter):
+    """Optuna logs the exception of a failed trial with its traceback (and then "Trial N failed with value
+    None."), then raises it again (`catch=()`): main.py reports that exception itself (one line for Ctrl-C and
+    user errors, the traceback of a bug once), so both records are dropped. The trial is still marked FAIL and
+    run again later. (The objective returns a finite float or raises, so no other trial fails silently.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            return False
+        message = record.getMessage()
+        return not (message.startswith("Trial ") and message.endswith(" failed with value None."))
+
+
+def check_sampler_options(sampler: str, n_trials: int | None) -> None:
+    if sampler == "tpe" and not (n_trials or 0) > 0:
+        raise UserError("--n_trials: give the number of configurations to try with --sampler tpe")
+
+
+def check_storage_url(url: str) -> None:
+    """A database URL SQLAlchemy (Optuna's storage) can parse, with an installed dialect; checked before
+    anything is written (a server that cannot be reached is found when the study is opened)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url).get_dialect()
+    except ImportError as e:
+        raise UserError(f"--storage {url}: database driver missing ({e})") from None
+    except Exception as e:  # ArgumentError (not a URL), NoSuchModuleError (unknown database kind)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--storage {url}: not a database URL (e.g. sqlite:///search.db or "
+                        f"postgresql://user:password@host/db): {detail}") from None
 
 
 def train_best(best_config: Mapping[str, Any], output_dir: Path, train_fn: TrainFn | None = None) -> dict:
@@ -744,7 +819,6 @@ def check_search_flags(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataset
     import train
 
     check_search_flags(args)
@@ -755,12 +829,16 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{name} {value}: must be a positive integer")
     if args.search_seed < 0:
         raise UserError(f"--search_seed {args.search_seed}: must be 0 or more")
+    check_sampler_options(args.sampler, args.n_trials)
+    if args.storage is not None:
+        check_storage_url(args.storage)
     config = dict(train.config_from_args(args), cross_validation=True, resume=False)
     if args.resume:
         log.info("--resume is implied: a parameter search always continues its study")
     train.validate_config(config)
     train.configure_threads(args, config)
-    dataset.validate_dataset(dataset.discover(config["data_dir"], config.get("data_format", "auto")))  # before anything is written
+    # before anything is written: the data, and the window and pixel size against the data and memory
+    train.discover_training_data(dict(config))
     output_dir = Path(args.output_dir)
     metric = args.search_metric or _default_metric(config)
     result = run_search(config, space, output_dir, metric=metric, sampler=args.sampler, n_trials=args.n_trials,

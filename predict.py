@@ -189,8 +189,16 @@ def check_options(options: PredictOptions) -> None:
         raise UserError(f"--tissue_mask {options.tissue_mask}: file not found (or use auto / none)")
     if not Path(options.model_path).exists():
         raise UserError(f"--model_path {options.model_path}: not found")
-    if options.pretrained is not None and not Path(options.pretrained).is_file():
-        raise UserError(f"--pretrained {options.pretrained}: file not found")
+    if options.pretrained is not None:
+        utils.check_input_file(options.pretrained, "--pretrained")
+    # upper bounds of the values that set the memory a run takes
+    utils.check_at_most("--tile_size", options.tile_size, utils.MAX_TILE_SIZE,
+                        "pixels of one window, which is resized to the network input")
+    utils.check_at_most("--region_size", options.region_size, utils.MAX_REGION_SIZE,
+                        "pixels of one slide region held in memory with its maps and labels")
+    utils.check_at_most("--batch_size", options.batch_size, utils.MAX_BATCH_SIZE, "tiles per network call")
+    utils.check_at_most("--num_workers", options.num_workers, utils.MAX_WORKERS, "worker processes")
+    utils.check_at_most("--read_threads", options.read_threads, utils.MAX_WORKERS, "reading threads")
 
 
 

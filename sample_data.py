@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+import utils
 from utils import UserError, atomic_write_bytes, environment_info, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -243,11 +244,12 @@ def make_sample_dataset(output_dir: str | os.PathLike, num_images: int = 40, see
         raise UserError(f"--num_images {num_images}: must be at least 1")
     if int(image_size) < 32:
         raise UserError(f"--image_size {image_size}: must be at least 32 pixels")
+    utils.check_at_most("--image_size", int(image_size), utils.MAX_TILE_SIZE, "pixels of one synthetic tile")
     if int(seed) < 0:
         raise UserError(f"--seed {seed}: must be 0 or more")
     num_images, image_size, seed = int(num_images), int(image_size), int(seed)
     previous = _check_output_dir(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    utils.make_output_dir(output_dir)
 
     plan = []  # (style, name)
     counters: dict[str, int] = {}
@@ -354,6 +356,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.slide is not None:
         check_slide_options(args.slide, args.slide_tiles)
+        side = int(args.slide_tiles) * max(1, int(args.image_size))
+        # the canvas: float64 glass noise, then uint8 RGB, plus the pyramid levels written from it
+        utils.check_memory(side * side * 3 * (8 + 1 + 1), f"--slide_tiles {args.slide_tiles}: a {side} px square slide")
     out = make_sample_dataset(args.output_dir, num_images=args.num_images, seed=args.seed,
                               image_size=args.image_size)
     print(f"wrote {args.num_images} synthetic images in the NuInsSeg layout to {out}")

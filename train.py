@@ -49,6 +49,8 @@ RUNTIME_KEYS = ("resume", "output_dir", "data_dir", "device", "num_workers", "co
 # --tune_postprocess grid, relative to the model's default thresholds: fg_threshold + offset, marker_threshold x factor
 TUNE_FG_OFFSETS = (-0.1, 0.0, 0.1)
 TUNE_MARKER_FACTORS = (0.5, 1.0, 2.0)
+LORA_RANK_RULE = "must be 0 (no LoRA) or a positive integer"  # parameter_search's --lora_ranks says the same
+MAX_INPUT_SIZE = 4096
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """JSON-able training configuration (keys = option names)."""
     pretrained = None if nuclei_model.is_no_weights(args.pretrained) else args.pretrained
     return {
-        "data_dir": str(args.data_dir),
+        "data_dir": absolute_path(args.data_dir),  # evaluate/demo find the data from any folder
         "output_dir": str(args.output_dir),
         "pretrained": None if pretrained is None else str(pretrained),
         "input_size": int(args.input_size),
@@ -167,6 +169,11 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def absolute_path(path: str | os.PathLike | None) -> str:
+    """The absolute form of `path` (symbolic links kept), '' for none."""
+    return os.path.abspath(os.path.expanduser(str(path))) if path not in (None, "") else ""
+
+
 def default_num_workers(device_name: str | None) -> int:
     """DataLoader workers when --num_workers is not given: none on the CPU (the images are decoded once and
     kept in memory; workers would compete with the network for the same cores: an epoch beside another job
@@ -190,7 +197,7 @@ def data_mpp(data_dir: str | os.PathLike, data_format: str = "auto") -> float:
 def validate_config(config: Mapping[str, Any]) -> None:
     dataset.check_input_size(config["input_size"])
     checks = [
-        (config["lora_rank"] >= 0, "--lora_rank", "must be 0 or more"),
+        (config["lora_rank"] >= 0, "--lora_rank", LORA_RANK_RULE),
         (config["lora_alpha"] > 0, "--lora_alpha", "must be positive"),
         (0.0 <= config["lora_dropout"] < 1.0, "--lora_dropout", "must be in [0, 1)"),
         (config["batch_size"] >= 1, "--batch_size", "must be at least 1"),
@@ -204,6 +211,13 @@ def validate_config(config: Mapping[str, Any]) -> None:
         (config["num_workers"] >= 0, "--num_workers", "must be 0 or more"),
         (config["seed"] >= 0, "--seed", "must be 0 or more"),
         (config["mpp"] > 0, "--mpp", "must be a positive number of micrometres per pixel"),
+        (utils.MIN_MPP <= config["mpp"] <= utils.MAX_MPP, "--mpp",
+         f"must be between {utils.MIN_MPP:g} and {utils.MAX_MPP:g} micrometres per pixel (brightfield scans: "
+         f"about 0.1-2)"),
+        (config["input_size"] <= MAX_INPUT_SIZE, "--input_size",
+         f"must be at most {MAX_INPUT_SIZE} (MobileSAM works at 1024; memory grows with the square of the size)"),
+        (config["batch_size"] <= utils.MAX_BATCH_SIZE, "--batch_size", f"must be at most {utils.MAX_BATCH_SIZE}"),
+        (config["num_workers"] <= utils.MAX_WORKERS, "--num_workers", f"must be at most {utils.MAX_WORKERS}"),
         (config["fold_seed"] >= 0, "--fold_seed", "must be 0 or more"),
         (config["monitor"] in MONITOR_CHOICES, "--monitor", f"must be one of {', '.join(MONITOR_CHOICES)}"),
     ]
@@ -212,6 +226,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
             raise UserError(f"{option} {config[option[2:]]}: {problem}")
     if config.get("tile_size") is not None and int(config["tile_size"]) < 16:
         raise UserError(f"--tile_size {config['tile_size']}: must be at least 16 pixels")
+    if config.get("tile_size") is not None:
+        utils.check_at_most("--tile_size", int(config["tile_size"]), utils.MAX_TILE_SIZE,
+                            "pixels of one window, which is resized to --input_size for the network")
     if config["fold"] is not None and not 0 <= config["fold"] < config["num_folds"]:
         raise UserError(f"--fold {config['fold']}: must be between 0 and {config['num_folds'] - 1}")
     unknown = [t for t in config["lora_targets"] if t not in ("qkv", "proj", "fc1", "fc2")]
@@ -258,6 +275,9 @@ def resume_config(output_dir: Path, given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: choose one (--resume continues the run in --output_dir, "
+                        "--overwrite starts a new run over it)")
     config = config_from_args(args)
     output_dir = Path(config["output_dir"])
     info = setup_distributed(config["device"])
@@ -562,6 +582,9 @@ def discover_training_data(config: dict[str, Any]) -> list[dataset.Sample]:
     not all tile x tile at the model's pixel size: training takes random windows, scoring tiles whole images)."""
     data_format = config.get("data_format") or "auto"
     samples = dataset.discover(config["data_dir"], data_format)
+    # bad data (unreadable, truncated, 16-bit, wrong mask type or size) fails here, before the tile size is
+    # measured from the files and before the output folder is touched
+    dataset.validate_dataset(samples)
     data_mpp = dataset.dataset_mpp(config["data_dir"], data_format)
     config["data_mpp"] = data_mpp
     if config.get("mpp") is None:
@@ -572,12 +595,39 @@ def discover_training_data(config: dict[str, Any]) -> list[dataset.Sample]:
             config["tile_size"] = typical_tile_size(samples)
         else:
             config["tile_size"] = dataset.default_tile_size(samples, scale)
+    check_windows(config, samples, scale)
     config["windows"] = dataset.needs_windows(samples, config["tile_size"], scale)
     if config["windows"]:
         log.info("images of other sizes than %d x %d px at %.3g µm/px: training on random windows of that size, "
                  "validation and test images segmented whole (tiled)", config["tile_size"], config["tile_size"],
                  config["mpp"])
     return samples
+
+
+def check_windows(config: Mapping[str, Any], samples: Sequence[dataset.Sample], scale: float) -> None:
+    """Before anything is written: the window (`tile_size`) and the images rescaled to the model's pixel size
+    must make sense together and fit in memory. UserError naming --tile_size or --mpp otherwise."""
+    shapes = [dataset.scaled_shape(dataset.image_shape(s.image_path), scale) for s in samples]
+    tile = int(config["tile_size"])
+    rescaled = scale != 1.0
+    where = (f" at the model's {config['mpp']:g} µm/px (the data's is {config.get('data_mpp'):g})"
+             if rescaled else "")
+    smallest, largest = min(min(hw) for hw in shapes), max(max(hw) for hw in shapes)
+    if rescaled and largest < 16:
+        raise UserError(f"--mpp {config['mpp']:g}: the images would be at most {largest} px{where}; "
+                        f"give the model's pixel size in µm/px (e.g. {config.get('data_mpp'):g})")
+    if tile < 16:  # the default window, the smallest image side
+        raise UserError(f"--tile_size: the smallest image is {smallest} px{where}; give --tile_size of at "
+                        f"least 16 (smaller images are mirror-padded)")
+    if tile > largest:
+        raise UserError(f"--tile_size {tile}: larger than every image{where} (the largest side is {largest} "
+                        f"px); use at most {largest}")
+    # the decoded images and labels (uint8 RGB + up to 32-bit ids) are kept in memory, plus one padded window
+    # (RGB, int64 labels twice, mask) and the resizing
+    cached = sum(h * w for h, w in shapes) * (3 + 4)
+    window = tile * tile * (3 + 8 + 8 + 1) + 2 * int(config["input_size"]) ** 2 * (3 + 4 + 8)
+    option = f"--mpp {config['mpp']:g}" if rescaled else f"--tile_size {tile}"
+    utils.check_memory(cached + window, f"{option} (the {len(shapes)} images{where} and one training window)")
 
 
 def training_dataset(config: Mapping[str, Any], samples: Sequence[dataset.Sample],
@@ -627,12 +677,11 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # bad data (unreadable, truncated, 16-bit, wrong mask type or size) and a wrong --pretrained (missing,
-    # corrupt, not MobileSAM) fail here, before the output folder is touched
-    dataset.validate_dataset(samples)
+    # a wrong --pretrained (missing, corrupt, not MobileSAM) fails here, before the output folder is touched
+    # (the data were checked by discover_training_data)
     nuclei_model.build_model(config)
     if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        utils.make_output_dir(output_dir)
         dataset.write_folds_json(folds_path, samples, folds, seed=config["fold_seed"],
                                  num_folds=config["num_folds"])
         if not (config.get("resume") and (output_dir / "config.json").is_file()):

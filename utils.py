@@ -75,14 +75,78 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def make_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> Path:
-    """Create the output folder `path` (and its parents); a file in the way is a UserError, not a traceback."""
+    """Create the output folder `path` (and its parents): the one way every command creates its output folder.
+    A problem is a UserError naming the option and the real cause (`output_dir_problem`), not a traceback or
+    "No such file or directory" for a parent that exists."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{option} {path}: exists and is not a folder") from None
     except OSError as e:
-        raise UserError(f"{option} {path}: cannot create the folder ({e.strerror or e})") from None
+        raise UserError(f"{option} {path}: {output_dir_problem(path, e)}") from None
+    return path
+
+
+def _mount_of(path: Path) -> tuple[str, str] | None:
+    """(mount point, file-system type) of the mount holding `path`, from /proc/mounts (None elsewhere)."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[str, str] | None = None
+    target = str(path)
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best[0])):
+            best = (point, parts[2])
+    return best
+
+
+# kernel file systems that hold no user files (mkdir there fails with ENOENT or EPERM)
+VIRTUAL_FILE_SYSTEMS = ("proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "securityfs", "tracefs",
+                        "configfs", "pstore", "bpf", "mqueue", "hugetlbfs", "fusectl", "efivarfs", "binfmt_misc")
+
+
+def output_dir_problem(path: Path, error: OSError) -> str:
+    """Why the folder `path` could not be created, in words: a file in the way, no permission, a read-only or
+    virtual file system (e.g. /proc), a full disk; the nearest existing folder is named."""
+    import errno
+
+    path = Path(os.path.abspath(path))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        return "exists and is not a folder"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    mount = _mount_of(existing)
+    if mount is not None and mount[1] in VIRTUAL_FILE_SYSTEMS:
+        return (f"{existing} is on the kernel's virtual '{mount[1]}' file system ({mount[0]}), where no folder "
+                f"can be created; choose a folder on a disk")
+    code = error.errno
+    if code == errno.EROFS:
+        return f"{existing} is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"no permission to write in {existing}"
+    if code == errno.ENOSPC:
+        return f"no space left on the device of {existing}"
+    if code == errno.ENAMETOOLONG:
+        return "the path is too long"
+    return f"cannot write in {existing} ({error.strerror or error})"
+
+
+def check_input_file(path: str | os.PathLike, option: str, hint: str = "") -> Path:
+    """`path` must be an existing file: a folder or a missing path is a UserError naming `option` (plus an
+    optional `hint`, e.g. how to get the file)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder, expected a file" + (f" ({hint})" if hint else ""))
+    if not path.is_file():
+        raise UserError(f"{option} {path}: file not found" + (f"; {hint}" if hint else ""))
     return path
 
 
@@ -163,6 +227,66 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def load_torch_file(path: str | os.PathLike, name: str | None = None) -> Any:
+    """torch.load(path, weights_only=True) on the CPU; a file that cannot be read is a UserError
+    `<name>: <what is wrong with the file>` on one line (`torch_file_problem`), never PyTorch's multi-line
+    advice about weights_only."""
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol N": a multi-line warning about a foreign file
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / foreign files
+        raise UserError(f"{name or path}: {torch_file_problem(path, e)}") from None
+
+
+def torch_file_problem(path: Path, error: BaseException) -> str:
+    """What is wrong with a file torch.load(weights_only=True) refused, in one line, from the file's first
+    bytes and the error: empty, a web page or other text, truncated, or holding Python objects other than
+    tensors and plain values (which a safe load refuses)."""
+    import re
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    text = str(error)
+    if size == 0:
+        return "empty file (0 bytes); a download or copy did not finish"
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return (f"truncated or damaged PyTorch checkpoint (its zip archive is incomplete, {size:,} bytes); "
+                    f"copy or download it again")
+        kind = "a PyTorch checkpoint"
+    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        kind = "a Python pickle (or PyTorch's legacy format)"
+    else:
+        sample = head.lstrip()
+        if sample[:1] == b"<":
+            return "a web page or XML file, not a checkpoint (a download that returned an error page?)"
+        printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+        if printable >= 0.95 * len(head):
+            first = head.decode("ascii", "replace").strip().splitlines()[0][:40] if head.strip() else ""
+            return f"a text file, not a checkpoint (starts with {first!r})"
+        return "not a PyTorch checkpoint (neither a zip archive nor a pickle; wrong file or damaged)"
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{kind} holding Python objects ({found.group(1)}) that a safe load refuses; checkpoints must "
+                f"hold only tensors and plain values (not written by this toolkit?)")
+    if "weights only load failed" in text.lower():
+        return f"{kind} that a safe load cannot read (damaged, or holding Python objects other than tensors)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first.split(". ")[0][:120]
+    return f"{kind} that cannot be read (damaged or truncated: {type(error).__name__}{': ' + first if first else ''})"
+
+
 # ----------------------------------------------------------------------------------------------
 # Reproducibility and environment
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +365,196 @@ def parse_list(text: str | Iterable, cast=str, option: str = "value") -> list:
         return [cast(t) for t in items]
     except ValueError:
         raise UserError(f"{option} {text!r}: expected a comma-separated list of {cast.__name__}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Upper bounds of options whose value sets how much memory a command takes
+# ----------------------------------------------------------------------------------------------
+MAX_TILE_SIZE = 8192      # a window (--tile_size) is resized to the network input; NuInsSeg's are 512, MoNuSeg's 1000
+MAX_REGION_SIZE = 16384   # a slide region (--region_size) holds RGB, maps and labels: ~25 B/px, 6.7 GB at this size
+MAX_BATCH_SIZE = 1024     # images or tiles in one network call
+MAX_WORKERS = 256         # worker processes or threads of one command
+MAX_THREADS = 1024        # CPU threads per process
+MIN_MPP, MAX_MPP = 0.01, 100.0  # a pixel size in µm/px outside this is no microscope's (brightfield: ~0.1-2)
+
+
+def check_mpp_range(option: str, value: float | None) -> None:
+    """UserError when a pixel size (µm/px) is outside MIN_MPP..MAX_MPP (a typo, or another unit)."""
+    if value is not None and not MIN_MPP <= value <= MAX_MPP:
+        raise UserError(f"{option} {value:g}: must be between {MIN_MPP:g} and {MAX_MPP:g} micrometres per pixel "
+                        f"(brightfield scans: about 0.1-2)")
+
+
+def check_at_most(option: str, value: float | int | None, limit: float | int, why: str = "") -> None:
+    """UserError `<option> <value>: must be at most <limit> (<why>)` when `value` exceeds `limit`."""
+    if value is not None and value > limit:
+        raise UserError(f"{option} {value}: must be at most {limit}" + (f" ({why})" if why else ""))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the kernel's MemAvailable, capped by the cgroup's memory
+    limit minus its use (cgroup v2 memory.max, v1 memory.limit_in_bytes); None where neither can be read."""
+    values: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                values.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge v1 number: no limit
+            values.append(max(0, int(limit) - usage))
+        break
+    return min(values) if values else None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} PB"
+
+
+def check_memory(needed: float, problem: str, fraction: float = 0.8) -> None:
+    """UserError `<problem>: needs about X of memory, more than the Y available` when `needed` bytes exceed
+    `fraction` of `available_memory()` (no check where the available memory is unknown). `problem` names the
+    option and value, e.g. "--tile_size 100000"."""
+    free = available_memory()
+    if free is not None and needed > fraction * free:
+        raise UserError(f"{problem}: needs about {format_bytes(needed)} of memory, more than the "
+                        f"{format_bytes(free)} available")
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress bars
+# ----------------------------------------------------------------------------------------------
+# How tqdm progress shows, for this process and the processes it starts (they inherit the variable and apply
+# it when they import this module): "bars" (tqdm's own, on a terminal), "lines" (stderr is a log file or a
+# pipe: a plain line per bar at most every PROGRESS_LINE_SECONDS and its final state, no carriage returns or
+# cursor codes),
+# "off" (-q: no progress at all). Set by main.py (`configure_progress`); call sites keep plain tqdm calls.
+PROGRESS_ENV = "NUCLEI_PROGRESS"
+PROGRESS_MODES = ("bars", "lines", "off")
+PROGRESS_LINE_SECONDS = 30.0
+PROGRESS_LINE_FORMAT = ("{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} "
+                        "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+_ANSI_ESCAPE = None  # compiled on first use
+
+
+class ProgressLineWriter:
+    """A text stream for one tqdm bar that turns its in-place redraws (carriage return + status + padding,
+    cursor moves) into plain newline-terminated lines on `stream`, at most one every `interval` seconds
+    (counted from the bar's start; tqdm redraws on every `set_postfix`, i.e. every batch), plus the final
+    state when a bar that stays on screen (`leave`) closes. A bar that is cleared on close and lasts less
+    than `interval` writes nothing; an unchanged status is not repeated."""
+
+    def __init__(self, stream, interval: float = PROGRESS_LINE_SECONDS) -> None:
+        import time
+
+        self.stream = stream
+        self.interval = float(interval)
+        self._clock = time.monotonic
+        self.last_time = self._clock()
+        self.last = ""
+        self.pending = ""
+
+    def _emit(self, line: str) -> None:
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+        self.pending = ""
+        self.last_time = self._clock()
+
+    def write(self, text: str) -> int:
+        global _ANSI_ESCAPE
+        import re
+
+        if _ANSI_ESCAPE is None:
+            _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+        text = str(text)
+        clean = _ANSI_ESCAPE.sub("", text)
+        if clean.strip() == "":
+            if "\n" in clean:  # a kept bar closes (its final state was drawn just before): print it
+                self._emit(self.pending)
+            elif "\r" in clean:  # a cleared bar closes, or a blank redraw: nothing to print
+                self.pending = ""
+            return len(text)
+        for part in re.split(r"[\r\n]", clean):
+            line = part.strip()
+            if line:
+                self.pending = line
+        if self._clock() - self.last_time >= self.interval:
+            self._emit(self.pending)
+        return len(text)
+
+    def flush(self) -> None:
+        flush = getattr(self.stream, "flush", None)
+        if flush is not None:
+            flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _progress_mode() -> str:
+    mode = os.environ.get(PROGRESS_ENV, "bars")
+    return mode if mode in PROGRESS_MODES else "bars"
+
+
+def _progress_kwargs(kwargs: dict) -> dict:
+    mode = _progress_mode()
+    if mode == "off":
+        kwargs["disable"] = True
+    elif mode == "lines" and not kwargs.get("disable"):
+        target = kwargs.get("file") or sys.stderr
+        if not isinstance(target, ProgressLineWriter):
+            kwargs["file"] = ProgressLineWriter(target)
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval") or 0.0), 1.0)  # the writer spaces the lines
+        kwargs["ascii"] = True
+        kwargs.pop("dynamic_ncols", None)
+        kwargs.setdefault("bar_format", PROGRESS_LINE_FORMAT)  # no bar drawing in a log
+    return kwargs
+
+
+def _install_progress_hook() -> None:
+    """Route every tqdm bar of this process through `_progress_kwargs` (once; bars made by `from tqdm import
+    tqdm` anywhere, whatever `disable=` a call site passes). tqdm's own TQDM_* variables cannot do this: it
+    reads them once, as defaults, and an explicit `disable=False` at a call site overrides them."""
+    import tqdm.std
+
+    cls = tqdm.std.tqdm
+    if getattr(cls, "_nuclei_progress_hook", False):
+        return
+    original = cls.__dict__["__init__"]
+
+    def __init__(self, *args, **kwargs):
+        original.__get__(self, type(self))(*args, **_progress_kwargs(kwargs))
+
+    cls.__init__ = __init__
+    cls._nuclei_progress_hook = True
+
+
+def configure_progress(quiet: bool, stream=None) -> str:
+    """Pick the progress mode for this run (`quiet` -> off; `stream`, default stderr, not a terminal -> lines;
+    else bars), for this process and its children (PROGRESS_ENV). Returns the mode."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        tty = bool(stream.isatty())
+    except (AttributeError, ValueError):
+        tty = False
+    mode = "off" if quiet else ("bars" if tty else "lines")
+    os.environ[PROGRESS_ENV] = mode
+    _install_progress_hook()
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +645,7 @@ def resolve_threads(threads: int | None = None, processes: int = 1, *, env_value
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads {threads}: must be at least 1")
+        check_at_most("--threads", threads, MAX_THREADS, "CPU threads per process")
         return int(threads)
     if env_value not in (None, ""):
         try:
@@ -381,3 +696,10 @@ def configure_threads(threads: int | None = None, workers: int = 0) -> int:
         torch.set_num_threads(n)
     log.debug("%d CPU thread(s) per process (%d worker process(es))", n, workers)
     return n
+
+
+if os.environ.get(PROGRESS_ENV) in ("lines", "off"):  # a process started by a command: its parent's mode
+    try:
+        _install_progress_hook()
+    except ImportError:  # pragma: no cover - tqdm is a requirement
+        pass

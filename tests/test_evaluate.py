@@ -343,3 +343,25 @@ def test_evaluate_model_set_library_with_worker_pool(synthetic_data_dir, tmp_pat
     assert [r["fold"] for r in pooled] == [i % 2 for i in range(len(samples))]
     assert len(list((tmp_path / "pred").glob("*.tif"))) == len(samples) > half
     assert np.mean([r["dice"] for r in pooled]) > 0.3          # the stand-in finds the dark nuclei
+
+
+def test_recorded_data_dir_absolute_or_relative_to_where_train_ran(tmp_path, monkeypatch):
+    """Issue 19: a model records its data folder absolute; an older model's relative one is looked up from the
+    folders above the model (train ran in one of them), not from wherever evaluate runs."""
+    from evaluate import recorded_data_dir
+
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    model = tmp_path / "project" / "runs" / "cv" / "fold_0" / "best_model.pth"
+    model.parent.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert recorded_data_dir({"data_dir": str(data)}, model) == data
+    assert recorded_data_dir({"data_dir": "data"}, model) == data  # old config, train ran in project/
+    assert recorded_data_dir({"data_dir": "data"}, Path("..") / model.relative_to(tmp_path)) == data
+    with pytest.raises(UserError, match=r"^--data_dir: not given, and the model's config records the data folder "
+                                        r"'nowhere' relative to where train ran, which is not in any folder above"):
+        recorded_data_dir({"data_dir": "nowhere"}, model)
+    with pytest.raises(UserError, match=r"does not exist; give --data_dir$"):
+        recorded_data_dir({"data_dir": str(tmp_path / "gone")}, model)

@@ -26,4 +26,4 @@ def test_os_error_on_a_user_path_is_one_line(tmp_path, capsys):
     assert main.main(["-q", "make_sample_data", "--output_dir", str(target), "--num_images", "2",
                       "--image_size", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {target}: "), err
+    assert err == [f"error: --output_dir {target}: {tmp_path / 'afile'} is a file, not a folder"], err

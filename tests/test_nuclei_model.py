@@ -392,3 +392,25 @@ def test_checkpoint_extra_tensors_are_cpu_copies(tmp_path):
     assert len(found) > len(raw["state_dict"]) and all(t.device.type == "cpu" for t in found)
     opt2 = torch.optim.AdamW(trainable, lr=1e-3)
     opt2.load_state_dict(raw["optimizer"])
+
+
+def test_unreadable_files_are_one_line_and_a_folder_is_named_a_folder(tmp_path):
+    """Issue 19: PyTorch's multi-line weights_only advice was embedded in the error; a folder given as
+    --pretrained was 'file not found'."""
+    junk = tmp_path / "model.pth"
+    junk.write_bytes(bytes(range(128, 256)) * 4)
+    for read in (nm.read_checkpoint, mobile_sam.read_state_dict):
+        with pytest.raises(UserError) as info:
+            read(junk)
+        message = str(info.value)
+        assert message == f"{junk}: not a PyTorch checkpoint (neither a zip archive nor a pickle; wrong file or damaged)"
+    numpy_ckpt = tmp_path / "numpy.pth"
+    torch.save({"format": "x", "a": np.zeros(3)}, numpy_ckpt)
+    with pytest.raises(UserError) as info:
+        nm.read_checkpoint(numpy_ckpt)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    assert str(info.value).startswith(f"{numpy_ckpt}: a PyTorch checkpoint holding Python objects (numpy.")
+    with pytest.raises(UserError, match=r"^--pretrained .*: is a folder, expected a file \(the official mobile_sam"):
+        nm.build_model({"pretrained": str(tmp_path), "head": "hv", "input_size": 64, "lora_rank": 0})
+    with pytest.raises(UserError, match=r": is a folder, expected a checkpoint file"):
+        mobile_sam.read_state_dict(tmp_path)

@@ -297,3 +297,61 @@ def test_negative_search_seed_is_a_user_error(tmp_path, capsys):
                       "--lora_ranks", "2", "--lora_alphas", "4", "--learning_rates", "1e-4", "--search_seed", "-1"])
     assert code == 2 and capsys.readouterr().err.strip() == "error: --search_seed -1: must be 0 or more"
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 19: exit 2 leaves nothing; Ctrl-C is one line; LoRA rank 0 as in train
+# ----------------------------------------------------------------------------------------------
+def test_refused_sampler_or_storage_creates_nothing(tmp_path, run_error):
+    out = tmp_path / "search"
+    with pytest.raises(utils.UserError, match="^--n_trials: give the number"):
+        ps.run_search(BASE, _space(), out, metric="pq", sampler="tpe", train_fn=FakeTrain())
+    assert not out.exists()  # was: study.db in a new folder
+    with pytest.raises(utils.UserError, match="^--storage bogus://x: not a database URL"):
+        ps.run_search(BASE, _space(), out, metric="pq", storage="bogus://x", train_fn=FakeTrain())
+    assert not out.exists()  # was: an empty folder
+    for extra in (["--sampler", "tpe"], ["--storage", "bogus://x"]):
+        line = run_error(["-q", "parameter_search", "--data_dir", str(tmp_path), "--output_dir", str(out), *extra])
+        assert line.startswith(("error: --n_trials", "error: --storage")), line
+        assert not out.exists()
+
+
+def test_ctrl_c_is_one_line_and_status_130(synthetic_data_dir, tmp_path):
+    """The interrupt arrives while a configuration trains (here the training function raises it, as Ctrl-C
+    in the training loop does): Optuna logged a 20-line traceback before main's line; now only the line."""
+    out = tmp_path / "search"
+    script = ("import sys, train, main\n"
+              "def interrupted(*args, **kwargs):\n"
+              "    raise KeyboardInterrupt\n"
+              "train.run_training = interrupted\n"
+              "sys.exit(main.main(sys.argv[1:]))\n")
+    argv = _command(synthetic_data_dir, out)[2:]  # without python main.py
+    argv.remove("-q")  # the interrupt line must be the only line even with the search's log on
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=PROJECT_DIR, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if " INFO " not in line]
+    assert lines == ["error: interrupted"], done.stderr
+    assert "Traceback" not in done.stderr
+    failed = _load(out).get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 1  # the interrupted configuration is run again next time
+
+
+def test_lora_rank_0_is_searched_once_per_learning_rate(tmp_path):
+    """train --lora_rank 0 means no LoRA; the search accepts it too, and since alpha means nothing without
+    adapters, rank 0 is trained once per learning rate whatever --lora_alphas lists."""
+    space = ps.search_space("0,2", "2,4", "1e-4,1e-3")
+    points = ps.grid_points(space)
+    assert len(points) == 2 + 4 and sum(p["lora_rank"] == 0 for p in points) == 2
+    fake = FakeTrain()
+    result = ps.run_search(BASE, space, tmp_path, metric="pq", train_fn=fake)
+    assert result["finished"] and result["trained"] == 6
+    keys = [k for k, _ in fake.calls]
+    assert sorted((r, lr) for r, _, lr in keys if r == 0) == [(0, 1e-4), (0, 1e-3)]
+    rows = _check_results(tmp_path, 6)
+    assert sum(int(r["lora_rank"]) == 0 for r in rows) == 2
+    assert sum(line.split(" | ")[2:4] == ["0", "—"] for line in (tmp_path / "results.md").read_text().splitlines()) == 2
+    assert (tmp_path / "score_vs_rank.png").stat().st_size > 1000  # rank 0 on the rank axis
+    for ranks in ("-1", "2,-4"):
+        with pytest.raises(utils.UserError, match=r"^--lora_ranks -\d: must be 0 \(no LoRA\) or a positive integer$"):
+            ps.search_space(ranks, "2", "1e-4")

@@ -225,3 +225,20 @@ def test_resume_refuses_changed_options(synthetic_data_dir, tmp_path):
         train.run(_args(synthetic_data_dir, out, "--num_folds", "3", "--epochs", "5", "--resume"))
     # runtime options may change, and options left at their defaults mean "as saved"
     assert train.run(_args(synthetic_data_dir, out, "--num_folds", "3", "--resume", "--num_workers", "0")) == 0
+
+
+def test_data_dir_is_recorded_absolute(synthetic_data_dir, tmp_path, monkeypatch):
+    """Issue 19: the config recorded --data_dir as given (relative to where train ran), so evaluate/demo
+    without --data_dir from another folder did not find the data."""
+    monkeypatch.chdir(synthetic_data_dir.parent)
+    config = train.config_from_args(_args(synthetic_data_dir.name, tmp_path / "out"))
+    assert config["data_dir"] == str(synthetic_data_dir) and os.path.isabs(config["data_dir"])
+    monkeypatch.chdir(tmp_path)
+    assert train.discover_training_data(dict(config))  # still found from another folder
+
+
+def test_resume_with_overwrite_is_refused(synthetic_data_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^--resume and --overwrite: choose one"):
+        train.run(_args(synthetic_data_dir, out, "--resume", "--overwrite"))
+    assert not out.exists()

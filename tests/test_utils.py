@@ -1,7 +1,9 @@
 """Tests of the shared helpers in utils.py."""
+import io
 import os
 import stat
 
+import numpy as np
 import pytest
 
 import utils
@@ -57,5 +59,116 @@ def test_make_output_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(utils.UserError, match=r"^--output_dir .*file: exists and is not a folder$"):
         utils.make_output_dir(tmp_path / "file")
-    with pytest.raises(utils.UserError, match=r"^--out .*sub: cannot create the folder"):
+    with pytest.raises(utils.UserError, match=r"^--out .*sub: .*file is a file, not a folder$"):
         utils.make_output_dir(tmp_path / "file" / "sub", option="--out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 19: progress output, output folders, unreadable checkpoints
+# ----------------------------------------------------------------------------------------------
+def _sample_data_stderr(tmp_path, *extra):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop(utils.PROGRESS_ENV, None)
+    done = subprocess.run([sys.executable, str(utils.PROJECT_DIR / "main.py"), *extra, "make_sample_data",
+                           "--output_dir", str(tmp_path / f"d{len(extra)}"), "--num_images", "20", "--image_size",
+                           "32"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_progress_in_a_log_is_plain_lines_and_quiet_has_none(tmp_path):
+    """stderr to a file or pipe (a batch job's log): progress as plain lines, no carriage return or cursor
+    code (tqdm's bars wrote both); -q: no progress at all (the bars still showed)."""
+    err = _sample_data_stderr(tmp_path)
+    assert "\r" not in err and "\x1b" not in err, repr(err[:300])
+    progress = [line for line in err.splitlines() if line.startswith("sample images: ")]
+    assert len(progress) == 1 and progress[0].startswith("sample images: 100% 20/20 ["), err  # a short bar: its end
+    assert _sample_data_stderr(tmp_path, "-q") == ""
+
+
+def test_progress_line_writer_turns_redraws_into_lines():
+    import io
+
+    from tqdm import tqdm
+
+    sink = io.StringIO()
+    writer = utils.ProgressLineWriter(sink, interval=0)  # every redraw may become a line
+    writer.write("\rstep 1 ")
+    writer.write("\rstep 1     ")  # the same status redrawn: not repeated
+    writer.write("\x1b[A\rstep 2")
+    writer.write("\r     ")  # a bar cleared on close: nothing
+    writer.write("\r")
+    assert sink.getvalue() == "step 1\nstep 2\n"
+    sink = io.StringIO()
+    writer = utils.ProgressLineWriter(sink, interval=1e9)  # a bar shorter than the interval ...
+    for i in range(5):
+        writer.write(f"\rbatch {i}, loss=0.{i}")  # set_postfix redraws every batch
+    assert sink.getvalue() == ""
+    writer.write("\n")  # ... that stays on screen: only its final state
+    assert sink.getvalue() == "batch 4, loss=0.4\n"
+    sink = io.StringIO()
+    writer = utils.ProgressLineWriter(sink, interval=1e9)
+    writer.write("\rvalidation 1/2")
+    writer.write("\r              ")  # cleared on close (leave=False): nothing at all
+    writer.write("\r")
+    assert sink.getvalue() == ""
+    before = os.environ.get(utils.PROGRESS_ENV)
+    try:
+        os.environ[utils.PROGRESS_ENV] = "lines"
+        utils.configure_progress(False, stream=io.StringIO())  # not a terminal -> lines; installs the hook
+        out = io.StringIO()
+        for _ in tqdm(range(3), desc="work", file=out, disable=False):
+            pass
+        assert out.getvalue() == "work: 100% 3/3 [00:00<00:00, " + out.getvalue().split(", ", 1)[1], repr(out.getvalue())
+        assert "\r" not in out.getvalue() and out.getvalue().count("\n") == 1
+        utils.configure_progress(True)
+        out = io.StringIO()
+        for _ in tqdm(range(3), desc="work", file=out, disable=False):  # -q wins over a call site's disable=False
+            pass
+        assert out.getvalue() == ""
+    finally:
+        if before is None:
+            os.environ.pop(utils.PROGRESS_ENV, None)
+        else:
+            os.environ[utils.PROGRESS_ENV] = before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_folder_on_a_virtual_file_system_names_the_cause():
+    with pytest.raises(utils.UserError) as info:
+        utils.make_output_dir("/proc/nuclei_test/out")
+    assert str(info.value) == ("--output_dir /proc/nuclei_test/out: /proc is on the kernel's virtual 'proc' file "
+                               "system (/proc), where no folder can be created; choose a folder on a disk")
+
+
+def test_unreadable_checkpoints_are_one_line_saying_what_is_wrong(tmp_path):
+    import pickle
+
+    import torch
+
+    good = tmp_path / "good.pth"
+    torch.save({"a": torch.zeros(2)}, good)
+    data = good.read_bytes()
+    cases = {
+        "empty.pth": (b"", "empty file (0 bytes)"),
+        "truncated.pth": (data[: len(data) // 2], "truncated or damaged PyTorch checkpoint"),
+        "page.pth": (b"<!DOCTYPE html><html>Not found</html>", "a web page or XML file, not a checkpoint"),
+        "notes.pth": (b"hello\n", "a text file, not a checkpoint (starts with 'hello')"),
+        "random.pth": (bytes(np.random.default_rng(0).integers(128, 256, 600, dtype=np.uint8)),
+                       "not a PyTorch checkpoint (neither a zip archive nor a pickle"),
+        "pickle.pth": (pickle.dumps({"x": {1, 2}}), "a Python pickle (or PyTorch's legacy format) that a safe load"),
+    }
+    buf = io.BytesIO()
+    torch.save({"a": np.zeros(2)}, buf)
+    cases["numpy.pth"] = (buf.getvalue(), "a PyTorch checkpoint holding Python objects (numpy.")
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(utils.UserError) as info:
+            utils.load_torch_file(tmp_path / name, f"--model_path {tmp_path / name}")
+        message = str(info.value)
+        assert message.startswith(f"--model_path {tmp_path / name}: {expected}"), message
+        assert "\n" not in message and "weights_only" not in message and len(message) < 300, message
+    assert float(utils.load_torch_file(good)["a"].sum()) == 0.0
