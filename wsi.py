@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 REGION_MARGIN = 128        # target pixels post-processed around a region's core (> the largest nucleus)
 THUMBNAIL_SIZE = 2048      # longest side of the thumbnail used for tissue detection and the overview
 LABEL_TILE = 512           # tile side of the label pyramid
-STATE_VERSION = 1
+STATE_VERSION = 2          # 2: region files hold zlib labels and pre-encoded features, rows a confidence
 
 
 @dataclass
@@ -370,13 +370,15 @@ def run_key(path: Path, predictor, options, geo: Geometry, mpp0: float) -> dict:
             "margin": REGION_MARGIN, "tissue_mask": tissue if tissue in ("auto", "none") else _fingerprint(tissue),
             "model": _fingerprint(options.model_path), "pretrained": _fingerprint(options.pretrained),
             "ensemble": bool(options.ensemble), "amp": bool(options.amp),
+            "min_confidence": float(getattr(options, "min_confidence", 0.0) or 0.0),
             "postprocess": predictor.postprocess, "model_mpp": predictor.model_mpp}
 
 
 def output_paths(output_dir: Path, name: str, options) -> dict[str, Path]:
     paths = {"geojson": output_dir / (f"{name}.geojson.gz" if options.geojson_gzip else f"{name}.geojson"),
              "csv": output_dir / f"{name}_nuclei.csv", "tissue": output_dir / f"{name}_tissue.png",
-             "overview": output_dir / f"{name}_overview.png"}
+             "overview": output_dir / f"{name}_overview.png",
+             "confidence": output_dir / f"{name}_confidence.png"}
     if options.label_image:
         paths["labels"] = output_dir / f"{name}_labels.tif"
     return paths
@@ -455,12 +457,14 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
 
     # assemble the outputs from the region files
     t_write = time.time()
-    nuclei, centroids = assemble(output_dir, name, outputs, regions, state, pdir, geo, mpp0,
-                                 (height0, width0), options)
+    nuclei, centroids, confidence = assemble(output_dir, name, outputs, regions, state, pdir, geo, mpp0,
+                                             (height0, width0), options)
     tissue_mask.save_png(outputs["tissue"])
     import visualize
 
     visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
+    visualize.save_confidence_overview(outputs["confidence"], thumb[0], thumb[1], tissue_mask, centroids,
+                                       confidence, mpp0)
     write_seconds = time.time() - t_write
     area = float(tissue_mask.area_mm2(mpp0))
     outcome = predict.Outcome(
@@ -468,7 +472,8 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
         tissue_area_mm2=round(area, 6), nuclei_per_mm2=(round(nuclei / area, 3) if area > 0 else None),
         windows=int(timing["windows"]), read_seconds=round(timing["read"], 3),
         network_seconds=round(timing["network"], 3), postprocess_seconds=round(timing["postprocess"], 3),
-        write_seconds=round(write_seconds, 3))
+        write_seconds=round(write_seconds, 3),
+        dropped_low_confidence=int(state.get("dropped_low_confidence", 0)))
     for region in regions:  # the region files are no longer needed; the state keeps the outcome
         f = pdir / f"region_{region.index:06d}.npz"
         if f.exists():
@@ -476,6 +481,9 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     state.update(complete=True, outcome=vars(outcome))
     utils.write_json(state_path, state)
     log.info("%s: %d nuclei in %.1f mm² of tissue -> %s", path, nuclei, area, outputs["geojson"])
+    if outcome.dropped_low_confidence:
+        log.info("%s: %d nuclei below --min_confidence %g dropped", path, outcome.dropped_low_confidence,
+                 options.min_confidence)
     return outcome
 
 
@@ -562,7 +570,8 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop
             job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
                    "settings": settings, "crop": region.crop, "core": region.core, "scale": geo.scale,
-                   "mpp": float(predictor.model_mpp), "file": str(pdir / f"region_{region.index:06d}.npz")}
+                   "mpp": float(predictor.model_mpp), "file": str(pdir / f"region_{region.index:06d}.npz"),
+                   "min_confidence": float(options.min_confidence)}
             del rgb, fg, hv
             if pool is None:
                 record(region, finish_region(job))
