@@ -387,13 +387,34 @@ def polygon_json(ring: Sequence[Sequence[float]]) -> str:
 
 
 def measurements_json(values: Mapping[str, Any]) -> str:
-    """Compact JSON of a feature's `measurements` list (numeric values but `id`), "" when there is none."""
+    """Compact JSON of a feature's `measurements` list (numeric values but `id`), "" when there is none; the
+    text `json.dumps` gives (Python floats and ints are written with their own repr, as json does)."""
     items = []
     for key, value in values.items():
-        number = _json_number(value)
-        if key != "id" and number is not None:
-            items.append({"name": str(key), "value": number})
-    return json.dumps(items, separators=(",", ":")) if items else ""
+        if key == "id":
+            continue
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                continue
+            text = repr(value)
+        elif kind is int:
+            text = str(value)
+        else:
+            number = _json_number(value)
+            if number is None:
+                continue
+            text = json.dumps(number)
+        items.append('{"name":' + json.dumps(str(key)) + ',"value":' + text + "}")
+    return "[" + ",".join(items) + "]" if items else ""
+
+
+def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """`polygon_json` of each ring `xy[a:b]` (float64 (N, 2) corners) for (a, b) in `spans`, in one pass over
+    the coordinates (floats written with their repr, as json does)."""
+    text = list(map(repr, np.asarray(xy, np.float64).ravel().tolist()))
+    pairs = [a + "," + b for a, b in zip(text[0::2], text[1::2])]
+    return ['{"type":"Polygon","coordinates":[[[' + "],[".join(pairs[a:b]) + "]]]}" for a, b in spans]
 
 
 def feature_json(label_id: int, geometry: str, measurements: str) -> str:

@@ -299,10 +299,8 @@ def finish_region(job: dict) -> dict:
         xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
         if scale != 1.0:
             xy = xy / scale
-        xy = xy.tolist()
-        for row, (a, b) in zip(rows, spans):
-            geometry.append(export.polygon_json(xy[a:b]))
-            measurements.append(export.measurements_json(row))
+        geometry = export.polygons_json(xy, spans)
+        measurements = [export.measurements_json(row) for row in rows]
     # the kept instances' bounding box in target pixels, as compact as their count allows
     if n:
         rr = np.flatnonzero(kept.any(axis=1))

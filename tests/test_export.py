@@ -407,6 +407,13 @@ def test_feature_text_is_json_dumps_of_the_feature():
                                    export.measurements_json(rows[i]))
         assert text == json.dumps(feature, separators=(",", ":"))
     assert export.measurements_json({"id": 3}) == ""
+    odd = {"a": float("nan"), "b": np.float32(0.1), "c": True, "d": "text", "e": 1e-300, "f": -0.0, "g": 7}
+    assert export.measurements_json(odd) == json.dumps(
+        [{"name": k, "value": export._json_number(v)} for k, v in odd.items()
+         if export._json_number(v) is not None], separators=(",", ":"))
+    xy = np.array([[0.1, 2.0], [1 / 3, 5e20], [-7.25, 1e-7], [0.1, 2.0]])
+    assert export.polygons_json(xy, [(0, 4), (1, 3)]) == [export.polygon_json(xy[0:4].tolist()),
+                                                          export.polygon_json(xy[1:3].tolist())]
 
 
 def test_confidence_is_the_mean_foreground_probability():
