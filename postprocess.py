@@ -220,12 +220,22 @@ def _fill_instance_holes(labels: np.ndarray) -> np.ndarray:
     border = np.zeros(n + 1, dtype=bool)
     for edge in (holes[0, :], holes[-1, :], holes[:, 0], holes[:, -1]):
         border[edge] = True
-    # (region, neighbouring instance) pairs across every 4-neighbour link.
+    candidate = ~border
+    candidate[0] = False
+    if not candidate.any():
+        return labels
+    # (region, neighbouring instance) pairs across every 4-neighbour link, for the candidate regions only
+    # (the pixels of the background regions that do not reach the border: few, whatever the image size).
+    ys, xs = np.nonzero(candidate[holes])
+    region = holes[ys, xs]
+    h, w = labels.shape
     pairs = []
-    for a, b in ((holes[:, :-1], labels[:, 1:]), (holes[:, 1:], labels[:, :-1]),
-                 (holes[:-1, :], labels[1:, :]), (holes[1:, :], labels[:-1, :])):
-        sel = (a > 0) & (b > 0)
-        pairs.append(np.stack([a[sel], b[sel]], axis=1))
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        ny, nx = ys + dy, xs + dx
+        ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        neighbour = labels[ny[ok], nx[ok]]
+        sel = neighbour > 0
+        pairs.append(np.stack([region[ok][sel], neighbour[sel]], axis=1))
     pairs = np.concatenate(pairs).astype(np.int64)
     if pairs.size == 0:
         return labels
