@@ -248,7 +248,9 @@ def _fill_instance_holes(labels: np.ndarray) -> np.ndarray:
     fill = (count == 1) & ~border
     fill[0] = False
     if fill.any():
-        labels = np.where(fill[holes], owner[holes], labels)
+        take = fill[region]   # only pixels of the candidate regions can be filled
+        labels = labels.copy()
+        labels[ys[take], xs[take]] = owner[region[take]]
     return labels
 
 
@@ -283,11 +285,13 @@ def _sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _normalise(channel: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Min-max normalise a map to [0, 1] using its values inside `mask` (0 outside -> mid value)."""
-    values = channel[mask]
-    lo, hi = float(values.min()), float(values.max())
+    lo = float(np.min(channel, where=mask, initial=np.inf))
+    hi = float(np.max(channel, where=mask, initial=-np.inf))
     if hi - lo < 1e-6:
         return np.zeros_like(channel)
-    return np.clip((channel - lo) / (hi - lo), 0.0, 1.0)
+    out = np.subtract(channel, lo, dtype=channel.dtype)   # the same float32 operations, without temporaries
+    out /= hi - lo
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def edge_energy(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int = 7) -> np.ndarray:
