@@ -597,6 +597,7 @@ class Outcome:
     network_seconds: float = 0.0
     postprocess_seconds: float = 0.0
     write_seconds: float = 0.0
+    dropped_low_confidence: int = 0
 
     def summary_row(self) -> dict:
         """One row of summary.csv (columns `SUMMARY_COLUMNS`)."""
@@ -607,7 +608,7 @@ class Outcome:
 
 SUMMARY_COLUMNS = ["image", "name", "kind", "status", "nuclei", "tissue_area_mm2", "nuclei_per_mm2", "mpp",
                    "height", "width", "seconds", "windows", "read_seconds", "network_seconds",
-                   "postprocess_seconds", "write_seconds", "error"]
+                   "postprocess_seconds", "write_seconds", "dropped_low_confidence", "error"]
 
 
 @dataclass

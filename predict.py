@@ -147,6 +147,7 @@ class PredictOptions:
     num_workers: int | None = None
     region_size: int = 2048
     read_threads: int = 2
+    min_confidence: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -162,7 +163,8 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
         label_image=bool(getattr(args, "label_image", False)), geojson_gzip=bool(getattr(args, "geojson_gzip", False)),
         overlay=not getattr(args, "no_overlay", False), overwrite=bool(getattr(args, "overwrite", False)),
         num_workers=args.num_workers, region_size=int(getattr(args, "region_size", 2048)),
-        read_threads=int(getattr(args, "read_threads", 2)))
+        read_threads=int(getattr(args, "read_threads", 2)),
+        min_confidence=float(getattr(args, "min_confidence", 0.0) or 0.0))
     check_options(options)
     return options
 
@@ -185,6 +187,8 @@ def check_options(options: PredictOptions) -> None:
         raise UserError(f"--region_size {options.region_size}: must be at least 256 pixels")
     if options.read_threads < 1:
         raise UserError(f"--read_threads {options.read_threads}: must be at least 1")
+    if not 0.0 <= float(options.min_confidence) <= 1.0:  # also refuses NaN
+        raise UserError(f"--min_confidence {options.min_confidence}: must lie in [0, 1] (0 keeps every nucleus)")
     if options.tissue_mask not in ("auto", "none") and not Path(options.tissue_mask).is_file():
         raise UserError(f"--tissue_mask {options.tissue_mask}: file not found (or use auto / none)")
     if not Path(options.model_path).exists():
@@ -219,29 +223,33 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
         fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
                                       mpp=options.mpp, batch_size=predictor.batch_size, maps_fn=predictor.maps_fn,
                                       postprocess=predictor.postprocess or None, progress=True)
-        nuclei, _, error = finish_image(path, Path(output_dir), name, image, fg, hv, settings, mpp=options.mpp,
-                                        overlay=options.overlay)
+        nuclei, _, error, dropped = finish_image(path, Path(output_dir), name, image, fg, hv, settings,
+                                                 mpp=options.mpp, overlay=options.overlay,
+                                                 min_confidence=options.min_confidence)
     except Exception as e:  # one bad input must not stop the others
         log.debug("failed on %s", path, exc_info=True)
-        nuclei, error = 0, error_message(path, e)
+        nuclei, error, dropped = 0, error_message(path, e), 0
         image = None
     if error:
         return Outcome(str(path), name, "failed", error=error, seconds=round(time.time() - start, 3))
     return Outcome(str(path), name, "ok", nuclei, image.shape[0], image.shape[1], round(time.time() - start, 3),
-                   mpp=options.mpp)
+                   mpp=options.mpp, dropped_low_confidence=dropped)
 
 
 def write_outputs(output_dir: Path, name: str, image: np.ndarray, labels: np.ndarray,
-                  mpp: float | None = None, overlay: bool = True) -> list[Path]:
-    """The per-image result files (see the module docstring); returns their paths."""
+                  mpp: float | None = None, overlay: bool = True,
+                  confidence: dict | None = None) -> list[Path]:
+    """The per-image result files (see the module docstring); returns their paths. `confidence` (id -> mean
+    foreground probability, `nucleus_confidence`) adds the `confidence` column to the CSV and the GeoJSON
+    measurements."""
     import export
 
-    rows = export.measure_nuclei(labels, image, mpp=mpp)
+    rows = export.measure_nuclei(labels, image, mpp=mpp, confidence=confidence)
     paths = [export.save_label_tiff(output_dir / f"{name}_labels.tif", labels.astype(np.uint32)),
              export.save_geojson(output_dir / f"{name}.geojson", labels,
                                  properties={int(r["id"]): r for r in rows}),
              export.save_measurements_csv(output_dir / f"{name}_nuclei.csv", rows,
-                                          columns=export.measurement_columns(mpp))]
+                                          columns=export.measurement_columns(mpp, confidence=confidence is not None))]
     if overlay:
         import visualize
 
@@ -250,20 +258,55 @@ def write_outputs(output_dir: Path, name: str, image: np.ndarray, labels: np.nda
     return paths
 
 
+def nucleus_confidence(labels: np.ndarray, fg: np.ndarray, min_confidence: float = 0.0
+                       ) -> tuple[np.ndarray, dict, int]:
+    """(labels, {id: confidence}, dropped): each nucleus' confidence is the mean foreground probability `fg`
+    over its pixels (same grid as `labels`); nuclei below `min_confidence` are removed and the others renumbered
+    1..N in their order (ids are assigned after the drop)."""
+    labels = np.asarray(labels)
+    flat = labels.ravel()
+    top = int(flat.max(initial=0))
+    if top == 0:
+        return labels, {}, 0
+    area = np.bincount(flat, minlength=top + 1).astype(np.float64)
+    sums = np.bincount(flat, weights=np.asarray(fg, np.float64).ravel(), minlength=top + 1)
+    present = area > 0
+    present[0] = False
+    confidence = np.divide(sums, area, out=np.zeros_like(sums), where=area > 0)
+    low = present & (confidence < float(min_confidence))
+    dropped = int(low.sum())
+    if dropped:
+        keep = present & ~low
+        lut = np.zeros(top + 1, labels.dtype)
+        lut[keep] = np.arange(1, int(keep.sum()) + 1)
+        labels = lut[labels]
+        return labels, {i + 1: float(v) for i, v in enumerate(confidence[keep].tolist())}, dropped
+    return labels, {int(i): float(confidence[i]) for i in np.flatnonzero(present).tolist()}, 0
+
 
 def finish_image(path: Path, output_dir: Path, name: str, image: np.ndarray, fg: np.ndarray,
                  hv: np.ndarray | None, settings: dict, mpp: float | None = None,
-                 overlay: bool = True) -> tuple[int, float, str]:
+                 overlay: bool = True, min_confidence: float = 0.0) -> tuple[int, float, str, int]:
     """Post-processing and result files of one image, from `image_maps`' output; runs in a worker process
-    while the model works on the next image. Returns (nuclei, seconds, error message or "")."""
+    while the model works on the next image. The nuclei's confidences are computed on the maps' grid (the
+    model's pixel size), nuclei below `min_confidence` dropped, then the labels resized to the image.
+    Returns (nuclei, seconds, error message or "", nuclei dropped for low confidence)."""
+    import dataset
+
     start = time.time()
     try:
-        labels = labels_from_maps(fg, hv, settings, image.shape[:2])
-        write_outputs(output_dir, name, image, labels, mpp=mpp, overlay=overlay)
+        labels = labels_from_maps(fg, hv, settings, np.asarray(fg).shape)
+        labels, confidence, dropped = nucleus_confidence(labels, fg, min_confidence)
+        if labels.shape != tuple(image.shape[:2]):
+            labels = dataset.resize_labels(labels, tuple(image.shape[:2]))
+        labels = np.asarray(labels).astype(np.int32, copy=False)
+        write_outputs(output_dir, name, image, labels, mpp=mpp, overlay=overlay, confidence=confidence)
+        if dropped:
+            log.info("%s: %d nuclei below --min_confidence %g dropped", path, dropped, min_confidence)
     except Exception as e:  # reported by the caller like a failure in the main process
         log.debug("failed on %s", path, exc_info=True)
-        return 0, time.time() - start, error_message(path, e)
-    return int(len(np.unique(labels[labels > 0]))), time.time() - start, ""
+        return 0, time.time() - start, error_message(path, e), 0
+    return int(len(np.unique(labels[labels > 0]))), time.time() - start, "", dropped
 
 
 def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence[str], output_dir: Path,
@@ -294,13 +337,13 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
     def collect_oldest() -> None:
         i, model_seconds, shape, future = pending.popleft()
         try:
-            nuclei, seconds, error = future.result()
+            nuclei, seconds, error, dropped = future.result()
         except Exception as e:  # the worker process died (e.g. out of memory)
-            nuclei, seconds, error = 0, 0.0, error_message(inputs[i], e)
+            nuclei, seconds, error, dropped = 0, 0.0, error_message(inputs[i], e), 0
         path, name = inputs[i], names[i]
         record(i, Outcome(str(path), name, "failed", error=error) if error else
                Outcome(str(path), name, "ok", nuclei, shape[0], shape[1], round(model_seconds + seconds, 3),
-                       mpp=options.mpp))
+                       mpp=options.mpp, dropped_low_confidence=dropped))
 
     try:
         for i, (path, name) in enumerate(tqdm(list(zip(inputs, names)), desc="inputs", unit="input")):
@@ -319,7 +362,8 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
                 log.debug("failed on %s", path, exc_info=True)
                 record(i, Outcome(str(path), name, "failed", error=error_message(path, e)))
                 continue
-            job = (path, output_dir, name, image, fg, hv, settings, options.mpp, options.overlay)
+            job = (path, output_dir, name, image, fg, hv, settings, options.mpp, options.overlay,
+                   options.min_confidence)
             pending.append((i, time.time() - start, image.shape, pool.submit(finish_image, *job)))
             while len(pending) > workers:
                 collect_oldest()
@@ -378,6 +422,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "size (memory grows with its square)")
     slide.add_argument("--read_threads", type=int, default=2,
                        help="threads reading regions ahead of the network")
+    parser.add_argument("--min_confidence", type=float, default=0.0, metavar="X",
+                        help="drop nuclei whose confidence (mean foreground probability over the nucleus, "
+                             "0..1) is below X before ids are assigned; the count is in summary.csv "
+                             "(default 0: keep all)")
     many = parser.add_argument_group("many inputs on many GPUs / machines (Dask; see docs/predict.md)")
     many.add_argument("--workers", type=int, nargs="?", const=0, default=None, metavar="N",
                       help="run the inputs on a local Dask cluster of N worker processes (no N: one per visible "

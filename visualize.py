@@ -652,3 +652,79 @@ def save_slide_overview(path: str | os.PathLike, thumbnail: np.ndarray, downsamp
                         centroids_level0: np.ndarray, mpp0: float, **kwargs) -> Path:
     """Write `slide_overview(...)` as a PNG, atomically."""
     return save_png(path, slide_overview(thumbnail, downsample, tissue, centroids_level0, mpp0, **kwargs))
+
+
+def low_confidence_fraction(centroids_level0: np.ndarray, confidence: np.ndarray, dimensions: tuple[float, float],
+                            mpp0: float, bin_um: float, threshold: float = 0.5,
+                            min_nuclei: int = 5) -> tuple[np.ma.MaskedArray, float]:
+    """(per square bin of `bin_um` micrometres, the fraction of its nuclei whose confidence is below `threshold`,
+    masked where the bin holds fewer than `min_nuclei` nuclei; bin side in level-0 pixels). Bins as
+    `nuclei_density`'s."""
+    if not (mpp0 and mpp0 > 0):
+        raise ValueError(f"mpp0 must be positive, got {mpp0}")
+    width, height = float(dimensions[0]), float(dimensions[1])
+    side = float(bin_um) / float(mpp0)
+    cols, rows = max(1, math.ceil(width / side)), max(1, math.ceil(height / side))
+    points = np.asarray(centroids_level0, dtype=np.float64).reshape(-1, 2)
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    if len(conf) != len(points):
+        raise ValueError(f"{len(conf)} confidences for {len(points)} centroids")
+    total = np.zeros((rows, cols))
+    low = np.zeros((rows, cols))
+    if len(points):
+        c = np.clip((points[:, 0] // side).astype(np.int64), 0, cols - 1)
+        r = np.clip((points[:, 1] // side).astype(np.int64), 0, rows - 1)
+        np.add.at(total, (r, c), 1.0)
+        np.add.at(low, (r, c), (conf < threshold).astype(np.float64))
+    shown = total >= max(int(min_nuclei), 1)
+    fraction = np.divide(low, total, out=np.zeros_like(low), where=shown)
+    return np.ma.masked_array(fraction, mask=~shown), side
+
+
+def confidence_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_level0: np.ndarray,
+                        confidence: np.ndarray, mpp0: float, threshold: float = 0.5, bin_um: float | None = None,
+                        width_inches: float = 9.0) -> np.ndarray:
+    """uint8 RGB picture of where a slide's doubtful nuclei are: the thumbnail, the tissue outline (green) and,
+    per bin (`overview_bin_um` by default), the fraction of the bin's nuclei whose confidence (mean foreground
+    probability) is below `threshold`, on a fixed 0..1 colour scale with a colour bar; bins with fewer than 5
+    nuclei are left blank. The title gives the slide's count and share of such nuclei."""
+    thumb = _check_image(thumbnail)
+    th, tw = thumb.shape[:2]
+    mm = float(mpp0) / 1000.0
+    width0, height0 = tw * float(downsample), th * float(downsample)
+    if getattr(tissue, "dimensions", None):
+        width0, height0 = float(tissue.dimensions[0]), float(tissue.dimensions[1])
+    if bin_um is None:
+        bin_um = overview_bin_um(width0 * float(mpp0), height0 * float(mpp0))
+    shown, side = low_confidence_fraction(centroids_level0, confidence, (width0, height0), mpp0, bin_um, threshold)
+    rows, cols = shown.shape
+    mask = np.asarray(tissue.mask, dtype=bool)
+    fig = new_figure(width_inches, max(2.5, width_inches * (th / max(tw, 1)) * 0.85 + 0.9))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
+    heat = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), cmap="viridis", alpha=0.6,
+                     vmin=0.0, vmax=1.0, interpolation="nearest")
+    if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
+        ys = (np.arange(mask.shape[0]) + 0.5) * tissue.downsample * mm
+        xs = (np.arange(mask.shape[1]) + 0.5) * tissue.downsample * mm
+        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=["#00c000"], linewidths=1.0)
+    ax.set_xlim(0, width0 * mm)
+    ax.set_ylim(height0 * mm, 0)
+    ax.set_xlabel("mm")
+    ax.set_ylabel("mm")
+    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(f"fraction of nuclei with confidence < {threshold:g} (bins of {bin_um:g} µm)")
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    n_low = int((conf < threshold).sum())
+    share = f" ({100.0 * n_low / len(conf):.1f} %)" if len(conf) else ""
+    ax.set_title(f"Low-confidence nuclei: {n_low} of {len(conf)}{share} below {threshold:g}", fontsize=10)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_confidence_overview(path: str | os.PathLike, thumbnail: np.ndarray, downsample: float, tissue,
+                             centroids_level0: np.ndarray, confidence: np.ndarray, mpp0: float, **kwargs) -> Path:
+    """Write `confidence_overview(...)` as a PNG, atomically."""
+    return save_png(path, confidence_overview(thumbnail, downsample, tissue, centroids_level0, confidence, mpp0,
+                                              **kwargs))

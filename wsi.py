@@ -45,6 +45,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 REGION_MARGIN = 128        # target pixels post-processed around a region's core (> the largest nucleus)
 THUMBNAIL_SIZE = 2048      # longest side of the thumbnail used for tissue detection and the overview
 LABEL_TILE = 512           # tile side of the label pyramid
-STATE_VERSION = 1
+STATE_VERSION = 2          # 2: region files hold zlib labels and pre-encoded features, rows a confidence
 
 
 @dataclass
@@ -187,43 +188,68 @@ def _scale_row(row: dict, scale: float) -> dict:
 
 
 def finish_region(job: dict) -> dict:
-    """Post-process one region's maps, keep the instances whose centroid lies in the core, measure them and
-    write the region file (atomic). Returns {"nuclei", "seconds", "file"}. Runs in a worker process."""
+    """Post-process one region's maps, keep the instances whose centroid lies in the core (and whose
+    confidence, the mean foreground probability over the instance, is at least `job["min_confidence"]`),
+    measure them and write the region file (atomic). Returns {"nuclei", "dropped", "seconds", "file"}. Runs in
+    a worker process.
+
+    Everything after the post-processing is computed for all instances at once (per-pixel sums,
+    `export.measure_nuclei`; outlines, `export.instance_rings`), and each feature is stored as its JSON text
+    (geometry and measurements) so that `assemble` only pastes in the global id."""
     import export
     import postprocess as pp
-    from scipy import ndimage
 
     start = time.time()
     settings = dict(job["settings"])
     if job["hv"] is None and settings.get("mode", "hv") == "hv":
         settings["mode"] = "binary"
-    labels = pp.postprocess(job["fg"], job["hv"], pp.PostprocessConfig.from_dict(settings))
+    fg = np.asarray(job["fg"])
+    labels = pp.postprocess(fg, job["hv"], pp.PostprocessConfig.from_dict(settings))
     cy0, cx0, cy1, cx1 = job["crop"]
     ky0, kx0, ky1, kx1 = job["core"]
-    ids = np.unique(labels[labels > 0])
+    min_confidence = float(job.get("min_confidence", 0.0) or 0.0)
+    width = labels.shape[1]
+    flat = labels.ravel()
+    pix = np.flatnonzero(flat)
+    n = dropped = 0
     kept = np.zeros(labels.shape, np.uint32)
-    n = 0
-    if ids.size:
-        centres = ndimage.center_of_mass(np.ones(labels.shape), labels, ids)
-        lut = np.zeros(int(labels.max()) + 1, np.uint32)
-        for label_id, (cy, cx) in zip(ids.tolist(), centres):
-            gy, gx = math.floor(cy + 0.5) + cy0, math.floor(cx + 0.5) + cx0
-            if ky0 <= gy < ky1 and kx0 <= gx < kx1:
-                n += 1
-                lut[label_id] = n
+    if pix.size:
+        lab = flat[pix]
+        top = int(lab.max())
+        area = np.bincount(lab, minlength=top + 1).astype(np.float64)
+        present = area > 0
+        safe = np.where(present, area, 1.0)
+        # centroid of every instance (the same sums as ndimage.center_of_mass), rounded to its pixel
+        cy = np.bincount(lab, weights=pix // width, minlength=top + 1) / safe
+        cx = np.bincount(lab, weights=pix % width, minlength=top + 1) / safe
+        gy = np.floor(cy + 0.5).astype(np.int64) + cy0
+        gx = np.floor(cx + 0.5).astype(np.int64) + cx0
+        in_core = present & (gy >= ky0) & (gy < ky1) & (gx >= kx0) & (gx < kx1)
+        in_core[0] = False
+        if min_confidence > 0:
+            confidence = np.bincount(lab, weights=fg.ravel()[pix].astype(np.float64), minlength=top + 1) / safe
+            low = in_core & (confidence < min_confidence)
+            dropped = int(low.sum())
+            in_core &= ~low
+        n = int(in_core.sum())
+        lut = np.zeros(top + 1, np.uint32)
+        lut[in_core] = np.arange(1, n + 1, dtype=np.uint32)
         kept = lut[labels]
     scale = float(job["scale"])
-    rows = export.measure_nuclei(kept, job["rgb"], mpp=job["mpp"]) if n else []
+    rows = export.measure_nuclei(kept, job["rgb"], mpp=job["mpp"], foreground=fg) if n else []
     for row in rows:  # region crop -> target grid of the whole slide
         row["centroid_x"] += cx0
         row["centroid_y"] += cy0
     rows = [_scale_row(r, scale) for r in rows]
-    collection = export.labels_to_geojson(kept, offset=(cx0, cy0), properties={int(r["id"]): r for r in rows})
-    features = collection["features"]
-    if scale != 1.0:
-        for f in features:
-            f["geometry"]["coordinates"] = [[[u / scale, v / scale] for u, v in ring]
-                                            for ring in f["geometry"]["coordinates"]]
+    geometry: list[str] = []
+    measurements: list[str] = []
+    if n:
+        corners, _, spans = export.ring_table(kept)
+        xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
+        if scale != 1.0:
+            xy = xy / scale
+        geometry = export.polygons_json(xy, spans)
+        measurements = [export.measurements_json(row) for row in rows]
     # the kept instances' bounding box in target pixels, as compact as their count allows
     if n:
         rr = np.flatnonzero(kept.any(axis=1))
@@ -233,21 +259,37 @@ def finish_region(job: dict) -> dict:
     else:
         by0 = bx0 = 0
         crop_labels = np.zeros((0, 0), np.uint32)
-    crop_labels = crop_labels.astype(np.uint16 if n < 65536 else np.uint32)
+    crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32))
     path = Path(job["file"])
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, labels=crop_labels, origin=np.array([by0 + cy0, bx0 + cx0], np.int64),
-                        nuclei=np.array(n, np.int64), rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
-                        features=np.frombuffer(json.dumps(features, separators=(",", ":")).encode(), np.uint8))
+    # the label crop is mostly zeros: zlib level 1 packs it about as well as the default level, several times faster
+    np.savez(buffer, labels_z=np.frombuffer(zlib.compress(crop_labels.tobytes(), 1), np.uint8),
+             labels_shape=np.array(crop_labels.shape, np.int64), labels_dtype=np.array(crop_labels.dtype.str),
+             origin=np.array([by0 + cy0, bx0 + cx0], np.int64), nuclei=np.array(n, np.int64),
+             dropped=np.array(dropped, np.int64),
+             rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
+             geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
+             measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8))
     utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
-    return {"nuclei": n, "seconds": time.time() - start, "file": path.name}
+    return {"nuclei": n, "dropped": dropped, "seconds": time.time() - start, "file": path.name}
+
+
+def _region_labels(data) -> np.ndarray:
+    shape = tuple(int(v) for v in data["labels_shape"])
+    raw = zlib.decompress(data["labels_z"].tobytes())
+    return np.frombuffer(raw, np.dtype(str(data["labels_dtype"]))).reshape(shape)
 
 
 def read_region_file(path: Path) -> dict:
+    """A region file of `finish_region`: labels (crop), origin, nuclei, dropped, rows (dicts), geometry and
+    measurements (one JSON text per nucleus, in row order)."""
     with np.load(path) as data:
-        return {"labels": data["labels"], "origin": tuple(int(v) for v in data["origin"]),
-                "nuclei": int(data["nuclei"]), "rows": json.loads(data["rows"].tobytes().decode()),
-                "features": json.loads(data["features"].tobytes().decode())}
+        n = int(data["nuclei"])
+        geometry = data["geometry"].tobytes().decode()
+        measurements = data["measurements"].tobytes().decode()
+        return {"labels": _region_labels(data), "origin": tuple(int(v) for v in data["origin"]), "nuclei": n,
+                "dropped": int(data["dropped"]), "rows": json.loads(data["rows"].tobytes().decode()),
+                "geometry": geometry.split("\n") if n else [], "measurements": measurements.split("\n") if n else []}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,13 +317,15 @@ def run_key(path: Path, predictor, options, geo: Geometry, mpp0: float) -> dict:
             "margin": REGION_MARGIN, "tissue_mask": tissue if tissue in ("auto", "none") else _fingerprint(tissue),
             "model": _fingerprint(options.model_path), "pretrained": _fingerprint(options.pretrained),
             "ensemble": bool(options.ensemble), "amp": bool(options.amp),
+            "min_confidence": float(getattr(options, "min_confidence", 0.0) or 0.0),
             "postprocess": predictor.postprocess, "model_mpp": predictor.model_mpp}
 
 
 def output_paths(output_dir: Path, name: str, options) -> dict[str, Path]:
     paths = {"geojson": output_dir / (f"{name}.geojson.gz" if options.geojson_gzip else f"{name}.geojson"),
              "csv": output_dir / f"{name}_nuclei.csv", "tissue": output_dir / f"{name}_tissue.png",
-             "overview": output_dir / f"{name}_overview.png"}
+             "overview": output_dir / f"{name}_overview.png",
+             "confidence": output_dir / f"{name}_confidence.png"}
     if options.label_image:
         paths["labels"] = output_dir / f"{name}_labels.tif"
     return paths
@@ -360,12 +404,14 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
 
     # assemble the outputs from the region files
     t_write = time.time()
-    nuclei, centroids = assemble(output_dir, name, outputs, regions, state, pdir, geo, mpp0,
-                                 (height0, width0), options)
+    nuclei, centroids, confidence = assemble(output_dir, name, outputs, regions, state, pdir, geo, mpp0,
+                                             (height0, width0), options)
     tissue_mask.save_png(outputs["tissue"])
     import visualize
 
     visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
+    visualize.save_confidence_overview(outputs["confidence"], thumb[0], thumb[1], tissue_mask, centroids,
+                                       confidence, mpp0)
     write_seconds = time.time() - t_write
     area = float(tissue_mask.area_mm2(mpp0))
     outcome = inference.Outcome(
@@ -373,7 +419,8 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
         tissue_area_mm2=round(area, 6), nuclei_per_mm2=(round(nuclei / area, 3) if area > 0 else None),
         windows=int(timing["windows"]), read_seconds=round(timing["read"], 3),
         network_seconds=round(timing["network"], 3), postprocess_seconds=round(timing["postprocess"], 3),
-        write_seconds=round(write_seconds, 3))
+        write_seconds=round(write_seconds, 3),
+        dropped_low_confidence=int(state.get("dropped_low_confidence", 0)))
     for region in regions:  # the region files are no longer needed; the state keeps the outcome
         f = pdir / f"region_{region.index:06d}.npz"
         if f.exists():
@@ -381,6 +428,9 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     state.update(complete=True, outcome=vars(outcome))
     utils.write_json(state_path, state)
     log.info("%s: %d nuclei in %.1f mm² of tissue -> %s", path, nuclei, area, outputs["geojson"])
+    if outcome.dropped_low_confidence:
+        log.info("%s: %d nuclei below --min_confidence %g dropped", path, outcome.dropped_low_confidence,
+                 options.min_confidence)
     return outcome
 
 
@@ -472,7 +522,8 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop
             job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
                    "settings": settings, "crop": region.crop, "core": region.core, "scale": geo.scale,
-                   "mpp": float(predictor.model_mpp), "file": str(pdir / f"region_{region.index:06d}.npz")}
+                   "mpp": float(predictor.model_mpp), "file": str(pdir / f"region_{region.index:06d}.npz"),
+                   "min_confidence": float(options.min_confidence)}
             del rgb, fg, hv
             if pool is None:
                 record(region, finish_region(job))
@@ -516,7 +567,7 @@ class _RegionLabels:
             self.cache.move_to_end(i)
             return self.cache[i]
         with np.load(self.files[i]) as data:
-            item = (data["labels"], tuple(int(v) for v in data["origin"]))
+            item = (_region_labels(data), tuple(int(v) for v in data["origin"]))
         self.cache[i] = item
         while len(self.cache) > self.size:
             self.cache.popitem(last=False)
@@ -551,14 +602,15 @@ class _RegionLabels:
 
 
 def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], state: dict, pdir: Path,
-             geo: Geometry, mpp0: float, shape0: tuple[int, int], options) -> tuple[int, np.ndarray]:
+             geo: Geometry, mpp0: float, shape0: tuple[int, int], options) -> tuple[int, np.ndarray, np.ndarray]:
     """Write GeoJSON, CSV (and the label image) from the region files in region order; global ids
-    1..N in that order. Returns (N, level-0 centroids (N, 2) x, y float32)."""
+    1..N in that order. Returns (N, level-0 centroids (N, 2) x, y float32, confidences (N,) float32);
+    `state["dropped_low_confidence"]` gets the number of nuclei `--min_confidence` dropped."""
     import export
 
-    files, offsets, boxes, centroids = [], [], [], []
-    total = 0
-    columns = export.measurement_columns(mpp0)
+    files, offsets, boxes, centroids, confidence = [], [], [], [], []
+    total = dropped = 0
+    columns = export.measurement_columns(mpp0, confidence=True)
     with export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip) as geojson, \
             export.CSVWriter(outputs["csv"], columns) as csv:
         for region in regions:
@@ -569,21 +621,22 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
                 row["id"] = int(row["id"]) + offset
             centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
                                       np.float32).reshape(-1, 2))
-            for feature in data["features"]:
-                gid = int(feature["properties"]["id"]) + offset
-                feature["properties"]["id"] = gid
-                feature["properties"]["name"] = f"{export.CLASS_NAME} {gid}"
-            geojson.add(data["features"])
+            confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
+            geojson.add_text([export.feature_json(int(row["id"]), g, m)
+                              for row, g, m in zip(data["rows"], data["geometry"], data["measurements"])])
             csv.add(data["rows"])
             files.append(f)
             offsets.append(offset)
             oy, ox = data["origin"]
             boxes.append((oy, ox, oy + data["labels"].shape[0], ox + data["labels"].shape[1]))
             total += data["nuclei"]
+            dropped += data["dropped"]
+    state["dropped_low_confidence"] = dropped
     if "labels" in outputs:
         import label_pyramid
 
         raster = _RegionLabels(files, offsets, boxes, geo.scale)
         label_pyramid.write_label_pyramid(outputs["labels"], shape0, raster.read_tile, mpp=mpp0,
                                           tile_size=LABEL_TILE)
-    return total, (np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32))
+    return (total, (np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32)),
+            (np.concatenate(confidence) if confidence else np.zeros(0, np.float32)))

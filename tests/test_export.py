@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage
 from skimage.draw import ellipse
 
 import export
@@ -296,3 +298,139 @@ def test_streaming_writer_failure_keeps_the_existing_file(tmp_path, kind):
     dropped = export.GeoJSONWriter(tmp_path / "dropped.geojson")
     del dropped
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Vectorised measurements and outlines (issue 17) against the per-instance references they replaced
+# ----------------------------------------------------------------------------------------------
+def _reference_measurements(labels: np.ndarray, image: np.ndarray, mpp: float) -> list[dict]:
+    """The former `measure_nuclei`: scikit-image `regionprops_table`, region by region."""
+    from skimage.measure import regionprops_table
+
+    rgb = image.astype(np.float32)
+    gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    table = regionprops_table(labels, intensity_image=np.concatenate([rgb, gray[..., None]], axis=2),
+                              properties=["label", "centroid", "area", "perimeter", "eccentricity", "solidity",
+                                          "axis_major_length", "axis_minor_length", "intensity_mean"])
+    rows = []
+    for i, label in enumerate(table["label"]):
+        area, perimeter = float(table["area"][i]), float(table["perimeter"][i])
+        rows.append({"id": int(label), "centroid_x": table["centroid-1"][i], "centroid_y": table["centroid-0"][i],
+                     "area_px": int(round(area)), "perimeter_px": perimeter,
+                     "eccentricity": table["eccentricity"][i], "solidity": table["solidity"][i],
+                     "major_axis_px": table["axis_major_length"][i], "minor_axis_px": table["axis_minor_length"][i],
+                     "mean_r": table["intensity_mean-0"][i], "mean_g": table["intensity_mean-1"][i],
+                     "mean_b": table["intensity_mean-2"][i], "mean_gray": table["intensity_mean-3"][i],
+                     "area_um2": area * mpp * mpp, "perimeter_um": perimeter * mpp})
+    return rows
+
+
+def _reference_geojson(labels: np.ndarray, offset=(0, 0)) -> dict:
+    """The former `labels_to_geojson` polygons: `instance_outline` of each instance's mask, one by one."""
+    index_boxes = ndimage.find_objects(labels)
+    features = []
+    for k, box in enumerate(index_boxes):
+        if box is None:
+            continue
+        rows, cols = box
+        ring = [[float(x + cols.start + offset[0]), float(y + rows.start + offset[1])]
+                for x, y in export.instance_outline(labels[box] == k + 1)]
+        features.append(ring)
+    return features
+
+
+def _random_label_maps(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        shape = (int(rng.integers(8, 60)), int(rng.integers(8, 60)))
+        mask = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.45, 0.6)
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)) if i % 2 else None)
+        if i % 3 == 0:   # several pieces per id
+            labels = np.where(labels > 0, (labels + 2) // 3, 0)
+        if i % 5 == 0:   # holes and pixels touching only at a corner
+            labels = np.where(rng.random(shape) < 0.06, 0, labels)
+        if labels.max():
+            yield labels.astype(np.int32), rng.integers(0, 256, shape + (3,)).astype(np.uint8)
+
+
+def _assert_rows_match(new: list[dict], old: list[dict]) -> None:
+    assert [r["id"] for r in new] == [r["id"] for r in old]
+    for a, b in zip(new, old):
+        assert [k for k in a if k != "confidence"] == list(b)
+        for key in ("id", "area_px", "centroid_x", "centroid_y", "solidity", "mean_r", "mean_g", "mean_b",
+                    "mean_gray", "area_um2"):
+            assert a[key] == b[key], key    # the same sums: bit for bit
+        for key in ("perimeter_px", "perimeter_um", "eccentricity", "major_axis_px", "minor_axis_px"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key   # summation order only
+
+
+def test_vectorised_measurements_equal_regionprops():
+    for labels, image in _random_label_maps(120):
+        _assert_rows_match(export.measure_nuclei(labels, image, mpp=0.25),
+                           _reference_measurements(labels, image, 0.25))
+
+
+def test_vectorised_measurements_equal_regionprops_on_real_nuclei(real_sample_dir):
+    import tifffile
+    from PIL import Image
+
+    files = sorted((real_sample_dir).glob("*/label masks modify/*.tif"))[:12]
+    assert files
+    for f in files:
+        labels = tifffile.imread(f).astype(np.int32)
+        png = Path(str(f).replace("label masks modify", "tissue images")).with_suffix(".png")
+        image = np.asarray(Image.open(png).convert("RGB"))
+        if labels.max():
+            _assert_rows_match(export.measure_nuclei(labels, image, mpp=0.25),
+                               _reference_measurements(labels, image, 0.25))
+
+
+def test_outlines_of_all_instances_at_once_equal_instance_outline():
+    for labels, _ in _random_label_maps(200, seed=1):
+        rings = export.instance_rings(labels)
+        reference = _reference_geojson(labels)
+        assert len(rings) == len(reference)
+        for ring, ref in zip(rings.values(), reference):
+            assert ring.tolist() == [[int(x), int(y)] for x, y in ref]
+        features = export.labels_to_geojson(labels, offset=(3, 7))["features"]
+        assert [f["geometry"]["coordinates"][0] for f in features] == _reference_geojson(labels, (3, 7))
+
+
+def test_feature_text_is_json_dumps_of_the_feature():
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:6, 3:9] = 4
+    labels[10:15, 10:12] = 9
+    rows = {r["id"]: r for r in export.measure_nuclei(labels, None, foreground=np.full((20, 20), 0.25))}
+    for feature in export.labels_to_geojson(labels, properties=rows)["features"]:
+        i = feature["properties"]["id"]
+        text = export.feature_json(i, export.polygon_json(feature["geometry"]["coordinates"][0]),
+                                   export.measurements_json(rows[i]))
+        assert text == json.dumps(feature, separators=(",", ":"))
+    assert export.measurements_json({"id": 3}) == ""
+    odd = {"a": float("nan"), "b": np.float32(0.1), "c": True, "d": "text", "e": 1e-300, "f": -0.0, "g": 7}
+    assert export.measurements_json(odd) == json.dumps(
+        [{"name": k, "value": export._json_number(v)} for k, v in odd.items()
+         if export._json_number(v) is not None], separators=(",", ":"))
+    xy = np.array([[0.1, 2.0], [1 / 3, 5e20], [-7.25, 1e-7], [0.1, 2.0]])
+    assert export.polygons_json(xy, [(0, 4), (1, 3)]) == [export.polygon_json(xy[0:4].tolist()),
+                                                          export.polygon_json(xy[1:3].tolist())]
+
+
+def test_confidence_is_the_mean_foreground_probability():
+    labels = np.zeros((10, 12), np.int32)
+    labels[1:4, 1:4] = 1            # 9 pixels at 0.8
+    labels[5:7, 6:10] = 2           # 8 pixels: four at 0.25, four at 0.75 -> 0.5
+    fg = np.zeros((10, 12), np.float32)
+    fg[1:4, 1:4] = 0.8
+    fg[5:7, 6:8] = 0.25
+    fg[5:7, 8:10] = 0.75
+    fg[0, :] = 1.0                  # background probability is not counted
+    rows = export.measure_nuclei(labels, None, foreground=fg)
+    assert [r["confidence"] for r in rows] == [pytest.approx(0.8, abs=1e-7), 0.5]
+    assert list(rows[0])[:4] == ["id", "centroid_x", "centroid_y", "confidence"]
+    assert export.measurement_columns(0.25, confidence=True)[:4] == ["id", "centroid_x", "centroid_y", "confidence"]
+    given = export.measure_nuclei(labels, None, confidence={1: 0.1, 2: 0.9})
+    assert [r["confidence"] for r in given] == [0.1, 0.9]
+    assert "confidence" not in export.measure_nuclei(labels, None)[0]
+    with pytest.raises(ValueError):
+        export.measure_nuclei(labels, None, foreground=fg[:5])

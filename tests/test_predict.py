@@ -271,3 +271,51 @@ def test_command_rejects_bad_output_dir_and_pretrained(tiny_model, tmp_path, cap
     assert (tmp_path / "afile").read_text() == "not a folder"
     assert main.main(base + ["--output_dir", str(tmp_path / "out"), "--pretrained", str(tmp_path / "no.pt")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --pretrained {tmp_path / 'no.pt'}: file not found"
+
+
+def test_confidence_and_min_confidence_on_plain_images(tmp_path):
+    """Two nuclei of known mean foreground probability (0.9 and 0.3): both reported with their confidence in
+    the CSV and GeoJSON; `--min_confidence 0.5` drops exactly the weak one, ids stay 1..N."""
+    fg = np.zeros((40, 40), np.float32)
+    fg[5:15, 5:15] = 0.9
+    fg[25:35, 22:32] = 0.6
+    hv = np.zeros((2, 40, 40), np.float32)
+    image = np.full((40, 40, 3), 200, np.uint8)
+    settings = dict(PP, fg_threshold=0.5)
+    nuclei, _, error, dropped = predict.finish_image(Path("a.png"), tmp_path, "a", image, fg, hv, settings)
+    assert (nuclei, error, dropped) == (2, "", 0)
+    # hand-built: nucleus 1 with probabilities 0.2 / 0.4 on its two halves (mean 0.3), nucleus 2 at 0.9
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[25:35, 22:32] = 2
+    probs = np.zeros((40, 40), np.float32)
+    probs[5:15, 5:10], probs[5:15, 10:15], probs[25:35, 22:32] = 0.2, 0.4, 0.9
+    kept, confidence, dropped = predict.nucleus_confidence(labels, probs, 0.0)
+    assert dropped == 0 and np.array_equal(kept, labels)
+    assert confidence == {1: pytest.approx(0.3), 2: pytest.approx(0.9)}
+    kept, confidence, dropped = predict.nucleus_confidence(labels, probs, 0.5)
+    assert dropped == 1 and confidence == {1: pytest.approx(0.9)}       # ids assigned after the drop
+    assert np.array_equal(kept, np.where(labels == 2, 1, 0))
+    rows = utils.read_csv(tmp_path / "a_nuclei.csv")
+    assert list(rows[0])[:4] == ["id", "centroid_x", "centroid_y", "confidence"]
+    assert sorted(round(float(r["confidence"]), 4) for r in rows) == [0.6, 0.9]
+    features = json.loads((tmp_path / "a.geojson").read_text())["features"]
+    names = {m["name"]: m["value"] for m in features[0]["properties"]["measurements"]}
+    assert names["confidence"] == pytest.approx(float(rows[0]["confidence"]))
+    nuclei, _, error, dropped = predict.finish_image(Path("a.png"), tmp_path, "b", image, fg, hv, settings,
+                                                     min_confidence=0.7)
+    assert (nuclei, error, dropped) == (1, "", 1)
+    assert [r["id"] for r in utils.read_csv(tmp_path / "b_nuclei.csv")] == ["1"]
+    assert float(utils.read_csv(tmp_path / "b_nuclei.csv")[0]["confidence"]) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "nan"])
+def test_min_confidence_out_of_range_is_a_usage_error(tiny_model, tmp_path, capsys, value):
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    code = main.main(["predict", "--model_path", str(tiny_model), "--input", str(image), "--output_dir",
+                      str(tmp_path / "out"), "--min_confidence", value])
+    assert code == 2 and "--min_confidence" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

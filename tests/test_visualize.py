@@ -225,3 +225,17 @@ def test_error_panel_is_outlines_not_fills_on_a_crowded_tile():
     assert (picture[outline] == visualize.ERROR_COLORS["missed"]).all()              # outlined in red
     filled, _ = visualize.error_overlay(image, true, pred)
     assert not np.array_equal(filled[inside[::2, ::2]], image[inside[::2, ::2]])     # the old panel tinted it
+
+
+def test_low_confidence_fraction_per_bin():
+    import visualize
+
+    # 0.5 µm/px, bins of 100 µm = 200 px: bin (0, 0) has 5 nuclei, one below 0.5; bin (0, 1) has 5, all below;
+    # bin (1, 0) has 2 (too few: masked)
+    centroids = np.array([[10, 10], [20, 30], [50, 50], [60, 60], [100, 150], [250, 10], [260, 20], [270, 30], [280, 40],
+                          [290, 50], [10, 250], [20, 260]], float)
+    confidence = np.array([0.9, 0.8, 0.7, 0.95, 0.4, 0.1, 0.2, 0.3, 0.49, 0.0, 0.1, 0.9])
+    fraction, side = visualize.low_confidence_fraction(centroids, confidence, (400, 400), 0.5, 100.0)
+    assert side == 200 and fraction.shape == (2, 2)
+    assert fraction[0, 0] == 0.2 and fraction[0, 1] == 1.0
+    assert fraction.mask[1, 0] and fraction.mask[1, 1]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage
 
 import dataset
 import inference
@@ -316,3 +317,49 @@ def test_killed_command_resumes_to_the_same_bytes(tmp_path):
     assert int(utils.read_csv(full / "summary.csv")[0]["nuclei"]) > 20
     for f in ("k.geojson", "k_nuclei.csv", "k_labels.tif"):
         assert (resumed / f).read_bytes() == (full / f).read_bytes(), f
+
+
+def _graded_maps(tiles: list) -> list:
+    """`pure_maps`, with the foreground probability 0.9 on blue nuclei and 0.55 on the others."""
+    out = []
+    for tile, (fg, hv) in zip(tiles, pure_maps(tiles)):
+        out.append((fg * np.where(tile[..., 2] > 90, 0.9, 0.55).astype(np.float32), hv))
+    return out
+
+
+def test_slide_confidence_columns_overview_and_min_confidence(tmp_path):
+    image, truth = synthetic_slide(700, 800, seed=9)
+    ids = np.arange(1, int(truth.max()) + 1)
+    centres = np.array(ndimage.center_of_mass(truth > 0, truth, ids)).reshape(-1, 2)
+    weak_ids = ids[centres[:, 1] < 400]       # nuclei on the left: another colour, weaker maps
+    image[np.isin(truth, weak_ids)] = (90, 40, 60)
+    path = tmp_path / "graded.tif"
+    sample_data.write_pyramidal_tiff(path, image, dataset.NUINSSEG_MPP, tile_size=256)
+    options = _options()
+    out = tmp_path / "all"
+    outcome = wsi.predict_slide(_predictor(options, _graded_maps), path, "graded", out, options)
+    assert outcome.status == "ok", outcome.error and outcome.dropped_low_confidence == 0
+    rows = utils.read_csv(out / "graded_nuclei.csv")
+    assert list(rows[0])[:4] == ["id", "centroid_x", "centroid_y", "confidence"]
+    confidence = np.array([float(r["confidence"]) for r in rows])
+    left = np.array([truth[int(round(float(r["centroid_y"]))), int(round(float(r["centroid_x"])))] in weak_ids
+                     for r in rows])
+    assert left.any() and (~left).any()
+    assert np.allclose(confidence[left], 0.55, atol=1e-5) and np.allclose(confidence[~left], 0.9, atol=1e-5)
+    features = json.loads((out / "graded.geojson").read_text())["features"]
+    by_id = {f["properties"]["id"]: {m["name"]: m["value"] for m in f["properties"]["measurements"]} for f in features}
+    assert all(by_id[int(r["id"])]["confidence"] == pytest.approx(float(r["confidence"]), rel=1e-5) for r in rows)
+    picture = out / "graded_confidence.png"
+    assert picture.is_file() and picture.stat().st_size > 1000
+    # --min_confidence 0.7 drops exactly the weak nuclei; the others keep their order with ids 1..N
+    strict = _options(min_confidence=0.7)
+    out2 = tmp_path / "strict"
+    outcome2 = wsi.predict_slide(_predictor(strict, _graded_maps), path, "graded", out2, strict)
+    assert outcome2.status == "ok", outcome2.error
+    assert outcome2.nuclei == int((~left).sum()) and outcome2.dropped_low_confidence == int(left.sum())
+    rows2 = utils.read_csv(out2 / "graded_nuclei.csv")
+    assert [int(r["id"]) for r in rows2] == list(range(1, outcome2.nuclei + 1))
+    kept = [r for r, weak_one in zip(rows, left) if not weak_one]
+    assert [(r["centroid_x"], r["centroid_y"]) for r in rows2] == [(r["centroid_x"], r["centroid_y"]) for r in kept]
+    labels = tifffile.imread(out2 / "graded_labels.tif")
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == list(range(1, outcome2.nuclei + 1))
