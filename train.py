@@ -494,7 +494,7 @@ def score_images(net: nn.Module, images: ImageSet, config: Mapping[str, Any], in
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False, unit="batch",
                           disable=not info.is_main):
             items = [images.data[i] for i in indices[start:start + batch_size]]
-            batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "foreground", "hv")}
+            batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "foreground", "hv", "valid")}
             with nuclei_model.autocast(device, dtype):
                 out = net(batch["image"])
             loss, _ = nuclei_model.compute_loss(out, batch)
@@ -840,7 +840,7 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
             lr = config["learning_rate"] * lr_factor(step, total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {key: batch[key].to(device, non_blocking=True) for key in ("image", "foreground", "hv")}
+            batch = {key: batch[key].to(device, non_blocking=True) for key in ("image", "foreground", "hv", "valid")}
             with nuclei_model.autocast(device, dtype):
                 outputs = model(batch["image"])
             loss, parts = nuclei_model.compute_loss(outputs, batch)
