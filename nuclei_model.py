@@ -533,6 +533,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", pret
     return net.to(device).eval()
 
 
+def init_from_checkpoint(path: str | os.PathLike, config: Mapping[str, Any]) -> NucleiSAM:
+    """A model to fine-tune from a single-model checkpoint: built like the checkpoint's own model (base weights
+    from `config["pretrained"]` for a trainable-only checkpoint; whose architecture keys `config` must share),
+    its tensors loaded, then trainable parameters set as `config["train_only_lora"]` says (in train mode
+    off: call `.train()`)."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: a model-set index, not a single model checkpoint")
+    cfg = model_config(config)
+    build_cfg = dict(cfg, train_only_lora=bool(model_config(ckpt["config"])["train_only_lora"]))
+    net = _build(build_cfg, load_pretrained=ckpt["state_kind"] != "full")
+    load_weights(net, ckpt, source=str(path))
+    lora.mark_trainable(net, bool(cfg["train_only_lora"]), always_trainable=(HEAD_PREFIX,))
+    if cfg["head"] == "sam":
+        net.head.freeze_untrained()
+    return net.eval()
+
+
 @dataclass
 class Member:
     fold: int | None
@@ -781,7 +800,7 @@ def predict_maps(models: nn.Module | Sequence[nn.Module], image: np.ndarray, inp
 __all__ = [
     "CHECKPOINT_FORMAT", "MODEL_SET_FORMAT", "HEADS", "MODEL_DEFAULTS", "LOSS_WEIGHTS", "DecoderHead",
     "NucleiSAM", "build_model", "compute_loss", "masked_loss", "save_checkpoint", "save_model_set_index", "read_checkpoint",
-    "load_weights", "load_model", "Member", "ModelSet", "load_model_set", "predict_maps", "predict_maps_batch",
+    "load_weights", "load_model", "init_from_checkpoint", "Member", "ModelSet", "load_model_set", "predict_maps", "predict_maps_batch",
     "predict_maps_scaled", "network_size",
     "prepare_for_inference", "maps_to_images", "parameter_report", "head_parameter_count", "unwrap", "model_config",
     "stores_trainable_only", "file_fingerprint", "autocast_dtype", "autocast", "model_state", "native_bf16",
