@@ -13,6 +13,8 @@ slide, a pixel's centre at (x + 0.5, y + 0.5)), the one `predict` writes. Its ob
   (other annotations are then skipped and counted);
 - **nuclei**: every other polygon: detections (what `predict` wrote), cells (their nucleus outline when
   QuPath exported one), annotations of the nucleus class (what a person drew);
+- **ignored regions**: annotations of QuPath's built-in class "Ignore*" (any case, with or without the star):
+  their pixels inside an area are added to its ignore mask (left out of training and scoring);
 - skipped and counted: points, lines, tiles and any other object without a polygon.
 
 Each area becomes one training image, named `<slide stem>_x<x>_y<y>_<w>x<h>` after its box: the level-0
@@ -57,6 +59,7 @@ from utils import UserError
 log = logging.getLogger(__name__)
 
 NUCLEUS_CLASS = "Nucleus"
+IGNORE_CLASS = "ignore"  # QuPath's built-in class "Ignore*": pixels left out of training and scoring
 MAX_AREA_SIDE = 8192
 ANNOTATION_SUFFIXES = (".geojson", ".json")
 REPORT = "import_report.csv"
@@ -116,6 +119,7 @@ class SlideObjects:
     nuclei: list[Polygonal]
     skipped_objects: int = 0  # points, lines, tiles, features without geometry
     skipped_annotations: int = 0  # annotations of classes not named by --area_class
+    ignored: list[Polygonal] = field(default_factory=list)  # annotations of QuPath's class "Ignore*"
 
 
 def ring_has_area(ring: np.ndarray) -> bool:
@@ -212,6 +216,9 @@ def parse_slide_geojson(path: str | os.PathLike, nucleus_class: str = NUCLEUS_CL
             result.skipped_objects += 1
             continue
         name = class_name(properties)
+        if kind == "annotation" and (name or "").strip().lower().rstrip("*") == IGNORE_CLASS:
+            result.ignored.append(shape)
+            continue
         if kind == "annotation" and (name or "").strip().lower() != nucleus:
             if wanted is not None and (name or "").strip().lower() not in wanted:
                 result.skipped_annotations += 1
@@ -374,8 +381,10 @@ def _overlaps(extent: tuple[float, float, float, float] | None, box: tuple[int, 
 
 
 def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], rasterise: Callable,
-                shape_pixels: Callable) -> tuple[np.ndarray, Any, np.ndarray, set[int]]:
-    """(RGB image, rasterised labels, ignore mask bool, indices into `nuclei` with a pixel inside the area)."""
+                shape_pixels: Callable, ignored: Sequence[Polygonal] = ()
+                ) -> tuple[np.ndarray, Any, np.ndarray, set[int]]:
+    """(RGB image, rasterised labels, ignore mask bool: outside the area or inside an `ignored` polygon,
+    indices into `nuclei` with a pixel inside the area)."""
     x, y, w, h = planned.box
     size = (h, w)
     dx, dy = -x - EDGE_EPSILON, -y - EDGE_EPSILON
@@ -392,8 +401,12 @@ def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], 
         pixels = shape_pixels(shape, size)
         if pixels is not None and flat_area[pixels].any():
             used.add(i)
+    ignore = ~area_mask
+    for shape in ignored:
+        if _overlaps(shape.extent(), planned.box):
+            ignore |= rasterise([shape.shifted(dx, dy)], size).labels > 0
     image = reader.read_region(x, y, w, h, level=0)
-    return image, result, ~area_mask, used
+    return image, result, ignore, used
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -452,7 +465,7 @@ def run(args: argparse.Namespace, rasterise: Callable, shape_pixels: Callable) -
             with slides.open_slide(p.slide_path, mpp=args.mpp) as reader:
                 for item in p.areas:
                     image, result, ignore, inside = import_area(reader, item, p.objects.nuclei, rasterise,
-                                                                shape_pixels)
+                                                                shape_pixels, p.objects.ignored)
                     used |= inside
                     name = item.image_name
                     (staging / dataset.FOLDERS_IMAGE_DIR / f"{name}.png").write_bytes(_png_bytes(image))

@@ -131,6 +131,7 @@ def test_areas_nuclei_and_classes(tmp_path, predicted, caplog):
                 nucleus(rect(45, 25, 55, 35), kind="detection"),  # overlaps the previous one: wins
                 cell,
                 nucleus(rect(300, 300, 310, 310)),  # outside every area
+                area_feature(rect(52, 50, 70, 70), "Ignore*"),  # QuPath's ignore class: not an area
                 {"type": "Feature", "geometry": {"type": "Point", "coordinates": [25, 25]}, "properties": {}},
                 {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[1, 1], [9, 9]]},
                  "properties": {}}]
@@ -138,6 +139,7 @@ def test_areas_nuclei_and_classes(tmp_path, predicted, caplog):
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     objects = slide_annotations.parse_slide_geojson(path)
     assert len(objects.areas) == 2 and len(objects.nuclei) == 5 and objects.skipped_objects == 2
+    assert len(objects.ignored) == 1
     out = tmp_path / "data"
     with caplog.at_level(logging.INFO):
         assert _import(predicted["slide"], path, out, "--area_class", "region") == 0
@@ -153,6 +155,10 @@ def test_areas_nuclei_and_classes(tmp_path, predicted, caplog):
     assert rows[0]["nuclei"] == "4" and rows[0]["overlapping_polygons"] == "1"
     assert rows[0]["overwritten_pixels"] == str(5 * 5)
     assert "1 nuclei outside every area" in caplog.text or "(1 outside every area" in caplog.text
+    ignore = np.asarray(Image.open(out / "ignore" / "slideA_x20_y20_40x40.png")) > 0
+    expected_ignore = np.zeros((40, 40), bool)
+    expected_ignore[30:, 32:] = True
+    assert np.array_equal(ignore, expected_ignore) and rows[0]["ignored_pixels"] == str(10 * 8)
 
 
 def _expect_error(run_error, argv, out: Path, text: str) -> str:
