@@ -18,6 +18,9 @@ uint32 beyond 65535 nuclei), `dataset.json` (`{"mpp": ...}` when `--mpp` is give
 (per image: polygons read, nuclei written, skipped, overlapping). Every input is read and checked before the
 first file is written; a problem (an image without annotations or the reverse, unparsable XML/GeoJSON, an
 unreadable image) is one line naming the file and exit status 2.
+
+With `--slide SLIDE --annotations FILE.geojson` (areas and nuclei drawn on whole slides in level-0
+coordinates) the import is done by `slide_annotations.run` (docs/correction_loop.md).
 """
 from __future__ import annotations
 

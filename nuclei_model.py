@@ -30,6 +30,8 @@ to keep the background flat) + "MSGE", the mean squared error of the Sobel deriv
 horizontal map, d/dy of the vertical map) restricted to ground-truth nucleus pixels, where the sharp sign
 flips between touching nuclei are what post-processing relies on. Every term is a per-image mean averaged
 over the batch, so the loss of a batch split over several processes (DDP) averages to the same value.
+With a batch's "valid" map (0 under an ignore mask, `dataset.NucleiDataset`) every term leaves those pixels
+out (`masked_loss`).
 
 Checkpoints are plain tensors and JSON-able values (`torch.load(path, weights_only=True)` reads them).
 When the encoder starts from a pretrained file and only LoRA + head are trained, a checkpoint stores only
