@@ -99,6 +99,17 @@ class Polygonal:
         return (float(points[:, 0].min()), float(points[:, 1].min()), float(points[:, 0].max()),
                 float(points[:, 1].max()))
 
+    def bounds(self) -> tuple[float, float, float, float] | None:
+        """(xmin, ymin, xmax, ymax) over the finite vertices of its exterior rings (degenerate ones too: the
+        cheap test of which boxes it may touch); None without any."""
+        points = [ring[np.isfinite(ring).all(axis=1)] for ring, _ in self.parts if len(ring)]
+        points = [p for p in points if len(p)]
+        if not points:
+            return None
+        lo = np.min([p.min(axis=0) for p in points], axis=0)
+        hi = np.max([p.max(axis=0) for p in points], axis=0)
+        return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
     def shifted(self, dx: float, dy: float) -> "Polygonal":
         offset = np.array([dx, dy])
         return Polygonal([(ring + offset, [h + offset for h in holes]) for ring, holes in self.parts])
@@ -123,8 +134,8 @@ class SlideObjects:
 
 
 def ring_has_area(ring: np.ndarray) -> bool:
-    """At least three distinct finite vertices enclosing a non-zero area."""
-    if len(ring) < 3 or not np.isfinite(ring).all() or len(np.unique(ring, axis=0)) < 3:
+    """At least three finite vertices enclosing a non-zero area (so at least three distinct ones)."""
+    if len(ring) < 3 or not np.isfinite(ring).all():
         return False
     x, y = ring[:, 0], ring[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) > 1e-9
@@ -302,7 +313,7 @@ def plan_slide(stem: str, slide_path: Path, objects: SlideObjects, nucleus_class
         dims = reader.dimensions
         pixel_size = reader.require_mpp()
     inside_areas = [a for a in objects.areas if not _outside(a.polygon.extent(), dims)]
-    outside_nuclei = sum(_outside(n.extent(), dims) for n in objects.nuclei)
+    outside_nuclei = sum(_outside(n.bounds(), dims) for n in objects.nuclei)
     if not inside_areas:
         inside_nuclei = len(objects.nuclei) - outside_nuclei
         raise UserError(f"{path}: none of its {len(objects.areas)} area(s) lies inside {slide_path.name} "
@@ -381,10 +392,11 @@ def _overlaps(extent: tuple[float, float, float, float] | None, box: tuple[int, 
 
 
 def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], rasterise: Callable,
-                shape_pixels: Callable, ignored: Sequence[Polygonal] = ()
+                shape_pixels: Callable, ignored: Sequence[Polygonal] = (),
+                extents: Sequence[tuple[float, float, float, float] | None] | None = None
                 ) -> tuple[np.ndarray, Any, np.ndarray, set[int]]:
     """(RGB image, rasterised labels, ignore mask bool: outside the area or inside an `ignored` polygon,
-    indices into `nuclei` with a pixel inside the area)."""
+    indices into `nuclei` with a pixel inside the area). `extents`: the nuclei's `bounds()`, when known."""
     x, y, w, h = planned.box
     size = (h, w)
     dx, dy = -x - EDGE_EPSILON, -y - EDGE_EPSILON
@@ -392,15 +404,19 @@ def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], 
     if not area_mask.any():
         raise UserError(f"{planned.image_name}: {_describe(planned.area)}: zero size (no pixel centre inside "
                         f"the polygon); delete it in QuPath or draw it again")
-    candidates = [i for i, n in enumerate(nuclei) if _overlaps(n.extent(), planned.box)]
+    if extents is None:
+        extents = [n.bounds() for n in nuclei]
+    candidates = [i for i, e in enumerate(extents) if _overlaps(e, planned.box)]
     shifted = [nuclei[i].shifted(dx, dy) for i in candidates]
     result = rasterise(shifted, size)
-    flat_area = area_mask.reshape(-1)
-    used = set()
-    for i, shape in zip(candidates, shifted):
-        pixels = shape_pixels(shape, size)
-        if pixels is not None and flat_area[pixels].any():
-            used.add(i)
+    # used: the nuclei with a pixel of their own inside the area (ids run 1, 2, ... over the drawn shapes)
+    inside_ids = np.unique(result.labels[area_mask])
+    inside_ids = inside_ids[inside_ids > 0].astype(np.int64)
+    if result.skipped_degenerate == 0:
+        used = {candidates[k - 1] for k in inside_ids.tolist()}
+    else:
+        drawn = [i for i, shape in zip(candidates, shifted) if shape_pixels(shape, size) is not None]
+        used = {drawn[k - 1] for k in inside_ids.tolist()}
     ignore = ~area_mask
     for shape in ignored:
         if _overlaps(shape.extent(), planned.box):
@@ -462,10 +478,11 @@ def run(args: argparse.Namespace, rasterise: Callable, shape_pixels: Callable) -
         bar = tqdm(total=total_areas, desc="importing areas", unit="area", disable=total_areas < 5)
         for p in planned:
             used: set[int] = set()
+            extents = [n.bounds() for n in p.objects.nuclei]
             with slides.open_slide(p.slide_path, mpp=args.mpp) as reader:
                 for item in p.areas:
                     image, result, ignore, inside = import_area(reader, item, p.objects.nuclei, rasterise,
-                                                                shape_pixels, p.objects.ignored)
+                                                                shape_pixels, p.objects.ignored, extents)
                     used |= inside
                     name = item.image_name
                     (staging / dataset.FOLDERS_IMAGE_DIR / f"{name}.png").write_bytes(_png_bytes(image))
