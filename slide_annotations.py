@@ -300,9 +300,10 @@ def how_to_draw_area(nucleus_class: str) -> str:
 
 
 def plan_slide(stem: str, slide_path: Path, objects: SlideObjects, nucleus_class: str,
-               mpp: float | None) -> PlannedSlide:
+               mpp: float | None, rasterise: Callable | None = None) -> PlannedSlide:
     """Open the slide (its size and pixel size) and check every area of `objects` against it; UserError for
-    the problems listed in the module docstring."""
+    the problems listed in the module docstring. With `rasterise`, an area whose polygon holds no pixel
+    centre is refused here too (else when it is imported)."""
     path = objects.path
     if not objects.areas:
         extra = (f" ({objects.skipped_annotations} annotation(s) of other classes than --area_class skipped)"
@@ -334,6 +335,9 @@ def plan_slide(stem: str, slide_path: Path, objects: SlideObjects, nucleus_class
         if max(box[2], box[3]) > MAX_AREA_SIDE:
             raise UserError(f"{path}: {_describe(area)}: {box[2]} x {box[3]} px at level 0, larger than "
                             f"{MAX_AREA_SIDE} px a side; split it into smaller areas in QuPath")
+        if rasterise is not None and not area_mask(rasterise, area, box).any():
+            raise UserError(f"{path}: {_describe(area)}: zero size (no pixel centre inside the polygon); delete it "
+                            f"in QuPath or draw it again")
         planned.append(PlannedArea(area, box, f"{stem}_x{box[0]}_y{box[1]}_{box[2]}x{box[3]}"))
     names = [p.image_name for p in planned]
     for p in planned:  # two areas with one box: number the later ones
@@ -391,6 +395,12 @@ def _overlaps(extent: tuple[float, float, float, float] | None, box: tuple[int, 
     return extent[0] < x + w and extent[2] > x and extent[1] < y + h and extent[3] > y
 
 
+def area_mask(rasterise: Callable, area: Area, box: tuple[int, int, int, int]) -> np.ndarray:
+    """bool (h, w): the pixels of `box` whose centre lies inside the area polygon (edge rule: EDGE_EPSILON)."""
+    x, y, w, h = box
+    return rasterise([area.polygon.shifted(-x - EDGE_EPSILON, -y - EDGE_EPSILON)], (h, w)).labels > 0
+
+
 def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], rasterise: Callable,
                 shape_pixels: Callable, ignored: Sequence[Polygonal] = (),
                 extents: Sequence[tuple[float, float, float, float] | None] | None = None
@@ -400,8 +410,8 @@ def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], 
     x, y, w, h = planned.box
     size = (h, w)
     dx, dy = -x - EDGE_EPSILON, -y - EDGE_EPSILON
-    area_mask = rasterise([planned.area.polygon.shifted(dx, dy)], size).labels > 0
-    if not area_mask.any():
+    inside = area_mask(rasterise, planned.area, planned.box)
+    if not inside.any():
         raise UserError(f"{planned.image_name}: {_describe(planned.area)}: zero size (no pixel centre inside "
                         f"the polygon); delete it in QuPath or draw it again")
     if extents is None:
@@ -410,14 +420,14 @@ def import_area(reader: Any, planned: PlannedArea, nuclei: Sequence[Polygonal], 
     shifted = [nuclei[i].shifted(dx, dy) for i in candidates]
     result = rasterise(shifted, size)
     # used: the nuclei with a pixel of their own inside the area (ids run 1, 2, ... over the drawn shapes)
-    inside_ids = np.unique(result.labels[area_mask])
+    inside_ids = np.unique(result.labels[inside])
     inside_ids = inside_ids[inside_ids > 0].astype(np.int64)
     if result.skipped_degenerate == 0:
         used = {candidates[k - 1] for k in inside_ids.tolist()}
     else:
         drawn = [i for i, shape in zip(candidates, shifted) if shape_pixels(shape, size) is not None]
         used = {drawn[k - 1] for k in inside_ids.tolist()}
-    ignore = ~area_mask
+    ignore = ~inside
     for shape in ignored:
         if _overlaps(shape.extent(), planned.box):
             ignore |= rasterise([shape.shifted(dx, dy)], size).labels > 0
@@ -459,7 +469,7 @@ def run(args: argparse.Namespace, rasterise: Callable, shape_pixels: Callable) -
     planned = []
     for stem, slide_path, note_path in pairs:
         objects = parse_slide_geojson(note_path, nucleus_class, area_classes)
-        planned.append(plan_slide(stem, slide_path, objects, nucleus_class, args.mpp))
+        planned.append(plan_slide(stem, slide_path, objects, nucleus_class, args.mpp, rasterise))
     first = planned[0]
     for p in planned[1:]:
         if abs(p.mpp - first.mpp) > 0.01 * first.mpp:

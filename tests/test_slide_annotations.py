@@ -194,6 +194,9 @@ def test_bad_inputs_one_line_nothing_written(predicted, tmp_path, run_error, mon
     _expect_error(run_error, _argv(slide, write([area_feature([[10, 10], [50, 10], [90, 10]])]), out), out,
                   "zero size")
     _expect_error(run_error, _argv(slide, write([area_feature(rect(10.6, 10, 11.4, 40))]), out), out, "zero size")
+    sliver = [[10.0, 10.3], [40.0, 40.3], [40.1, 40.3]]  # a box of pixels, but no pixel centre inside
+    _expect_error(run_error, _argv(slide, write([area_feature(sliver, name="thin")]), out), out,
+                  "area 1 ('thin', class 'Region'): zero size (no pixel centre")
     # an area larger than the limit (checked before reading)
     monkeypatch.setattr(slide_annotations, "MAX_AREA_SIDE", 300)
     _expect_error(run_error, _argv(slide, write([area_feature(rect(0, 0, 301, 20))]), out), out, "larger than 300")
