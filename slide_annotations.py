@@ -8,7 +8,8 @@ is in level-0 pixel coordinates of the slide, QuPath's convention (origin at the
 slide, a pixel's centre at (x + 0.5, y + 0.5)), the one `predict` writes. Its objects are sorted into
 
 - **areas**: annotation polygons (objectType `annotation`, Polygon or MultiPolygon) whose class is not the
-  nucleus class (`--nucleus_class`, default "Nucleus", compared without case; no class counts as an area).
+  nucleus class (`--nucleus_class`, default "Nucleus"; class names are compared without case and without
+  QuPath's trailing "*"; no class counts as an area).
   An area says "every nucleus in here is outlined". `--area_class` restricts areas to the classes named
   (other annotations are then skipped and counted);
 - **nuclei**: every other polygon: detections (what `predict` wrote), cells (their nucleus outline when
@@ -194,6 +195,12 @@ def class_name(properties: dict) -> str | None:
     return None
 
 
+def class_key(name: str | None) -> str:
+    """How class names are compared: without case, surrounding spaces or QuPath's trailing '*' (its built-in
+    classes "Region*", "Ignore*")."""
+    return (name or "").strip().lower().rstrip("*").strip()
+
+
 def object_type(feature: dict, properties: dict) -> str | None:
     kind = properties.get("objectType")
     if isinstance(kind, str):
@@ -211,8 +218,8 @@ def parse_slide_geojson(path: str | os.PathLike, nucleus_class: str = NUCLEUS_CL
         raise UserError(f"{path}: not a valid GeoJSON file ({e})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    nucleus = nucleus_class.strip().lower()
-    wanted = None if area_classes is None else {c.strip().lower() for c in area_classes}
+    nucleus = class_key(nucleus_class)
+    wanted = None if area_classes is None else {class_key(c) for c in area_classes}
     result = SlideObjects(path, [], [])
     for number, feature in enumerate(_features(obj, path), start=1):
         if not isinstance(feature, dict):
@@ -227,11 +234,12 @@ def parse_slide_geojson(path: str | os.PathLike, nucleus_class: str = NUCLEUS_CL
             result.skipped_objects += 1
             continue
         name = class_name(properties)
-        if kind == "annotation" and (name or "").strip().lower().rstrip("*") == IGNORE_CLASS:
+        key = class_key(name)
+        if kind == "annotation" and key == IGNORE_CLASS:
             result.ignored.append(shape)
             continue
-        if kind == "annotation" and (name or "").strip().lower() != nucleus:
-            if wanted is not None and (name or "").strip().lower() not in wanted:
+        if kind == "annotation" and key != nucleus:
+            if wanted is not None and key not in wanted:
                 result.skipped_annotations += 1
                 continue
             label = properties.get("name") if isinstance(properties.get("name"), str) else ""
@@ -459,7 +467,7 @@ def run(args: argparse.Namespace, rasterise: Callable, shape_pixels: Callable) -
         raise UserError("--nucleus_class: must name a class (QuPath's default is 'Nucleus')")
     area_classes = (utils.parse_list(args.area_class, str, "--area_class")
                     if getattr(args, "area_class", None) else None)
-    if area_classes is not None and nucleus_class.lower() in {c.lower() for c in area_classes}:
+    if area_classes is not None and class_key(nucleus_class) in {class_key(c) for c in area_classes}:
         raise UserError(f"--area_class {args.area_class}: names the nucleus class {nucleus_class!r}")
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, args.overwrite)
