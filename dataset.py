@@ -650,16 +650,19 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 IGNORE_FILL = (124, 116, 104)
 
 
-def apply_ignore(image: np.ndarray, labels: np.ndarray, ignore: np.ndarray | None
+def apply_ignore(image: np.ndarray, labels: np.ndarray, ignore: np.ndarray | None, blank_image: bool = True
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(image with `IGNORE_FILL` under `ignore`, labels with 0 there); copies when the mask has a pixel,
-    the inputs themselves otherwise. What training does with an ignore mask before and after augmentation
-    and resizing, so that no part of a training item outside the mask depends on the pixels under it."""
+    """(image with `IGNORE_FILL` under `ignore` (unless not `blank_image`), labels with 0 there); copies when
+    the mask has a pixel, the inputs themselves otherwise. What training does with an ignore mask before and
+    after augmentation and resizing, so that no part of a training item outside the mask depends on the
+    pixels under it."""
     if ignore is None or not ignore.any():
         return image, labels
-    image, labels = image.copy(), labels.copy()
-    image[ignore] = IGNORE_FILL
+    labels = labels.copy()
     labels[ignore] = 0
+    if blank_image:
+        image = image.copy()
+        image[ignore] = IGNORE_FILL
     return image, labels
 
 
@@ -705,12 +708,14 @@ class NucleiDataset(Dataset):
     visible part) and the image is replaced by `IGNORE_FILL` there, before augmentation (whose colour
     statistics and blur then see only that constant) and again after resizing; the mask follows every
     geometric transform and resize of the labels. So nothing of an item outside the mask depends on the image
-    or labels under it (see `apply_ignore`).
+    or labels under it (see `apply_ignore`). `blank_image=False` (validation and test scoring, which must see
+    the image as `predict` and `evaluate` do) keeps the image as it is; the labels and `valid` are the same.
     """
 
     def __init__(self, samples: Sequence[Sample], input_size: int = 1024, augment: AugmentConfig | None = None,
-                 seed: int = 0, preload: bool = True) -> None:
+                 seed: int = 0, preload: bool = True, blank_image: bool = True) -> None:
         self.samples = list(samples)
+        self.blank_image = bool(blank_image)
         self.input_size = check_input_size(input_size)
         self.augment = augment if (augment is not None and augment.enabled) else None
         self.seed = int(seed)
@@ -732,7 +737,7 @@ class NucleiDataset(Dataset):
         cached = self._cache[index]
         if cached is None:
             image, labels, ignore = load_sample(self.samples[index])
-            image, labels = apply_ignore(image, labels, ignore)
+            image, labels = apply_ignore(image, labels, ignore, self.blank_image)
             self._ignore[index] = ignore if ignore is not None and ignore.any() else None
             cached = (image, _compact_labels(labels))
             self._cache[index] = cached
@@ -756,7 +761,7 @@ class NucleiDataset(Dataset):
         image, labels = resize_image(image, size), resize_labels(labels, size)
         if ignore is not None:
             ignore = resize_labels(ignore, size)
-            image, labels = apply_ignore(image, labels, ignore)
+            image, labels = apply_ignore(image, labels, ignore, self.blank_image)
         return image, labels, ignore
 
     @property
@@ -1073,7 +1078,7 @@ class WindowDataset(NucleiDataset):
 
     def __init__(self, samples: Sequence[Sample], input_size: int, tile_size: int, scale: float = 1.0,
                  augment: AugmentConfig | None = None, seed: int = 0, preload: bool = True,
-                 random_windows: bool = True) -> None:
+                 random_windows: bool = True, blank_image: bool = True) -> None:
         if int(tile_size) < 16:
             raise UserError(f"--tile_size {tile_size}: must be at least 16 pixels")
         if not scale > 0:
@@ -1081,7 +1086,7 @@ class WindowDataset(NucleiDataset):
         self.tile_size = int(tile_size)
         self.scale = float(scale)
         self.random_windows = bool(random_windows)
-        super().__init__(samples, input_size, augment=augment, seed=seed, preload=False)
+        super().__init__(samples, input_size, augment=augment, seed=seed, preload=False, blank_image=blank_image)
         self.windows: list[int] = []  # item -> image index
         for i, sample in enumerate(self.samples):
             h, w = scaled_shape(image_shape(sample.image_path), self.scale)
@@ -1094,14 +1099,14 @@ class WindowDataset(NucleiDataset):
         cached = self._cache[index]
         if cached is None:
             image, labels, ignore = load_sample(self.samples[index])
-            image, labels = apply_ignore(image, labels, ignore)
+            image, labels = apply_ignore(image, labels, ignore, self.blank_image)
             ignore = ignore if ignore is not None and ignore.any() else None
             size = scaled_shape(image.shape[:2], self.scale)
             if size != image.shape[:2]:
                 image, labels = resize_image(image, size), resize_labels(labels, size)
                 if ignore is not None:
                     ignore = resize_labels(ignore, size)
-                    image, labels = apply_ignore(image, labels, ignore)
+                    image, labels = apply_ignore(image, labels, ignore, self.blank_image)
             self._ignore[index] = ignore
             cached = (image, _compact_labels(labels))
             self._cache[index] = cached

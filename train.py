@@ -477,9 +477,9 @@ class ImageSet:
         self.config = dict(config or {})
         if self.whole:  # the loss is taken on one centred window per image
             self.data = dataset.WindowDataset(self.samples, input_size, self.config["tile_size"],
-                                              data_scale(self.config), random_windows=False)
-        else:
-            self.data = dataset.NucleiDataset(self.samples, input_size, augment=None)
+                                              data_scale(self.config), random_windows=False, blank_image=False)
+        else:  # scored on the image as it is (as evaluate does); the loss leaves ignored pixels out
+            self.data = dataset.NucleiDataset(self.samples, input_size, augment=None, blank_image=False)
         self.truth: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.images: list[np.ndarray] = []
         for s in self.samples:

@@ -148,3 +148,15 @@ def test_masked_loss_leaves_masked_outputs_out():
     ones, ones_parts = nm.masked_loss({"foreground": fg, "hv": hv}, batch, torch.ones(2, 1, 40, 40))
     assert float(ones.detach()) == pytest.approx(float(plain.detach()), rel=1e-5)
     assert ones_parts == pytest.approx(plain_parts, rel=1e-5)
+
+
+def test_scoring_items_keep_the_image(pairs):
+    """Validation/test items (`blank_image=False`) show the network the image as predict and evaluate do; the
+    mask still leaves the loss and the targets."""
+    masked, plain = pairs["masked"][0], pairs["plain"][0]
+    scored = dataset.NucleiDataset([masked], 64, blank_image=False)[0]
+    reference = dataset.NucleiDataset([plain], 64)[0]
+    trained = dataset.NucleiDataset([masked], 64)[0]
+    assert torch.equal(scored["image"], reference["image"]) and not torch.equal(trained["image"], reference["image"])
+    assert torch.equal(scored["valid"], trained["valid"]) and torch.equal(scored["hv"], trained["hv"])
+    assert bool((scored["valid"] < 0.5).any())
