@@ -18,6 +18,9 @@ uint32 beyond 65535 nuclei), `dataset.json` (`{"mpp": ...}` when `--mpp` is give
 (per image: polygons read, nuclei written, skipped, overlapping). Every input is read and checked before the
 first file is written; a problem (an image without annotations or the reverse, unparsable XML/GeoJSON, an
 unreadable image) is one line naming the file and exit status 2.
+
+With `--slide SLIDE --annotations FILE.geojson` (areas and nuclei drawn on whole slides in level-0
+coordinates) the import is done by `slide_annotations.run` (docs/correction_loop.md).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import numpy as np
 import dataset
 import export
 import image_io
+import slide_annotations
 import utils
 from utils import UserError
 
@@ -245,7 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="imagescope_xml: Aperio ImageScope XML (MoNuSeg), <stem>.xml per image; "
                              "qupath_geojson: QuPath GeoJSON export, <stem>.geojson (or .json) per image")
-    parser.add_argument("--images", required=True, help="folder with the images (png, jpg, tif)")
+    parser.add_argument("--images", default=None, help="folder with the images (png, jpg, tif); not with --slide")
     parser.add_argument("--annotations", required=True, help="folder with one annotation file per image")
     parser.add_argument("--output_dir", required=True, help="the new dataset folder (folders layout)")
     parser.add_argument("--mpp", type=float, default=None,
@@ -253,6 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: none written; the model's pixel size is then assumed)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --output_dir (files of the same name are replaced)")
+    slide_annotations.add_arguments(parser)  # --slide, --nucleus_class, --area_class
 
 
 def _by_stem(folder: Path, suffixes: Sequence[str], what: str, option: str) -> dict[str, Path]:
@@ -282,6 +287,10 @@ def pair_files(images_dir: Path, annotations_dir: Path, fmt: str) -> list[tuple[
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if getattr(args, "slide", None):  # areas and nuclei drawn on whole slides (slide_annotations.py)
+        return slide_annotations.run(args, rasterise, shape_pixels)
+    if not args.images:
+        raise UserError("--images: required (the folder of images), or --slide for annotations drawn on whole slides")
     if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
         raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
     output_dir = Path(args.output_dir)

@@ -645,6 +645,27 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 # ----------------------------------------------------------------------------------------------
 # torch Dataset and DataLoader
 # ----------------------------------------------------------------------------------------------
+# The colour put on ignored pixels of a training image: SAM's pixel mean (rounded), which the network's
+# normalisation maps to ~0, the value of SAM's own padding.
+IGNORE_FILL = (124, 116, 104)
+
+
+def apply_ignore(image: np.ndarray, labels: np.ndarray, ignore: np.ndarray | None, blank_image: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(image with `IGNORE_FILL` under `ignore` (unless not `blank_image`), labels with 0 there); copies when
+    the mask has a pixel, the inputs themselves otherwise. What training does with an ignore mask before and
+    after augmentation and resizing, so that no part of a training item outside the mask depends on the
+    pixels under it."""
+    if ignore is None or not ignore.any():
+        return image, labels
+    labels = labels.copy()
+    labels[ignore] = 0
+    if blank_image:
+        image = image.copy()
+        image[ignore] = IGNORE_FILL
+    return image, labels
+
+
 def check_input_size(input_size: int, option: str = "--input_size") -> int:
     size = int(input_size)
     if size < 64 or size % 64:
@@ -678,18 +699,29 @@ class NucleiDataset(Dataset):
     `set_epoch(epoch)` before iterating a loader each epoch (the epoch lives in shared memory, so
     persistent workers see it too).
 
-    Item: {"image": uint8 (3,S,S), "foreground": float32 (1,S,S), "hv": float32 (2,S,S), "index": int}.
-    Targets are computed after augmentation and resizing.
+    Item: {"image": uint8 (3,S,S), "foreground": float32 (1,S,S), "hv": float32 (2,S,S),
+    "valid": float32 (1,S,S), "index": int}. Targets are computed after augmentation and resizing.
+
+    Ignore masks (a sample's `vague_path`: NuInsSeg's ambiguous areas, the folders layout's `ignore/`) take
+    no part in training: `valid` is 0 there (the loss leaves those pixels out, `nuclei_model.compute_loss`),
+    the labels are 0 there before any target is computed (a nucleus cut by the mask gets the targets of its
+    visible part) and the image is replaced by `IGNORE_FILL` there, before augmentation (whose colour
+    statistics and blur then see only that constant) and again after resizing; the mask follows every
+    geometric transform and resize of the labels. So nothing of an item outside the mask depends on the image
+    or labels under it (see `apply_ignore`). `blank_image=False` (validation and test scoring, which must see
+    the image as `predict` and `evaluate` do) keeps the image as it is; the labels and `valid` are the same.
     """
 
     def __init__(self, samples: Sequence[Sample], input_size: int = 1024, augment: AugmentConfig | None = None,
-                 seed: int = 0, preload: bool = True) -> None:
+                 seed: int = 0, preload: bool = True, blank_image: bool = True) -> None:
         self.samples = list(samples)
+        self.blank_image = bool(blank_image)
         self.input_size = check_input_size(input_size)
         self.augment = augment if (augment is not None and augment.enabled) else None
         self.seed = int(seed)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._cache: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.samples)
+        self._ignore: list[np.ndarray | None] = [None] * len(self.samples)  # bool (H, W), None = no mask
         if preload:
             self.preload()
 
@@ -704,10 +736,33 @@ class NucleiDataset(Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         cached = self._cache[index]
         if cached is None:
-            image, labels, _ = load_sample(self.samples[index])
+            image, labels, ignore = load_sample(self.samples[index])
+            image, labels = apply_ignore(image, labels, ignore, self.blank_image)
+            self._ignore[index] = ignore if ignore is not None and ignore.any() else None
             cached = (image, _compact_labels(labels))
             self._cache[index] = cached
         return cached
+
+    def _augmented(self, image: np.ndarray, labels: np.ndarray, ignore: np.ndarray | None,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`augment` with the ignore mask riding along with the labels (same flips and rotations)."""
+        if self.augment is None:
+            return image, labels, ignore
+        if ignore is None:
+            return (*augment(image, labels, rng, self.augment), None)
+        stacked = np.stack([labels, ignore.astype(labels.dtype)], axis=-1)
+        image, stacked = augment(image, stacked, rng, self.augment)
+        return image, np.ascontiguousarray(stacked[..., 0]), stacked[..., 1] > 0
+
+    def _finish(self, image: np.ndarray, labels: np.ndarray, ignore: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Resize to the input size (the mask by nearest neighbour, like the labels) and blank the mask."""
+        size = self.input_size
+        image, labels = resize_image(image, size), resize_labels(labels, size)
+        if ignore is not None:
+            ignore = resize_labels(ignore, size)
+            image, labels = apply_ignore(image, labels, ignore, self.blank_image)
+        return image, labels, ignore
 
     @property
     def epoch(self) -> int:
@@ -721,20 +776,27 @@ class NucleiDataset(Dataset):
 
     def item_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(image uint8 (S,S,3), labels (S,S)) after augmentation and resizing."""
+        return self.item_arrays_masked(index)[:2]
+
+    def item_arrays_masked(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(image uint8 (S,S,3), labels (S,S), ignore bool (S,S) or None) after augmentation and resizing;
+        image and labels blanked under the mask (`apply_ignore`)."""
         image, labels = self._load(index)
+        ignore = self._ignore[index]
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            image, labels = augment(image, labels, rng, self.augment)
-        size = self.input_size
-        return resize_image(image, size), resize_labels(labels, size)
+            image, labels, ignore = self._augmented(image, labels, ignore, rng)
+        return self._finish(image, labels, ignore)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        image, labels = self.item_arrays(index)
+        image, labels, ignore = self.item_arrays_masked(index)
+        valid = np.ones((1,) + labels.shape, np.float32) if ignore is None else (~ignore)[None].astype(np.float32)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "foreground": torch.from_numpy(foreground_target(labels)[None]),
             "hv": torch.from_numpy(hv_targets(labels)),
+            "valid": torch.from_numpy(valid),
             "index": index,
         }
 
@@ -1016,7 +1078,7 @@ class WindowDataset(NucleiDataset):
 
     def __init__(self, samples: Sequence[Sample], input_size: int, tile_size: int, scale: float = 1.0,
                  augment: AugmentConfig | None = None, seed: int = 0, preload: bool = True,
-                 random_windows: bool = True) -> None:
+                 random_windows: bool = True, blank_image: bool = True) -> None:
         if int(tile_size) < 16:
             raise UserError(f"--tile_size {tile_size}: must be at least 16 pixels")
         if not scale > 0:
@@ -1024,7 +1086,7 @@ class WindowDataset(NucleiDataset):
         self.tile_size = int(tile_size)
         self.scale = float(scale)
         self.random_windows = bool(random_windows)
-        super().__init__(samples, input_size, augment=augment, seed=seed, preload=False)
+        super().__init__(samples, input_size, augment=augment, seed=seed, preload=False, blank_image=blank_image)
         self.windows: list[int] = []  # item -> image index
         for i, sample in enumerate(self.samples):
             h, w = scaled_shape(image_shape(sample.image_path), self.scale)
@@ -1036,10 +1098,16 @@ class WindowDataset(NucleiDataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         cached = self._cache[index]
         if cached is None:
-            image, labels, _ = load_sample(self.samples[index])
+            image, labels, ignore = load_sample(self.samples[index])
+            image, labels = apply_ignore(image, labels, ignore, self.blank_image)
+            ignore = ignore if ignore is not None and ignore.any() else None
             size = scaled_shape(image.shape[:2], self.scale)
             if size != image.shape[:2]:
                 image, labels = resize_image(image, size), resize_labels(labels, size)
+                if ignore is not None:
+                    ignore = resize_labels(ignore, size)
+                    image, labels = apply_ignore(image, labels, ignore, self.blank_image)
+            self._ignore[index] = ignore
             cached = (image, _compact_labels(labels))
             self._cache[index] = cached
         return cached
@@ -1047,10 +1115,15 @@ class WindowDataset(NucleiDataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def item_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image uint8 (S,S,3), labels (S,S)): a window, augmented and resized to the input size."""
+    def item_arrays_masked(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(image uint8 (S,S,3), labels (S,S), ignore bool (S,S) or None): a window, augmented and resized
+        to the input size, blanked under the ignore mask."""
         image, labels = self._load(self.windows[index])
+        ignore = self._ignore[self.windows[index]]
         t = self.tile_size
+        if ignore is not None:  # mirrored like the image
+            pad_h, pad_w = max(t - ignore.shape[0], 0), max(t - ignore.shape[1], 0)
+            ignore = np.pad(ignore, ((0, pad_h), (0, pad_w)), mode="symmetric")
         image, labels = _pad_pair(image, labels, t, t)
         h, w = labels.shape
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
@@ -1059,8 +1132,8 @@ class WindowDataset(NucleiDataset):
         else:
             y, x = (h - t) // 2, (w - t) // 2
         image, labels = image[y:y + t, x:x + t], labels[y:y + t, x:x + t]
-        if self.augment is not None:
-            image, labels = augment(image, labels, rng, self.augment)
-        size = self.input_size
-        return (resize_image(np.ascontiguousarray(image), size),
-                resize_labels(np.ascontiguousarray(labels), size))
+        if ignore is not None:
+            ignore = ignore[y:y + t, x:x + t]
+            ignore = ignore if ignore.any() else None
+        image, labels, ignore = self._augmented(image, labels, ignore, rng)
+        return self._finish(np.ascontiguousarray(image), np.ascontiguousarray(labels), ignore)

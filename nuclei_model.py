@@ -30,6 +30,8 @@ to keep the background flat) + "MSGE", the mean squared error of the Sobel deriv
 horizontal map, d/dy of the vertical map) restricted to ground-truth nucleus pixels, where the sharp sign
 flips between touching nuclei are what post-processing relies on. Every term is a per-image mean averaged
 over the batch, so the loss of a batch split over several processes (DDP) averages to the same value.
+With a batch's "valid" map (0 under an ignore mask, `dataset.NucleiDataset`) every term leaves those pixels
+out (`masked_loss`).
 
 Checkpoints are plain tensors and JSON-able values (`torch.load(path, weights_only=True)` reads them).
 When the encoder starts from a pretrained file and only LoRA + head are trained, a checkpoint stores only
@@ -294,9 +296,18 @@ def compute_loss(outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
                  weights: Mapping[str, float] | None = None) -> tuple[Tensor, dict[str, float]]:
     """Weighted sum of BCE + soft Dice (foreground) and MSE + MSGE (HV maps, when both sides have them).
 
-    batch: "foreground" float (B,1,S,S) in {0,1}, "hv" float (B,2,S,S). Returns (loss, {term: float}).
-    Computed in float32 whatever the autocast dtype of the outputs.
+    batch: "foreground" float (B,1,S,S) in {0,1}, "hv" float (B,2,S,S), optionally "valid" float (B,1,S,S)
+    in {0,1} (0 = under an ignore mask). Returns (loss, {term: float}). Computed in float32 whatever the
+    autocast dtype of the outputs. With `valid`, every term is taken over the valid pixels only (see
+    `masked_loss`); all-ones `valid` gives the same loss as none.
     """
+    valid = batch.get("valid")
+    if valid is not None:
+        valid = valid.to(device=outputs["foreground"].device, dtype=torch.float32)
+        if not bool((valid < 0.5).any()):
+            valid = None
+    if valid is not None:
+        return masked_loss(outputs, batch, valid, weights)
     w = {**LOSS_WEIGHTS, **(weights or {})}
     logits = outputs["foreground"].float()
     target = batch["foreground"].to(device=logits.device, dtype=torch.float32)
@@ -312,6 +323,37 @@ def compute_loss(outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
         parts["mse"] = F.mse_loss(hv, hv_t)
         grad_err = (_sobel_xy(hv) - _sobel_xy(hv_t)).pow(2).sum(1, keepdim=True)  # both channels
         focus = target
+        per_image = (grad_err * focus).flatten(1).sum(1) / (2.0 * focus.flatten(1).sum(1)).clamp_min(1.0)
+        parts["msge"] = per_image.mean()
+    loss = sum(w[k] * v for k, v in parts.items())
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def masked_loss(outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor], valid: Tensor,
+                weights: Mapping[str, float] | None = None) -> tuple[Tensor, dict[str, float]]:
+    """`compute_loss` over the pixels where `valid` (B,1,S,S) is 1: BCE and MSE are per-image means over
+    the valid pixels, Dice sums over them, and MSGE (whose 3x3 Sobel reads the neighbours) is taken only at
+    ground-truth nucleus pixels whose whole 3x3 neighbourhood is valid, so no pixel under the mask enters any
+    term. A fully masked image adds 0 to every term."""
+    w = {**LOSS_WEIGHTS, **(weights or {})}
+    logits = outputs["foreground"].float()
+    target = batch["foreground"].to(device=logits.device, dtype=torch.float32)
+    count = valid.flatten(1).sum(1)
+    parts: dict[str, Tensor] = {}
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid
+    parts["bce"] = (bce.flatten(1).sum(1) / count.clamp_min(1.0)).mean()
+    prob = (torch.sigmoid(logits) * valid).flatten(1)
+    flat_t = (target * valid).flatten(1)
+    dice = (2.0 * (prob * flat_t).sum(1) + 1.0) / (prob.sum(1) + flat_t.sum(1) + 1.0)
+    parts["dice"] = (1.0 - dice).mean()
+    if "hv" in outputs and "hv" in batch:
+        hv = outputs["hv"].float()
+        hv_t = batch["hv"].to(device=hv.device, dtype=torch.float32)
+        err = (hv - hv_t).pow(2) * valid
+        parts["mse"] = (err.flatten(1).sum(1) / (2.0 * count).clamp_min(1.0)).mean()
+        inner = 1.0 - F.max_pool2d(1.0 - valid, 3, stride=1, padding=1)  # valid with all 8 neighbours valid
+        grad_err = (_sobel_xy(hv) - _sobel_xy(hv_t)).pow(2).sum(1, keepdim=True)
+        focus = target * inner
         per_image = (grad_err * focus).flatten(1).sum(1) / (2.0 * focus.flatten(1).sum(1)).clamp_min(1.0)
         parts["msge"] = per_image.mean()
     loss = sum(w[k] * v for k, v in parts.items())
@@ -484,6 +526,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", pret
         raise UserError(f"{path}: corrupt checkpoint (state_kind {ckpt['state_kind']!r})")
     load_weights(net, ckpt, source=str(path))
     return net.to(device).eval()
+
+
+def init_from_checkpoint(path: str | os.PathLike, config: Mapping[str, Any]) -> NucleiSAM:
+    """A model to fine-tune from a single-model checkpoint: built like the checkpoint's own model (base weights
+    from `config["pretrained"]` for a trainable-only checkpoint; whose architecture keys `config` must share),
+    its tensors loaded, then trainable parameters set as `config["train_only_lora"]` says (in train mode
+    off: call `.train()`)."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: a model-set index, not a single model checkpoint")
+    cfg = model_config(config)
+    build_cfg = dict(cfg, train_only_lora=bool(model_config(ckpt["config"])["train_only_lora"]))
+    net = _build(build_cfg, load_pretrained=ckpt["state_kind"] != "full")
+    load_weights(net, ckpt, source=str(path))
+    lora.mark_trainable(net, bool(cfg["train_only_lora"]), always_trainable=(HEAD_PREFIX,))
+    if cfg["head"] == "sam":
+        net.head.freeze_untrained()
+    return net.eval()
 
 
 @dataclass
@@ -742,9 +803,9 @@ def predict_maps(models: nn.Module | Sequence[nn.Module], image: np.ndarray, inp
 
 __all__ = [
     "CHECKPOINT_FORMAT", "MODEL_SET_FORMAT", "HEADS", "MODEL_DEFAULTS", "LOSS_WEIGHTS", "DecoderHead",
-    "NucleiSAM", "build_model", "compute_loss", "save_checkpoint", "save_model_set_index", "read_checkpoint",
-    "load_weights", "load_model", "Member", "ModelSet", "load_model_set", "predict_maps", "predict_maps_batch",
-    "predict_maps_scaled", "network_size", "network_outputs",
+    "NucleiSAM", "build_model", "compute_loss", "masked_loss", "save_checkpoint", "save_model_set_index",
+    "read_checkpoint", "load_weights", "load_model", "init_from_checkpoint", "Member", "ModelSet", "load_model_set",
+    "predict_maps", "predict_maps_batch", "predict_maps_scaled", "network_size", "network_outputs",
     "prepare_for_inference", "maps_to_images", "parameter_report", "head_parameter_count", "unwrap", "model_config",
     "stores_trainable_only", "file_fingerprint", "autocast_dtype", "autocast", "model_state", "native_bf16",
     "to_cpu",

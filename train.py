@@ -116,7 +116,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "are the same square, NuInsSeg 512, else the smallest image side)")
     g.add_argument("--tune_postprocess", action="store_true",
                    help="after training, pick fg_threshold/marker_threshold on the validation set (small grid)")
+    add_fine_tuning_arguments(parser)
     dataset.add_augmentation_arguments(parser)
+
+
+def add_fine_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--init_model` and `--all_data` (the correction loop: docs/correction_loop.md)."""
+    g = parser.add_argument_group("fine-tuning a trained model")
+    g.add_argument("--init_model", default=None, metavar="MODEL.pth",
+                   help="start from this trained model (one checkpoint, e.g. best_model.pth of a single-split run or "
+                        "fold_<k>/best_model.pth): its LoRA, head, post-processing, input size, pixel size and tile "
+                        "size are kept (a conflicting flag is an error); its base weights are checked by SHA-1")
+    g.add_argument("--all_data", action="store_true",
+                   help="no test fold: train on every image except the validation subset (--val_fraction; 0 = none, "
+                        "then the last of --epochs is kept); the summary says that no held-out score exists")
+    # which of the kept options the command line gives (a flag given at its default value counts as given)
+    parser.set_defaults(given_options=())
+    for action in parser._actions:
+        if action.dest in INIT_KEPT + INIT_INHERITED + ("pretrained",):
+            action.__class__ = _given_tracking(type(action))
+
+
+def _given_tracking(action_class: type) -> type:
+    """A subclass of an argparse action class that also records its `dest` in `namespace.given_options`."""
+    def __call__(self, parser, namespace, values, option_string=None):
+        action_class.__call__(self, parser, namespace, values, option_string)
+        namespace.given_options = tuple(getattr(namespace, "given_options", ())) + (self.dest,)
+
+    return type(f"Given{action_class.__name__}", (action_class,), {"__call__": __call__})
 
 
 def default_postprocess(head: str) -> dict[str, Any]:
@@ -166,6 +193,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "postprocess": default_postprocess(args.head),
         "tune_postprocess": bool(getattr(args, "tune_postprocess", False)),
         "resume": bool(args.resume),
+        "init_model": None if getattr(args, "init_model", None) is None else str(args.init_model),
+        "all_data": bool(getattr(args, "all_data", False)),
     }
 
 
@@ -279,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite: choose one (--resume continues the run in --output_dir, "
                         "--overwrite starts a new run over it)")
     config = config_from_args(args)
+    if config.get("init_model") and not config["resume"]:
+        config = apply_init_model(config, args)
     output_dir = Path(config["output_dir"])
     info = setup_distributed(config["device"])
     try:
@@ -466,9 +497,9 @@ class ImageSet:
         self.config = dict(config or {})
         if self.whole:  # the loss is taken on one centred window per image
             self.data = dataset.WindowDataset(self.samples, input_size, self.config["tile_size"],
-                                              data_scale(self.config), random_windows=False)
-        else:
-            self.data = dataset.NucleiDataset(self.samples, input_size, augment=None)
+                                              data_scale(self.config), random_windows=False, blank_image=False)
+        else:  # scored on the image as it is (as evaluate does); the loss leaves ignored pixels out
+            self.data = dataset.NucleiDataset(self.samples, input_size, augment=None, blank_image=False)
         self.truth: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.images: list[np.ndarray] = []
         for s in self.samples:
@@ -514,7 +545,7 @@ def score_images(net: nn.Module, images: ImageSet, config: Mapping[str, Any], in
         for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False, unit="batch",
                           disable=not info.is_main):
             items = [images.data[i] for i in indices[start:start + batch_size]]
-            batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "foreground", "hv")}
+            batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("image", "foreground", "hv", "valid")}
             with nuclei_model.autocast(device, dtype):
                 out = net(batch["image"])
             loss, _ = nuclei_model.compute_loss(out, batch)
@@ -650,7 +681,10 @@ def run_training(config: dict[str, Any], output_dir: Path,
     if not config.get("postprocess"):
         config["postprocess"] = default_postprocess(config.get("head", "hv"))
     config.setdefault("tune_postprocess", False)
+    if config.get("init_model") and not config.get("init_from"):
+        config = apply_init_model(config)
     validate_config(config)
+    check_all_data(config)
     output_dir = Path(output_dir)
     info = setup_distributed(config.get("device"))
     try:
@@ -665,7 +699,10 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         raise UserError(f"--batch_size {config['batch_size']}: the global batch must be divisible by the "
                         f"number of processes ({info.world_size})")
     samples = discover_training_data(config)
-    folds = dataset.make_folds(samples, config["num_folds"], config["fold_seed"], config["val_fraction"])
+    if config.get("all_data"):
+        folds = all_data_folds(samples, config)
+    else:
+        folds = dataset.make_folds(samples, config["num_folds"], config["fold_seed"], config["val_fraction"])
     folds_path = output_dir / "folds.json"
     if config.get("resume") and folds_path.is_file():
         saved = dataset.read_folds_json(folds_path)
@@ -677,13 +714,13 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # a wrong --pretrained (missing, corrupt, not MobileSAM) fails here, before the output folder is touched
-    # (the data were checked by discover_training_data)
-    nuclei_model.build_model(config)
+    # a wrong --pretrained or --init_model (missing, corrupt, not MobileSAM) fails here, before the output folder
+    # is touched (the data were checked by discover_training_data)
+    build_initial_model(config)
     if info.is_main:
         utils.make_output_dir(output_dir)
         dataset.write_folds_json(folds_path, samples, folds, seed=config["fold_seed"],
-                                 num_folds=config["num_folds"])
+                                 num_folds=1 if config.get("all_data") else config["num_folds"])
         if not (config.get("resume") and (output_dir / "config.json").is_file()):
             utils.write_json(output_dir / "config.json",
                              {**config, "world_size": info.world_size, "environment": utils.environment_info()})
@@ -725,14 +762,134 @@ def _run_training(config: dict[str, Any], output_dir: Path, info: DistInfo, epoc
             write_cv_summary(output_dir, summary, config)
         else:
             copy_file_atomic(_fold_dir(output_dir, fold_ids[0]) / BEST, output_dir / BEST)
-        utils.write_json(output_dir / "summary.json", {**summary, "protocol": score_protocol(),
+        utils.write_json(output_dir / "summary.json", {**summary, **summary_protocol(config),
                                                         "out_of_fold": out_of_fold_means(output_dir, summary)})
+        if config.get("all_data"):
+            log.info("%s", NO_HELD_OUT)
         if test_mean:
             log.info("test (mean over %d fold(s)): pq %s, aji %s, dice %s", len(tests), _fmt(test_mean.get("pq")),
                      _fmt(test_mean.get("aji")), _fmt(test_mean.get("dice")))
         log.info("done in %.0f s; models in %s", summary["seconds"], output_dir)
     barrier(info)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning a trained model (--init_model) and training on all data (--all_data)
+# ----------------------------------------------------------------------------------------------
+# kept from the init model: a flag given with another value is an error
+INIT_KEPT = ("head", "input_size", "lora_rank", "lora_alpha", "lora_targets", "mpp", "tile_size")
+# taken from the init model when not given
+INIT_INHERITED = ("lora_dropout", "train_only_lora")
+NO_HELD_OUT = ("no held-out score exists: --all_data trained on every image (the validation subset only chose "
+               "the epoch); score the model on images it never saw, e.g. areas imported into another folder")
+
+
+def _init_value(key: str, model_config: Mapping[str, Any]) -> Any:
+    if key in nuclei_model.MODEL_DEFAULTS:
+        value = nuclei_model.model_config(model_config)[key]
+        return list(value.split(",")) if key == "lora_targets" and isinstance(value, str) else value
+    if key == "mpp":
+        return float(model_config.get("mpp") or dataset.NUINSSEG_MPP)
+    return model_config.get(key)
+
+
+def apply_init_model(config: Mapping[str, Any], args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """`config` for fine-tuning the model `config["init_model"]`: the `INIT_KEPT` keys (and `INIT_INHERITED`
+    ones not given) and its post-processing settings from the model; `pretrained` its base weights (trainable-only
+    checkpoints: the recorded file, or --pretrained, checked by size and SHA-1) or None (full checkpoints hold
+    every weight); `init_from` what it starts from: {"path", "size", "sha1", "epoch", "fold", "data_dir",
+    "base_weights", "init_from" (the model's own lineage)}. A flag counts as given when it differs from its
+    default, unless `args` (parsed by `add_arguments`) says which flags the command line gave; given with
+    another value than the model's it is a UserError, before anything is written."""
+    config = dict(config)
+    path = Path(config["init_model"]).expanduser()
+    ckpt = nuclei_model.read_checkpoint(path)
+    if ckpt["format"] != nuclei_model.CHECKPOINT_FORMAT:
+        folds = sorted((ckpt.get("folds") or {}).values())
+        raise UserError(f"--init_model {path}: a cross-validation index of {len(folds)} fold models; pass one of "
+                        f"them, e.g. {path.parent / folds[0] if folds else 'fold_0/best_model.pth'}")
+    model_cfg = dict(ckpt["config"])
+    defaults = default_config(config["data_dir"])
+
+    def given(key: str) -> bool:
+        if args is not None and hasattr(args, "given_options"):
+            return key in args.given_options
+        return config.get(key) != defaults.get(key)
+
+    for key in INIT_KEPT:
+        value = _init_value(key, model_cfg)
+        if value is None:  # an old model without a recorded tile size: the data decide, as for a new model
+            continue
+        mine = config.get(key)
+        same = (math.isclose(float(mine), float(value), rel_tol=1e-6) if key == "mpp" and mine is not None
+                else mine == value)
+        if given(key) and not same:
+            shown = ",".join(mine) if isinstance(mine, list) else mine
+            theirs = ",".join(value) if isinstance(value, list) else value
+            raise UserError(f"--{key} {shown}: the --init_model {path} has {key} {theirs}, which fine-tuning keeps; "
+                            f"drop --{key} (the model's value is used) or train a new model without --init_model")
+        config[key] = value
+    for key in INIT_INHERITED:
+        if not given(key):
+            config[key] = _init_value(key, model_cfg)
+    config["postprocess"] = dict(ckpt.get("postprocess") or default_postprocess(config["head"]))
+    if ckpt["state_kind"] == "trainable":
+        recorded = ckpt.get("base_weights") or {}
+        base = Path(config["pretrained"] if given("pretrained") and config["pretrained"] else recorded.get("path", ""))
+        if not base.is_file():
+            raise UserError(f"--init_model {path}: its base weights {base} were not found (the model holds only its "
+                            f"LoRA and head); pass --pretrained <the mobile_sam.pt it was trained on>")
+        now = nuclei_model.file_fingerprint(base)
+        if recorded and (now["sha1"] != recorded.get("sha1") or now["size"] != recorded.get("size")):
+            raise UserError(f"--pretrained {base}: SHA-1 {now['sha1'][:12]}, but --init_model {path} was trained on "
+                            f"base weights with SHA-1 {str(recorded.get('sha1'))[:12]}; pass the file it was trained on")
+        config["pretrained"] = str(base)
+    else:  # every weight is in the checkpoint
+        config["pretrained"] = None
+    fingerprint = nuclei_model.file_fingerprint(path)
+    config["init_from"] = {**fingerprint, "epoch": ckpt.get("epoch"), "fold": ckpt.get("fold"),
+                           "data_dir": model_cfg.get("data_dir"), "pretrained": model_cfg.get("pretrained"),
+                           "base_weights": ckpt.get("base_weights"), "init_from": model_cfg.get("init_from")}
+    log.info("fine-tuning %s (head %s, input size %d, LoRA rank %d on %s, %.3g µm/px, tile %s px)", path,
+             config["head"], config["input_size"], config["lora_rank"], ",".join(config["lora_targets"]),
+             config["mpp"], config.get("tile_size"))
+    return config
+
+
+def build_initial_model(config: Mapping[str, Any]) -> nn.Module:
+    """The network training starts from: `config["init_model"]`'s weights, or a new model (`build_model`)."""
+    if config.get("init_model"):
+        path = (config.get("init_from") or {}).get("path") or config["init_model"]
+        return nuclei_model.init_from_checkpoint(path, config)
+    return nuclei_model.build_model(config)
+
+
+def check_all_data(config: Mapping[str, Any]) -> None:
+    if not config.get("all_data"):
+        return
+    if config.get("cross_validation"):
+        raise UserError("--all_data: trains one model on every image; drop --cross_validation")
+    if config.get("fold") is not None:
+        raise UserError(f"--fold {config['fold']}: --all_data has no folds; drop --fold")
+    if config.get("early_stopping") and not config.get("val_fraction"):
+        raise UserError("--early_stopping: needs a validation subset; with --all_data --val_fraction 0 give a fixed "
+                        "--epochs instead")
+
+
+def all_data_folds(samples: Sequence[dataset.Sample], config: Mapping[str, Any]) -> list[dict[str, list[int]]]:
+    """One "fold" without test images: every image trains, except the validation subset carved out like
+    each fold's (tissue/group-stratified, `--val_fraction`, seeded by `--fold_seed`)."""
+    train_idx, val_idx = dataset.validation_split(np.arange(len(samples)), [s.tissue for s in samples],
+                                                  config["val_fraction"], config["fold_seed"])
+    return [{"fold": 0, "train": train_idx.tolist(), "val": val_idx.tolist(), "test": []}]
+
+
+def summary_protocol(config: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json's `protocol` (and with --all_data `held_out_score: null` and the plain statement)."""
+    if config.get("all_data"):
+        return {"protocol": "all data: no test fold", "held_out_score": None, "note": NO_HELD_OUT}
+    return {"protocol": score_protocol()}
 
 
 def score_protocol() -> str:
@@ -819,7 +976,7 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
     device = info.device
     seed = int(config["seed"]) + k
     utils.set_seed(seed)
-    net = nuclei_model.build_model(config).to(device)
+    net = build_initial_model(config).to(device)
     params = nuclei_model.parameter_report(net)
     if info.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -889,7 +1046,7 @@ def train_fold(config: Mapping[str, Any], samples: Sequence[dataset.Sample], fol
             lr = config["learning_rate"] * lr_factor(step, total_steps, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {key: batch[key].to(device, non_blocking=True) for key in ("image", "foreground", "hv")}
+            batch = {key: batch[key].to(device, non_blocking=True) for key in ("image", "foreground", "hv", "valid")}
             with nuclei_model.autocast(device, dtype):
                 outputs = model(batch["image"])
             loss, parts = nuclei_model.compute_loss(outputs, batch)
@@ -1018,4 +1175,4 @@ def tune_postprocess(net: nn.Module, val_set: ImageSet, config: Mapping[str, Any
 
 __all__ = ["add_arguments", "run", "config_from_args", "run_training", "train_fold", "lr_factor",
            "setup_distributed", "process_device", "DistInfo", "default_postprocess", "write_cv_summary",
-           "resume_config"]
+           "resume_config", "apply_init_model", "build_initial_model", "all_data_folds"]
