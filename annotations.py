@@ -310,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
         raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
+    dataset.warn_if_implausible_mpp(args.mpp, "--mpp")  # recorded in dataset.json: train/evaluate resize by it
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")

@@ -970,6 +970,72 @@ def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
+# Bounds on a pixel size (--mpp, dataset.json) and on the resize to the model's pixel size it implies.
+# Brightfield scans lie within PLAUSIBLE_MPP (100x oil about 0.05-0.1 um/px, 40x about 0.25, 20x about 0.5,
+# 10x about 1, 5x about 2); a value outside gets a warning naming where it came from.
+PLAUSIBLE_MPP = (0.05, 5.0)
+# An image resized to more than MAX_RESIZED_PIXELS pixels is refused on any machine; below that, when the
+# maps and post-processing of the resized image need more than the memory available now. Measured peak of
+# `predict.image_maps` + `labels_from_maps` (synthetic tile with ~2800 nuclei, stand-in network, 4 and 9 Mpx
+# after the resize): 43-47 bytes per resized pixel above the input's own arrays; BYTES_PER_RESIZED_PIXEL rounds
+# that up.
+MAX_RESIZED_PIXELS = 2 ** 31
+BYTES_PER_RESIZED_PIXEL = 64
+
+
+def warn_if_implausible_mpp(mpp: float | None, where: str = "--mpp") -> bool:
+    """Log one warning (and return True) when `mpp` lies outside `PLAUSIBLE_MPP`; `where` names its source."""
+    if mpp is None or PLAUSIBLE_MPP[0] <= float(mpp) <= PLAUSIBLE_MPP[1]:
+        return False
+    log.warning("%s %g: outside %g-%g micrometres per pixel, the range of brightfield microscopy (40x is about "
+                "0.25, 20x about 0.5); images are resized by it to the model's pixel size, so check the value",
+                where, float(mpp), *PLAUSIBLE_MPP)
+    return True
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_resize(what: str | os.PathLike, shape: Sequence[int], scale: float, option: str,
+                 available: int | None = None) -> tuple[int, int]:
+    """(H, W) an image of `shape` becomes when resized by `scale` (`scaled_shape`); UserError("<what>: <option>
+    ...") naming the sizes when that exceeds MAX_RESIZED_PIXELS or its estimated memory
+    (BYTES_PER_RESIZED_PIXEL per pixel) exceeds `available` (default: `available_memory()`). Called with the
+    header's size before the image is read or resized; a resize that does not add pixels is never refused."""
+    height, width = int(shape[0]), int(shape[1])
+    resized = scaled_shape((height, width), scale)
+    pixels = resized[0] * resized[1]
+    if pixels <= height * width:
+        return resized
+    need = pixels * BYTES_PER_RESIZED_PIXEL
+    if available is None:
+        available = available_memory()
+
+    def size(n: float) -> str:
+        return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+    if pixels > MAX_RESIZED_PIXELS:
+        why = f"more than the limit of {MAX_RESIZED_PIXELS:,} resized pixels"
+    elif available is not None and need > available:
+        why = f"about {size(need)}, more than the {size(available)} of memory available"
+    else:
+        return resized
+    raise UserError(f"{what}: {option} resizes this {width} x {height}-pixel image by {scale:.4g} to the model's "
+                    f"pixel size, {resized[1]:,} x {resized[0]:,} pixels: {why}; check {option.split()[0]}")
+
+
 def needs_windows(samples: Sequence[Sample], tile_size: int, scale: float = 1.0) -> bool:
     """True unless every image, rescaled by `scale`, is exactly `tile_size` x `tile_size` (then the network
     sees whole images, the NuInsSeg path); otherwise training takes windows and scoring tiles whole images."""

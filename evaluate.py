@@ -798,7 +798,38 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
     if not samples:
         raise UserError(f"--data_dir {data_dir}: no NuInsSeg images found (expected "
                         "<organ>/tissue images/*.png with matching label masks)")
+    where = "--mpp" if getattr(args, "mpp", None) is not None else f"{data_dir / dataset.FOLDERS_INFO}: mpp"
+    check_data_scale(model_set, samples, args.data_mpp, where)
     return model_set, samples, data_dir, device
+
+
+def check_data_scale(model_set: Any, samples: Sequence[Any], data_mpp: float | None, where: str = "--mpp") -> None:
+    """Before any image is read: with a data pixel size (`where`: --mpp or dataset.json), every image's
+    resized size (from its header) must fit (`dataset.check_resize`: UserError naming `where` and the sizes,
+    exit 2); a warning for a pixel size outside the brightfield range and for images the resize shrinks below
+    one training tile."""
+    import dataset
+    import predict
+
+    if data_mpp is None:
+        return
+    if not math.isfinite(float(data_mpp)):
+        raise UserError(f"{where} {data_mpp}: must be a finite number of micrometres per pixel")
+    dataset.warn_if_implausible_mpp(data_mpp, where)
+    scale = float(data_mpp) / predict.model_mpp(model_set)
+    if abs(scale - 1.0) < 1e-6:
+        return
+    tile = predict.model_tile_size(model_set)
+    small = []
+    for sample in samples:
+        shape = dataset.image_shape(sample.image_path)
+        resized = dataset.check_resize(sample.image_path, shape, scale, f"{where} {float(data_mpp):g}")
+        if scale < 1 and max(resized) < tile:
+            small.append(sample.image_path)
+    if small:
+        log.warning("%s %g shrinks %d of %d image(s) (e.g. %s) below one window (%d pixels at the model's %g um/px): "
+                    "nuclei shrink with them and few or none may be found", where, float(data_mpp), len(small),
+                    len(samples), small[0], tile, predict.model_mpp(model_set))
 
 
 def _shared_or_per_fold(pp_by_fold: Mapping[str, dict]) -> Any:

@@ -258,3 +258,16 @@ def test_polygons_outside_the_image_are_skipped_with_a_warning(tmp_path, caplog)
     assert not tifffile.imread(out / "labels" / "tile.tif").any()
     assert read_csv(out / "import_report.csv")[0]["skipped_degenerate"] == "2"
     assert "none of its 2 polygon(s) covers a pixel" in caplog.text
+
+
+def test_implausible_mpp_warns(tmp_path, caplog):
+    """--mpp is only recorded in dataset.json, but train and evaluate resize by it: 100 µm/px gets a warning."""
+    images, notes, out = tmp_path / "images", tmp_path / "xml", tmp_path / "out"
+    _write_image(images, "tile", H, W)
+    notes.mkdir()
+    (notes / "tile.xml").write_text(_xml([[[(1, 1), (4, 1), (4, 3), (1, 3)]]]))
+    with caplog.at_level("WARNING"):
+        assert main.main(["-q", "import_annotations", "--format", "imagescope_xml", "--images", str(images),
+                          "--annotations", str(notes), "--output_dir", str(out), "--mpp", "100"]) == 0
+    assert "--mpp 100: outside 0.05-5 micrometres per pixel" in caplog.text
+    assert read_json(out / "dataset.json") == {"mpp": 100.0}

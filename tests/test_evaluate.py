@@ -343,3 +343,41 @@ def test_evaluate_model_set_library_with_worker_pool(synthetic_data_dir, tmp_pat
     assert [r["fold"] for r in pooled] == [i % 2 for i in range(len(samples))]
     assert len(list((tmp_path / "pred").glob("*.tif"))) == len(samples) > half
     assert np.mean([r["dice"] for r in pooled]) > 0.3          # the stand-in finds the dark nuclei
+
+
+def _no_resize(*args, **kwargs):
+    raise AssertionError("an image was resized: the --mpp check did not stop it first")
+
+
+def test_data_pixel_size_beyond_memory_is_refused_before_any_work(run_error, synthetic_data_dir, cv_model, tmp_path,
+                                                                   monkeypatch):
+    """--mpp 1000 for the tiny model (trained at 1 µm/px, the synthetic data's) resizes a 128-px image to
+    128,000 x 128,000 pixels: refused from the headers, exit 2, nothing written (before: the resize ran out of
+    memory)."""
+    monkeypatch.setattr(dataset, "resize_image", _no_resize)
+    line = run_error(["evaluate", "--data_dir", str(synthetic_data_dir), "--model_path", str(cv_model),
+                      "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--mpp", "1000"])
+    assert "--mpp 1000 resizes this 128 x 128-pixel image by 1000" in line and "128,000 x 128,000 pixels" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_data_scale_warns_about_the_pixel_size_and_small_images(tmp_path, caplog):
+    from PIL import Image
+
+    paths = []
+    for k, size in enumerate((64, 640)):
+        paths.append(tmp_path / f"im{k}.png")
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(paths[-1])
+    samples = [SimpleNamespace(image_path=p) for p in paths]
+    model_set = SimpleNamespace(config={"mpp": 0.25, "tile_size": 64})
+    with caplog.at_level("WARNING"):
+        evaluate.check_data_scale(model_set, samples, 0.025, "data/dataset.json: mpp")
+    assert "data/dataset.json: mpp 0.025: outside 0.05-5 micrometres per pixel" in caplog.text
+    assert "shrinks 1 of 2 image(s) (e.g. " + str(paths[0]) + ") below one window (64 pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate.check_data_scale(model_set, samples, 0.5)   # 2x larger: fits, plausible
+        evaluate.check_data_scale(model_set, samples, None)
+    assert caplog.text == ""
+    with pytest.raises(UserError, match=r"im0\.png: --mpp 1000 resizes this 64 x 64-pixel image by 4000"):
+        evaluate.check_data_scale(model_set, samples, 1000.0)
