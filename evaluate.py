@@ -36,7 +36,13 @@ from utils import UserError
 log = logging.getLogger(__name__)
 
 # Published out-of-fold PQ on NuInsSeg (5-fold CV, mean over images) for comparison in summary.md.
-PUBLISHED_PQ: dict[str, float] = {"HoVer-Net": 0.534, "HoVer-NeXt": 0.542, "CellViT-256": 0.564}
+# 0.534 is not the official HoVer-Net: it is the NuInsSeg authors' own simplified HoVer-style network (a small
+# residual U-Net encoder with foreground and HV branches, `hovernet.py`), the mean row of
+# `cross_validation_results.csv` in their evaluation repository github.com/masih4/nuc_eval; the same
+# repository holds other HoVer-Net runs at 0.376 (`hover_net/cross_validation_results.csv`) and 0.478
+# (`models_main/Models/hover_net/cross_validation_results.csv`).
+PUBLISHED_PQ: dict[str, float] = {"simplified HoVer-style CNN of the NuInsSeg authors (masih4/nuc_eval)": 0.534,
+                                  "HoVer-NeXt": 0.542, "CellViT-256": 0.564}
 
 # Columns of per_image.csv, in this order.
 PER_IMAGE_COLUMNS: tuple[str, ...] = (("image",) + tuple(metrics.METRICS)

@@ -188,7 +188,8 @@ def test_reports(tmp_path):
     assert float(tissues[0]["pq"]) == pytest.approx(0.5)
     assert float(tissues[0]["pq_sd"]) == pytest.approx(np.std([0.4, 0.6], ddof=1), rel=1e-5)
     md = (tmp_path / "summary.md").read_text()
-    assert "HoVer-Net 0.534" in md and "HoVer-NeXt 0.542" in md and "CellViT-256 0.564" in md
+    assert "simplified HoVer-style CNN of the NuInsSeg authors (masih4/nuc_eval) 0.534" in md
+    assert "HoVer-Net 0.534" not in md and "HoVer-NeXt 0.542" in md and "CellViT-256 0.564" in md
     assert "0.550 ± 0.141" in md
     per_image = read_csv(tmp_path / "per_image.csv")
     assert list(per_image[0]) == list(evaluate.PER_IMAGE_COLUMNS)
