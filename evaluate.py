@@ -347,10 +347,11 @@ def score_image(task: Mapping[str, Any]) -> dict[str, Any]:
             # the nuclei the scores left out are not drawn either (counts then match the scores)
             shown_true = metrics.apply_ignore_region(labels, ignore)
             shown_pred = metrics.apply_ignore_region(pred, ignore)
-        picture, counts = visualize.error_overlay(task["rgb"], shown_true, shown_pred)
+        factor = visualize.overlay_zoom(labels.shape)   # small images enlarged: outlines thinner than nuclei
+        picture, counts = visualize.error_overlay(task["rgb"], shown_true, shown_pred, zoom_factor=factor)
         entries = visualize.error_legend_entries(counts)
         if ignore is not None and ignore.any():
-            picture[visualize.boundaries(ignore.astype(np.int32))] = VAGUE_COLOR
+            picture[visualize.boundaries(visualize.zoom(ignore.astype(np.int32), factor))] = VAGUE_COLOR
             entries.append(("ambiguous region (ignored)", VAGUE_COLOR))
         picture = visualize.add_legend(picture, entries)
         visualize.save_png(Path(task["overlays_dir"]) / f"{task['stem']}.png", picture)

@@ -153,6 +153,12 @@ def test_score_image_binary_and_tiff(tmp_path):
     assert pred.dtype == np.uint16 and pred.shape == labels.shape
     assert metrics.instance_metrics(labels, pred)["pq"] == pytest.approx(row["pq"])
     assert (tmp_path / "ov" / "x.png").is_file()
+    from PIL import Image
+
+    overlay = np.asarray(Image.open(tmp_path / "ov" / "x.png").convert("RGB"))
+    # a 40-px image is drawn 4x (nearest neighbour; white margin and legend around it): grey up to 160 px
+    assert (overlay[150:160, 140:160] == 200).all() and (overlay[160:165, 140:160] == 255).all()
+    assert (overlay[150:160, 160:170] == 255).all()
     vague_row = evaluate.score_image(dict(task, ignore_vague=True))
     assert vague_row["num_true"] == 2 and vague_row["fn"] == 0 and vague_row["pq"] > row["pq"]
 
