@@ -578,12 +578,15 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
 
     path = Path(path)
     start = time.time()
+    kind = "image"
     try:
-        check_input_scale(predictor, path, options)
         if path.is_file() and slides.is_slide_file(path):
             import wsi
 
+            kind = "slide"
+            check_input_scale(predictor, path, options)
             return wsi.predict_slide(predictor, path, name, Path(output_dir), options)
+        check_input_scale(predictor, path, options)
         image = read_image(path)
         fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
                                       mpp=options.mpp, batch_size=options.batch_size, maps_fn=predictor.maps_fn,
@@ -595,7 +598,7 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
         nuclei, error = 0, error_message(path, e)
         image = None
     if error:
-        return Outcome(str(path), name, "failed", error=error, seconds=round(time.time() - start, 3))
+        return Outcome(str(path), name, "failed", error=error, seconds=round(time.time() - start, 3), kind=kind)
     return Outcome(str(path), name, "ok", nuclei, image.shape[0], image.shape[1], round(time.time() - start, 3),
                    mpp=options.mpp)
 

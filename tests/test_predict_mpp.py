@@ -115,8 +115,9 @@ def test_slide_grid_beyond_the_window_limit_fails_that_slide(tmp_path, monkeypat
     path = tmp_path / "slide.tif"
     sample_data.write_pyramidal_tiff(path, image, dataset.NUINSSEG_MPP, tile_size=256)
     # 500 x 600 level-0 pixels at 300 um/px for a 0.25 um/px model: 600,000 x 720,000 pixels, 3125 x 3750 windows
+    # of 256 pixels with 64 overlap
     outcome = _predict_one(path, tmp_path, mpp=300.0)
-    assert outcome.status == "failed"
+    assert outcome.status == "failed" and outcome.kind == "slide"
     assert (f"{path}: --mpp 300 scales this 500 x 600-pixel slide by 1200 to the model's pixel size, "
             f"600,000 x 720,000 pixels = 11,718,750 windows of 256 pixels, more than the limit of 4,194,304") \
         in outcome.error
