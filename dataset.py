@@ -1033,7 +1033,7 @@ def check_resize(what: str | os.PathLike, shape: Sequence[int], scale: float, op
     else:
         return resized
     raise UserError(f"{what}: {option} resizes this {width} x {height}-pixel image by {scale:.4g} to the model's "
-                    f"pixel size, {resized[1]:,} x {resized[0]:,} pixels: {why}; check {option.split()[0]}")
+                    f"pixel size, {resized[1]:,} x {resized[0]:,} pixels: {why}")
 
 
 def needs_windows(samples: Sequence[Sample], tile_size: int, scale: float = 1.0) -> bool:

@@ -805,7 +805,7 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
     if not samples:
         raise UserError(f"--data_dir {data_dir}: no NuInsSeg images found (expected "
                         "<organ>/tissue images/*.png with matching label masks)")
-    where = "--mpp" if getattr(args, "mpp", None) is not None else f"{data_dir / dataset.FOLDERS_INFO}: mpp"
+    where = "--mpp" if getattr(args, "mpp", None) is not None else f"{data_dir / dataset.FOLDERS_INFO} mpp"
     check_data_scale(model_set, samples, args.data_mpp, where)
     return model_set, samples, data_dir, device
 

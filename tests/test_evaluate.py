@@ -378,8 +378,8 @@ def test_check_data_scale_warns_about_the_pixel_size_and_small_images(tmp_path, 
     samples = [SimpleNamespace(image_path=p) for p in paths]
     model_set = SimpleNamespace(config={"mpp": 0.25, "tile_size": 64})
     with caplog.at_level("WARNING"):
-        evaluate.check_data_scale(model_set, samples, 0.025, "data/dataset.json: mpp")
-    assert "data/dataset.json: mpp 0.025: outside 0.05-5 micrometres per pixel" in caplog.text
+        evaluate.check_data_scale(model_set, samples, 0.025, "data/dataset.json mpp")
+    assert "data/dataset.json mpp 0.025: outside 0.05-5 micrometres per pixel" in caplog.text
     assert "shrinks 1 of 2 image(s) (e.g. " + str(paths[0]) + ") below one window (64 pixels" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
