@@ -72,16 +72,20 @@ def test_command_reports_the_refused_input_and_goes_on(tiny_model, tmp_path, cap
     monkeypatch.setattr(dataset, "resize_image", _no_resize)
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_slide(256, 256, seed=1)[0]).save(tmp_path / "in" / "big.png")
+    Image.fromarray(synthetic_slide(128, 128, seed=2)[0]).save(tmp_path / "in" / "small.png")
     out = tmp_path / "out"
+    # two inputs and a worker: the plain images go through segment_images' own read path, checked there too
     status = main.main(["-q", "predict", "--model_path", str(tiny_model), "--input", str(tmp_path / "in"),
                         "--output_dir", str(out), "--tile_size", "64", "--overlap", "16", "--device", "cpu",
-                        "--mpp", "100"])
+                        "--mpp", "100", "--num_workers", "1"])
     err = capsys.readouterr().err
     assert status == 1
     assert "--mpp 100: outside 0.05-5 micrometres per pixel" in caplog.text
     assert "big.png: --mpp 100 resizes this 256 x 256-pixel image" in err
-    (row,) = utils.read_csv(out / "summary.csv")
-    assert row["status"] == "failed" and "102,400 x 102,400" in row["error"]
+    assert "small.png: --mpp 100 resizes this 128 x 128-pixel image by 400 to the model's pixel size, " \
+           "51,200 x 51,200 pixels: more than the limit" in err
+    rows = utils.read_csv(out / "summary.csv")
+    assert [r["status"] for r in rows] == ["failed", "failed"] and "102,400 x 102,400" in rows[0]["error"]
 
 
 def test_tiny_mpp_warns_about_the_option_and_the_window(tmp_path, caplog):
