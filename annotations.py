@@ -8,8 +8,10 @@ Reads, for every image `<stem>.(png|jpg|jpeg|tif|tiff)` in `--images`, its annot
 <Region><Vertices><Vertex X=".." Y=".."/>`, one nucleus per Region) or `<stem>.geojson` / `<stem>.json` for
 `qupath_geojson` (QuPath's "Export objects as GeoJSON", also what `predict` writes: one nucleus per Polygon or
 MultiPolygon feature). Each polygon is rasterised with scikit-image into an instance label map of the image's
-size: a pixel belongs to a polygon when its centre lies inside (coordinates in pixels, origin at the top-left
-corner of the image, QuPath's convention), polygon holes are left out. Instances get ids 1, 2, ... in file
+size: a pixel belongs to a polygon when its centre lies inside, polygon holes are left out. Where a vertex lies
+is a property of the format (`VERTEX_CONVENTIONS`): ImageScope XML vertices are pixel centres (vertex (x, y) = the
+centre of pixel column x, row y, 0-based: this reproduces MoNuSeg's published binary masks), QuPath GeoJSON
+vertices are pixel edges (origin at the top-left corner of the image, QuPath's and `predict`'s convention). Instances get ids 1, 2, ... in file
 order; where polygons overlap the later one wins (reported); polygons with fewer than three distinct
 vertices, no area or no pixel inside the image are skipped and counted.
 
@@ -51,6 +53,15 @@ FORMATS = ("imagescope_xml", "qupath_geojson")
 ANNOTATION_SUFFIXES = {"imagescope_xml": (".xml",), "qupath_geojson": (".geojson", ".json")}
 IMAGE_SUFFIXES = dataset.FOLDERS_IMAGE_SUFFIXES
 REPORT = "import_report.csv"
+# Where a vertex (x, y) lies, per format. PIXEL_EDGE: coordinates of pixel corners, the image's top-left corner is
+# (0, 0) and pixel column x, row y is the square [x, x+1] x [y, y+1] (QuPath's convention; `predict`'s GeoJSON
+# outlines follow these edges, so its export imports back exactly). PIXEL_CENTRE: vertex (x, y) is the centre of
+# pixel column x, row y (0-based). ImageScope XML is read as pixel centres because that reproduces the binary
+# masks MoNuSeg's organisers published beside their XML: foreground Dice 0.99-1.00 on 12 of its 13 images,
+# against 0.956-0.976 on all 13 when the vertices are taken as pixel edges (per-nucleus PQ between the two
+# readings about 0.90; measured on MoNuSeg by the author of issue 19).
+PIXEL_EDGE, PIXEL_CENTRE = "pixel_edge", "pixel_centre"
+VERTEX_CONVENTIONS = {"imagescope_xml": PIXEL_CENTRE, "qupath_geojson": PIXEL_EDGE}
 REPORT_COLUMNS = ("image", "annotations", "polygons", "nuclei", "skipped_degenerate", "skipped_not_polygon",
                   "overlapping_polygons", "overwritten_pixels", "hidden_nuclei")
 
@@ -180,24 +191,37 @@ def _ring_ok(ring: np.ndarray) -> bool:
     return area > 1e-9
 
 
-def _ring_pixels(ring: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Flat indices of the pixels whose centre lies inside `ring` (x, y in pixel-edge coordinates)."""
+def _centre_offset(convention: str) -> float:
+    """What to subtract from a vertex to get scikit-image's frame (pixel (r, c) centred on integer (r, c))."""
+    if convention == PIXEL_EDGE:
+        return 0.5
+    if convention == PIXEL_CENTRE:
+        return 0.0
+    raise ValueError(f"unknown vertex convention {convention!r} (expected {PIXEL_EDGE!r} or {PIXEL_CENTRE!r})")
+
+
+def _ring_pixels(ring: np.ndarray, size: tuple[int, int], convention: str = PIXEL_EDGE) -> np.ndarray:
+    """Flat indices of the pixels whose centre lies inside `ring` or on its boundary (x, y vertices in
+    `convention`: PIXEL_EDGE or PIXEL_CENTRE)."""
     from skimage.draw import polygon
 
-    rows, cols = polygon(ring[:, 1] - 0.5, ring[:, 0] - 0.5, shape=size)
+    offset = _centre_offset(convention)
+    rows, cols = polygon(ring[:, 1] - offset, ring[:, 0] - offset, shape=size)
     return rows.astype(np.int64) * size[1] + cols
 
 
-def shape_pixels(shape: Shape, size: tuple[int, int]) -> np.ndarray | None:
+def shape_pixels(shape: Shape, size: tuple[int, int], convention: str = PIXEL_EDGE) -> np.ndarray | None:
     """Sorted flat pixel indices (into an image of `size` = (H, W)) covered by a shape, holes left out;
-    None when degenerate: no valid exterior ring, or no pixel centre inside the image."""
+    None when degenerate: no valid exterior ring, or no pixel centre inside the image. `convention`: where the
+    vertices lie (PIXEL_EDGE, QuPath's, the default; PIXEL_CENTRE for ImageScope XML; see VERTEX_CONVENTIONS)."""
+    _centre_offset(convention)
     exteriors = [(ext, holes) for ext, holes in shape.parts if _ring_ok(ext)]
     if not exteriors:
         return None
     inside = []
     for exterior, holes in exteriors:
-        pixels = _ring_pixels(exterior, size)
-        cut = [_ring_pixels(h, size) for h in holes if _ring_ok(h)]
+        pixels = _ring_pixels(exterior, size, convention)
+        cut = [_ring_pixels(h, size, convention) for h in holes if _ring_ok(h)]
         if cut:
             pixels = np.setdiff1d(pixels, np.concatenate(cut))
         inside.append(pixels)
@@ -216,18 +240,20 @@ class Rasterised:
     hidden_nuclei: int
 
 
-def rasterise(shapes: Sequence[Shape], size: tuple[int, int]) -> Rasterised:
+def rasterise(shapes: Sequence[Shape], size: tuple[int, int], convention: str = PIXEL_EDGE) -> Rasterised:
     """Instance label map (uint32, `size` = (H, W)) of `shapes`: ids 1, 2, ... in order over the shapes that
     are drawn (degenerate ones are skipped and counted); a later shape overwrites earlier ones where they
     overlap (`overlapping_polygons` shapes did, `overwritten_pixels` pixels changed owner, `hidden_nuclei`
-    earlier nuclei lost every pixel)."""
+    earlier nuclei lost every pixel). `convention`: where the vertices lie, `VERTEX_CONVENTIONS[format]`
+    (default PIXEL_EDGE, QuPath GeoJSON's)."""
+    _centre_offset(convention)
     size = (int(size[0]), int(size[1]))
     labels = np.zeros(size, dtype=np.uint32)
     flat = labels.reshape(-1)
     skipped = overlapping = overwritten = 0
     next_id = 1
     for shape in shapes:
-        pixels = shape_pixels(shape, size)
+        pixels = shape_pixels(shape, size, convention)
         if pixels is None:
             skipped += 1
             continue
@@ -293,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--images: required (the folder of images), or --slide for annotations drawn on whole slides")
     if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
         raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
+    dataset.warn_if_implausible_mpp(args.mpp, "--mpp")  # recorded in dataset.json: train/evaluate resize by it
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir}: exists and is not a folder")
@@ -316,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     utils.make_output_dir(output_dir)
     rows = []
     for stem, image_path, size, parsed in tqdm(checked, desc="importing", unit="image", disable=len(checked) < 20):
-        result = rasterise(parsed.shapes, size)
+        result = rasterise(parsed.shapes, size, VERTEX_CONVENTIONS[args.format])
         utils.atomic_write_bytes(output_dir / dataset.FOLDERS_IMAGE_DIR / image_path.name, image_path.read_bytes())
         export.save_label_tiff(output_dir / dataset.FOLDERS_LABEL_DIR / f"{stem}.tif", result.labels, smallest=True)
         rows.append({"image": image_path.name, "annotations": parsed.path.name, "polygons": result.polygons,

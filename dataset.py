@@ -23,6 +23,7 @@ from scipy import ndimage
 from skimage.color import hed_from_rgb as _HED_FROM_RGB, rgb_from_hed as _RGB_FROM_HED
 
 import image_io
+import utils
 from utils import UserError, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -1030,6 +1031,57 @@ def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
     if scale == 1.0:
         return h, w
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+# Bounds on a pixel size (--mpp, dataset.json) and on the resize to the model's pixel size it implies.
+# Brightfield scans lie within PLAUSIBLE_MPP (100x oil about 0.05-0.1 um/px, 40x about 0.25, 20x about 0.5,
+# 10x about 1, 5x about 2); a value outside gets a warning naming where it came from.
+PLAUSIBLE_MPP = (0.05, 5.0)
+# An image resized to more than MAX_RESIZED_PIXELS pixels is refused on any machine; below that, when the
+# maps and post-processing of the resized image need more than the memory available now. Measured peak of
+# `predict.image_maps` + `labels_from_maps` (synthetic tile with ~2800 nuclei, stand-in network, 4 and 9 Mpx
+# after the resize): 43-47 bytes per resized pixel above the input's own arrays; BYTES_PER_RESIZED_PIXEL rounds
+# that up.
+MAX_RESIZED_PIXELS = 2 ** 31
+BYTES_PER_RESIZED_PIXEL = 64
+
+
+def warn_if_implausible_mpp(mpp: float | None, where: str = "--mpp") -> bool:
+    """Log one warning (and return True) when `mpp` lies outside `PLAUSIBLE_MPP`; `where` names its source."""
+    if mpp is None or PLAUSIBLE_MPP[0] <= float(mpp) <= PLAUSIBLE_MPP[1]:
+        return False
+    log.warning("%s %g: outside %g-%g micrometres per pixel, the range of brightfield microscopy (40x is about "
+                "0.25, 20x about 0.5); images are resized by it to the model's pixel size, so check the value",
+                where, float(mpp), *PLAUSIBLE_MPP)
+    return True
+
+
+def check_resize(what: str | os.PathLike, shape: Sequence[int], scale: float, option: str,
+                 available: int | None = None) -> tuple[int, int]:
+    """(H, W) an image of `shape` becomes when resized by `scale` (`scaled_shape`); UserError("<what>: <option>
+    ...") naming the sizes when that exceeds MAX_RESIZED_PIXELS or its estimated memory
+    (BYTES_PER_RESIZED_PIXEL per pixel) exceeds `available` (default: `utils.available_memory()`). Called with the
+    header's size before the image is read or resized; a resize that does not add pixels is never refused."""
+    height, width = int(shape[0]), int(shape[1])
+    resized = scaled_shape((height, width), scale)
+    pixels = resized[0] * resized[1]
+    if pixels <= height * width:
+        return resized
+    need = pixels * BYTES_PER_RESIZED_PIXEL
+    if available is None:
+        available = utils.available_memory()
+
+    def size(n: float) -> str:
+        return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+    if pixels > MAX_RESIZED_PIXELS:
+        why = f"more than the limit of {MAX_RESIZED_PIXELS:,} resized pixels"
+    elif available is not None and need > available:
+        why = f"about {size(need)}, more than the {size(available)} of memory available"
+    else:
+        return resized
+    raise UserError(f"{what}: {option} resizes this {width} x {height}-pixel image by {scale:.4g} to the model's "
+                    f"pixel size, {resized[1]:,} x {resized[0]:,} pixels: {why}")
 
 
 def needs_windows(samples: Sequence[Sample], tile_size: int, scale: float = 1.0) -> bool:

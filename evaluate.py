@@ -36,7 +36,13 @@ from utils import UserError
 log = logging.getLogger(__name__)
 
 # Published out-of-fold PQ on NuInsSeg (5-fold CV, mean over images) for comparison in summary.md.
-PUBLISHED_PQ: dict[str, float] = {"HoVer-Net": 0.534, "HoVer-NeXt": 0.542, "CellViT-256": 0.564}
+# 0.534 is not the official HoVer-Net: it is the NuInsSeg authors' own simplified HoVer-style network (a small
+# residual U-Net encoder with foreground and HV branches, `hovernet.py`), the mean row of
+# `cross_validation_results.csv` in their evaluation repository github.com/masih4/nuc_eval; the same
+# repository holds other HoVer-Net runs at 0.376 (`hover_net/cross_validation_results.csv`) and 0.478
+# (`models_main/Models/hover_net/cross_validation_results.csv`).
+PUBLISHED_PQ: dict[str, float] = {"simplified HoVer-style CNN of the NuInsSeg authors (masih4/nuc_eval)": 0.534,
+                                  "HoVer-NeXt": 0.542, "CellViT-256": 0.564}
 
 # Columns of per_image.csv, in this order.
 PER_IMAGE_COLUMNS: tuple[str, ...] = (("image",) + tuple(metrics.METRICS)
@@ -341,10 +347,11 @@ def score_image(task: Mapping[str, Any]) -> dict[str, Any]:
             # the nuclei the scores left out are not drawn either (counts then match the scores)
             shown_true = metrics.apply_ignore_region(labels, ignore)
             shown_pred = metrics.apply_ignore_region(pred, ignore)
-        picture, counts = visualize.error_overlay(task["rgb"], shown_true, shown_pred)
+        factor = visualize.overlay_zoom(labels.shape)   # small images enlarged: outlines thinner than nuclei
+        picture, counts = visualize.error_overlay(task["rgb"], shown_true, shown_pred, zoom_factor=factor)
         entries = visualize.error_legend_entries(counts)
         if ignore is not None and ignore.any():
-            picture[visualize.boundaries(ignore.astype(np.int32))] = VAGUE_COLOR
+            picture[visualize.boundaries(visualize.zoom(ignore.astype(np.int32), factor))] = VAGUE_COLOR
             entries.append(("ambiguous region (ignored)", VAGUE_COLOR))
         picture = visualize.add_legend(picture, entries)
         visualize.save_png(Path(task["overlays_dir"]) / f"{task['stem']}.png", picture)
@@ -774,29 +781,6 @@ def recorded_data_dir(config: Mapping[str, Any], model_path: str | Path) -> Path
                     f"relative to where train ran, which is not in any folder above {model_dir}; give --data_dir")
 
 
-# bytes per pixel of an image segmented whole at the model's pixel size: RGB, the foreground and HV maps and
-# the tiled engine's accumulators (float32), the labels
-SEGMENT_BYTES_PER_PIXEL = 40
-
-
-def check_rescaled_size(model_set: Any, samples: Sequence[Any], data_mpp: float | None, option: str) -> None:
-    """Before any work: the largest image, resized from the data's pixel size to the model's, must fit in
-    memory (a wrong --mpp, e.g. nm instead of µm, would resize it a hundred-fold). UserError naming `option`."""
-    import dataset
-
-    model_mpp = (getattr(model_set, "config", None) or {}).get("mpp")
-    if not data_mpp or not isinstance(model_mpp, (int, float)) or model_mpp <= 0 or not samples:
-        return
-    scale = float(data_mpp) / float(model_mpp)
-    if abs(scale - 1.0) < 1e-9:
-        return
-    shapes = [dataset.scaled_shape(dataset.image_shape(s.image_path), scale) for s in samples]
-    h, w = max(shapes, key=lambda hw: hw[0] * hw[1])
-    utils.check_memory(h * w * SEGMENT_BYTES_PER_PIXEL,
-                       f"{option} {float(data_mpp):g} (the largest image resized to the model's {model_mpp:g} "
-                       f"µm/px would be {w} x {h} px)")
-
-
 def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path, Any]:
     """Check paths, load the model set and discover the images: (model_set, samples, data_dir, device)."""
     import dataset
@@ -836,13 +820,42 @@ def load_for_evaluation(args: argparse.Namespace) -> tuple[Any, list[Any], Path,
     if getattr(args, "mpp", None) is not None and not args.mpp > 0:
         raise UserError(f"--mpp {args.mpp}: must be a positive number of micrometres per pixel")
     args.data_mpp = args.mpp if getattr(args, "mpp", None) is not None else dataset.dataset_mpp(data_dir, data_format)
-    check_rescaled_size(model_set, samples, args.data_mpp,
-                        "--mpp" if getattr(args, "mpp", None) is not None else f"{data_dir}/dataset.json: mpp")
     args.data_format = dataset.detect_format(data_dir, data_format)
     if not samples:
         raise UserError(f"--data_dir {data_dir}: no NuInsSeg images found (expected "
                         "<organ>/tissue images/*.png with matching label masks)")
+    where = "--mpp" if getattr(args, "mpp", None) is not None else f"{data_dir / dataset.FOLDERS_INFO} mpp"
+    check_data_scale(model_set, samples, args.data_mpp, where)
     return model_set, samples, data_dir, device
+
+
+def check_data_scale(model_set: Any, samples: Sequence[Any], data_mpp: float | None, where: str = "--mpp") -> None:
+    """Before any image is read: with a data pixel size (`where`: --mpp or dataset.json), every image's
+    resized size (from its header) must fit (`dataset.check_resize`: UserError naming `where` and the sizes,
+    exit 2); a warning for a pixel size outside the brightfield range and for images the resize shrinks below
+    one training tile."""
+    import dataset
+    import inference
+
+    if data_mpp is None:
+        return
+    if not math.isfinite(float(data_mpp)):
+        raise UserError(f"{where} {data_mpp}: must be a finite number of micrometres per pixel")
+    dataset.warn_if_implausible_mpp(data_mpp, where)
+    scale = float(data_mpp) / inference.model_mpp(model_set)
+    if abs(scale - 1.0) < 1e-6:
+        return
+    tile = inference.model_tile_size(model_set)
+    small = []
+    for sample in samples:
+        shape = dataset.image_shape(sample.image_path)
+        resized = dataset.check_resize(sample.image_path, shape, scale, f"{where} {float(data_mpp):g}")
+        if scale < 1 and max(resized) < tile:
+            small.append(sample.image_path)
+    if small:
+        log.warning("%s %g shrinks %d of %d image(s) (e.g. %s) below one window (%d pixels at the model's %g um/px): "
+                    "nuclei shrink with them and few or none may be found", where, float(data_mpp), len(small),
+                    len(samples), small[0], tile, inference.model_mpp(model_set))
 
 
 def _shared_or_per_fold(pp_by_fold: Mapping[str, dict]) -> Any:

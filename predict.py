@@ -183,6 +183,12 @@ def check_options(options: PredictOptions) -> None:
                         f"({options.tile_size // 2})")
     if options.mpp is not None and not options.mpp > 0:
         raise UserError(f"--mpp {options.mpp}: must be a positive number of micrometres per pixel")
+    if options.mpp is not None and not math.isfinite(options.mpp):
+        raise UserError(f"--mpp {options.mpp}: must be a finite number of micrometres per pixel")
+    if options.mpp is not None:
+        import dataset
+
+        dataset.warn_if_implausible_mpp(options.mpp, "--mpp")
     if options.region_size < 256:
         raise UserError(f"--region_size {options.region_size}: must be at least 256 pixels")
     if options.read_threads < 1:
@@ -206,6 +212,55 @@ def check_options(options: PredictOptions) -> None:
 
 
 
+# A slide whose target grid (level 0 resized by --mpp to the model's pixel size) holds more network windows
+# than this is refused: the windows are planned and tested for tissue one by one and the outputs grow with
+# them. 2^22 windows is about 60 times the grid of a 100,000 x 100,000-pixel slide at the model's pixel size.
+MAX_SLIDE_WINDOWS = 2 ** 22
+
+
+def _window_count(length: int, tile_size: int, overlap: int) -> int:
+    """len(tile_starts(length, tile_size, overlap)) without building the list."""
+    if length <= tile_size:
+        return 1
+    return 1 + -(-(length - tile_size) // (tile_size - overlap))
+
+
+def check_input_scale(predictor: Predictor, path: Path, options: PredictOptions) -> None:
+    """With --mpp, before an input is read: the size it is resized to, from its header (a plain image:
+    `image_io.image_header`; a slide: level 0 of `slides.open_slide`). UserError naming --mpp and the sizes when
+    a plain image would be resized beyond memory (`dataset.check_resize`) or a slide's grid at the model's
+    pixel size would hold more than MAX_SLIDE_WINDOWS windows; a warning when the resize shrinks a plain image
+    below one window (nuclei then become a few pixels wide: 0 nuclei is the likely result). Without --mpp
+    nothing is resized and nothing is checked here."""
+    if options.mpp is None:
+        return
+    import dataset
+    import slides
+
+    path = Path(path)
+    if not path.is_file():
+        return  # read_image / the slide reader report it
+    scale = float(options.mpp) / float(predictor.model_mpp)
+    option = f"--mpp {options.mpp:g}"
+    tile, overlap = int(predictor.tile_size), int(predictor.overlap)
+    if slides.is_slide_file(path):
+        with slides.open_slide(path, mpp=options.mpp) as slide:
+            width0, height0 = slide.dimensions
+        height, width = dataset.scaled_shape((height0, width0), scale)
+        windows = _window_count(height, tile, overlap) * _window_count(width, tile, overlap)
+        if windows > MAX_SLIDE_WINDOWS:
+            raise UserError(f"{path}: {option} scales this {width0} x {height0}-pixel slide by {scale:.4g} to the "
+                            f"model's pixel size, {width:,} x {height:,} pixels = {windows:,} windows of {tile} "
+                            f"pixels, more than the limit of {MAX_SLIDE_WINDOWS:,}; check --mpp")
+        return
+    info = image_io.image_header(path)
+    height, width = dataset.check_resize(path, (info.height, info.width), scale, option)
+    if height < tile and width < tile and (height, width) != (info.height, info.width) and scale < 1:
+        log.warning("%s: %s shrinks it from %d x %d to %d x %d pixels, smaller than one window (%d pixels at the "
+                    "model's %g um/px): nuclei shrink with it and few or none may be found; check --mpp", path,
+                    option, info.width, info.height, width, height, tile, predictor.model_mpp)
+
+
 def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, options: PredictOptions) -> Outcome:
     """Segment one input (a plain image in memory, or a slide region by region through `wsi`) and write its
     outputs named `name` in `output_dir`. A failure of this input is returned as
@@ -214,11 +269,15 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
 
     path = Path(path)
     start = time.time()
+    kind = "image"
     try:
         if path.is_file() and slides.is_slide_file(path):
             import wsi
 
+            kind = "slide"
+            check_input_scale(predictor, path, options)
             return wsi.predict_slide(predictor, path, name, Path(output_dir), options)
+        check_input_scale(predictor, path, options)
         image = read_image(path)
         fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
                                       mpp=options.mpp, batch_size=predictor.batch_size, maps_fn=predictor.maps_fn,
@@ -231,7 +290,7 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
         nuclei, error, dropped = 0, error_message(path, e), 0
         image = None
     if error:
-        return Outcome(str(path), name, "failed", error=error, seconds=round(time.time() - start, 3))
+        return Outcome(str(path), name, "failed", error=error, seconds=round(time.time() - start, 3), kind=kind)
     return Outcome(str(path), name, "ok", nuclei, image.shape[0], image.shape[1], round(time.time() - start, 3),
                    mpp=options.mpp, dropped_low_confidence=dropped)
 
@@ -353,6 +412,7 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
                 continue
             start = time.time()
             try:
+                check_input_scale(predictor, path, options)
                 image = read_image(path)
                 fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
                                               mpp=options.mpp, batch_size=predictor.batch_size,

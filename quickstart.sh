@@ -3,7 +3,7 @@
 # trains MobileSAM + LoRA with 2-fold cross-validation, evaluates out-of-fold, writes demo figures and segments
 # a synthetic whole-slide image (GeoJSON for QuPath, label pyramid, overview).
 # Uses weights/mobile_sam.pt when present (python main.py download), random weights otherwise.
-# Usage: bash quickstart.sh [OUTPUT_DIR]      (2.5 minutes measured on 2 quiet CPU cores, 8.5 on busy ones)
+# Usage: bash quickstart.sh [OUTPUT_DIR]      (2.5-4.6 minutes measured on 2 (nearly) quiet CPU cores, 8.5 on busy ones)
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -15,7 +15,7 @@ out=${1:-quickstart_output}
 if [ -f weights/mobile_sam.pt ]; then
   model_args=(--pretrained weights/mobile_sam.pt --train_only_lora)
 else
-  echo "weights/mobile_sam.pt not found: training from random weights (run 'python main.py download' for the real ones)"
+  echo "weights/mobile_sam.pt not found: training from random weights, every parameter (no --train_only_lora; run 'python main.py download' for the real ones)"
   model_args=(--pretrained none)
 fi
 if [ ! -d "$out/sample_data" ] || [ ! -f "$out/sample_slide.svs" ]; then

@@ -6,8 +6,9 @@ Image helpers take and return `uint8` RGB arrays `(H, W, 3)` and never modify th
 - `overlay_instances(image, labels, alpha)` fills every instance with its own colour (the colour depends
   only on the id, so the same nucleus keeps its colour between pictures).
 - `classify_errors(true, pred)` sorts the mistakes of a prediction into missed, false positive, split
-  and merged nuclei; `error_overlay(image, true, pred)` paints them (see `ERROR_COLORS`) with the true
-  and predicted contours on top, and `add_legend(image, entries)` appends a colour key below a picture.
+  and merged nuclei; `error_overlay(image, true, pred, zoom_factor=...)` paints them (see `ERROR_COLORS`:
+  colours outside the H&E hues) with the true and predicted contours on top, on a picture enlarged by
+  `overlay_zoom` for small images, and `add_legend(image, entries)` appends a colour key below a picture.
 - `save_png(path, image)` writes a PNG atomically; `figure_panels(panels, path)` writes a row of titled
   panels as one matplotlib figure.
 - `plot_tissue_bars`, `plot_distributions`, `plot_learning_curves` write the evaluation plots.
@@ -31,15 +32,29 @@ from skimage.segmentation import find_boundaries
 
 import utils
 
-# Colours (RGB) used by `error_overlay`; the legend shows these names.
-TRUE_CONTOUR_COLOR = (255, 255, 0)     # ground-truth outlines: yellow
-PRED_CONTOUR_COLOR = (0, 255, 0)       # predicted outlines: green
+# Colours (RGB) used by `error_overlay` / `error_contours`; the legend shows these names. H&E itself fills the
+# purple-pink-magenta hues (haematoxylin ~(90, 60, 140), hue 262 deg; eosin ~(230, 150, 190), hue 330 deg), so
+# every colour here lies outside HE_HUE_BAND and at CIE76 Delta E >= 50 from both stains (checked by
+# tests/test_visualize.py): five are the Okabe-Ito colour-blind-safe palette (Okabe & Ito 2008) without its
+# reddish purple (Delta E 11 from eosin), blue (37 from haematoxylin) and black (dark nuclei); merged is cyan.
+# Delta E (eosin, haematoxylin): yellow 99/136, bluish green 85/97, vermillion 74/106, sky blue 55/58,
+# orange 85/122, cyan 86/102 (the former magenta merged colour: hue 300, inside the H&E band).
+HE_EOSIN, HE_HAEMATOXYLIN = (230, 150, 190), (90, 60, 140)
+HE_HUE_BAND = (250.0, 345.0)           # hue degrees (HSV) from haematoxylin purple to eosin pink
+TRUE_CONTOUR_COLOR = (240, 228, 66)    # ground-truth outlines: yellow (Okabe-Ito)
+PRED_CONTOUR_COLOR = (0, 158, 115)     # predicted outlines: bluish green (Okabe-Ito)
 ERROR_COLORS: dict[str, tuple[int, int, int]] = {
-    "missed": (255, 0, 0),             # true nucleus without a matching prediction: red
-    "false_positive": (0, 128, 255),   # prediction without a matching true nucleus: blue
-    "split": (255, 140, 0),            # true nucleus cut into >= 2 predictions: orange
-    "merged": (255, 0, 255),           # prediction covering >= 2 true nuclei: magenta
+    "missed": (213, 94, 0),            # true nucleus without a matching prediction: vermillion (Okabe-Ito)
+    "false_positive": (86, 180, 233),  # prediction without a matching true nucleus: sky blue (Okabe-Ito)
+    "split": (230, 159, 0),            # true nucleus cut into >= 2 predictions: orange (Okabe-Ito)
+    "merged": (0, 255, 255),           # prediction covering >= 2 true nuclei: cyan
 }
+ERROR_COLOR_NAMES = {"missed": "vermillion", "false_positive": "sky blue", "split": "orange", "merged": "cyan"}
+# Error overlays of small images are enlarged (nearest neighbour) before their 1-pixel outlines are drawn, so
+# an outline is a fraction of a nucleus wide: `overlay_zoom` picks the factor that brings the long side to
+# about OVERLAY_TARGET_SIDE pixels (256 px -> 4x, 512 px -> 2x, 1000 px -> 1x), at most OVERLAY_MAX_ZOOM.
+OVERLAY_TARGET_SIDE = 1024
+OVERLAY_MAX_ZOOM = 4
 ERROR_LABELS = {
     "missed": "missed (false negative)",
     "false_positive": "false positive",
@@ -204,20 +219,32 @@ def classify_errors(true: np.ndarray, pred: np.ndarray) -> dict[str, list[int]]:
     return result
 
 
-def error_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, alpha: float = 0.45,
-                  legend: bool = False) -> tuple[np.ndarray, dict[str, int]]:
+def overlay_zoom(shape: Sequence[int]) -> int:
+    """Enlargement of an error overlay for an image of `shape` (H, W, ...): the largest integer that keeps the
+    long side at most OVERLAY_TARGET_SIDE (at least 1, at most OVERLAY_MAX_ZOOM)."""
+    side = max(int(shape[0]), int(shape[1]), 1)
+    return int(max(1, min(OVERLAY_MAX_ZOOM, OVERLAY_TARGET_SIDE // side)))
+
+
+def error_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, alpha: float = 0.6,
+                  legend: bool = False, zoom_factor: int = 1) -> tuple[np.ndarray, dict[str, int]]:
     """The image with the segmentation errors of `pred` painted in and both sets of contours drawn.
 
-    Missed true nuclei are filled red, false-positive predictions blue, split true nuclei orange and
-    merged predictions magenta (`ERROR_COLORS`); ground-truth outlines are yellow, predicted outlines
-    green. With `legend=True` a colour key is appended below the picture. Returns the picture and the
-    number of nuclei in each category: ``{"matched", "missed", "false_positive", "split", "merged",
-    "num_true", "num_pred"}``.
+    Missed true nuclei are filled vermillion, false-positive predictions sky blue, split true nuclei orange
+    and merged predictions cyan (`ERROR_COLORS`); ground-truth outlines are yellow, predicted outlines
+    bluish green. The fills are blended with weight `alpha` (0.6: over a dark nucleus the closest two,
+    vermillion and orange, stay about CIE76 Delta E 23 apart, against 19 at 0.45). The picture is enlarged
+    `zoom_factor` times (nearest neighbour, `zoom`) before the outlines are drawn, max(1, zoom_factor // 2)
+    pixels wide, so they stay a fraction of a source pixel on crowded tiles (`overlay_zoom` chooses it). With
+    `legend=True` a colour key is appended below the picture. Returns the picture and the number of nuclei
+    in each category: ``{"matched", "missed", "false_positive", "split", "merged", "num_true", "num_pred"}``.
     """
-    out = _check_image(image).copy()
+    out = _check_image(image)
     true = _check_labels(true, out)
     pred = _check_labels(pred, out)
     errors = classify_errors(true, pred)
+    factor = max(1, int(zoom_factor))
+    out, true, pred = zoom(out, factor).copy(), zoom(true, factor), zoom(pred, factor)
     fill = np.zeros(out.shape[:2], dtype=bool)
     colour_map = np.zeros(out.shape, dtype=np.float32)
     # predictions first, so true nuclei missed under a large false-positive blob stay visible
@@ -231,8 +258,9 @@ def error_overlay(image: np.ndarray, true: np.ndarray, pred: np.ndarray, alpha: 
     if fill.any():
         blended = (1.0 - alpha) * out[fill].astype(np.float32) + alpha * colour_map[fill]
         out[fill] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    out[boundaries(true)] = TRUE_CONTOUR_COLOR
-    out[boundaries(pred)] = PRED_CONTOUR_COLOR
+    line = max(1, factor // 2)   # a quarter to a half of a source pixel wide
+    out[boundaries(true, line)] = TRUE_CONTOUR_COLOR
+    out[boundaries(pred, line)] = PRED_CONTOUR_COLOR
     counts = {
         "matched": len(errors["matched_true"]),
         "missed": len(errors["missed"]),

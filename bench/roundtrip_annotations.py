@@ -5,7 +5,8 @@
    rasterised (`annotations.rasterise`); prints mean and minimum PQ against the original labels. What is lost:
    an instance's smaller disconnected pieces and its holes (the export writes one outer ring per instance).
 2. A MoNuSeg-sized synthetic tile (1000 x 1000, `sample_data.render_tile`) goes through the whole command for
-   both formats (the same polygons written as ImageScope XML and as GeoJSON); prints the seconds per image
+   both formats (the same outlines written as GeoJSON, pixel-edge vertices, and as ImageScope XML, pixel-centre
+   vertices, i.e. shifted by -0.5); prints the seconds per image
    (after one warm-up import) and the PQ.
 
 Usage: python bench/roundtrip_annotations.py [DATA_DIR]
@@ -56,7 +57,9 @@ def command_timing() -> None:
         Image.fromarray(image).save(d / "images" / "tile.png")
         collection = export.labels_to_geojson(labels)
         (d / "geojson" / "tile.geojson").write_text(json.dumps(collection))
-        regions = ["<Region><Vertices>" + "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in
+        # GeoJSON vertices are pixel edges, ImageScope's are pixel centres (annotations.VERTEX_CONVENTIONS):
+        # the same outline is written half a pixel up and left
+        regions = ["<Region><Vertices>" + "".join(f'<Vertex X="{x - 0.5}" Y="{y - 0.5}"/>' for x, y in
                                                   f["geometry"]["coordinates"][0]) + "</Vertices></Region>"
                    for f in collection["features"]]
         (d / "xml" / "tile.xml").write_text("<Annotations><Annotation><Regions>" + "".join(regions)

@@ -43,26 +43,27 @@ def _write_image(folder: Path, stem: str, height: int, width: int) -> Path:
 
 
 def test_imagescope_xml_imports_to_the_hand_computed_label_map(tmp_path, capsys):
-    # Coordinates are pixel edges (origin = top-left corner of the image); a pixel is inside when its centre is.
+    # ImageScope vertices are pixel centres: vertex (x, y) = centre of pixel column x, row y (0-based); a pixel
+    # belongs to a polygon when its centre lies inside or on the boundary.
     regions_1 = [
-        [(1, 1), (4, 1), (4, 3), (1, 3)],                # id 1: rows 1-2, columns 1-3
+        [(1, 1), (4, 1), (4, 3), (1, 3)],                # id 1: rows 1-3, columns 1-4
         [(0, 0), (5, 5), (10, 10)],                      # collinear: degenerate, skipped
         [(2, 2), (3, 2)],                                # two vertices: degenerate, skipped
-        [(3, 2), (6, 2), (6, 5), (3, 5)],                # id 2: rows 2-4, columns 3-5; takes pixel (2, 3) from id 1
+        [(3, 2), (6, 2), (6, 5), (3, 5)],                # id 2: rows 2-5, columns 3-6; takes rows 2-3 x cols 3-4 from id 1
     ]
     regions_2 = [                                        # a second <Annotation>: ids continue
         [(100, 100), (110, 100), (110, 110)],            # outside the image: no pixel, skipped
-        [(8, 0), (12.2, 0), (8, 4.2)],                   # id 3: triangle, pixels with (column - 8) + row <= 3
-        [(0.2, 6.2), (2.8, 6.2), (2.8, 7.8), (0.2, 7.8)],  # id 4: centres x 0.5..2.5, y 6.5..7.5 inside
+        [(8, 0), (12.2, 0), (8, 4.2)],                   # id 3: triangle, pixels with (column - 8) + row <= 4
+        [(0.2, 6.2), (2.8, 6.2), (2.8, 7.8), (0.2, 7.8)],  # id 4: centres x 1..2, y 7 inside
     ]
     expected = np.zeros((H, W), np.uint32)
-    expected[1:3, 1:4] = 1
-    expected[2:5, 3:6] = 2
+    expected[1:4, 1:5] = 1
+    expected[2:6, 3:7] = 2
     for row in range(H):
         for col in range(8, W):
-            if (col - 8) + row <= 3:
+            if (col - 8) + row <= 4:
                 expected[row, col] = 3
-    expected[6:8, 0:3] = 4
+    expected[7, 1:3] = 4
 
     images, notes, out = tmp_path / "images", tmp_path / "xml", tmp_path / "data"
     _write_image(images, "tile", H, W)
@@ -77,12 +78,60 @@ def test_imagescope_xml_imports_to_the_hand_computed_label_map(tmp_path, capsys)
     report = read_csv(out / "import_report.csv")[0]
     assert {k: int(report[k]) for k in ("polygons", "nuclei", "skipped_degenerate", "overlapping_polygons",
                                         "overwritten_pixels", "hidden_nuclei")} == {
-        "polygons": 7, "nuclei": 4, "skipped_degenerate": 3, "overlapping_polygons": 1, "overwritten_pixels": 1,
+        "polygons": 7, "nuclei": 4, "skipped_degenerate": 3, "overlapping_polygons": 1, "overwritten_pixels": 4,
         "hidden_nuclei": 0}
     # the result is a folders-layout dataset
     assert read_json(out / "dataset.json") == {"mpp": 0.25}
     (sample,) = dataset.discover(out)
     assert sample.rel_path == "images/tile.png" and dataset.dataset_mpp(out) == 0.25
+
+
+def test_qupath_geojson_vertices_are_pixel_edges(tmp_path):
+    # QuPath GeoJSON vertices are pixel edges: the image's top-left corner is (0, 0), pixel column x, row y is
+    # the square [x, x+1] x [y, y+1]; a pixel belongs to a polygon when its centre (x + 0.5, y + 0.5) is inside.
+    polygons = [
+        [(1, 1), (4, 1), (4, 3), (1, 3)],                # id 1: exactly the pixels rows 1-2, columns 1-3
+        [(8, 0), (12.2, 0), (8, 4.2)],                   # id 2: centres with (col + 0.5 - 8) + (row + 0.5) <= 4.2
+        [(0.2, 6.2), (2.8, 6.2), (2.8, 7.8), (0.2, 7.8)],  # id 3: centres x 0.5..2.5, y 6.5..7.5 inside
+    ]
+    expected = np.zeros((H, W), np.uint32)
+    expected[1:3, 1:4] = 1
+    for row in range(H):
+        for col in range(8, W):
+            if (col - 8) + row <= 3:
+                expected[row, col] = 2
+    expected[6:8, 0:3] = 3
+    images, notes, out = tmp_path / "images", tmp_path / "geo", tmp_path / "out"
+    _write_image(images, "tile", H, W)
+    notes.mkdir()
+    features = [{"type": "Feature", "properties": {},
+                 "geometry": {"type": "Polygon", "coordinates": [[list(v) for v in ring + [ring[0]]]]}}
+                for ring in polygons]
+    (notes / "tile.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    assert main.main(["-q", "import_annotations", "--format", "qupath_geojson", "--images", str(images),
+                      "--annotations", str(notes), "--output_dir", str(out)]) == 0
+    assert np.array_equal(tifffile.imread(out / "labels" / "tile.tif"), expected)
+
+
+def test_vertex_conventions_differ_by_half_a_pixel():
+    """The same ring read as pixel centres equals it shifted by +0.5 read as pixel edges; the conventions are a
+    property of the format and the rasteriser's default is QuPath's pixel edges."""
+    assert annotations.VERTEX_CONVENTIONS == {"imagescope_xml": annotations.PIXEL_CENTRE,
+                                              "qupath_geojson": annotations.PIXEL_EDGE}
+    ring = np.array([[1.3, 0.7], [6.1, 2.2], [4.4, 5.9], [0.6, 4.0]])
+    centre = annotations.rasterise([annotations.Shape([(ring, [])])], (8, 8), annotations.PIXEL_CENTRE).labels
+    edge = annotations.rasterise([annotations.Shape([(ring + 0.5, [])])], (8, 8), annotations.PIXEL_EDGE).labels
+    default = annotations.rasterise([annotations.Shape([(ring + 0.5, [])])], (8, 8)).labels
+    assert centre.any() and np.array_equal(centre, edge) and np.array_equal(edge, default)
+    # a triangle at integer vertices: pixel centres include the boundary, so 1 + 2 + 3 pixels
+    tri = annotations.Shape([(np.array([[0, 0], [2, 0], [0, 2]], float), [])])
+    labels = annotations.rasterise([tri], (4, 4), annotations.PIXEL_CENTRE).labels
+    assert np.array_equal(labels[:3, :3], [[1, 1, 1], [1, 1, 0], [1, 0, 0]]) and labels.sum() == 6
+    # the same vertices as pixel edges: centres (0.5, 0.5), (1.5, 0.5), (0.5, 1.5) are inside or on the edge
+    labels = annotations.rasterise([tri], (4, 4)).labels
+    assert np.array_equal(labels[:2, :2], [[1, 1], [1, 0]]) and labels.sum() == 3
+    with pytest.raises(ValueError):
+        annotations.rasterise([tri], (4, 4), "corner")
 
 
 def test_rasterise_later_wins_hidden_and_holes():
@@ -209,3 +258,16 @@ def test_polygons_outside_the_image_are_skipped_with_a_warning(tmp_path, caplog)
     assert not tifffile.imread(out / "labels" / "tile.tif").any()
     assert read_csv(out / "import_report.csv")[0]["skipped_degenerate"] == "2"
     assert "none of its 2 polygon(s) covers a pixel" in caplog.text
+
+
+def test_implausible_mpp_warns(tmp_path, caplog):
+    """--mpp is only recorded in dataset.json, but train and evaluate resize by it: 100 µm/px gets a warning."""
+    images, notes, out = tmp_path / "images", tmp_path / "xml", tmp_path / "out"
+    _write_image(images, "tile", H, W)
+    notes.mkdir()
+    (notes / "tile.xml").write_text(_xml([[[(1, 1), (4, 1), (4, 3), (1, 3)]]]))
+    with caplog.at_level("WARNING"):
+        assert main.main(["-q", "import_annotations", "--format", "imagescope_xml", "--images", str(images),
+                          "--annotations", str(notes), "--output_dir", str(out), "--mpp", "100"]) == 0
+    assert "--mpp 100: outside 0.05-5 micrometres per pixel" in caplog.text
+    assert read_json(out / "dataset.json") == {"mpp": 100.0}

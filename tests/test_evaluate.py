@@ -153,6 +153,12 @@ def test_score_image_binary_and_tiff(tmp_path):
     assert pred.dtype == np.uint16 and pred.shape == labels.shape
     assert metrics.instance_metrics(labels, pred)["pq"] == pytest.approx(row["pq"])
     assert (tmp_path / "ov" / "x.png").is_file()
+    from PIL import Image
+
+    overlay = np.asarray(Image.open(tmp_path / "ov" / "x.png").convert("RGB"))
+    # a 40-px image is drawn 4x (nearest neighbour; white margin and legend around it): grey up to 160 px
+    assert (overlay[150:160, 140:160] == 200).all() and (overlay[160:165, 140:160] == 255).all()
+    assert (overlay[150:160, 160:170] == 255).all()
     vague_row = evaluate.score_image(dict(task, ignore_vague=True))
     assert vague_row["num_true"] == 2 and vague_row["fn"] == 0 and vague_row["pq"] > row["pq"]
 
@@ -188,7 +194,8 @@ def test_reports(tmp_path):
     assert float(tissues[0]["pq"]) == pytest.approx(0.5)
     assert float(tissues[0]["pq_sd"]) == pytest.approx(np.std([0.4, 0.6], ddof=1), rel=1e-5)
     md = (tmp_path / "summary.md").read_text()
-    assert "HoVer-Net 0.534" in md and "HoVer-NeXt 0.542" in md and "CellViT-256 0.564" in md
+    assert "simplified HoVer-style CNN of the NuInsSeg authors (masih4/nuc_eval) 0.534" in md
+    assert "HoVer-Net 0.534" not in md and "HoVer-NeXt 0.542" in md and "CellViT-256 0.564" in md
     assert "0.550 ± 0.141" in md
     per_image = read_csv(tmp_path / "per_image.csv")
     assert list(per_image[0]) == list(evaluate.PER_IMAGE_COLUMNS)
@@ -365,3 +372,41 @@ def test_recorded_data_dir_absolute_or_relative_to_where_train_ran(tmp_path, mon
         recorded_data_dir({"data_dir": "nowhere"}, model)
     with pytest.raises(UserError, match=r"does not exist; give --data_dir$"):
         recorded_data_dir({"data_dir": str(tmp_path / "gone")}, model)
+
+
+def _no_resize(*args, **kwargs):
+    raise AssertionError("an image was resized: the --mpp check did not stop it first")
+
+
+def test_data_pixel_size_beyond_memory_is_refused_before_any_work(run_error, synthetic_data_dir, cv_model, tmp_path,
+                                                                   monkeypatch):
+    """--mpp 1000 for the tiny model (trained at 1 µm/px, the synthetic data's) resizes a 128-px image to
+    128,000 x 128,000 pixels: refused from the headers, exit 2, nothing written (before: the resize ran out of
+    memory)."""
+    monkeypatch.setattr(dataset, "resize_image", _no_resize)
+    line = run_error(["evaluate", "--data_dir", str(synthetic_data_dir), "--model_path", str(cv_model),
+                      "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--mpp", "1000"])
+    assert "--mpp 1000 resizes this 128 x 128-pixel image by 1000" in line and "128,000 x 128,000 pixels" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_data_scale_warns_about_the_pixel_size_and_small_images(tmp_path, caplog):
+    from PIL import Image
+
+    paths = []
+    for k, size in enumerate((64, 640)):
+        paths.append(tmp_path / f"im{k}.png")
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(paths[-1])
+    samples = [SimpleNamespace(image_path=p) for p in paths]
+    model_set = SimpleNamespace(config={"mpp": 0.25, "tile_size": 64})
+    with caplog.at_level("WARNING"):
+        evaluate.check_data_scale(model_set, samples, 0.025, "data/dataset.json mpp")
+    assert "data/dataset.json mpp 0.025: outside 0.05-5 micrometres per pixel" in caplog.text
+    assert "shrinks 1 of 2 image(s) (e.g. " + str(paths[0]) + ") below one window (64 pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate.check_data_scale(model_set, samples, 0.5)   # 2x larger: fits, plausible
+        evaluate.check_data_scale(model_set, samples, None)
+    assert caplog.text == ""
+    with pytest.raises(UserError, match=r"im0\.png: --mpp 1000 resizes this 64 x 64-pixel image by 4000"):
+        evaluate.check_data_scale(model_set, samples, 1000.0)

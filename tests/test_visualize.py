@@ -239,3 +239,69 @@ def test_low_confidence_fraction_per_bin():
     assert side == 200 and fraction.shape == (2, 2)
     assert fraction[0, 0] == 0.2 and fraction[0, 1] == 1.0
     assert fraction.mask[1, 0] and fraction.mask[1, 1]
+
+
+# Typical H&E stain colours (RGB): eosin pink and haematoxylin purple.
+EOSIN, HAEMATOXYLIN = (230, 150, 190), (90, 60, 140)
+
+
+def _lab(rgb):
+    from skimage.color import rgb2lab
+
+    return rgb2lab(np.asarray(rgb, dtype=np.float64).reshape(1, 1, 3) / 255.0)[0, 0]
+
+
+def _hue(rgb):
+    from skimage.color import rgb2hsv
+
+    return float(rgb2hsv(np.asarray(rgb, dtype=np.float64).reshape(1, 1, 3) / 255.0)[0, 0, 0]) * 360.0
+
+
+def test_overlay_colours_stand_out_on_he():
+    """Issue 19: every overlay colour lies outside the purple-pink-magenta hues of H&E (haematoxylin purple,
+    hue ~262 deg, to eosin pink, ~330 deg; the old merged magenta was at 300 deg), at CIE76 Delta E >= 50 from
+    both stains, and the colours are >= 30 apart from each other."""
+    from skimage.color import deltaE_cie76
+
+    colours = {"true": visualize.TRUE_CONTOUR_COLOR, "pred": visualize.PRED_CONTOUR_COLOR,
+               **visualize.ERROR_COLORS}
+    assert _hue(EOSIN) == pytest.approx(330, abs=1) and _hue(HAEMATOXYLIN) == pytest.approx(262.5, abs=1)
+    for name, rgb in colours.items():
+        assert not 250 <= _hue(rgb) <= 345, (name, _hue(rgb))
+        for stain in (EOSIN, HAEMATOXYLIN):
+            assert deltaE_cie76(_lab(rgb), _lab(stain)) >= 50, (name, stain)
+    names = list(colours)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert deltaE_cie76(_lab(colours[a]), _lab(colours[b])) >= 30, (a, b)
+    # and the fills, blended over a haematoxylin-stained nucleus, stay apart and off the nucleus
+    alpha = 0.6
+    blended = {k: (1 - alpha) * np.array(HAEMATOXYLIN) + alpha * np.array(v) for k, v in visualize.ERROR_COLORS.items()}
+    for i, a in enumerate(list(blended)):
+        assert deltaE_cie76(_lab(blended[a]), _lab(HAEMATOXYLIN)) >= 30, a
+        for b in list(blended)[i + 1:]:
+            assert deltaE_cie76(_lab(blended[a]), _lab(blended[b])) >= 20, (a, b)
+
+
+def test_error_overlay_enlarges_small_images_before_drawing_outlines():
+    assert [visualize.overlay_zoom(s) for s in ((256, 256), (512, 512), (40, 40), (1000, 1000), (100, 3000))] == \
+        [4, 2, 4, 1, 1]
+    shape = (32, 32)
+    true = np.zeros(shape, np.int32)
+    pred = np.zeros(shape, np.int32)
+    true[4:12, 4:12] = 1                        # missed
+    true[20:28, 4:12] = 2                       # matched exactly
+    pred[20:28, 4:12] = 7
+    image = _grey(shape)
+    small, counts1 = visualize.error_overlay(image, true, pred)
+    big, counts4 = visualize.error_overlay(image, true, pred, zoom_factor=4)
+    assert counts1 == counts4 and big.shape == (128, 128, 3)
+    fill = np.rint(0.4 * 100 + 0.6 * np.array(visualize.ERROR_COLORS["missed"])).astype(np.uint8)
+    assert (small[6, 6] == fill).all() and (big[16:48, 16:48][4:-4, 4:-4] == fill).all()
+    # outlines are 2 enlarged pixels = half a source pixel wide (1 source pixel at zoom 1)
+    true_line = (big == visualize.TRUE_CONTOUR_COLOR).all(axis=2)
+    assert true_line[16:48, 16:18].all() and not true_line[20:44, 18:20].any() and not true_line[:16].any()
+    pred_line = (big == visualize.PRED_CONTOUR_COLOR).all(axis=2)
+    assert pred_line[80:112, 16:18].all() and not pred_line[84:108, 18:20].any()
+    assert (big[88:104, 24:40] == 100).all()   # the matched nucleus is not filled
+    assert (small[20:28, 4] == visualize.PRED_CONTOUR_COLOR).all()
