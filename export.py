@@ -38,6 +38,8 @@ MEASUREMENT_COLUMNS = (
     "major_axis_px", "minor_axis_px", "mean_r", "mean_g", "mean_b", "mean_gray",
 )
 MICRON_COLUMNS = ("area_um2", "perimeter_um")
+# mean foreground probability over the nucleus's pixels (docs/export.md): QuPath can sort and colour by it
+CONFIDENCE_COLUMN = "confidence"
 
 _4_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _8_CONNECTED = ndimage.generate_binary_structure(2, 2)
@@ -48,7 +50,7 @@ def measurement_columns(mpp: float | None = None, confidence: bool = False) -> l
     `confidence` after the centroid columns when a foreground map or confidence values are given)."""
     columns = list(MEASUREMENT_COLUMNS)
     if confidence:
-        columns.insert(columns.index("centroid_y") + 1, "confidence")
+        columns.insert(columns.index("centroid_y") + 1, CONFIDENCE_COLUMN)
     return columns + (list(MICRON_COLUMNS) if mpp else [])
 
 

@@ -159,10 +159,9 @@ def test_every_file_of_the_loop(loop):
         assert "PQ" in (tmp / f"scores_{name}" / "summary.md").read_text()
 
 
-import export as _export  # noqa: E402  (the confidence column lands with another branch)
+import export as _export  # noqa: E402
 
 
-@pytest.mark.skipif(not hasattr(_export, "CONFIDENCE_COLUMN"), reason="confidence lands with helper cpu's branch")
 def test_loop_confidence_columns(loop):
     """Every predicted nucleus has a confidence in [0, 1] in the CSV and in the GeoJSON measurements."""
     column = _export.CONFIDENCE_COLUMN
