@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import math
 import multiprocessing
 import os
 import sys

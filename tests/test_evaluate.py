@@ -19,6 +19,7 @@ import evaluate
 import export
 import main
 import metrics
+import utils
 from utils import UserError, read_csv
 
 TRAIN_ARGS = ["--cross_validation", "--input_size", "64", "--num_folds", "2", "--epochs", "1",
@@ -380,13 +381,15 @@ def _no_resize(*args, **kwargs):
 
 def test_data_pixel_size_beyond_memory_is_refused_before_any_work(run_error, synthetic_data_dir, cv_model, tmp_path,
                                                                    monkeypatch):
-    """--mpp 1000 for the tiny model (trained at 1 µm/px, the synthetic data's) resizes a 128-px image to
-    128,000 x 128,000 pixels: refused from the headers, exit 2, nothing written (before: the resize ran out of
-    memory)."""
+    """--mpp 100 for the tiny model (trained at 1 µm/px, the synthetic data's) resizes a 128-px image to
+    12,800 x 12,800 pixels (about 10 GiB of maps): with 1 GiB available it is refused from the headers, exit 2,
+    nothing written (before: the resize ran out of memory). (--mpp above 100 is refused as out of range.)"""
     monkeypatch.setattr(dataset, "resize_image", _no_resize)
+    monkeypatch.setattr(utils, "available_memory", lambda: 2 ** 30)
     line = run_error(["evaluate", "--data_dir", str(synthetic_data_dir), "--model_path", str(cv_model),
-                      "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--mpp", "1000"])
-    assert "--mpp 1000 resizes this 128 x 128-pixel image by 1000" in line and "128,000 x 128,000 pixels" in line
+                      "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--mpp", "100"])
+    assert "--mpp 100 resizes this 128 x 128-pixel image by 100" in line and "12,800 x 12,800 pixels" in line
+    assert "more than the 1.0 GiB of memory available" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import dataset
+import inference
 import main
 import predict
 import sample_data
@@ -125,6 +126,6 @@ def test_slide_grid_beyond_the_window_limit_fails_that_slide(tmp_path, monkeypat
     assert (f"{path}: --mpp 300 scales this 500 x 600-pixel slide by 1200 to the model's pixel size, "
             f"600,000 x 720,000 pixels = 11,718,750 windows of 256 pixels, more than the limit of 4,194,304") \
         in outcome.error
-    assert predict._window_count(720_000, 256, 64) == len(predict.tile_starts(720_000, 256, 64))
-    assert all(predict._window_count(n, 256, 64) == len(predict.tile_starts(n, 256, 64)) for n in range(1, 2000))
+    assert predict._window_count(720_000, 256, 64) == len(inference.tile_starts(720_000, 256, 64))
+    assert all(predict._window_count(n, 256, 64) == len(inference.tile_starts(n, 256, 64)) for n in range(1, 2000))
     assert np.isfinite(outcome.seconds)
