@@ -27,18 +27,18 @@ coordinates) the import is done by `slide_annotations.run` (docs/correction_loop
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 import dataset
 import export
+import geojson_io
 import image_io
 import slide_annotations
 import utils
@@ -84,18 +84,6 @@ class ParsedFile:
     not_polygon: int = 0   # features that are no (Multi)Polygon: points, lines, empty geometries
 
 
-def _ring(points: Any, path: Path, where: str) -> np.ndarray:
-    try:
-        ring = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: {where}: coordinates are not numbers") from None
-    if ring.ndim != 2 or ring.shape[1] < 2 or ring.shape[0] == 0:
-        if ring.size == 0:
-            return np.zeros((0, 2))
-        raise UserError(f"{path}: {where}: expected a list of [x, y] points")
-    return ring[:, :2]
-
-
 def parse_imagescope_xml(path: str | Path) -> ParsedFile:
     """Every `Region` of an Aperio ImageScope XML file as one shape (its `Vertex` X/Y attributes)."""
     path = Path(path)
@@ -123,56 +111,21 @@ def parse_imagescope_xml(path: str | Path) -> ParsedFile:
     return ParsedFile(path, shapes)
 
 
-def _features(obj: Any, path: Path) -> list[Any]:
-    """The features of a GeoJSON FeatureCollection, a single Feature / geometry, or a JSON array of
-    features (what older QuPath versions export)."""
-    if isinstance(obj, list):
-        return obj
-    if isinstance(obj, dict):
-        kind = obj.get("type")
-        if kind == "FeatureCollection" and isinstance(obj.get("features"), list):
-            return obj["features"]
-        if kind == "Feature":
-            return [obj]
-        if kind in ("Polygon", "MultiPolygon", "Point", "LineString", "MultiPoint", "MultiLineString",
-                    "GeometryCollection"):
-            return [{"type": "Feature", "geometry": obj}]
-    raise UserError(f"{path}: not a GeoJSON FeatureCollection, Feature or array of features")
-
-
 def parse_qupath_geojson(path: str | Path) -> ParsedFile:
     """Every Polygon / MultiPolygon feature of a GeoJSON file as one shape (holes kept as hole rings)."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid GeoJSON file ({e})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     shapes, not_polygon = [], 0
-    for number, feature in enumerate(_features(obj, path), start=1):
+    for number, feature in enumerate(geojson_io.read_features(path), start=1):
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
         if not isinstance(geometry, dict):
             if isinstance(feature, dict) and "geometry" in feature and feature["geometry"] is None:
                 not_polygon += 1
                 continue
             raise UserError(f"{path}: feature {number}: no geometry object")
-        kind, coords = geometry.get("type"), geometry.get("coordinates")
-        if kind == "Polygon":
-            polygons = [coords]
-        elif kind == "MultiPolygon":
-            polygons = coords
-        else:
+        parts = geojson_io.polygon_parts(geometry, path, f"feature {number}")
+        if parts is None:
             not_polygon += 1
             continue
-        if not isinstance(polygons, list):
-            raise UserError(f"{path}: feature {number}: {kind} coordinates must be a list")
-        parts = []
-        for polygon in polygons:
-            if not isinstance(polygon, list) or not polygon:
-                continue
-            where = f"feature {number}"
-            parts.append((_ring(polygon[0], path, where), [_ring(h, path, where) for h in polygon[1:]]))
         shapes.append(Shape(parts))
     return ParsedFile(path, shapes, not_polygon)
 

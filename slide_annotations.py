@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import math
 import os
@@ -53,6 +52,7 @@ import numpy as np
 
 import dataset
 import export
+import geojson_io
 import slides
 import utils
 from utils import UserError
@@ -142,43 +142,10 @@ def ring_has_area(ring: np.ndarray) -> bool:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) > 1e-9
 
 
-def _ring(points: Any, path: Path, where: str) -> np.ndarray:
-    try:
-        ring = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: {where}: coordinates are not numbers") from None
-    if ring.size == 0:
-        return np.zeros((0, 2))
-    if ring.ndim != 2 or ring.shape[1] < 2:
-        raise UserError(f"{path}: {where}: expected a list of [x, y] points")
-    return ring[:, :2]
-
-
 def _polygonal(geometry: Any, path: Path, where: str) -> Polygonal | None:
     """The Polygon / MultiPolygon `geometry` as a Polygonal; None for any other geometry."""
-    if not isinstance(geometry, dict) or geometry.get("type") not in ("Polygon", "MultiPolygon"):
-        return None
-    coords = geometry.get("coordinates")
-    polygons = [coords] if geometry["type"] == "Polygon" else coords
-    if not isinstance(polygons, list):
-        raise UserError(f"{path}: {where}: {geometry['type']} coordinates must be a list")
-    parts = []
-    for polygon in polygons:
-        if isinstance(polygon, list) and polygon:
-            parts.append((_ring(polygon[0], path, where), [_ring(h, path, where) for h in polygon[1:]]))
-    return Polygonal(parts)
-
-
-def _features(obj: Any, path: Path) -> list[Any]:
-    if isinstance(obj, list):
-        return obj
-    if isinstance(obj, dict):
-        if obj.get("type") == "FeatureCollection" and isinstance(obj.get("features"), list):
-            return obj["features"]
-        if obj.get("type") == "Feature":
-            return [obj]
-    raise UserError(f"{path}: not a GeoJSON FeatureCollection, Feature or array of features (in QuPath: File > "
-                    "Export objects as GeoJSON, 'Export as FeatureCollection')")
+    parts = geojson_io.polygon_parts(geometry, path, where)
+    return None if parts is None else Polygonal(parts)
 
 
 def class_name(properties: dict) -> str | None:
@@ -212,16 +179,10 @@ def parse_slide_geojson(path: str | os.PathLike, nucleus_class: str = NUCLEUS_CL
                         area_classes: Sequence[str] | None = None) -> SlideObjects:
     """Areas and nuclei of a slide's GeoJSON (see the module docstring)."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a valid GeoJSON file ({e})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     nucleus = class_key(nucleus_class)
     wanted = None if area_classes is None else {class_key(c) for c in area_classes}
     result = SlideObjects(path, [], [])
-    for number, feature in enumerate(_features(obj, path), start=1):
+    for number, feature in enumerate(geojson_io.read_features(path), start=1):
         if not isinstance(feature, dict):
             raise UserError(f"{path}: feature {number}: not a JSON object")
         properties = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}

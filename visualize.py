@@ -626,6 +626,49 @@ def tissue_density(centroids_level0: np.ndarray, tissue, dimensions: tuple[float
     return np.ma.masked_array(per_tissue, mask=~shown), side
 
 
+def _slide_frame(thumbnail: np.ndarray, downsample: float, tissue, mpp0: float,
+                 bin_um: float | None) -> tuple[np.ndarray, float, float, float]:
+    """(thumbnail, level-0 width, level-0 height, bin size in µm) of an overview picture."""
+    thumb = _check_image(thumbnail)
+    th, tw = thumb.shape[:2]
+    width0, height0 = tw * float(downsample), th * float(downsample)
+    if getattr(tissue, "dimensions", None):
+        width0, height0 = float(tissue.dimensions[0]), float(tissue.dimensions[1])
+    if bin_um is None:
+        bin_um = overview_bin_um(width0 * float(mpp0), height0 * float(mpp0))
+    return thumb, width0, height0, float(bin_um)
+
+
+def _binned_overview(thumb: np.ndarray, downsample: float, tissue, size0: tuple[float, float], mpp0: float,
+                     shown: np.ma.MaskedArray, side: float, heat: dict, bar_label: str, title: str,
+                     width_inches: float) -> np.ndarray:
+    """The one overview drawing: the thumbnail in mm, the per-bin map `shown` (bins of `side` level-0 pixels,
+    matplotlib `imshow` options `heat`), the tissue outline (green), a colour bar and a title; uint8 RGB."""
+    th, tw = thumb.shape[:2]
+    mm = float(mpp0) / 1000.0  # mm per level-0 pixel
+    width0, height0 = size0
+    rows, cols = shown.shape
+    mask = np.asarray(tissue.mask, dtype=bool)
+    fig = new_figure(width_inches, max(2.5, width_inches * (th / max(tw, 1)) * 0.85 + 0.9))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
+    image = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), interpolation="nearest", **heat)
+    if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
+        ys = (np.arange(mask.shape[0]) + 0.5) * tissue.downsample * mm
+        xs = (np.arange(mask.shape[1]) + 0.5) * tissue.downsample * mm
+        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=["#00c000"], linewidths=1.0)
+    ax.set_xlim(0, width0 * mm)
+    ax.set_ylim(height0 * mm, 0)
+    ax.set_xlabel("mm")
+    ax.set_ylabel("mm")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label(bar_label)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_level0: np.ndarray,
                    mpp0: float, bin_um: float | None = None, title: str | None = None,
                    width_inches: float = 9.0) -> np.ndarray:
@@ -635,45 +678,18 @@ def slide_overview(thumbnail: np.ndarray, downsample: float, tissue, centroids_l
     drawn where tissue covers at least a quarter of the bin; a colour bar (up to the 98th percentile of the
     bins, so a few extreme bins do not wash out the rest) in nuclei per mm^2, axes in mm and a
     title (default: the nuclei count, tissue area and mean density)."""
-    thumb = _check_image(thumbnail)
-    th, tw = thumb.shape[:2]
-    mm = float(mpp0) / 1000.0  # mm per level-0 pixel
-    width0, height0 = tw * float(downsample), th * float(downsample)
-    if getattr(tissue, "dimensions", None):
-        width0, height0 = float(tissue.dimensions[0]), float(tissue.dimensions[1])
-    if bin_um is None:
-        bin_um = overview_bin_um(width0 * float(mpp0), height0 * float(mpp0))
+    thumb, width0, height0, bin_um = _slide_frame(thumbnail, downsample, tissue, mpp0, bin_um)
     shown, side = tissue_density(centroids_level0, tissue, (width0, height0), mpp0, bin_um)
-    rows, cols = shown.shape
-    mask = np.asarray(tissue.mask, dtype=bool)
-
-    aspect = th / max(tw, 1)
-    fig = new_figure(width_inches, max(2.5, width_inches * aspect * 0.85 + 0.9))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
     vmax = float(np.percentile(shown.compressed(), 98)) if shown.count() else 0.0
     vmax = vmax if vmax > 0 else 1.0
-    heat = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), cmap="inferno", alpha=0.55,
-                     vmin=0.0, vmax=vmax, interpolation="nearest")
-    if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
-        ys = (np.arange(mask.shape[0]) + 0.5) * tissue.downsample * mm
-        xs = (np.arange(mask.shape[1]) + 0.5) * tissue.downsample * mm
-        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=["#00c000"], linewidths=1.0)
-    ax.set_xlim(0, width0 * mm)
-    ax.set_ylim(height0 * mm, 0)
-    ax.set_xlabel("mm")
-    ax.set_ylabel("mm")
-    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
-    bar.set_label(f"nuclei per mm² of tissue (bins of {bin_um:g} µm)")
     if title is None:
         count = len(np.asarray(centroids_level0).reshape(-1, 2))
         area = tissue.area_mm2(mpp0)
         per_mm2 = f", {count / area:.0f} per mm²" if area > 0 else ""
         title = f"{count} nuclei, tissue {area:.2f} mm²{per_mm2} (green: tissue outline)"
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    return _binned_overview(thumb, downsample, tissue, (width0, height0), mpp0, shown, side,
+                            dict(cmap="inferno", alpha=0.55, vmin=0.0, vmax=vmax),
+                            f"nuclei per mm² of tissue (bins of {bin_um:g} µm)", title, width_inches)
 
 
 def save_slide_overview(path: str | os.PathLike, thumbnail: np.ndarray, downsample: float, tissue,
@@ -716,39 +732,15 @@ def confidence_overview(thumbnail: np.ndarray, downsample: float, tissue, centro
     per bin (`overview_bin_um` by default), the fraction of the bin's nuclei whose confidence (mean foreground
     probability) is below `threshold`, on a fixed 0..1 colour scale with a colour bar; bins with fewer than 5
     nuclei are left blank. The title gives the slide's count and share of such nuclei."""
-    thumb = _check_image(thumbnail)
-    th, tw = thumb.shape[:2]
-    mm = float(mpp0) / 1000.0
-    width0, height0 = tw * float(downsample), th * float(downsample)
-    if getattr(tissue, "dimensions", None):
-        width0, height0 = float(tissue.dimensions[0]), float(tissue.dimensions[1])
-    if bin_um is None:
-        bin_um = overview_bin_um(width0 * float(mpp0), height0 * float(mpp0))
+    thumb, width0, height0, bin_um = _slide_frame(thumbnail, downsample, tissue, mpp0, bin_um)
     shown, side = low_confidence_fraction(centroids_level0, confidence, (width0, height0), mpp0, bin_um, threshold)
-    rows, cols = shown.shape
-    mask = np.asarray(tissue.mask, dtype=bool)
-    fig = new_figure(width_inches, max(2.5, width_inches * (th / max(tw, 1)) * 0.85 + 0.9))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
-    heat = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), cmap="viridis", alpha=0.6,
-                     vmin=0.0, vmax=1.0, interpolation="nearest")
-    if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
-        ys = (np.arange(mask.shape[0]) + 0.5) * tissue.downsample * mm
-        xs = (np.arange(mask.shape[1]) + 0.5) * tissue.downsample * mm
-        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=["#00c000"], linewidths=1.0)
-    ax.set_xlim(0, width0 * mm)
-    ax.set_ylim(height0 * mm, 0)
-    ax.set_xlabel("mm")
-    ax.set_ylabel("mm")
-    bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.03)
-    bar.set_label(f"fraction of nuclei with confidence < {threshold:g} (bins of {bin_um:g} µm)")
     conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
     n_low = int((conf < threshold).sum())
     share = f" ({100.0 * n_low / len(conf):.1f} %)" if len(conf) else ""
-    ax.set_title(f"Low-confidence nuclei: {n_low} of {len(conf)}{share} below {threshold:g}", fontsize=10)
-    fig.tight_layout()
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    return _binned_overview(thumb, downsample, tissue, (width0, height0), mpp0, shown, side,
+                            dict(cmap="viridis", alpha=0.6, vmin=0.0, vmax=1.0),
+                            f"fraction of nuclei with confidence < {threshold:g} (bins of {bin_um:g} µm)",
+                            f"Low-confidence nuclei: {n_low} of {len(conf)}{share} below {threshold:g}", width_inches)
 
 
 def save_confidence_overview(path: str | os.PathLike, thumbnail: np.ndarray, downsample: float, tissue,
