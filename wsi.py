@@ -280,6 +280,12 @@ def _region_labels(data) -> np.ndarray:
     return np.frombuffer(raw, np.dtype(str(data["labels_dtype"]))).reshape(shape)
 
 
+def confidence_review_threshold(settings: dict | None) -> float:
+    """The confidence below which the slide's confidence picture counts a nucleus as doubtful: halfway between
+    the post-processing foreground threshold (every nucleus pixel lies above it) and 1, 0.75 by default."""
+    return 0.5 * (1.0 + float((settings or {}).get("fg_threshold", 0.5)))
+
+
 def read_region_file(path: Path) -> dict:
     """A region file of `finish_region`: labels (crop), origin, nuclei, dropped, rows (dicts), geometry and
     measurements (one JSON text per nucleus, in row order)."""
@@ -410,8 +416,11 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     import visualize
 
     visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
+    # every nucleus pixel has foreground probability above fg_threshold, so confidences lie in (t, 1]: the
+    # picture counts the nuclei in the lower half of that range
+    low = confidence_review_threshold(predictor.postprocess)
     visualize.save_confidence_overview(outputs["confidence"], thumb[0], thumb[1], tissue_mask, centroids,
-                                       confidence, mpp0)
+                                       confidence, mpp0, threshold=low)
     write_seconds = time.time() - t_write
     area = float(tissue_mask.area_mm2(mpp0))
     outcome = inference.Outcome(

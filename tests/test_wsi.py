@@ -363,3 +363,11 @@ def test_slide_confidence_columns_overview_and_min_confidence(tmp_path):
     assert [(r["centroid_x"], r["centroid_y"]) for r in rows2] == [(r["centroid_x"], r["centroid_y"]) for r in kept]
     labels = tifffile.imread(out2 / "graded_labels.tif")
     assert sorted(np.unique(labels[labels > 0]).tolist()) == list(range(1, outcome2.nuclei + 1))
+
+
+def test_confidence_picture_counts_the_lower_half_above_the_foreground_threshold():
+    """Nucleus pixels all lie above fg_threshold, so confidences start there: the slide's confidence picture
+    counts a nucleus as doubtful below halfway between the threshold and 1 (a fixed 0.5 would never count one)."""
+    assert wsi.confidence_review_threshold(None) == 0.75
+    assert wsi.confidence_review_threshold({}) == 0.75
+    assert wsi.confidence_review_threshold({"fg_threshold": 0.3}) == pytest.approx(0.65)
