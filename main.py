@@ -123,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    utils.configure_progress(args.quiet)  # -q: no bars; stderr not a terminal: plain progress lines
+    mode = utils.configure_progress(args.quiet)  # -q: no bars; stderr not a terminal: plain progress lines
     try:
         utils.configure_threads(args.threads)  # commands that start worker processes refine the share
+        if mode == "bars":  # log lines printed above the bars instead of onto a bar's line
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                return int(args._module.run(args) or 0)
         return int(args._module.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,3 +27,30 @@ def test_os_error_on_a_user_path_is_one_line(tmp_path, capsys):
                       "--image_size", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --output_dir {target}: {tmp_path / 'afile'} is a file, not a folder"], err
+
+
+def test_log_lines_go_above_progress_bars_on_a_terminal(monkeypatch, tmp_path):
+    """Issue 19: with bars on a terminal, a warning logged while a bar runs is written through tqdm (above the
+    bar), not onto the bar's line; without a terminal (plain progress lines) logging is left as it is."""
+    import logging
+    import sys
+    import types
+
+    import main
+    import utils
+
+    seen = {}
+
+    def run(args):
+        seen["handlers"] = [type(h).__name__ for h in logging.getLogger().handlers]
+        return 0
+
+    fake = types.ModuleType("fake_command")
+    fake.add_arguments = lambda parser: None
+    fake.run = run
+    monkeypatch.setitem(main.COMMANDS, "fake", ("fake_command", "a test command"))
+    monkeypatch.setitem(sys.modules, "fake_command", fake)
+    for mode, expect in (("bars", True), ("lines", False)):
+        monkeypatch.setattr(utils, "configure_progress", lambda quiet, stream=None, m=mode: m)
+        assert main.main(["fake"]) == 0
+        assert ("_TqdmLoggingHandler" in seen["handlers"]) is expect, (mode, seen)
