@@ -282,11 +282,25 @@ def _fill_instance_holes(labels: np.ndarray) -> np.ndarray:
 
 
 def _finish(labels: np.ndarray, min_area: int, fill_holes: bool) -> np.ndarray:
+    """`_remove_small`, then `_fill_instance_holes`, then `_relabel_sequential`, with the removal and the
+    renumbering done by one lookup (ids of fewer than `min_area` pixels -> 0, the others -> 1..N in order)
+    before the hole filling: the filling only writes ids of instances that stay, and it treats ids only as
+    equal or not and in their order, which the renumbering keeps, so the result is the same."""
     labels = labels.astype(np.int32, copy=False)
-    labels = _remove_small(labels, min_area)
+    flat = labels.ravel()
+    if flat.max(initial=0) == 0:
+        return np.zeros(labels.shape, dtype=np.int32)
+    areas = np.bincount(flat)
+    keep = areas > 0
+    if min_area > 1:
+        keep &= areas >= min_area
+    keep[0] = False
+    lut = np.cumsum(keep).astype(np.int32)
+    lut[~keep] = 0
+    labels = lut[labels]
     if fill_holes:
         labels = _fill_instance_holes(labels)
-    return _relabel_sequential(labels)
+    return labels
 
 
 @lru_cache(maxsize=16)

@@ -351,3 +351,41 @@ def test_specks_and_holes_by_bounding_boxes_equal_the_former_bincount_on_real_nu
         comp, _ = ndi.label(mask)
         assert np.array_equal(pp._remove_small_components(comp.copy(), min_area),
                               pp._remove_small(comp.copy(), min_area))
+
+
+def _reference_finish(labels, min_area, fill_holes):
+    """The former `_finish`: removal, hole filling and renumbering as three passes."""
+    labels = labels.astype(np.int32, copy=False)
+    labels = pp._remove_small(labels, min_area)
+    if fill_holes:
+        labels = pp._fill_instance_holes(labels)
+    return pp._relabel_sequential(labels)
+
+
+def test_finish_with_one_lookup_equals_remove_fill_relabel_on_real_nuclei(real_sample_dir):
+    """`_finish` (removal and renumbering by one lookup, then hole filling) equals the former three passes: on
+    real NuInsSeg label maps with holes punched and ids thinned out (gaps in the ids, small pieces, holes
+    touching one or two instances) and on random label maps."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(11)
+    cases = []
+    for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:4]:
+        labels = tifffile.imread(f).astype(np.int32)
+        labels = np.where(rng.random(labels.shape) < 0.03, 0, labels) * 3   # holes, gaps in the ids
+        labels[ndi.binary_erosion(labels > 0, iterations=3) & (rng.random(labels.shape) < 0.002)] = 0
+        cases.append(labels)
+    for _ in range(150):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.3, 2)) > rng.uniform(0.3, 0.6)
+        labels, _ = ndi.label(mask)
+        cases.append(np.where(rng.random(shape) < 0.1, 0, labels * int(rng.integers(1, 4))).astype(np.int32))
+    changed = 0
+    for labels in cases:
+        for min_area in (0, 1, 10, 40):
+            for fill in (True, False):
+                new, old = pp._finish(labels.copy(), min_area, fill), _reference_finish(labels.copy(), min_area, fill)
+                assert new.dtype == old.dtype == np.int32 and np.array_equal(new, old)
+                changed += int((new != labels).sum())
+    assert changed > 10000
