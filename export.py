@@ -407,8 +407,16 @@ def measurements_json(values: Mapping[str, Any]) -> str:
             if number is None:
                 continue
             text = json.dumps(number)
-        items.append('{"name":' + json.dumps(str(key)) + ',"value":' + text + "}")
+        name = _NAME_JSON.get(key) if type(key) is str else None
+        if name is None:
+            name = '{"name":' + json.dumps(str(key)) + ',"value":'
+            if type(key) is str and len(_NAME_JSON) < 1000:
+                _NAME_JSON[key] = name
+        items.append(name + text + "}")
     return "[" + ",".join(items) + "]" if items else ""
+
+
+_NAME_JSON: dict = {}   # measurement name -> '{"name":<its JSON text>,"value":' (the same few names on every row)
 
 
 def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:

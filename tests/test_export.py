@@ -462,3 +462,13 @@ def test_csv_writer_by_lists_equals_the_former_dict_writer_on_real_nuclei(real_s
         streamed.add(rows[5:])
     assert streamed.count == len(rows)
     assert (tmp_path / "streamed.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
+
+
+def test_measurement_names_cached_as_json_text_give_json_dumps():
+    """`measurements_json` keeps each name's JSON text from call to call: the same text as `json.dumps` on the
+    first and on later calls, for names that need escaping, and for keys that are not text (1, 1.0, True are
+    one dict key but three different names)."""
+    for _ in range(2):
+        for values in ({"área µm²": 1.5, 'a"b\\c': 2, "area_px": 3}, {1: 0.5, "x": 1}, {1.0: 0.5}, {True: 0.5}):
+            assert export.measurements_json(values) == json.dumps(
+                [{"name": str(k), "value": v} for k, v in values.items()], separators=(",", ":"))
