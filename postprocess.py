@@ -382,23 +382,20 @@ def hv_to_instances(foreground_prob: np.ndarray, hv: np.ndarray, fg_threshold: f
     markers, n_markers = ndi.label(cores)
     markers = _remove_small_components(markers, int(min_marker_area))
 
-    # Foreground components with no marker left (e.g. a small nucleus whose core vanished): keep them whole.
+    # Foreground components with no marker left (e.g. a small nucleus whose core vanished) are kept whole, as
+    # instance `component + n_markers` (as if that component were its own marker).
     components, n_comp = ndi.label(fg)
-    has_marker = np.zeros(n_comp + 1, dtype=bool)
-    has_marker[components[markers > 0]] = True
-    orphan = ~has_marker[components] & fg
-    if orphan.any():
-        markers = np.where(orphan, components + n_markers, markers)
-
-    labels = _watershed_by_component(energy, float(smooth_sigma), markers, components, n_comp)
+    labels = _watershed_by_component(energy, float(smooth_sigma), markers, components, n_comp,
+                                     orphan_base=n_markers)
     return _finish(labels, int(min_area), fill_holes)
 
 
 def _watershed_by_component(energy: np.ndarray, smooth_sigma: float, markers: np.ndarray,
-                            components: np.ndarray, n_comp: int) -> np.ndarray:
+                            components: np.ndarray, n_comp: int, orphan_base: int | None = None) -> np.ndarray:
     """Marker-controlled watershed on the smoothed energy, restricted to the foreground and run only inside
     the foreground components holding two or more markers (a component with one marker is that instance
-    as it is)."""
+    as it is). With `orphan_base`, a component without any marker is instance `component + orphan_base`
+    (what marking its pixels with that id would give, without the whole-image passes)."""
     # Each marker lies inside one component (markers are made of foreground pixels).
     inside = markers > 0
     comp_of_marker = np.zeros(int(markers.max()) + 1, dtype=np.int64)
@@ -408,6 +405,10 @@ def _watershed_by_component(energy: np.ndarray, smooth_sigma: float, markers: np
     single_owner = np.zeros(n_comp + 1, dtype=np.int32)
     single_owner[comp_of_marker[marker_ids]] = marker_ids
     single_owner[per_comp != 1] = 0
+    if orphan_base is not None:
+        orphan = per_comp == 0
+        orphan[0] = False
+        single_owner[orphan] = np.flatnonzero(orphan) + int(orphan_base)
     labels = single_owner[components]  # a component with one marker is that instance as it is
     multi_ids = np.flatnonzero(per_comp >= 2)
     multi_ids = multi_ids[multi_ids > 0]

@@ -220,6 +220,17 @@ def _reference_watershed_by_component(energy, smooth_sigma, markers, components,
     return labels
 
 
+def _reference_watershed_with_orphans(energy, smooth_sigma, markers, components, n_comp, orphan_base):
+    """The former orphan step of `hv_to_instances` (components without a marker marked as component +
+    n_markers, pixel by pixel), then the former watershed."""
+    has_marker = np.zeros(n_comp + 1, dtype=bool)
+    has_marker[components[markers > 0]] = True
+    orphan = ~has_marker[components] & (components > 0)
+    if orphan.any():
+        markers = np.where(orphan, components + orphan_base, markers)
+    return _reference_watershed_by_component(energy, smooth_sigma, markers, components, n_comp)
+
+
 def test_opening_by_shifted_passes_equals_binary_opening():
     from scipy import ndimage as ndi
 
@@ -246,13 +257,34 @@ def test_fast_post_processing_equals_the_former_one_on_real_nuclei(real_sample_d
         tile = tifffile.imread(f).astype(np.int32)
         y, x = (k // 3) * 512, (k % 3) * 512
         labels[y:y + 512, x:x + 512] = np.where(tile > 0, tile + labels.max(), 0)
-    fg = ndi.gaussian_filter((labels > 0).astype(np.float32), 1.0)
     hv = dataset.hv_targets(labels)
-    fast = pp.postprocess(fg, hv)
-    monkeypatch.setattr(pp, "_watershed_by_component", _reference_watershed_by_component)
-    monkeypatch.setattr(pp, "_binary_opening_disk", lambda m, r: ndi.binary_opening(m, structure=pp._disk(r)))
-    slow = pp.postprocess(fg, hv)
-    assert fast.max() > 100 and np.array_equal(fast, slow)
+    rng = np.random.default_rng(5)
+    field = ndi.gaussian_filter(rng.random(labels.shape).astype(np.float32), 16)
+    field = (field - field.min()) / (field.max() - field.min())
+    blurred = ndi.gaussian_filter((labels > 0).astype(np.float32), 1.0)
+    # as bench_cpu_side's maps, and with noise: specks, holes, nuclei without a marker core (orphans)
+    noisy = np.clip(blurred * (0.6 + 0.4 * field) + rng.normal(0, 0.15, labels.shape).astype(np.float32), 0, 1)
+    orphans = []
+
+    def counting_reference(energy, smooth_sigma, markers, components, n_comp, orphan_base):
+        has_marker = np.zeros(n_comp + 1, dtype=bool)
+        has_marker[components[markers > 0]] = True
+        orphans.append(int((~has_marker[1:]).sum()))
+        return _reference_watershed_with_orphans(energy, smooth_sigma, markers, components, n_comp, orphan_base)
+
+    cases = [(blurred, None), (blurred * (0.6 + 0.4 * field), None), (noisy, None),
+             (blurred, PostprocessConfig(min_marker_area=150)), (blurred, PostprocessConfig(marker_threshold=0.02)), (noisy, PostprocessConfig(marker_opening=3))]
+    for fg, config in cases:
+        fast = pp.postprocess(fg, hv, config)
+        with monkeypatch.context() as m:   # every step through its former implementation
+            m.setattr(pp, "_watershed_by_component", counting_reference)
+            m.setattr(pp, "_binary_opening_disk", lambda mask, r: ndi.binary_opening(mask, structure=pp._disk(r)))
+            m.setattr(pp, "_clean_foreground", _reference_clean_foreground)
+            m.setattr(pp, "_remove_small_components", pp._remove_small)
+            m.setattr(pp, "_finish", _reference_finish)
+            slow = pp.postprocess(fg, hv, config)
+        assert fast.max() > 100 and np.array_equal(fast, slow)
+    assert max(orphans) > 5
 
 
 def _reference_fill_instance_holes(labels):
