@@ -177,7 +177,8 @@ def _remove_small(labels: np.ndarray, min_area: int) -> np.ndarray:
     return labels
 
 
-def _small_components(comp: np.ndarray, min_area: int, inner_only: bool = False) -> list[tuple[tuple[slice, slice], int]]:
+def _small_components(comp: np.ndarray, min_area: int,
+                      inner_only: bool = False) -> list[tuple[tuple[slice, slice], int]]:
     """(bounding box, id) of the components of `comp` (a 4-connected labelling, as `ndi.label`'s default
     gives) with fewer than `min_area` pixels; with `inner_only`, only those not reaching the image border.
 

@@ -273,7 +273,8 @@ def test_fast_post_processing_equals_the_former_one_on_real_nuclei(real_sample_d
         return _reference_watershed_with_orphans(energy, smooth_sigma, markers, components, n_comp, orphan_base)
 
     cases = [(blurred, None), (blurred * (0.6 + 0.4 * field), None), (noisy, None),
-             (blurred, PostprocessConfig(min_marker_area=150)), (blurred, PostprocessConfig(marker_threshold=0.02)), (noisy, PostprocessConfig(marker_opening=3)),
+             (blurred, PostprocessConfig(min_marker_area=150)), (blurred, PostprocessConfig(marker_threshold=0.02)),
+             (noisy, PostprocessConfig(marker_opening=3)),
              (noisy, PostprocessConfig(smooth_sigma=2.3)), (blurred, PostprocessConfig(smooth_sigma=0.0))]
     for fg, config in cases:
         fast = pp.postprocess(fg, hv, config)
