@@ -407,8 +407,16 @@ def measurements_json(values: Mapping[str, Any]) -> str:
             if number is None:
                 continue
             text = json.dumps(number)
-        items.append('{"name":' + json.dumps(str(key)) + ',"value":' + text + "}")
+        name = _NAME_JSON.get(key) if type(key) is str else None
+        if name is None:
+            name = '{"name":' + json.dumps(str(key)) + ',"value":'
+            if type(key) is str and len(_NAME_JSON) < 1000:
+                _NAME_JSON[key] = name
+        items.append(name + text + "}")
     return "[" + ",".join(items) + "]" if items else ""
+
+
+_NAME_JSON: dict = {}   # measurement name -> '{"name":<its JSON text>,"value":' (the same few names on every row)
 
 
 def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:
@@ -809,18 +817,20 @@ class CSVWriter(_StreamingFile):
         super().__init__(path, gzip=gzip)
         self.columns = list(columns)
         self.count = 0
-        self._csv = csv.DictWriter(self._text, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
-        self._csv.writeheader()
+        # a plain csv.writer fed lists in column order: what csv.DictWriter(extrasaction="ignore") writes, without
+        # its per-row dict and generator
+        self._csv = csv.writer(self._text, lineterminator="\n")
+        self._csv.writerow(self.columns)
 
     def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.closed:
             raise ValueError(f"{self.path}: writer already closed")
-        for row in rows:
-            self._csv.writerow({k: _csv_cell(row.get(k, "")) for k in self.columns})
-            self.count += 1
+        columns, cell = self.columns, _csv_cell
+        self._csv.writerows([[cell(row.get(k, "")) for k in columns] for row in rows])
+        self.count += len(rows)
 
 
 def _csv_cell(value: Any) -> Any:
-    if isinstance(value, (float, np.floating)):
+    if type(value) is float or isinstance(value, (float, np.floating)):
         return f"{float(value):.6g}"
     return value

@@ -177,24 +177,52 @@ def _remove_small(labels: np.ndarray, min_area: int) -> np.ndarray:
     return labels
 
 
+def _small_components(comp: np.ndarray, min_area: int,
+                      inner_only: bool = False) -> list[tuple[tuple[slice, slice], int]]:
+    """(bounding box, id) of the components of `comp` (a 4-connected labelling, as `ndi.label`'s default
+    gives) with fewer than `min_area` pixels; with `inner_only`, only those not reaching the image border.
+
+    A 4-connected set spanning h rows and w columns has at least h + w - 1 pixels, so only components with
+    h + w - 1 < min_area can be small: their pixels are counted on their own (tiny) boxes, and the image is
+    never passed over again (one `find_objects` pass instead of a `bincount` and a gather over every pixel)."""
+    h, w = comp.shape
+    small = []
+    for k, box in enumerate(ndi.find_objects(comp), 1):
+        if box is None:
+            continue
+        ys, xs = box
+        if (ys.stop - ys.start) + (xs.stop - xs.start) - 1 >= min_area:
+            continue
+        if inner_only and (ys.start == 0 or xs.start == 0 or ys.stop == h or xs.stop == w):
+            continue   # background reaching the image border is not a hole
+        if np.count_nonzero(comp[box] == k) < min_area:
+            small.append((box, k))
+    return small
+
+
 def _clean_foreground(mask: np.ndarray, min_area: int) -> np.ndarray:
-    """Remove specks and fill holes smaller than `min_area` pixels."""
+    """Remove specks and fill holes smaller than `min_area` pixels (4-connected components of the mask and
+    of its complement; a background region reaching the image border is not a hole)."""
     if min_area <= 1:
         return mask
+    mask = np.array(mask, dtype=bool)
     comp, n = ndi.label(mask)
-    if n:
-        keep = np.bincount(comp.ravel()) >= min_area
-        keep[0] = False
-        mask = keep[comp]
+    for box, k in (_small_components(comp, min_area) if n else []):
+        mask[box][comp[box] == k] = False
     holes, n = ndi.label(~mask)
-    if n:
-        areas = np.bincount(holes.ravel())
-        small = areas < min_area
-        small[0] = False
-        for edge in (holes[0, :], holes[-1, :], holes[:, 0], holes[:, -1]):
-            small[edge] = False  # background reaching the image border is not a hole
-        mask = mask | small[holes]
+    for box, k in (_small_components(holes, min_area, inner_only=True) if n else []):
+        mask[box][holes[box] == k] = True
     return mask
+
+
+def _remove_small_components(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """`_remove_small` for a 4-connected labelling straight from `ndi.label` (in place), through
+    `_small_components`' bounding boxes."""
+    if min_area > 1:
+        for box, k in _small_components(labels, min_area):
+            view = labels[box]
+            view[view == k] = 0
+    return labels
 
 
 def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
@@ -255,11 +283,25 @@ def _fill_instance_holes(labels: np.ndarray) -> np.ndarray:
 
 
 def _finish(labels: np.ndarray, min_area: int, fill_holes: bool) -> np.ndarray:
+    """`_remove_small`, then `_fill_instance_holes`, then `_relabel_sequential`, with the removal and the
+    renumbering done by one lookup (ids of fewer than `min_area` pixels -> 0, the others -> 1..N in order)
+    before the hole filling: the filling only writes ids of instances that stay, and it treats ids only as
+    equal or not and in their order, which the renumbering keeps, so the result is the same."""
     labels = labels.astype(np.int32, copy=False)
-    labels = _remove_small(labels, min_area)
+    flat = labels.ravel()
+    if flat.max(initial=0) == 0:
+        return np.zeros(labels.shape, dtype=np.int32)
+    areas = np.bincount(flat)
+    keep = areas > 0
+    if min_area > 1:
+        keep &= areas >= min_area
+    keep[0] = False
+    lut = np.cumsum(keep).astype(np.int32)
+    lut[~keep] = 0
+    labels = lut[labels]
     if fill_holes:
         labels = _fill_instance_holes(labels)
-    return _relabel_sequential(labels)
+    return labels
 
 
 @lru_cache(maxsize=16)
@@ -339,25 +381,22 @@ def hv_to_instances(foreground_prob: np.ndarray, hv: np.ndarray, fg_threshold: f
     if marker_opening > 0:
         cores = _binary_opening_disk(cores, int(marker_opening))
     markers, n_markers = ndi.label(cores)
-    markers = _remove_small(markers, int(min_marker_area))
+    markers = _remove_small_components(markers, int(min_marker_area))
 
-    # Foreground components with no marker left (e.g. a small nucleus whose core vanished): keep them whole.
+    # Foreground components with no marker left (e.g. a small nucleus whose core vanished) are kept whole, as
+    # instance `component + n_markers` (as if that component were its own marker).
     components, n_comp = ndi.label(fg)
-    has_marker = np.zeros(n_comp + 1, dtype=bool)
-    has_marker[components[markers > 0]] = True
-    orphan = ~has_marker[components] & fg
-    if orphan.any():
-        markers = np.where(orphan, components + n_markers, markers)
-
-    labels = _watershed_by_component(energy, float(smooth_sigma), markers, components, n_comp)
+    labels = _watershed_by_component(energy, float(smooth_sigma), markers, components, n_comp,
+                                     orphan_base=n_markers)
     return _finish(labels, int(min_area), fill_holes)
 
 
 def _watershed_by_component(energy: np.ndarray, smooth_sigma: float, markers: np.ndarray,
-                            components: np.ndarray, n_comp: int) -> np.ndarray:
+                            components: np.ndarray, n_comp: int, orphan_base: int | None = None) -> np.ndarray:
     """Marker-controlled watershed on the smoothed energy, restricted to the foreground and run only inside
     the foreground components holding two or more markers (a component with one marker is that instance
-    as it is)."""
+    as it is). With `orphan_base`, a component without any marker is instance `component + orphan_base`
+    (what marking its pixels with that id would give, without the whole-image passes)."""
     # Each marker lies inside one component (markers are made of foreground pixels).
     inside = markers > 0
     comp_of_marker = np.zeros(int(markers.max()) + 1, dtype=np.int64)
@@ -367,27 +406,29 @@ def _watershed_by_component(energy: np.ndarray, smooth_sigma: float, markers: np
     single_owner = np.zeros(n_comp + 1, dtype=np.int32)
     single_owner[comp_of_marker[marker_ids]] = marker_ids
     single_owner[per_comp != 1] = 0
+    if orphan_base is not None:
+        orphan = per_comp == 0
+        orphan[0] = False
+        single_owner[orphan] = np.flatnonzero(orphan) + int(orphan_base)
     labels = single_owner[components]  # a component with one marker is that instance as it is
     multi_ids = np.flatnonzero(per_comp >= 2)
     multi_ids = multi_ids[multi_ids > 0]
     if multi_ids.size:
         boxes = ndi.find_objects(components)
-        # The surface is smoothed once over the bounding box of all components that need splitting (plus a
-        # margin for the smoothing, so the surface inside the box is the same as over the whole image).
-        y0 = min(boxes[k - 1][0].start for k in multi_ids)
-        y1 = max(boxes[k - 1][0].stop for k in multi_ids)
-        x0 = min(boxes[k - 1][1].start for k in multi_ids)
-        x1 = max(boxes[k - 1][1].stop for k in multi_ids)
+        h, w = energy.shape
+        # The surface (the smoothed energy) of each component to split is smoothed on the component's own box plus
+        # a margin of at least the Gaussian's radius (cut at the image border, where the whole-image filter reflects
+        # too), so inside the box it has the values of the whole image's smoothed energy; and one watershed call
+        # per component, on that box: the flooding never leaves a component (the mask), so this equals one call
+        # over the box of all of them (same values, same tie order inside each component), while each call only
+        # pays for its small box (3-4x faster on dense tissue).
         margin = int(np.ceil(4 * smooth_sigma)) + 1
-        oy, ox = max(y0 - margin, 0), max(x0 - margin, 0)
-        surface = energy[oy:y1 + margin, ox:x1 + margin]
-        if smooth_sigma > 0:
-            surface = ndi.gaussian_filter(surface, smooth_sigma)
-        # One watershed call per component to split, on its own bounding box: the flooding never leaves a
-        # component (the mask), so this equals one call over the whole box (same values, same tie order inside
-        # each component), while each call only pays for its small box (3-4x faster on dense tissue).
         for k in multi_ids.tolist():
             box = boxes[k - 1]
+            oy, ox = max(box[0].start - margin, 0), max(box[1].start - margin, 0)
+            surface = energy[oy:min(box[0].stop + margin, h), ox:min(box[1].stop + margin, w)]
+            if smooth_sigma > 0:
+                surface = ndi.gaussian_filter(surface, smooth_sigma)
             local = (slice(box[0].start - oy, box[0].stop - oy), slice(box[1].start - ox, box[1].stop - ox))
             mask = components[box] == k
             sub = segmentation.watershed(surface[local], markers=np.where(mask, markers[box], 0), mask=mask)

@@ -286,14 +286,17 @@ def confidence_review_threshold(settings: dict | None) -> float:
     return 0.5 * (1.0 + float((settings or {}).get("fg_threshold", 0.5)))
 
 
-def read_region_file(path: Path) -> dict:
-    """A region file of `finish_region`: labels (crop), origin, nuclei, dropped, rows (dicts), geometry and
-    measurements (one JSON text per nucleus, in row order)."""
+def read_region_file(path: Path, labels: bool = True) -> dict:
+    """A region file of `finish_region`: labels (crop; None with `labels=False`, which skips decompressing
+    them), labels_shape, origin, nuclei, dropped, rows (dicts), geometry and measurements (one JSON text per
+    nucleus, in row order)."""
     with np.load(path) as data:
         n = int(data["nuclei"])
         geometry = data["geometry"].tobytes().decode()
         measurements = data["measurements"].tobytes().decode()
-        return {"labels": _region_labels(data), "origin": tuple(int(v) for v in data["origin"]), "nuclei": n,
+        return {"labels": _region_labels(data) if labels else None,
+                "labels_shape": tuple(int(v) for v in data["labels_shape"]),
+                "origin": tuple(int(v) for v in data["origin"]), "nuclei": n,
                 "dropped": int(data["dropped"]), "rows": json.loads(data["rows"].tobytes().decode()),
                 "geometry": geometry.split("\n") if n else [], "measurements": measurements.split("\n") if n else []}
 
@@ -602,12 +605,27 @@ class _RegionLabels:
             cv = np.flatnonzero((c >= 0) & (c < labels.shape[1]))
             if not rv.size or not cv.size:
                 continue
+            rs, cs = _consecutive(r[rv]), _consecutive(c[cv])
+            if rs is not None and cs is not None:
+                # one target pixel per region pixel (scale 1, or any run of distinct rows / columns): views,
+                # no gathers; rv and cv are runs too (r and c never decrease)
+                sub = labels[rs, cs]
+                target = out[rv[0]:rv[-1] + 1, cv[0]:cv[-1] + 1]
+                np.add(sub, np.uint32(self.offsets[i]), out=target, where=sub > 0, casting="unsafe")
+                continue
             sub = labels[np.ix_(r[rv], c[cv])].astype(np.uint32)
             target = out[np.ix_(rv, cv)]
             nz = sub > 0
             target[nz] = sub[nz] + np.uint32(self.offsets[i])
             out[np.ix_(rv, cv)] = target
         return out
+
+
+def _consecutive(index: np.ndarray) -> slice | None:
+    """`slice(a, b)` when `index` is exactly a, a + 1, ..., b - 1 (non-empty), else None."""
+    if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and bool(np.all(np.diff(index) == 1)):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return None
 
 
 def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], state: dict, pdir: Path,
@@ -624,7 +642,7 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             export.CSVWriter(outputs["csv"], columns) as csv:
         for region in regions:
             f = pdir / state["regions"][str(region.index)]["file"]
-            data = read_region_file(f)
+            data = read_region_file(f, labels=False)   # the label pyramid decodes the labels tile by tile
             offset = total
             for row in data["rows"]:
                 row["id"] = int(row["id"]) + offset
@@ -637,7 +655,7 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             files.append(f)
             offsets.append(offset)
             oy, ox = data["origin"]
-            boxes.append((oy, ox, oy + data["labels"].shape[0], ox + data["labels"].shape[1]))
+            boxes.append((oy, ox, oy + data["labels_shape"][0], ox + data["labels_shape"][1]))
             total += data["nuclei"]
             dropped += data["dropped"]
     state["dropped_low_confidence"] = dropped

@@ -434,3 +434,41 @@ def test_confidence_is_the_mean_foreground_probability():
     assert "confidence" not in export.measure_nuclei(labels, None)[0]
     with pytest.raises(ValueError):
         export.measure_nuclei(labels, None, foreground=fg[:5])
+
+
+def test_csv_writer_by_lists_equals_the_former_dict_writer_on_real_nuclei(real_sample_dir, tmp_path):
+    """`CSVWriter` (a plain csv.writer fed lists) writes the bytes of the former `csv.DictWriter` version: the
+    measurement rows of a real NuInsSeg tile (floats, ints, the class name) plus rows with missing and extra
+    keys, None, numpy numbers and text that needs quoting."""
+    from PIL import Image
+
+    label_file = sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[0]
+    image_file = Path(str(label_file).replace("label masks modify", "tissue images")).with_suffix(".png")
+    labels = tifffile.imread(label_file).astype(np.int32)
+    rgb = np.asarray(Image.open(image_file).convert("RGB"))
+    rows = export.measure_nuclei(labels, rgb, mpp=0.25, foreground=(labels > 0).astype(np.float32))
+    assert len(rows) > 20
+    rows = rows + [{"id": np.int64(7), "centroid_x": np.float32(1.5), "extra": 3}, {"name": 'a "b", c\nd'},
+                   {"id": None, "area_px": np.float64(1e-7), "centroid_y": float("nan")}]
+    columns = list(rows[0]) + ["name"]
+    with open(tmp_path / "reference.csv", "w", newline="") as f:   # the former CSVWriter, line for line
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: export._csv_cell(row.get(k, "")) for k in columns})
+    with export.CSVWriter(tmp_path / "streamed.csv", columns) as streamed:
+        streamed.add(rows[:5])
+        streamed.add([])
+        streamed.add(rows[5:])
+    assert streamed.count == len(rows)
+    assert (tmp_path / "streamed.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
+
+
+def test_measurement_names_cached_as_json_text_give_json_dumps():
+    """`measurements_json` keeps each name's JSON text from call to call: the same text as `json.dumps` on the
+    first and on later calls, for names that need escaping, and for keys that are not text (1, 1.0, True are
+    one dict key but three different names)."""
+    for _ in range(2):
+        for values in ({"área µm²": 1.5, 'a"b\\c': 2, "area_px": 3}, {1: 0.5, "x": 1}, {1.0: 0.5}, {True: 0.5}):
+            assert export.measurements_json(values) == json.dumps(
+                [{"name": str(k), "value": v} for k, v in values.items()], separators=(",", ":"))

@@ -371,3 +371,26 @@ def test_confidence_picture_counts_the_lower_half_above_the_foreground_threshold
     assert wsi.confidence_review_threshold(None) == 0.75
     assert wsi.confidence_review_threshold({}) == 0.75
     assert wsi.confidence_review_threshold({"fg_threshold": 0.3}) == pytest.approx(0.65)
+
+
+def test_label_tiles_by_views_equal_the_gathers_on_real_labels(real_sample_dir, monkeypatch):
+    """`_RegionLabels.read_tile`'s view path (one target pixel per region pixel) gives the same tiles as the
+    `np.ix_` gather path it replaces, on real NuInsSeg label crops as regions (overlapping boxes, one at the
+    slide's edge, ids offset per region), at scale 1 (views) and at other scales (gathers, unchanged)."""
+    crops = [tifffile.imread(f).astype(np.uint16)
+             for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:3]]
+    origins = [(0, 0), (300, 200), (700, 650)]
+    offsets = [0, int(crops[0].max()), int(crops[0].max()) + int(crops[1].max())]
+    for scale in (1.0, 0.5, 1.7):
+        boxes = [(oy, ox, oy + c.shape[0], ox + c.shape[1]) for c, (oy, ox) in zip(crops, origins)]
+        raster = wsi._RegionLabels([Path(f"r{i}") for i in range(3)], offsets, boxes, scale)
+        monkeypatch.setattr(raster, "_get", lambda i: (crops[i], origins[i]))
+        tiles = [(y, x, 256, 320) for y in range(0, int(1300 / scale), 256) for x in range(0, int(1300 / scale), 320)]
+        fast = [raster.read_tile(*t) for t in tiles]
+        with monkeypatch.context() as m:
+            m.setattr(wsi, "_consecutive", lambda index: None)
+            slow = [raster.read_tile(*t) for t in tiles]
+        assert all(a.dtype == np.uint32 and np.array_equal(a, b) for a, b in zip(fast, slow))
+        assert sum(int((a > 0).sum()) for a in fast) > 10000
+    assert wsi._consecutive(np.array([3, 4, 5])) == slice(3, 6)
+    assert wsi._consecutive(np.array([3, 3, 5])) is None and wsi._consecutive(np.array([], int)) is None
