@@ -574,11 +574,10 @@ def plot_learning_curves(histories: Mapping[Any, Sequence[Mapping[str, Any]]], p
 # ----------------------------------------------------------------------------------------------
 # Whole-slide overview
 # ----------------------------------------------------------------------------------------------
-def nuclei_density(centroids_level0: np.ndarray, dimensions: tuple[int, int], mpp0: float,
-                   bin_um: float = 250.0) -> tuple[np.ndarray, float]:
-    """(density (rows, cols) in nuclei per mm^2, bin side in level-0 pixels): nuclei counted in square bins
-    of `bin_um` micrometres laid from the slide's top-left corner over level-0 `dimensions` (width, height),
-    divided by the bin's area (edge bins by their part inside the slide)."""
+def _bin_counts(centroids_level0: np.ndarray, dimensions: tuple[float, float], mpp0: float, bin_um: float,
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(per square bin of `bin_um` micrometres laid from the slide's top-left corner over level-0 `dimensions`
+    (width, height): the number of centroids, or the sum of their `weights`; bin side in level-0 pixels)."""
     if not (mpp0 and mpp0 > 0):
         raise ValueError(f"mpp0 must be positive, got {mpp0}")
     width, height = float(dimensions[0]), float(dimensions[1])
@@ -589,7 +588,18 @@ def nuclei_density(centroids_level0: np.ndarray, dimensions: tuple[int, int], mp
     if len(points):
         c = np.clip((points[:, 0] // side).astype(np.int64), 0, cols - 1)
         r = np.clip((points[:, 1] // side).astype(np.int64), 0, rows - 1)
-        np.add.at(counts, (r, c), 1.0)
+        np.add.at(counts, (r, c), 1.0 if weights is None else np.asarray(weights, dtype=np.float64))
+    return counts, side
+
+
+def nuclei_density(centroids_level0: np.ndarray, dimensions: tuple[int, int], mpp0: float,
+                   bin_um: float = 250.0) -> tuple[np.ndarray, float]:
+    """(density (rows, cols) in nuclei per mm^2, bin side in level-0 pixels): nuclei counted in square bins
+    of `bin_um` micrometres laid from the slide's top-left corner over level-0 `dimensions` (width, height),
+    divided by the bin's area (edge bins by their part inside the slide)."""
+    counts, side = _bin_counts(centroids_level0, dimensions, mpp0, bin_um)
+    rows, cols = counts.shape
+    width, height = float(dimensions[0]), float(dimensions[1])
     bin_w = np.minimum((np.arange(cols) + 1) * side, width) - np.arange(cols) * side
     bin_h = np.minimum((np.arange(rows) + 1) * side, height) - np.arange(rows) * side
     area_mm2 = np.outer(bin_h, bin_w) * (float(mpp0) / 1000.0) ** 2
@@ -704,22 +714,11 @@ def low_confidence_fraction(centroids_level0: np.ndarray, confidence: np.ndarray
     """(per square bin of `bin_um` micrometres, the fraction of its nuclei whose confidence is below `threshold`,
     masked where the bin holds fewer than `min_nuclei` nuclei; bin side in level-0 pixels). Bins as
     `nuclei_density`'s."""
-    if not (mpp0 and mpp0 > 0):
-        raise ValueError(f"mpp0 must be positive, got {mpp0}")
-    width, height = float(dimensions[0]), float(dimensions[1])
-    side = float(bin_um) / float(mpp0)
-    cols, rows = max(1, math.ceil(width / side)), max(1, math.ceil(height / side))
-    points = np.asarray(centroids_level0, dtype=np.float64).reshape(-1, 2)
     conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
-    if len(conf) != len(points):
-        raise ValueError(f"{len(conf)} confidences for {len(points)} centroids")
-    total = np.zeros((rows, cols))
-    low = np.zeros((rows, cols))
-    if len(points):
-        c = np.clip((points[:, 0] // side).astype(np.int64), 0, cols - 1)
-        r = np.clip((points[:, 1] // side).astype(np.int64), 0, rows - 1)
-        np.add.at(total, (r, c), 1.0)
-        np.add.at(low, (r, c), (conf < threshold).astype(np.float64))
+    if len(conf) != len(np.asarray(centroids_level0).reshape(-1, 2)):
+        raise ValueError(f"{len(conf)} confidences for {len(np.asarray(centroids_level0).reshape(-1, 2))} centroids")
+    total, side = _bin_counts(centroids_level0, dimensions, mpp0, bin_um)
+    low, _ = _bin_counts(centroids_level0, dimensions, mpp0, bin_um, weights=(conf < threshold).astype(np.float64))
     shown = total >= max(int(min_nuclei), 1)
     fraction = np.divide(low, total, out=np.zeros_like(low), where=shown)
     return np.ma.masked_array(fraction, mask=~shown), side
