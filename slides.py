@@ -13,6 +13,7 @@ the path itself); reads from several threads of one process are fine for both li
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -38,11 +39,26 @@ LEVEL_TOLERANCE = 0.01
 _THUMBNAIL_CHUNK_PIXELS = 4 * 1024 * 1024
 
 
+@contextlib.contextmanager
+def _tifffile_log_to(handler: logging.Handler | None = None):
+    """tifffile's log records go to `handler` (None: dropped) instead of the user's terminal while the block
+    runs: a damaged file is reported once, as a UserError line, by `_check_tiff_complete`."""
+    tif_log = logging.getLogger("tifffile")
+    handler = handler or logging.NullHandler()
+    tif_log.addHandler(handler)
+    propagate, tif_log.propagate = tif_log.propagate, False
+    try:
+        yield
+    finally:
+        tif_log.removeHandler(handler)
+        tif_log.propagate = propagate
+
+
 def _tiff_is_tiled_rgb(path: Path) -> bool:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tifffile_log_to(), tifffile.TiffFile(path) as tif:
             page = tif.pages.first
             rgb = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) or (
                 page.samplesperpixel in (3, 4) and page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
@@ -96,12 +112,8 @@ def _check_tiff_complete(path: Path) -> None:
                                                       or "corrupt" in message):
                 problems.append(message)
 
-    handler = _Catch()
-    tif_log = logging.getLogger("tifffile")
-    tif_log.addHandler(handler)
-    propagate, tif_log.propagate = tif_log.propagate, False  # reported below as one UserError line
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _tifffile_log_to(_Catch()), tifffile.TiffFile(path) as tif:  # reported below as one UserError line
             pages = list(tif.pages)
             for page in pages:
                 for sub in getattr(page, "pages", None) or []:  # SubIFD levels (OME pyramids)
@@ -115,9 +127,6 @@ def _check_tiff_complete(path: Path) -> None:
                     break
     except tifffile.TiffFileError as e:
         problems.append(str(e))
-    finally:
-        tif_log.removeHandler(handler)
-        tif_log.propagate = propagate
     if problems:
         raise UserError(f"{path}: truncated or damaged TIFF ({size} bytes; {problems[0]})")
 

@@ -238,3 +238,20 @@ def test_reads_from_several_threads_agree(slide_path, backend):
             got = list(pool.map(lambda box: slide.read_scaled(box, 0.7), boxes))
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_tiff_is_one_line_not_tifffile_log_noise(tmp_path, caplog):
+    """Telling whether a damaged TIFF is a slide must not let tifffile log its own ERROR lines onto the
+    terminal: the file is reported once, by the truncation check's UserError."""
+    import logging
+
+    image = np.full((600, 700, 3), 200, np.uint8)
+    full = tmp_path / "full.tif"
+    sample_data.write_pyramidal_tiff(full, image, 0.25, tile_size=256)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[:300])   # inside the first page's tags: tifffile logs, does not raise
+    with caplog.at_level(logging.DEBUG):
+        slides.is_slide_file(cut)
+        with pytest.raises(UserError, match=r"cut\.tif: truncated or damaged TIFF"):
+            slides.open_slide(cut)
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.text
