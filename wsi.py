@@ -187,6 +187,12 @@ def _scale_row(row: dict, scale: float) -> dict:
     return row
 
 
+def warm_worker() -> None:
+    """Import what `finish_region` needs (a worker process's first task, submitted when the pool starts)."""
+    import export  # noqa: F401
+    import postprocess  # noqa: F401
+
+
 def finish_region(job: dict) -> dict:
     """Post-process one region's maps, keep the instances whose centroid lies in the core (and whose
     confidence, the mean foreground probability over the instance, is at least `job["min_confidence"]`),
@@ -488,6 +494,11 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     read_pool = ThreadPoolExecutor(max(1, int(options.read_threads)), thread_name_prefix="wsi-read")
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             if workers > 0 else None)
+    if pool is not None:
+        # start every worker process now: spawning one and importing the post-processing modules takes 1-3 s,
+        # which then overlaps the first region's read and network instead of delaying its post-processing
+        for _ in range(workers):
+            pool.submit(warm_worker)
     reads: deque = deque()
     pending: deque = deque()
     upcoming = iter(todo)
