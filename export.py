@@ -224,22 +224,41 @@ def ring_table(labels: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[in
     """
     labels = _check_labels(labels)
     index, ids = _index_map(labels)
+    return _ring_table(index, ids, _LabelPixels(index))
+
+
+class _LabelPixels:
+    """The instance pixels of an index map, in raster order, shared by the outlines and the measurements:
+    `pf` the map with a frame of background (flattened, row length `pw`), `ppix` the pixels' positions in it,
+    `pix` in the map itself, `r`, `c`, `lab` (int64 index), and `sides[k]` (top, right, bottom, left): whether
+    the neighbour on that side is background, the frame or another instance."""
+
+    def __init__(self, index: np.ndarray):
+        height, width = index.shape
+        self.shape = (height, width)
+        padded = np.zeros((height + 2, width + 2), index.dtype)
+        padded[1:-1, 1:-1] = index
+        self.pw = pw = width + 2
+        self.pf = pf = padded.ravel()
+        self.ppix = ppix = np.flatnonzero(pf)
+        self.lab = lab = pf[ppix].astype(np.int64)
+        self.r = r = ppix // pw - 1
+        self.c = c = ppix - (r + 1) * pw - 1
+        self.pix = r * width + c
+        self.sides = [pf[ppix + off] != lab for off in (-pw, 1, pw, -1)]
+
+
+def _ring_table(index: np.ndarray, ids: np.ndarray | None,
+                px: _LabelPixels) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
     height, width = index.shape
-    if not index.any():
+    if not px.ppix.size:
         return np.zeros((0, 2), np.int64), [], []
-    padded = np.zeros((height + 2, width + 2), index.dtype)
-    padded[1:-1, 1:-1] = index
-    pw = width + 2
-    pf = padded.ravel()
-    pix = np.flatnonzero(pf)
-    lab = pf[pix].astype(np.int64)
-    r = pix // pw - 1
-    c = pix % pw - 1
+    lab, r, c = px.lab, px.r, px.c
     stride = width + 1                      # corner (x, y) -> y * stride + x
     corners = (height + 1) * stride
     starts, ends, owner = [], [], []
-    for off, (sy, sx, ey, ex) in ((-pw, (0, 0, 0, 1)), (1, (0, 1, 1, 1)), (pw, (1, 1, 1, 0)), (-1, (1, 0, 0, 0))):
-        side = pf[pix + off] != lab         # background (or another instance) on that side
+    for side, (sy, sx, ey, ex) in zip(px.sides, ((0, 0, 0, 1), (0, 1, 1, 1), (1, 1, 1, 0), (1, 0, 0, 0))):
+        # background (or another instance) on that side
         rr, cc, ll = r[side], c[side], lab[side]
         starts.append(ll * corners + (rr + sy) * stride + cc + sx)
         ends.append(ll * corners + (rr + ey) * stride + cc + ex)
@@ -421,10 +440,71 @@ _NAME_JSON: dict = {}   # measurement name -> '{"name":<its JSON text>,"value":'
 
 def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:
     """`polygon_json` of each ring `xy[a:b]` (float64 (N, 2) corners) for (a, b) in `spans`, in one pass over
-    the coordinates (floats written with their repr, as json does)."""
-    text = list(map(repr, np.asarray(xy, np.float64).ravel().tolist()))
-    pairs = [a + "," + b for a, b in zip(text[0::2], text[1::2])]
+    the coordinates (floats written with their repr, as json does). Whole-number coordinates (pixel corners at
+    scale 1) are written from ints: `repr(float(k))` is the digits of k and ".0" for |k| < 2**53."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    whole = xy.astype(np.int64) if xy.size and bool(np.all(np.abs(xy) < 2.0 ** 52)) else None
+    if whole is not None and np.array_equal(whole, xy) and not bool(np.any(np.signbit(xy) & (xy == 0))):
+        pairs = list(map("{}.0,{}.0".format, whole[:, 0].tolist(), whole[:, 1].tolist()))
+    else:
+        pairs = list(map("{!r},{!r}".format, xy[:, 0].tolist(), xy[:, 1].tolist()))
     return ['{"type":"Polygon","coordinates":[[[' + "],[".join(pairs[a:b]) + "]]]}" for a, b in spans]
+
+
+def _row_template(names: Sequence[str], row: Mapping[str, Any], open_: str, close: str, sep: str,
+                  item, item_end: str = "") -> str:
+    """A %-format template: `open_`, then for each name `item(name)` + %r (float) or %d (int, as in `row`) +
+    `item_end`, joined by `sep`, then `close` (literal text with its % doubled)."""
+    parts = [item(key).replace("%", "%%") + ("%r" if type(row[key]) is float else "%d") + item_end.replace("%", "%%")
+             for key in names]
+    return open_.replace("%", "%%") + sep.replace("%", "%%").join(parts) + close.replace("%", "%%")
+
+
+def _uniform_columns(rows: Sequence[Mapping[str, Any]], skip: str | None = None):
+    """(names, value columns) when every row has the keys of the first row in the same order and each column
+    holds only finite floats or only plain ints; else None."""
+    names = [k for k in rows[0] if k != skip]
+    keys = list(rows[0])
+    if any(list(row) != keys for row in rows):
+        return None
+    columns = []
+    for key in names:
+        column = [row[key] for row in rows]
+        kinds = set(map(type, column))
+        if kinds == {float}:
+            if not all(map(math.isfinite, column)):
+                return None
+        elif kinds != {int}:
+            return None
+        columns.append(column)
+    return names, columns
+
+
+def measurements_json_list(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """`[measurements_json(row) for row in rows]`, by one %-format template for all rows when they have the
+    same keys and every value is a finite float or a plain int (`%r` of a float is its repr, `%d` of an int its
+    str: the text json writes)."""
+    if not rows:
+        return []
+    uniform = _uniform_columns(rows, skip="id")
+    if uniform is None or not uniform[0] or not all(type(k) is str for k in uniform[0]):
+        return [measurements_json(row) for row in rows]
+    names, columns = uniform
+    template = _row_template(names, rows[0], "[", "]", ",", lambda k: '{"name":' + json.dumps(k) + ',"value":', "}")
+    return list(map(template.__mod__, zip(*columns)))
+
+
+def rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    """`json.dumps(rows)` (default separators) of a list of flat dicts, by one %-format template when they have
+    the same string keys and every value is a finite float or a plain int; else `json.dumps` itself."""
+    if not rows or not all(type(k) is str for k in rows[0]):
+        return json.dumps(list(rows))
+    uniform = _uniform_columns(rows)
+    if uniform is None or not uniform[0]:
+        return json.dumps(list(rows))
+    names, columns = uniform
+    template = _row_template(names, rows[0], "{", "}", ", ", lambda k: json.dumps(k) + ": ")
+    return "[" + ", ".join(map(template.__mod__, zip(*columns))) + "]"
 
 
 def feature_json(label_id: int, geometry: str, measurements: str) -> str:
@@ -437,6 +517,21 @@ def feature_json(label_id: int, geometry: str, measurements: str) -> str:
     if measurements:
         text += ',"measurements":' + measurements
     return text + "}}"
+
+
+def features_json(label_ids: Sequence[int], geometries: Sequence[str], measurements: Sequence[str]) -> list[str]:
+    """`[feature_json(i, g, m) for i, g, m in zip(label_ids, geometries, measurements)]` by two %-format
+    templates (with and without measurements)."""
+    head = ('{"type":"Feature","geometry":%s,"properties":{"objectType":"detection","name":"'
+            + f"{CLASS_NAME} ".replace("%", "%%") + '%d","classification":{"name":"' + CLASS_NAME.replace("%", "%%")
+            + '","color":[' + ",".join(str(int(v)) for v in CLASS_COLOR) + ']},"id":%d')
+    bare, full = head + "}}", head + ',"measurements":%s}}'
+    out = []
+    for label_id, geometry, measured in zip(label_ids, geometries, measurements):
+        label_id = int(label_id)
+        out.append(full % (geometry, label_id, label_id, measured) if measured
+                   else bare % (geometry, label_id, label_id))
+    return out
 
 
 def save_geojson(path: str | os.PathLike, labels: np.ndarray, offset: tuple[float, float] = (0, 0),
@@ -483,7 +578,34 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray | None, mpp: float | No
     if mpp is not None and not (mpp > 0):
         raise ValueError(f"mpp must be positive, got {mpp}")
     index, ids = _index_map(labels)
-    table = _measure_table(index, image, foreground)
+    return _measure_rows(index, ids, image, mpp, foreground, confidence, _LabelPixels(index))
+
+
+def measure_and_outline(labels: np.ndarray, image: np.ndarray | None, mpp: float | None = None,
+                        foreground: np.ndarray | None = None
+                        ) -> tuple[list[dict[str, Any]], tuple[np.ndarray, list[int], list[tuple[int, int]]]]:
+    """(`measure_nuclei(labels, image, mpp, foreground=foreground)`, `ring_table(labels)`): the same values, from
+    one scan of the label map (the pixels and their neighbours are found once for both)."""
+    labels = _check_labels(labels)
+    if image is not None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != labels.shape:
+            raise ValueError(f"image shape {image.shape} does not match label map {labels.shape} (H, W, 3)")
+    if foreground is not None:
+        foreground = np.asarray(foreground)
+        if foreground.shape != labels.shape:
+            raise ValueError(f"foreground map shape {foreground.shape} does not match label map {labels.shape}")
+    if mpp is not None and not (mpp > 0):
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    index, ids = _index_map(labels)
+    px = _LabelPixels(index)
+    return _measure_rows(index, ids, image, mpp, foreground, None, px), _ring_table(index, ids, px)
+
+
+def _measure_rows(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray | None, mpp: float | None,
+                  foreground: np.ndarray | None, confidence: Mapping[int, float] | None,
+                  px: _LabelPixels) -> list[dict[str, Any]]:
+    table = _measure_table(index, image, foreground, px)
     if table is None:
         return []
     present = table["present"]
@@ -519,17 +641,15 @@ _PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
 
 
 def _measure_table(index: np.ndarray, image: np.ndarray | None,
-                   foreground: np.ndarray | None) -> dict[str, np.ndarray] | None:
+                   foreground: np.ndarray | None, px: _LabelPixels | None = None) -> dict[str, np.ndarray] | None:
     """Per-instance arrays (rows for the present indices 1..n, ascending) of `measure_nuclei`, vectorised."""
     height, width = index.shape
-    flat = index.ravel()
-    pix = np.flatnonzero(flat)
+    px = px if px is not None else _LabelPixels(index)
+    pix = px.pix
     if pix.size == 0:
         return None
-    lab = flat[pix].astype(np.int64)
+    lab, r, c = px.lab, px.r, px.c
     n = int(lab.max())
-    r = pix // width
-    c = pix - r * width
     count = np.bincount(lab, minlength=n + 1)
     present = np.flatnonzero(count)
     present = present[present > 0]
@@ -557,8 +677,8 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
         out["eccentricity"] = np.where(l1 == 0, 0.0, np.sqrt(np.clip(1 - l2 / np.where(l1 == 0, 1, l1), 0, None)))
     out["major"] = 4 * np.sqrt(l1)
     out["minor"] = 4 * np.sqrt(l2)
-    out["perimeter"] = _perimeters(index, pix, lab, r, c, pos, len(present))
-    out["solidity"] = area / _convex_areas(k, r, c, len(present), lab, pix, width)
+    out["perimeter"] = _perimeters(px, pos, len(present))
+    out["solidity"] = area / _convex_areas(k, r, c, len(present), px.sides[3], px.sides[1])
     if image is not None:
         rgb = image.reshape(-1, 3)[pix]
         sums = [np.bincount(k, weights=rgb[:, ch], minlength=len(present)) for ch in range(3)]
@@ -576,22 +696,14 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     return out
 
 
-def _perimeters(index: np.ndarray, pix: np.ndarray, lab: np.ndarray, r: np.ndarray, c: np.ndarray,
-                pos: np.ndarray, m: int) -> np.ndarray:
+def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     """scikit-image's `perimeter(mask, 4)` of every instance at once: the instance's border pixels (those with
     a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
     4-neighbour + 10 per diagonal neighbour that is a border pixel of the same instance)."""
-    height, width = index.shape
-    padded = np.zeros((height + 2, width + 2), index.dtype)   # a frame of background around the map
-    padded[1:-1, 1:-1] = index
-    pw = width + 2
-    pf = padded.ravel()
-    p = (r + 1) * pw + (c + 1)
-    interior = pf[p - pw] == lab
-    for off in (pw, -1, 1):
-        interior &= pf[p + off] == lab
-    edge = ~interior
-    bp, bl = p[edge], lab[edge]
+    pw, pf = px.pw, px.pf
+    top, right, bottom, left = px.sides
+    edge = top | right | bottom | left
+    bp, bl = px.ppix[edge], px.lab[edge]
     is_border = np.zeros(pf.size, bool)
     is_border[bp] = True
     code = np.ones(len(bp), np.int64)
@@ -602,16 +714,14 @@ def _perimeters(index: np.ndarray, pix: np.ndarray, lab: np.ndarray, r: np.ndarr
     return hist.astype(np.float64) @ _PERIMETER_WEIGHTS
 
 
-def _convex_areas(k: np.ndarray, r: np.ndarray, c: np.ndarray, m: int, lab_flat: np.ndarray,
-                  pix: np.ndarray, width: int) -> np.ndarray:
+def _convex_areas(k: np.ndarray, r: np.ndarray, c: np.ndarray, m: int, starts: np.ndarray,
+                  ends: np.ndarray) -> np.ndarray:
     """Pixel count of each instance's convex hull as scikit-image's `convex_hull_image` makes it (hull of the
     midpoints of the pixels' edges; a pixel whose centre lies inside or on the hull counts), for all instances
-    at once and in exact integer arithmetic (coordinates doubled)."""
+    at once and in exact integer arithmetic (coordinates doubled). `starts` / `ends`: the pixels (raster order)
+    whose left / right neighbour is not of their instance, i.e. the first / last pixel of each run."""
     # runs of one instance along a row (pixels are in raster order); per (instance, row) the leftmost run
     # start and the rightmost run end bound the hull
-    lab = lab_flat
-    starts = np.r_[True, (pix[1:] != pix[:-1] + 1) | (lab[1:] != lab[:-1]) | (c[1:] == 0)]
-    ends = np.r_[starts[1:], True]
     run_k, run_r, run_c0, run_c1 = k[starts], r[starts], c[starts], c[ends]
     key = run_k * (int(r.max()) + 1) + run_r
     order = np.argsort(key, kind="stable")
@@ -825,9 +935,25 @@ class CSVWriter(_StreamingFile):
     def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.closed:
             raise ValueError(f"{self.path}: writer already closed")
-        columns, cell = self.columns, _csv_cell
-        self._csv.writerows([[cell(row.get(k, "")) for k in columns] for row in rows])
+        if not rows:
+            return
+        # column by column: a column of plain floats is formatted by one C-level map (the text `_csv_cell` gives)
+        cells = []
+        for key in self.columns:
+            column = [row.get(key, "") for row in rows]
+            kinds = set(map(type, column))
+            if kinds == {float}:
+                cells.append(list(map(_FLOAT_CELL, column)))
+            elif kinds <= _PLAIN_CELL_TYPES:
+                cells.append(column)
+            else:
+                cells.append(list(map(_csv_cell, column)))
+        self._csv.writerows(zip(*cells))
         self.count += len(rows)
+
+
+_FLOAT_CELL = "{:.6g}".format        # f"{float(value):.6g}" of a Python float
+_PLAIN_CELL_TYPES = {int, str, type(None), bool}   # written as they are by `_csv_cell`
 
 
 def _csv_cell(value: Any) -> Any:

@@ -236,20 +236,22 @@ def finish_region(job: dict) -> dict:
         lut[in_core] = np.arange(1, n + 1, dtype=np.uint32)
         kept = lut[labels]
     scale = float(job["scale"])
-    rows = export.measure_nuclei(kept, job["rgb"], mpp=job["mpp"], foreground=fg) if n else []
+    rows: list[dict] = []
+    geometry: list[str] = []
+    measurements: list[str] = []
+    if n:
+        # measurements and outlines from one scan of the kept labels
+        rows, (corners, _, spans) = export.measure_and_outline(kept, job["rgb"], mpp=job["mpp"], foreground=fg)
     for row in rows:  # region crop -> target grid of the whole slide
         row["centroid_x"] += cx0
         row["centroid_y"] += cy0
     rows = [_scale_row(r, scale) for r in rows]
-    geometry: list[str] = []
-    measurements: list[str] = []
     if n:
-        corners, _, spans = export.ring_table(kept)
         xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
         if scale != 1.0:
             xy = xy / scale
         geometry = export.polygons_json(xy, spans)
-        measurements = [export.measurements_json(row) for row in rows]
+        measurements = export.measurements_json_list(rows)
     # the kept instances' bounding box in target pixels, as compact as their count allows
     if n:
         rr = np.flatnonzero(kept.any(axis=1))
@@ -267,7 +269,7 @@ def finish_region(job: dict) -> dict:
              labels_shape=np.array(crop_labels.shape, np.int64), labels_dtype=np.array(crop_labels.dtype.str),
              origin=np.array([by0 + cy0, bx0 + cx0], np.int64), nuclei=np.array(n, np.int64),
              dropped=np.array(dropped, np.int64),
-             rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
+             rows=np.frombuffer(export.rows_json(rows).encode(), np.uint8),
              geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
              measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8))
     utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
@@ -649,8 +651,8 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
                                       np.float32).reshape(-1, 2))
             confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
-            geojson.add_text([export.feature_json(int(row["id"]), g, m)
-                              for row, g, m in zip(data["rows"], data["geometry"], data["measurements"])])
+            geojson.add_text(export.features_json([row["id"] for row in data["rows"]], data["geometry"],
+                                                  data["measurements"]))
             csv.add(data["rows"])
             files.append(f)
             offsets.append(offset)
