@@ -230,8 +230,10 @@ def ring_table(labels: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[in
 class _LabelPixels:
     """The instance pixels of an index map, in raster order, shared by the outlines and the measurements:
     `pf` the map with a frame of background (flattened, row length `pw`), `ppix` the pixels' positions in it,
-    `pix` in the map itself, `r`, `c`, `lab` (int64 index), and `sides[k]` (top, right, bottom, left): whether
-    the neighbour on that side is background, the frame or another instance."""
+    `pix` in the map itself, `r`, `c`, `lab` (int64 index), and `sides[k]` (top, right, bottom, left): the
+    positions in `pf` (raster order) of the pixels whose neighbour on that side is background, the frame or
+    another instance, found where the map changes between vertical / horizontal neighbours (a scan of the map
+    instead of a look-up per pixel and side)."""
 
     def __init__(self, index: np.ndarray):
         height, width = index.shape
@@ -245,7 +247,19 @@ class _LabelPixels:
         self.r = r = ppix // pw - 1
         self.c = c = ppix - (r + 1) * pw - 1
         self.pix = r * width + c
-        self.sides = [pf[ppix + off] != lab for off in (-pw, 1, pw, -1)]
+        q = np.flatnonzero(pf[pw:] != pf[:-pw])          # pixel q and the one below differ
+        above, below = pf[q] != 0, pf[q + pw] != 0
+        top, bottom = q[below] + pw, q[above]
+        q = np.flatnonzero(pf[1:] != pf[:-1])            # pixel q and its right neighbour differ
+        here, after = pf[q] != 0, pf[q + 1] != 0
+        left, right = q[after] + 1, q[here]
+        self.sides = [top, right, bottom, left]
+
+    def side_pixels(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, int64 index) of the pixels of `sides[k]`, in raster order."""
+        pos = self.sides[k]
+        rows = pos // self.pw - 1
+        return rows, pos - (rows + 1) * self.pw - 1, self.pf[pos].astype(np.int64)
 
 
 def _ring_table(index: np.ndarray, ids: np.ndarray | None,
@@ -257,9 +271,9 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     stride = width + 1                      # corner (x, y) -> y * stride + x
     corners = (height + 1) * stride
     starts, ends, owner = [], [], []
-    for side, (sy, sx, ey, ex) in zip(px.sides, ((0, 0, 0, 1), (0, 1, 1, 1), (1, 1, 1, 0), (1, 0, 0, 0))):
+    for side, (sy, sx, ey, ex) in enumerate(((0, 0, 0, 1), (0, 1, 1, 1), (1, 1, 1, 0), (1, 0, 0, 0))):
         # background (or another instance) on that side
-        rr, cc, ll = r[side], c[side], lab[side]
+        rr, cc, ll = px.side_pixels(side)
         starts.append(ll * corners + (rr + sy) * stride + cc + sx)
         ends.append(ll * corners + (rr + ey) * stride + cc + ex)
         owner.append(ll)
@@ -678,7 +692,7 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     out["major"] = 4 * np.sqrt(l1)
     out["minor"] = 4 * np.sqrt(l2)
     out["perimeter"] = _perimeters(px, pos, len(present))
-    out["solidity"] = area / _convex_areas(k, r, c, len(present), px.sides[3], px.sides[1])
+    out["solidity"] = area / _convex_areas(px, pos, len(present))
     if image is not None:
         rgb = image.reshape(-1, 3)[pix]
         sums = [np.bincount(k, weights=rgb[:, ch], minlength=len(present)) for ch in range(3)]
@@ -701,11 +715,11 @@ def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
     4-neighbour + 10 per diagonal neighbour that is a border pixel of the same instance)."""
     pw, pf = px.pw, px.pf
-    top, right, bottom, left = px.sides
-    edge = top | right | bottom | left
-    bp, bl = px.ppix[edge], px.lab[edge]
     is_border = np.zeros(pf.size, bool)
-    is_border[bp] = True
+    for side in px.sides:
+        is_border[side] = True
+    bp = np.flatnonzero(is_border)
+    bl = pf[bp].astype(np.int64)
     code = np.ones(len(bp), np.int64)
     for off, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
         q = bp + off
@@ -714,16 +728,18 @@ def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     return hist.astype(np.float64) @ _PERIMETER_WEIGHTS
 
 
-def _convex_areas(k: np.ndarray, r: np.ndarray, c: np.ndarray, m: int, starts: np.ndarray,
-                  ends: np.ndarray) -> np.ndarray:
+def _convex_areas(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     """Pixel count of each instance's convex hull as scikit-image's `convex_hull_image` makes it (hull of the
     midpoints of the pixels' edges; a pixel whose centre lies inside or on the hull counts), for all instances
-    at once and in exact integer arithmetic (coordinates doubled). `starts` / `ends`: the pixels (raster order)
-    whose left / right neighbour is not of their instance, i.e. the first / last pixel of each run."""
-    # runs of one instance along a row (pixels are in raster order); per (instance, row) the leftmost run
-    # start and the rightmost run end bound the hull
-    run_k, run_r, run_c0, run_c1 = k[starts], r[starts], c[starts], c[ends]
-    key = run_k * (int(r.max()) + 1) + run_r
+    at once and in exact integer arithmetic (coordinates doubled). `pos[index]`: the instance's row in the
+    result."""
+    # runs of one instance along a row: a run starts at a pixel whose left side is on the boundary and ends at
+    # one whose right side is (both in raster order, so the i-th start and the i-th end are one run); per
+    # (instance, row) the leftmost run start and the rightmost run end bound the hull
+    run_r, run_c0, run_lab = px.side_pixels(3)
+    _, run_c1, _ = px.side_pixels(1)
+    run_k = pos[run_lab]
+    key = run_k * (int(run_r.max()) + 1) + run_r
     order = np.argsort(key, kind="stable")
     ks = key[order]
     first = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
@@ -731,18 +747,20 @@ def _convex_areas(k: np.ndarray, r: np.ndarray, c: np.ndarray, m: int, starts: n
     row = run_r[order][first]
     left = np.minimum.reduceat(run_c0[order], first)
     right = np.maximum.reduceat(run_c1[order], first)
-    # points (instance, y2, x2) in doubled coordinates: the row's midpoints and the top/bottom midpoints
-    inst3 = np.concatenate([inst, inst, inst, inst, inst, inst])
-    y2 = np.concatenate([2 * row, 2 * row - 1, 2 * row + 1, 2 * row, 2 * row - 1, 2 * row + 1])
-    x2 = np.concatenate([2 * left - 1, 2 * left, 2 * left, 2 * right + 1, 2 * right, 2 * right])
-    # per (instance, level): smallest and largest x
-    lkey = inst3 * (2 * int(r.max()) + 4) + (y2 + 1)
-    o = np.lexsort((x2, lkey))
-    lk, yy, xx, ii = lkey[o], y2[o], x2[o], inst3[o]
-    f = np.flatnonzero(np.r_[True, lk[1:] != lk[:-1]])
-    g = np.r_[f[1:] - 1, len(lk) - 1]
-    lev_inst, lev_y = ii[f], yy[f]
-    xmin, xmax = xx[f], xx[g]
+    # points (instance, y2, x2) in doubled coordinates: the row's midpoints (level 2 row: x2 = 2 left - 1 and
+    # 2 right + 1) and its top / bottom midpoints (levels 2 row -+ 1: 2 left and 2 right), a level between two
+    # rows of the instance holding the points of both. Per (instance, level), in ascending order: the smallest
+    # and largest x2. (inst, row) are sorted, so the levels come out sorted: 2 row - 1 (unless the row above is
+    # of the same instance: then it is that row's 2 row + 1), 2 row, 2 row + 1.
+    joined = np.r_[False, (inst[1:] == inst[:-1]) & (row[1:] == row[:-1] + 1)]   # row above of the same instance
+    below = np.r_[joined[1:], False]
+    l2, r2 = 2 * left, 2 * right
+    next_l2, next_r2 = np.r_[l2[1:], 0], np.r_[r2[1:], 0]
+    keep = np.stack([~joined, np.ones_like(joined), np.ones_like(joined)], axis=1)
+    lev_inst = np.repeat(inst, 3)[keep.ravel()]
+    lev_y = np.stack([2 * row - 1, 2 * row, 2 * row + 1], axis=1)[keep]
+    xmin = np.stack([l2, l2 - 1, np.where(below, np.minimum(l2, next_l2), l2)], axis=1)[keep]
+    xmax = np.stack([r2, r2 + 1, np.where(below, np.maximum(r2, next_r2), r2)], axis=1)[keep]
     lo = _convex_chain(lev_inst, lev_y, xmin, lower=True)
     hi = _convex_chain(lev_inst, lev_y, -xmax, lower=True)
     # count the pixel centres (even doubled coordinates) between the two chains on every row of each
