@@ -457,12 +457,72 @@ def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]
     the coordinates (floats written with their repr, as json does). Whole-number coordinates (pixel corners at
     scale 1) are written from ints: `repr(float(k))` is the digits of k and ".0" for |k| < 2**53."""
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
-    whole = xy.astype(np.int64) if xy.size and bool(np.all(np.abs(xy) < 2.0 ** 52)) else None
-    if whole is not None and np.array_equal(whole, xy) and not bool(np.any(np.signbit(xy) & (xy == 0))):
-        pairs = list(map("{}.0,{}.0".format, whole[:, 0].tolist(), whole[:, 1].tolist()))
-    else:
-        pairs = list(map("{!r},{!r}".format, xy[:, 0].tolist(), xy[:, 1].tolist()))
-    return ['{"type":"Polygon","coordinates":[[[' + "],[".join(pairs[a:b]) + "]]]}" for a, b in spans]
+    whole = xy.astype(np.int64) if xy.size and bool(np.all((xy >= 0) & (xy < 2.0 ** 52))) else None
+    if whole is not None and np.array_equal(whole, xy) and not bool(np.any(np.signbit(xy))):
+        return _whole_polygons_json(whole, spans)
+    pairs = list(map("{!r},{!r}".format, xy[:, 0].tolist(), xy[:, 1].tolist()))
+    return [_POLYGON_HEAD + "],[".join(pairs[a:b]) + _POLYGON_TAIL for a, b in spans]
+
+
+_POLYGON_HEAD, _POLYGON_TAIL = '{"type":"Polygon","coordinates":[[[', "]]]}"
+
+
+def _decimal_digits(values: np.ndarray) -> np.ndarray:
+    """Number of decimal digits of each non-negative int64 (1 for 0)."""
+    digits = np.ones(values.shape, np.int64)
+    power = 10
+    top = int(values.max()) if values.size else 0
+    while power <= top:
+        digits += values >= power
+        power *= 10
+    return digits
+
+
+def _whole_polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """`polygons_json` of non-negative whole-number corners (int64 (N, 2)): every ring's text written at once
+    into one byte buffer (digits by array arithmetic; `repr(float(k))` is k's digits and ".0"), then cut."""
+    spans = np.asarray(spans, np.int64).reshape(-1, 2)
+    counts = np.maximum(spans[:, 1] - spans[:, 0], 0)
+    total = int(counts.sum())
+    ring_of = np.repeat(np.arange(len(spans)), counts)
+    point = (np.repeat(spans[:, 0] - np.cumsum(counts) + counts, counts) + np.arange(total)) if total else \
+        np.zeros(0, np.int64)
+    x, y = xy[point, 0], xy[point, 1]
+    nx, ny = _decimal_digits(x), _decimal_digits(y)
+    last = np.zeros(total, bool)
+    last[(np.cumsum(counts) - 1)[counts > 0]] = True
+    length = nx + ny + 5 + np.where(last, 0, 3)          # "<x>.0,<y>.0" and "],[" but after a ring's last point
+    head, tail = len(_POLYGON_HEAD), len(_POLYGON_TAIL)
+    points_length = np.bincount(ring_of, weights=length, minlength=len(spans)).astype(np.int64)
+    ring_end = np.cumsum(head + tail + points_length)
+    ring_start = ring_end - (head + tail + points_length)
+    # a point's text starts after its ring's head and the texts of the ring's points before it
+    before = np.cumsum(length) - length                      # all points before it
+    start = before + (ring_start + head - (np.cumsum(points_length) - points_length))[ring_of]
+    buffer = np.empty(int(ring_end[-1]) if len(spans) else 0, np.uint8)
+
+    def put(at: np.ndarray, text: str) -> None:
+        for i, code in enumerate(text.encode()):
+            buffer[at + i] = code
+
+    def put_digits(at: np.ndarray, values: np.ndarray, digits: np.ndarray) -> None:
+        # from the last digit: the j-th from the right is (value // 10**j) % 10, for the values with more than j
+        at = at + digits - 1
+        for j in range(int(digits.max()) if digits.size else 0):
+            if j and not bool(np.all(digits > j)):
+                on = digits > j
+                at, values, digits = at[on], values[on], digits[on]
+            buffer[at - j] = 48 + (values // 10 ** j) % 10
+
+    put(ring_start, _POLYGON_HEAD)
+    put(ring_end - tail, _POLYGON_TAIL)
+    put_digits(start, x, nx)
+    put(start + nx, ".0,")
+    put_digits(start + nx + 3, y, ny)
+    put(start + nx + 3 + ny, ".0")
+    put((start + nx + ny + 5)[~last], "],[")
+    text = buffer.tobytes().decode("ascii")
+    return [text[a:b] for a, b in zip(ring_start.tolist(), ring_end.tolist())]
 
 
 def _row_template(names: Sequence[str], row: Mapping[str, Any], open_: str, close: str, sep: str,
@@ -506,6 +566,27 @@ def measurements_json_list(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     names, columns = uniform
     template = _row_template(names, rows[0], "[", "]", ",", lambda k: '{"name":' + json.dumps(k) + ',"value":', "}")
     return list(map(template.__mod__, zip(*columns)))
+
+
+def rows_and_measurements_json(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """(`rows_json(rows)`, `measurements_json_list(rows)`), writing each value's text once for both when the
+    rows have the same string keys and every value is a finite float or a plain int (the reprs are most of
+    the work)."""
+    if not rows or not all(type(k) is str for k in rows[0]):
+        return rows_json(rows), measurements_json_list(rows)
+    uniform = _uniform_columns(rows)
+    if uniform is None or not uniform[0]:
+        return rows_json(rows), measurements_json_list(rows)
+    names, columns = uniform
+    texts = [list(map(repr, column)) for column in columns]     # repr: a float's json text, and an int's
+    row_template = "{" + ", ".join(json.dumps(k).replace("%", "%%") + ": %s" for k in names) + "}"
+    measured = [i for i, k in enumerate(names) if k != "id"]
+    if not measured:
+        return "[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]", [""] * len(rows)
+    item_template = "[" + ",".join('{"name":' + json.dumps(names[i]).replace("%", "%%") + ',"value":%s}'
+                                   for i in measured) + "]"
+    return ("[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]",
+            list(map(item_template.__mod__, zip(*(texts[i] for i in measured)))))
 
 
 def rows_json(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -238,7 +238,6 @@ def finish_region(job: dict) -> dict:
     scale = float(job["scale"])
     rows: list[dict] = []
     geometry: list[str] = []
-    measurements: list[str] = []
     if n:
         # measurements and outlines from one scan of the kept labels
         rows, (corners, _, spans) = export.measure_and_outline(kept, job["rgb"], mpp=job["mpp"], foreground=fg)
@@ -251,7 +250,7 @@ def finish_region(job: dict) -> dict:
         if scale != 1.0:
             xy = xy / scale
         geometry = export.polygons_json(xy, spans)
-        measurements = export.measurements_json_list(rows)
+    rows_text, measurements = export.rows_and_measurements_json(rows)
     # the kept instances' bounding box in target pixels, as compact as their count allows
     if n:
         rr = np.flatnonzero(kept.any(axis=1))
@@ -269,7 +268,7 @@ def finish_region(job: dict) -> dict:
              labels_shape=np.array(crop_labels.shape, np.int64), labels_dtype=np.array(crop_labels.dtype.str),
              origin=np.array([by0 + cy0, bx0 + cx0], np.int64), nuclei=np.array(n, np.int64),
              dropped=np.array(dropped, np.int64),
-             rows=np.frombuffer(export.rows_json(rows).encode(), np.uint8),
+             rows=np.frombuffer(rows_text.encode(), np.uint8),
              geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
              measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8))
     utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
