@@ -775,7 +775,7 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     out["perimeter"] = _perimeters(px, pos, len(present))
     out["solidity"] = area / _convex_areas(px, pos, len(present))
     if image is not None:
-        rgb = image.reshape(-1, 3)[pix]
+        rgb = np.take(image.reshape(-1, 3), pix, axis=0)   # (np.take: several times faster than [pix] here)
         sums = [np.bincount(k, weights=rgb[:, ch], minlength=len(present)) for ch in range(3)]
         # float32 means of the channels as scikit-image's (exact integer sums, one float32 division)
         for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
@@ -786,7 +786,7 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
         np.add.at(gray_sum, k, gray)
         out["mean_gray"] = (gray_sum / area.astype(np.float32)).astype(np.float64)
     if foreground is not None:
-        fg = foreground.ravel()[pix].astype(np.float64)
+        fg = np.take(foreground.ravel(), pix).astype(np.float64)
         out["confidence"] = np.bincount(k, weights=fg, minlength=len(present)) / area
     return out
 
