@@ -242,7 +242,7 @@ class _LabelPixels:
         padded[1:-1, 1:-1] = index
         self.pw = pw = width + 2
         self.pf = pf = padded.ravel()
-        self.ppix = ppix = np.flatnonzero(pf)
+        self.ppix = ppix = np.flatnonzero(pf != 0)   # (on a bool array: several times faster than on ints)
         self.lab = lab = pf[ppix].astype(np.int64)
         self.r = r = ppix // pw - 1
         self.c = c = ppix - (r + 1) * pw - 1
@@ -286,7 +286,11 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     complex_ids = np.zeros(n_index + 1, bool)
     dup = sorted_start[1:] == sorted_start[:-1]
     complex_ids[inst[order[1:][dup]]] = True      # a corner with two outgoing edges: corner contact
-    nxt = order[np.clip(np.searchsorted(sorted_start, end), 0, len(order) - 1)]
+    # the edge that begins where this one ends: every corner has as many edges in as out, so the sorted end keys
+    # are the sorted start keys and the k-th smallest end is followed by the k-th smallest start (where a corner
+    # has one edge out, the only choice; two: a corner contact, an instance traced one by one below anyway)
+    nxt = np.empty_like(order)
+    nxt[np.argsort(end, kind="stable")] = order
     # each instance's first edge: the smallest start key (its top-left-most corner)
     first_pos = np.flatnonzero(np.r_[True, inst[order[1:]] != inst[order[:-1]]])
     first_edge = order[first_pos]
@@ -796,15 +800,14 @@ def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
     4-neighbour + 10 per diagonal neighbour that is a border pixel of the same instance)."""
     pw, pf = px.pw, px.pf
-    is_border = np.zeros(pf.size, bool)
+    border = np.zeros(pf.size, pf.dtype)        # the border pixels' index, 0 elsewhere
     for side in px.sides:
-        is_border[side] = True
-    bp = np.flatnonzero(is_border)
-    bl = pf[bp].astype(np.int64)
-    code = np.ones(len(bp), np.int64)
+        border[side] = pf[side]
+    bp = np.flatnonzero(border != 0)
+    bl = pf[bp]
+    code = np.ones(len(bp), np.uint8)           # at most 1 + 4 * 2 + 4 * 10 = 49
     for off, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
-        q = bp + off
-        code += weight * (is_border[q] & (pf[q] == bl))
+        code += (border[bp + off] == bl) * np.uint8(weight)   # a border pixel of the same instance there
     hist = np.bincount(pos[bl] * 50 + code, minlength=m * 50).reshape(m, 50)
     return hist.astype(np.float64) @ _PERIMETER_WEIGHTS
 

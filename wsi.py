@@ -210,7 +210,7 @@ def finish_region(job: dict) -> dict:
     min_confidence = float(job.get("min_confidence", 0.0) or 0.0)
     width = labels.shape[1]
     flat = labels.ravel()
-    pix = np.flatnonzero(flat)
+    pix = np.flatnonzero(flat != 0)   # (on a bool array: several times faster than on the labels)
     n = dropped = 0
     kept = np.zeros(labels.shape, np.uint32)
     if pix.size:
@@ -232,8 +232,8 @@ def finish_region(job: dict) -> dict:
             dropped = int(low.sum())
             in_core &= ~low
         n = int(in_core.sum())
-        lut = np.zeros(top + 1, np.uint32)
-        lut[in_core] = np.arange(1, n + 1, dtype=np.uint32)
+        lut = np.zeros(top + 1, np.uint16 if n < 65536 else np.uint32)   # already the region file's label dtype
+        lut[in_core] = np.arange(1, n + 1, dtype=lut.dtype)
         kept = lut[labels]
     scale = float(job["scale"])
     rows: list[dict] = []
@@ -260,7 +260,7 @@ def finish_region(job: dict) -> dict:
     else:
         by0 = bx0 = 0
         crop_labels = np.zeros((0, 0), np.uint32)
-    crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32))
+    crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32, copy=False))
     path = Path(job["file"])
     buffer = io.BytesIO()
     # the label crop is mostly zeros: zlib level 1 packs it about as well as the default level, several times faster
