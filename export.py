@@ -65,6 +65,9 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+_SMALL_INDEX_TYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.int32))
+
+
 def _index_map(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(index map, ids): an integer map whose values 1..n index the instances, and ids[k - 1] = id of
     index k, or None when the index is the id itself. Ids are compacted only when they are very large
@@ -73,6 +76,8 @@ def _index_map(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """
     max_id = int(labels.max()) if labels.size else 0
     if max_id <= max(labels.size, 1 << 16):
+        if labels.dtype in _SMALL_INDEX_TYPES:
+            return labels, None    # as it is: a copy to int32 would only make the scans of the map slower
         return labels.astype(np.int64 if max_id >= 2**31 else np.int32, copy=False), None
     ids, compact = np.unique(labels, return_inverse=True)
     compact = compact.reshape(labels.shape).astype(np.int64)
@@ -800,14 +805,15 @@ def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
     4-neighbour + 10 per diagonal neighbour that is a border pixel of the same instance)."""
     pw, pf = px.pw, px.pf
-    border = np.zeros(pf.size, pf.dtype)        # the border pixels' index, 0 elsewhere
+    is_border = np.zeros(pf.size, bool)     # (a bool map: an index map here costs more in page faults than it saves)
     for side in px.sides:
-        border[side] = pf[side]
-    bp = np.flatnonzero(border != 0)
+        is_border[side] = True
+    bp = np.flatnonzero(is_border)
     bl = pf[bp]
     code = np.ones(len(bp), np.uint8)           # at most 1 + 4 * 2 + 4 * 10 = 49
     for off, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
-        code += (border[bp + off] == bl) * np.uint8(weight)   # a border pixel of the same instance there
+        q = bp + off
+        code += (is_border[q] & (pf[q] == bl)) * np.uint8(weight)   # a border pixel of the same instance there
     hist = np.bincount(pos[bl] * 50 + code, minlength=m * 50).reshape(m, 50)
     return hist.astype(np.float64) @ _PERIMETER_WEIGHTS
 

@@ -839,6 +839,12 @@ def test_one_scan_measurements_and_outlines_equal_the_former_per_pixel_code(real
         former_table = _former_ring_table(labels)
         _assert_same_ring_tables(table, former_table)
         _assert_same_ring_tables(export.ring_table(labels), former_table)
+        for small in (np.uint8, np.uint16, np.int16):    # index maps kept in their own (small) dtype
+            if labels.max() <= np.iinfo(small).max:
+                rows_small, table_small = export.measure_and_outline(labels.astype(small), image, mpp=0.25,
+                                                                     foreground=fg)
+                assert rows_small == former_rows
+                _assert_same_ring_tables(table_small, former_table)
         count += 1
     assert count > 90
 
