@@ -8,6 +8,9 @@
   nucleus (scikit-image `regionprops_table`) and write them as CSV.
 - `GeoJSONWriter` / `CSVWriter` stream the same files feature by feature / row by row for whole slides
   (temporary file renamed on a successful close, removed on an error; gzip output is byte-deterministic).
+- For whole slides: `measure_and_outline` gives `measure_nuclei`'s rows and `ring_table`'s outlines from one scan
+  of the label map; `polygons_json`, `rows_and_measurements_json` and `features_json` write the texts the
+  region files and the streamed GeoJSON hold (the bytes `json.dumps` gives).
 
 Coordinates are pixel units with the origin at the top-left corner of the image, x to the right and y
 downwards (QuPath's convention). See docs/export.md for the formats and the QuPath import steps.
