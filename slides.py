@@ -245,18 +245,20 @@ class SlideReader:
         return loc
 
     def _read_level(self, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
-        """uint8 RGB (height, width, 3) of `level` pixels [ly, ly+height) x [lx, lx+width); white outside."""
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        """uint8 RGB (height, width, 3) of `level` pixels [ly, ly+height) x [lx, lx+width); white outside.
+        The backend's pixels go straight into the result (`_paste_rgb`)."""
         level_w, level_h = self.level_dimensions[level]
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + width, level_w), min(ly + height, level_h)
+        inside = (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height)
+        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         location = (self._location(level, x0), self._location(level, y0))
         size = (x1 - x0, y1 - y0)
         try:
             if self.backend == "openslide":
-                region = np.asarray(self._slide.read_region(location, level, size))
+                region = self._slide.read_region(location, level, size)
             else:
                 region = self._slide.read_region(location, level, size, as_array=True, padding=False)
         except UserError:
@@ -264,11 +266,22 @@ class SlideReader:
         except Exception as e:  # noqa: BLE001 - a damaged tile anywhere in the file
             raise UserError(f"{self.path}: cannot read level {level} region {size[0]}x{size[1]} at "
                             f"({x0}, {y0}): {type(e).__name__}: {e}") from None
-        region = self._to_rgb(region)
+        target = out[y0 - ly:y1 - ly, x0 - lx:x1 - lx]
+        if hasattr(region, "getchannel") and region.mode == "RGBA" and region.size == size:
+            # a PIL image from OpenSlide (straight alpha): opaque, its RGB bytes go straight in, no compositing
+            if region.getchannel("A").getextrema()[0] == 255:
+                target[...] = np.frombuffer(region.tobytes("raw", "RGB"), np.uint8).reshape(size[1], size[0], 3)
+                return out
+        region = np.asarray(region)
+        if not (region.dtype == np.uint8 and region.ndim == 3 and region.shape[2] in (3, 4)):
+            region = self._to_rgb(region)
         if region.shape[:2] != (size[1], size[0]):
             raise UserError(f"{self.path}: level {level} read returned {region.shape[1]}x{region.shape[0]} "
                             f"pixels instead of {size[0]}x{size[1]} (damaged file?)")
-        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = region
+        if inside and region.shape[2] == 3 and region.flags.c_contiguous and region.flags.writeable \
+                and region.base is None:
+            return region   # tiffslide's own new RGB array is the result: no copy
+        _paste_rgb(target, region)
         return out
 
     def read_region(self, x: int, y: int, width: int, height: int, level: int = 0) -> np.ndarray:
@@ -365,6 +378,18 @@ class SlideReader:
     def __repr__(self) -> str:
         return (f"SlideReader({str(self.path)!r}, backend={self.backend!r}, dimensions={self.dimensions}, "
                 f"levels={len(self.level_dimensions)}, mpp={self.mpp})")
+
+
+def _paste_rgb(target: np.ndarray, array: np.ndarray) -> None:
+    """Write uint8 RGB or RGBA (h, w, 3|4) into `target` (h, w, 3) as `image_io.to_rgb` makes it, without its
+    intermediate arrays: the colour is copied in, and straight alpha is composited over white only at the
+    pixels whose alpha is below 255 (where it is 255 the compositing formula gives the colour itself)."""
+    target[...] = array[..., :3]
+    if array.shape[2] == 4:
+        alpha = array[..., 3]
+        rows, cols = np.nonzero(alpha != 255)
+        if rows.size:
+            target[rows, cols] = image_io.composite_over_white(array[rows, cols, :3][None], alpha[rows, cols][None])[0]
 
 
 def _outside(start: int, count: int, scale: float, size0: int) -> np.ndarray:

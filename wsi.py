@@ -216,7 +216,7 @@ def finish_region(job: dict) -> dict:
     min_confidence = float(job.get("min_confidence", 0.0) or 0.0)
     width = labels.shape[1]
     flat = labels.ravel()
-    pix = np.flatnonzero(flat)
+    pix = np.flatnonzero(flat != 0)   # (on a bool array: several times faster than on the labels)
     n = dropped = 0
     kept = np.zeros(labels.shape, np.uint32)
     if pix.size:
@@ -238,24 +238,25 @@ def finish_region(job: dict) -> dict:
             dropped = int(low.sum())
             in_core &= ~low
         n = int(in_core.sum())
-        lut = np.zeros(top + 1, np.uint32)
-        lut[in_core] = np.arange(1, n + 1, dtype=np.uint32)
+        lut = np.zeros(top + 1, np.uint16 if n < 65536 else np.uint32)   # already the region file's label dtype
+        lut[in_core] = np.arange(1, n + 1, dtype=lut.dtype)
         kept = lut[labels]
     scale = float(job["scale"])
-    rows = export.measure_nuclei(kept, job["rgb"], mpp=job["mpp"], foreground=fg) if n else []
+    rows: list[dict] = []
+    geometry: list[str] = []
+    if n:
+        # measurements and outlines from one scan of the kept labels
+        rows, (corners, _, spans) = export.measure_and_outline(kept, job["rgb"], mpp=job["mpp"], foreground=fg)
     for row in rows:  # region crop -> target grid of the whole slide
         row["centroid_x"] += cx0
         row["centroid_y"] += cy0
     rows = [_scale_row(r, scale) for r in rows]
-    geometry: list[str] = []
-    measurements: list[str] = []
     if n:
-        corners, _, spans = export.ring_table(kept)
         xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
         if scale != 1.0:
             xy = xy / scale
         geometry = export.polygons_json(xy, spans)
-        measurements = [export.measurements_json(row) for row in rows]
+    rows_text, measurements = export.rows_and_measurements_json(rows)
     # the kept instances' bounding box in target pixels, as compact as their count allows
     if n:
         rr = np.flatnonzero(kept.any(axis=1))
@@ -265,7 +266,7 @@ def finish_region(job: dict) -> dict:
     else:
         by0 = bx0 = 0
         crop_labels = np.zeros((0, 0), np.uint32)
-    crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32))
+    crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32, copy=False))
     path = Path(job["file"])
     buffer = io.BytesIO()
     # the label crop is mostly zeros: zlib level 1 packs it about as well as the default level, several times faster
@@ -273,7 +274,7 @@ def finish_region(job: dict) -> dict:
              labels_shape=np.array(crop_labels.shape, np.int64), labels_dtype=np.array(crop_labels.dtype.str),
              origin=np.array([by0 + cy0, bx0 + cx0], np.int64), nuclei=np.array(n, np.int64),
              dropped=np.array(dropped, np.int64),
-             rows=np.frombuffer(json.dumps(rows).encode(), np.uint8),
+             rows=np.frombuffer(rows_text.encode(), np.uint8),
              geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
              measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8))
     utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
@@ -660,8 +661,8 @@ def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], 
             centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
                                       np.float32).reshape(-1, 2))
             confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
-            geojson.add_text([export.feature_json(int(row["id"]), g, m)
-                              for row, g, m in zip(data["rows"], data["geometry"], data["measurements"])])
+            geojson.add_text(export.features_json([row["id"] for row in data["rows"]], data["geometry"],
+                                                  data["measurements"]))
             csv.add(data["rows"])
             files.append(f)
             offsets.append(offset)

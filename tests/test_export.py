@@ -472,3 +472,440 @@ def test_measurement_names_cached_as_json_text_give_json_dumps():
         for values in ({"área µm²": 1.5, 'a"b\\c': 2, "area_px": 3}, {1: 0.5, "x": 1}, {1.0: 0.5}, {True: 0.5}):
             assert export.measurements_json(values) == json.dumps(
                 [{"name": str(k), "value": v} for k, v in values.items()], separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17, third step: measurements and outlines from one scan of the label changes, text by templates.
+# The former implementations, kept as the references (verbatim but for the names and the shared helpers).
+# ----------------------------------------------------------------------------------------------
+def _former_ring_table(labels: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
+    """(corners (N, 2) int64 of all rings one after the other, ids ascending, [(start, stop)] of each id's ring
+    in corners). See `instance_rings`.
+
+    The common case, an instance that is one 4-connected piece without holes and without two pixels touching
+    only at a corner, is traced for all such instances together: each boundary pixel side becomes a directed
+    edge keyed by (instance, start corner), every edge's successor is found by one sorted search, and the
+    edges are put in ring order by pointer doubling (log2 of the longest ring steps), starting from each
+    ring's top-left-most corner as `_outer_ring` does. Instances that are not that simple (several pieces,
+    holes, corner contacts: detected on the way, a vertex with two outgoing edges or a ring shorter than the
+    instance's boundary) go through `instance_outline` one by one.
+    """
+    labels = export._check_labels(labels)
+    index, ids = export._index_map(labels)
+    height, width = index.shape
+    if not index.any():
+        return np.zeros((0, 2), np.int64), [], []
+    padded = np.zeros((height + 2, width + 2), index.dtype)
+    padded[1:-1, 1:-1] = index
+    pw = width + 2
+    pf = padded.ravel()
+    pix = np.flatnonzero(pf)
+    lab = pf[pix].astype(np.int64)
+    r = pix // pw - 1
+    c = pix % pw - 1
+    stride = width + 1                      # corner (x, y) -> y * stride + x
+    corners = (height + 1) * stride
+    starts, ends, owner = [], [], []
+    for off, (sy, sx, ey, ex) in ((-pw, (0, 0, 0, 1)), (1, (0, 1, 1, 1)), (pw, (1, 1, 1, 0)), (-1, (1, 0, 0, 0))):
+        side = pf[pix + off] != lab         # background (or another instance) on that side
+        rr, cc, ll = r[side], c[side], lab[side]
+        starts.append(ll * corners + (rr + sy) * stride + cc + sx)
+        ends.append(ll * corners + (rr + ey) * stride + cc + ex)
+        owner.append(ll)
+    start = np.concatenate(starts)
+    end = np.concatenate(ends)
+    inst = np.concatenate(owner)
+    order = np.argsort(start, kind="stable")
+    sorted_start = start[order]
+    n_index = int(lab.max())
+    complex_ids = np.zeros(n_index + 1, bool)
+    dup = sorted_start[1:] == sorted_start[:-1]
+    complex_ids[inst[order[1:][dup]]] = True      # a corner with two outgoing edges: corner contact
+    nxt = order[np.clip(np.searchsorted(sorted_start, end), 0, len(order) - 1)]
+    # each instance's first edge: the smallest start key (its top-left-most corner)
+    first_pos = np.flatnonzero(np.r_[True, inst[order[1:]] != inst[order[:-1]]])
+    first_edge = order[first_pos]
+    head = np.zeros(n_index + 1, np.int64)
+    head[inst[first_edge]] = first_edge
+    count = np.bincount(inst, minlength=n_index + 1)
+    is_head = np.zeros(len(start), bool)
+    is_head[first_edge] = True
+    dist = np.where(is_head, 0, 1).astype(np.int64)
+    ptr = np.where(is_head, np.arange(len(start)), nxt)
+    for _ in range(max(int(count.max()), 1).bit_length() + 1):
+        dist = dist + dist[ptr]
+        ptr = ptr[ptr]
+    on_ring = ptr == head[inst]
+    complex_ids[inst[~on_ring]] = True              # a second ring: holes or several pieces
+    simple = ~complex_ids[inst]
+    e_idx = np.flatnonzero(simple)
+    e_inst = inst[e_idx]
+    length = count[e_inst]
+    position = (length - dist[e_idx]) % length
+    offsets = np.cumsum(count) - count
+    chain = np.empty(len(start), np.int64)
+    chain[offsets[e_inst] + position] = e_idx
+    # walk the simple instances' rings in order
+    valid_ids = np.flatnonzero((count > 0) & ~complex_ids)
+    valid_ids = valid_ids[valid_ids > 0]
+    seg_lengths = count[valid_ids]
+    seg_offsets = offsets[valid_ids]
+    gather = (np.repeat(seg_offsets - np.cumsum(seg_lengths) + seg_lengths, seg_lengths)
+              + np.arange(int(seg_lengths.sum())))
+    edges = chain[gather]
+    local = start[edges] % corners
+    xs, ys = local % stride, local // stride
+    local_end = end[edges] % corners
+    dx, dy = local_end % stride - xs, local_end // stride - ys
+    seg_start = np.repeat(np.cumsum(seg_lengths) - seg_lengths, seg_lengths)
+    seg_pos = np.arange(len(edges)) - seg_start
+    prev = seg_start + (seg_pos - 1) % np.repeat(seg_lengths, seg_lengths)
+    turn = (dx != dx[prev]) | (dy != dy[prev])
+    # orientation: shoelace over the edges (= over the corners kept)
+    seg_id = np.repeat(np.arange(len(valid_ids)), seg_lengths)
+    area2 = np.bincount(seg_id, weights=(xs * (ys + dy) - (xs + dx) * ys).astype(np.float64),
+                        minlength=len(valid_ids))
+    kept = np.flatnonzero(turn)
+    points = np.stack([xs[kept], ys[kept]], axis=1)
+    bounds = np.r_[0, np.cumsum(np.bincount(seg_id[kept], minlength=len(valid_ids)))]
+    # closed rings, reversed where the shoelace area is negative (as `_outer_ring`)
+    n_points = np.diff(bounds) + 1
+    ring_start = np.cumsum(n_points) - n_points
+    local_pos = np.arange(int(n_points.sum())) - np.repeat(ring_start, n_points)
+    size = np.repeat(n_points - 1, n_points)
+    step = np.where(np.repeat(area2 < 0, n_points), (size - local_pos) % size, local_pos % size)
+    flat = points[np.repeat(bounds[:-1], n_points) + step]
+    pieces = {int(i): (int(a), int(b)) for i, a, b in zip(valid_ids.tolist(), ring_start.tolist(),
+                                                          (ring_start + n_points).tolist())}
+    extra = []
+    complex_list = [i for i in np.flatnonzero(complex_ids).tolist() if i and count[i]]
+    if complex_list:
+        boxes = ndimage.find_objects(index)
+        total = len(flat)
+        for index_id in complex_list:
+            box = boxes[index_id - 1]
+            outline = np.array(export.instance_outline(index[box] == index_id), np.int64)
+            outline += np.array([box[1].start, box[0].start])
+            extra.append(outline)
+            pieces[index_id] = (total, total + len(outline))
+            total += len(outline)
+        flat = np.concatenate([flat] + extra)
+    keys = sorted(pieces)
+    return flat, [(k if ids is None else int(ids[k - 1])) for k in keys], [pieces[k] for k in keys]
+
+
+def _former_polygons_json(xy: np.ndarray, spans) -> list[str]:
+    """`polygon_json` of each ring `xy[a:b]` (float64 (N, 2) corners) for (a, b) in `spans`, in one pass over
+    the coordinates (floats written with their repr, as json does)."""
+    text = list(map(repr, np.asarray(xy, np.float64).ravel().tolist()))
+    pairs = [a + "," + b for a, b in zip(text[0::2], text[1::2])]
+    return ['{"type":"Polygon","coordinates":[[[' + "],[".join(pairs[a:b]) + "]]]}" for a, b in spans]
+
+
+
+def _former_measure_table(index: np.ndarray, image: np.ndarray | None,
+                   foreground: np.ndarray | None) -> dict[str, np.ndarray] | None:
+    """Per-instance arrays (rows for the present indices 1..n, ascending) of `measure_nuclei`, vectorised."""
+    height, width = index.shape
+    flat = index.ravel()
+    pix = np.flatnonzero(flat)
+    if pix.size == 0:
+        return None
+    lab = flat[pix].astype(np.int64)
+    n = int(lab.max())
+    r = pix // width
+    c = pix - r * width
+    count = np.bincount(lab, minlength=n + 1)
+    present = np.flatnonzero(count)
+    present = present[present > 0]
+    area = count[present].astype(np.float64)
+    # centroids: mean of the integer coordinates (sums are exact in float64, as scikit-image's mean)
+    cy_all = np.bincount(lab, weights=r, minlength=n + 1)[present] / area
+    cx_all = np.bincount(lab, weights=c, minlength=n + 1)[present] / area
+    out: dict[str, np.ndarray] = {"present": present, "area": area, "centroid_y": cy_all, "centroid_x": cx_all}
+    # second central moments -> inertia tensor (scikit-image: [[mu02, -mu11], [-mu11, mu20]] / mu00)
+    pos = np.zeros(n + 1, np.int64)
+    pos[present] = np.arange(len(present))
+    k = pos[lab]
+    dy = r - cy_all[k]
+    dx = c - cx_all[k]
+    mu20 = np.bincount(k, weights=dy * dy, minlength=len(present))
+    mu02 = np.bincount(k, weights=dx * dx, minlength=len(present))
+    mu11 = np.bincount(k, weights=dy * dx, minlength=len(present))
+    tensor = np.empty((len(present), 2, 2), np.float64)
+    tensor[:, 0, 0] = mu02 / area
+    tensor[:, 1, 1] = mu20 / area
+    tensor[:, 0, 1] = tensor[:, 1, 0] = -mu11 / area
+    eig = np.clip(np.linalg.eigvalsh(tensor), 0, None)   # ascending
+    l1, l2 = eig[:, 1], eig[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["eccentricity"] = np.where(l1 == 0, 0.0, np.sqrt(np.clip(1 - l2 / np.where(l1 == 0, 1, l1), 0, None)))
+    out["major"] = 4 * np.sqrt(l1)
+    out["minor"] = 4 * np.sqrt(l2)
+    out["perimeter"] = _former_perimeters(index, pix, lab, r, c, pos, len(present))
+    out["solidity"] = area / _former_convex_areas(k, r, c, len(present), lab, pix, width)
+    if image is not None:
+        rgb = image.reshape(-1, 3)[pix]
+        sums = [np.bincount(k, weights=rgb[:, ch], minlength=len(present)) for ch in range(3)]
+        # float32 means of the channels as scikit-image's (exact integer sums, one float32 division)
+        for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
+            out[name] = (sums[ch].astype(np.float32) / area.astype(np.float32)).astype(np.float64)
+        # gray: per-pixel float32 values summed in float32 in raster order, as scikit-image's mean does
+        gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        gray_sum = np.zeros(len(present), np.float32)
+        np.add.at(gray_sum, k, gray)
+        out["mean_gray"] = (gray_sum / area.astype(np.float32)).astype(np.float64)
+    if foreground is not None:
+        fg = foreground.ravel()[pix].astype(np.float64)
+        out["confidence"] = np.bincount(k, weights=fg, minlength=len(present)) / area
+    return out
+
+
+def _former_perimeters(index: np.ndarray, pix: np.ndarray, lab: np.ndarray, r: np.ndarray, c: np.ndarray,
+                pos: np.ndarray, m: int) -> np.ndarray:
+    """scikit-image's `perimeter(mask, 4)` of every instance at once: the instance's border pixels (those with
+    a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
+    4-neighbour + 10 per diagonal neighbour that is a border pixel of the same instance)."""
+    height, width = index.shape
+    padded = np.zeros((height + 2, width + 2), index.dtype)   # a frame of background around the map
+    padded[1:-1, 1:-1] = index
+    pw = width + 2
+    pf = padded.ravel()
+    p = (r + 1) * pw + (c + 1)
+    interior = pf[p - pw] == lab
+    for off in (pw, -1, 1):
+        interior &= pf[p + off] == lab
+    edge = ~interior
+    bp, bl = p[edge], lab[edge]
+    is_border = np.zeros(pf.size, bool)
+    is_border[bp] = True
+    code = np.ones(len(bp), np.int64)
+    for off, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
+        q = bp + off
+        code += weight * (is_border[q] & (pf[q] == bl))
+    hist = np.bincount(pos[bl] * 50 + code, minlength=m * 50).reshape(m, 50)
+    return hist.astype(np.float64) @ export._PERIMETER_WEIGHTS
+
+
+def _former_convex_areas(k: np.ndarray, r: np.ndarray, c: np.ndarray, m: int, lab_flat: np.ndarray,
+                  pix: np.ndarray, width: int) -> np.ndarray:
+    """Pixel count of each instance's convex hull as scikit-image's `convex_hull_image` makes it (hull of the
+    midpoints of the pixels' edges; a pixel whose centre lies inside or on the hull counts), for all instances
+    at once and in exact integer arithmetic (coordinates doubled)."""
+    # runs of one instance along a row (pixels are in raster order); per (instance, row) the leftmost run
+    # start and the rightmost run end bound the hull
+    lab = lab_flat
+    starts = np.r_[True, (pix[1:] != pix[:-1] + 1) | (lab[1:] != lab[:-1]) | (c[1:] == 0)]
+    ends = np.r_[starts[1:], True]
+    run_k, run_r, run_c0, run_c1 = k[starts], r[starts], c[starts], c[ends]
+    key = run_k * (int(r.max()) + 1) + run_r
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    first = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+    inst = run_k[order][first]
+    row = run_r[order][first]
+    left = np.minimum.reduceat(run_c0[order], first)
+    right = np.maximum.reduceat(run_c1[order], first)
+    # points (instance, y2, x2) in doubled coordinates: the row's midpoints and the top/bottom midpoints
+    inst3 = np.concatenate([inst, inst, inst, inst, inst, inst])
+    y2 = np.concatenate([2 * row, 2 * row - 1, 2 * row + 1, 2 * row, 2 * row - 1, 2 * row + 1])
+    x2 = np.concatenate([2 * left - 1, 2 * left, 2 * left, 2 * right + 1, 2 * right, 2 * right])
+    # per (instance, level): smallest and largest x
+    lkey = inst3 * (2 * int(r.max()) + 4) + (y2 + 1)
+    o = np.lexsort((x2, lkey))
+    lk, yy, xx, ii = lkey[o], y2[o], x2[o], inst3[o]
+    f = np.flatnonzero(np.r_[True, lk[1:] != lk[:-1]])
+    g = np.r_[f[1:] - 1, len(lk) - 1]
+    lev_inst, lev_y = ii[f], yy[f]
+    xmin, xmax = xx[f], xx[g]
+    lo = export._convex_chain(lev_inst, lev_y, xmin, lower=True)
+    hi = export._convex_chain(lev_inst, lev_y, -xmax, lower=True)
+    # count the pixel centres (even doubled coordinates) between the two chains on every row of each
+    # instance's vertical extent (also rows without pixels of a multi-piece instance)
+    ymin = np.full(m, np.iinfo(np.int64).max)
+    ymax = np.full(m, np.iinfo(np.int64).min)
+    np.minimum.at(ymin, inst, row)
+    np.maximum.at(ymax, inst, row)
+    span = ymax - ymin + 1
+    all_inst = np.repeat(np.arange(m), span)
+    all_rows = np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span) + ymin[all_inst]
+    xl_num, xl_den = export._chain_at(lo, all_inst, 2 * all_rows)
+    xr_num, xr_den = export._chain_at(hi, all_inst, 2 * all_rows)
+    # x >= xl -> doubled even 2j >= xl_num / xl_den -> j >= ceil(xl_num / (2 xl_den)); x <= -xr
+    j_lo = -((-xl_num) // (2 * xl_den))
+    j_hi = (-xr_num) // (2 * xr_den)  # the right chain is the minorant of -x: x <= -xr_num / xr_den
+    counts = np.maximum(j_hi - j_lo + 1, 0)
+    return np.bincount(all_inst, weights=counts, minlength=m)
+
+
+
+
+def _former_rows(labels: np.ndarray, image, mpp, foreground) -> list[dict]:
+    """The former `measure_nuclei` rows: `_former_measure_table` put into rows as `measure_nuclei` does."""
+    index, ids = export._index_map(export._check_labels(labels))
+    table = _former_measure_table(index, image, foreground)
+    if table is None:
+        return []
+    present = table["present"]
+    out_ids = present if ids is None else ids[present - 1]
+    columns = {"id": [int(v) for v in out_ids.tolist()], "centroid_x": table["centroid_x"].tolist(),
+               "centroid_y": table["centroid_y"].tolist()}
+    if foreground is not None:
+        columns["confidence"] = table["confidence"].tolist()
+    area = table["area"]
+    columns.update({"area_px": area.astype(np.int64).tolist(), "perimeter_px": table["perimeter"].tolist(),
+                    "eccentricity": table["eccentricity"].tolist(), "solidity": table["solidity"].tolist(),
+                    "major_axis_px": table["major"].tolist(), "minor_axis_px": table["minor"].tolist()})
+    if image is not None:
+        for name in ("mean_r", "mean_g", "mean_b", "mean_gray"):
+            columns[name] = table[name].tolist()
+    if mpp:
+        columns["area_um2"] = (area * mpp * mpp).tolist()
+        columns["perimeter_um"] = (table["perimeter"] * mpp).tolist()
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*(columns[k] for k in names))]
+
+
+def _edge_case_maps():
+    """Hand-made label maps: the cases where a scan of the label changes could go wrong."""
+    maps = []
+    one = np.zeros((5, 6), np.int32)
+    one[2, 3] = 4                                   # a single pixel
+    maps.append(one)
+    full = np.full((7, 9), 3, np.int32)             # one instance filling the map (touches every border)
+    maps.append(full)
+    rows = np.zeros((6, 10), np.int32)
+    rows[0, :] = 1                                  # a row along the top border, one along the bottom
+    rows[5, 2:9] = 2
+    rows[2:4, 0] = 5                                # a column on the left border, one on the right
+    rows[1:5, 9] = 6
+    maps.append(rows)
+    touching = np.zeros((8, 8), np.int32)
+    touching[1:4, 1:4] = 1                          # instances touching along sides and at corners only
+    touching[1:4, 4:7] = 2
+    touching[4:7, 4:7] = 1                          # id 1 again: two pieces meeting at one corner
+    touching[4, 1:4] = 3
+    maps.append(touching)
+    ring = np.zeros((9, 9), np.int32)
+    ring[1:8, 1:8] = 7
+    ring[3:6, 3:6] = 0                              # a hole
+    ring[4, 4] = 8                                  # an instance inside the hole
+    maps.append(ring)
+    gaps = np.zeros((12, 7), np.int32)
+    gaps[1:3, 1:5] = 9                              # one id in pieces on rows far apart, the hull spans the gap
+    gaps[8:11, 3:6] = 9
+    gaps[5, 0:7] = 10                               # runs split by background on one row
+    gaps[5, 3] = 0
+    maps.append(gaps)
+    big = np.zeros((6, 6), np.int64)
+    big[1:3, 1:3] = 5_000_000_000                   # ids beyond the compaction threshold
+    big[3:5, 2:5] = 7
+    maps.append(big)
+    maps.append(np.zeros((4, 4), np.int32))        # no instance
+    return maps
+
+
+def _label_cases(real_sample_dir=None):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for labels in _edge_case_maps():
+        yield labels, rng.integers(0, 256, labels.shape + (3,)).astype(np.uint8)
+    yield from _random_label_maps(80, seed=7)
+    if real_sample_dir is not None:
+        for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:8]:
+            png = Path(str(f).replace("label masks modify", "tissue images")).with_suffix(".png")
+            yield tifffile.imread(f).astype(np.int32), np.asarray(Image.open(png).convert("RGB"))
+
+
+def _assert_same_ring_tables(a, b) -> None:
+    assert a[0].dtype == b[0].dtype and a[0].tolist() == b[0].tolist()
+    assert a[1] == b[1] and a[2] == b[2]
+
+
+def test_one_scan_measurements_and_outlines_equal_the_former_per_pixel_code(real_sample_dir):
+    """`measure_and_outline`, `measure_nuclei` and `ring_table` (pixel sides from one scan of the label changes,
+    runs and hull levels from those sides) give exactly the values of the former per-pixel code (every float
+    bit for bit, the same rings), on hand-made edge cases, random maps with holes, pieces and corner contacts,
+    and real NuInsSeg label maps."""
+    count = 0
+    for labels, image in _label_cases(real_sample_dir):
+        fg = np.random.default_rng(count).random(labels.shape).astype(np.float32)
+        former_rows = _former_rows(labels, image, 0.25, fg)
+        rows, table = export.measure_and_outline(labels, image, mpp=0.25, foreground=fg)
+        assert rows == former_rows                  # == on floats: bit for bit (no NaN in these columns)
+        assert export.measure_nuclei(labels, image, mpp=0.25, foreground=fg) == former_rows
+        assert export.measure_nuclei(labels, None) == _former_rows(labels, None, None, None)
+        former_table = _former_ring_table(labels)
+        _assert_same_ring_tables(table, former_table)
+        _assert_same_ring_tables(export.ring_table(labels), former_table)
+        for small in (np.uint8, np.uint16, np.int16):    # index maps kept in their own (small) dtype
+            if labels.max() <= np.iinfo(small).max:
+                rows_small, table_small = export.measure_and_outline(labels.astype(small), image, mpp=0.25,
+                                                                     foreground=fg)
+                assert rows_small == former_rows
+                _assert_same_ring_tables(table_small, former_table)
+        count += 1
+    assert count > 90
+
+
+def test_whole_number_polygon_texts_equal_the_former_reprs():
+    """Whole-number corners (scale 1) are written from their digits into one buffer: the text of the former
+    repr-based `polygons_json`, for 0, every digit count, large values, one-point and overlapping spans; other
+    coordinates (fractions, negative numbers, -0.0) keep the repr path."""
+    rng = np.random.default_rng(2)
+    values = np.concatenate([[0, 1, 9, 10, 99, 100, 12345, 999999, 10**7, 2**40, 2**51], rng.integers(0, 5000, 400)])
+    xy = np.stack([values, rng.permutation(values)], axis=1).astype(np.float64)
+    spans = [(0, 5), (5, 6), (6, 200), (3, 9), (200, len(xy))]
+    assert export.polygons_json(xy, spans) == _former_polygons_json(xy, spans)
+    kept = np.zeros((40, 50), np.int32)
+    for i, (y, x) in enumerate(rng.integers(0, 35, (12, 2))):
+        kept[y:y + 5, x:x + 4] = i + 1
+    corners, _, ring_spans = export.ring_table(kept)
+    for offset in ((0, 0), (1920, 7), (123456, 98765)):
+        xy = corners.astype(np.float64) + np.array(offset, np.float64)
+        assert export.polygons_json(xy, ring_spans) == _former_polygons_json(xy, ring_spans)
+    for odd in (xy / 3.0, xy - 200000.0, np.where(xy == xy[0, 0], -0.0, xy), xy + 0.5):
+        assert export.polygons_json(odd, ring_spans) == _former_polygons_json(odd, ring_spans)
+    assert export.polygons_json(np.zeros((0, 2)), []) == []
+
+
+def test_row_and_measurement_texts_equal_json_dumps_and_measurements_json(real_sample_dir):
+    """The region file's rows text and the features' measurement texts, written by templates from one repr per
+    value, equal `json.dumps(rows)` and `measurements_json` of each row: on the rows of real nuclei (in slide
+    coordinates, as `finish_region` makes them) and on rows that take the general path (NaN, bools, numpy
+    numbers, text, mixed key orders, names that need escaping or hold %)."""
+    from PIL import Image
+
+    label_file = sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[0]
+    png = Path(str(label_file).replace("label masks modify", "tissue images")).with_suffix(".png")
+    labels = tifffile.imread(label_file).astype(np.int32)
+    rows = export.measure_nuclei(labels, np.asarray(Image.open(png).convert("RGB")), mpp=0.25,
+                                 foreground=(labels > 0).astype(np.float32) * 0.9)
+    assert len(rows) > 20
+    for row in rows:
+        row["centroid_x"] += 1920
+        row["centroid_y"] += 4096
+    scaled = [dict(r, area_px=r["area_px"] / 2.25) for r in rows]
+    cases = [rows, scaled, rows[:1], [], [{"id": 1}], [{"id": 2, "a%s": 1.5, 'q"\\': 3}] * 3,
+             rows[:3] + [dict(rows[3], solidity=float("nan"))], rows[:2] + [dict(rows[2], area_px=True)],
+             [{"id": 1, "x": 1.0}, {"x": 2.0, "id": 2}],
+             [{"id": 1, "x": "text"}], [{"id": 1, "x": 1e-300, "y": -0.0, "z": 1e22}]]
+    for case in cases:
+        text, measured = export.rows_and_measurements_json(case)
+        assert text == json.dumps(case)
+        assert measured == [export.measurements_json(r) for r in case]
+        assert export.rows_json(case) == json.dumps(case)
+        assert export.measurements_json_list(case) == measured
+    numpy_numbers = rows[:2] + [dict(rows[2], area_px=np.int64(5))]     # json.dumps refuses them, as before
+    assert export.measurements_json_list(numpy_numbers) == [export.measurements_json(r) for r in numpy_numbers]
+    with pytest.raises(TypeError):
+        export.rows_and_measurements_json(numpy_numbers)
+
+
+def test_feature_texts_by_template_equal_feature_json():
+    geometries = ['{"type":"Polygon","coordinates":[[[0.0,0.0],[1.0,0.0],[0.0,0.0]]]}', "%s%d", "{}"]
+    measurements = ['[{"name":"a","value":1.5}]', "", '[{"name":"%d","value":2}]']
+    ids = [1, np.int64(70000), 3]
+    assert export.features_json(ids, geometries, measurements) == [
+        export.feature_json(i, g, m) for i, g, m in zip(ids, geometries, measurements)]

@@ -110,3 +110,34 @@ def test_single_level_and_rgb_mean_reduction(tmp_path):
     np.testing.assert_array_equal(label_pyramid.reduce2(block, "nearest"), block[::2, ::2])
     assert label_pyramid.level_shapes((5000, 3001), min_size=2048) == [(5000, 3001), (2500, 1501), (1250, 751)]
     assert label_pyramid.level_shapes((100, 100), levels=3) == [(100, 100), (50, 50), (25, 25)]
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_tile_reader_blocks_equal_the_former_zarr_store(tmp_path, samples):
+    """The temporary levels are read back by `_TileReader` (only the tiles a block touches, no zarr): every
+    block, also across tile edges, clipped at the image's end or beyond it, equals the former reader's (the zarr
+    store of tifffile) and plain slicing of the image."""
+    import zarr
+
+    rng = np.random.default_rng(samples)
+    shape = (300, 370) if samples == 1 else (131, 97, 3)
+    image = rng.integers(0, 2**32 if samples == 1 else 256, shape, dtype=np.uint64).astype(
+        np.uint32 if samples == 1 else np.uint8)
+    path = tmp_path / "level.tif"
+    tifffile.imwrite(path, image, tile=(64, 32) if samples == 1 else (32, 32),
+                     photometric="minisblack" if samples == 1 else "rgb", **label_pyramid._TEMP_OPTIONS)
+    store = tifffile.imread(path, aszarr=True)
+    former = zarr.open(store, mode="r")
+    reader = label_pyramid._TileReader(path)
+    try:
+        blocks = [(0, shape[0], 0, shape[1]), (0, 64, 0, 32), (10, 75, 20, 70), (250, 400, 300, 500), (63, 65, 31, 33)]
+        blocks += [tuple(int(v) for v in sorted(rng.integers(0, shape[0] + 20, 2))) + tuple(
+            int(v) for v in sorted(rng.integers(0, shape[1] + 20, 2))) for _ in range(30)]
+        for y0, y1, x0, x1 in blocks:
+            got = reader[y0:y1, x0:x1]
+            assert got.dtype == image.dtype
+            np.testing.assert_array_equal(got, np.asarray(former[y0:y1, x0:x1]))
+            np.testing.assert_array_equal(got, image[y0:y1, x0:x1])
+    finally:
+        reader.close()
+        store.close()

@@ -255,3 +255,58 @@ def test_a_damaged_tiff_is_one_line_not_tifffile_log_noise(tmp_path, caplog):
         with pytest.raises(UserError, match=r"cut\.tif: truncated or damaged TIFF"):
             slides.open_slide(cut)
     assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.text
+
+
+def _former_read_level(reader, level: int, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+    """The former `SlideReader._read_level` (issue 17 step 3 replaced it): the backend's region as a plain
+    array (`np.asarray` of OpenSlide's PIL image), `image_io.to_rgb`, pasted into a white canvas."""
+    import image_io
+
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    level_w, level_h = reader.level_dimensions[level]
+    x0, y0 = max(lx, 0), max(ly, 0)
+    x1, y1 = min(lx + width, level_w), min(ly + height, level_h)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    location = (reader._location(level, x0), reader._location(level, y0))
+    size = (x1 - x0, y1 - y0)
+    if reader.backend == "openslide":
+        region = np.asarray(reader._slide.read_region(location, level, size))
+    else:
+        region = reader._slide.read_region(location, level, size, as_array=True, padding=False)
+    out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = image_io.to_rgb(region)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pixels_straight_into_the_result_equal_the_former_read_with_transparency(tmp_path, backend, noise_image,
+                                                                                 slide_path):
+    """The read path that writes the backend's pixels straight into the result (opaque OpenSlide regions by
+    their RGB bytes, alpha composited only where it is below 255) gives the former read's pixels: on an RGBA
+    slide with fully transparent rows, partly transparent pixels and opaque tiles, for boxes inside, across the
+    edges and outside, and on the opaque pyramid (every level)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (300, 400, 4), dtype=np.uint8)
+    image[..., 3] = np.where(rng.random((300, 400)) < 0.7, 255, image[..., 3])
+    image[:40, :, 3] = 0                       # transparent rows
+    image[128:256, 256:384, 3] = 255           # one opaque tile
+    path = tmp_path / "rgba.tif"
+    tifffile.imwrite(path, image, tile=(128, 128), photometric="rgb", extrasamples=[2], compression="zlib",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    boxes = [(0, 0, 400, 300), (-10, 5, 420, 300), (256, 128, 128, 128), (300, 200, 200, 150), (10, 10, 50, 20),
+             (500, 0, 10, 10), (-30, -20, 20, 10)]
+    with slides.open_slide(path, backend=backend) as slide:
+        raw = np.asarray(slide._slide.read_region((0, 0), 0, (400, 300))) if backend == "openslide" else \
+            slide._slide.read_region((0, 0), 0, (400, 300), as_array=True, padding=False)
+        assert raw.shape[2] == 4 and 0 < int((raw[..., 3] < 255).sum()) < raw[..., 3].size  # transparency kept
+        for box in boxes:
+            new = slide.read_region(*box)
+            assert new.dtype == np.uint8 and new.shape == (box[3], box[2], 3)
+            np.testing.assert_array_equal(new, _former_read_level(slide, 0, *box))
+        assert (slide.read_region(0, 0, 400, 40) == 255).all()            # fully transparent: white
+    with slides.open_slide(slide_path, backend=backend) as slide:     # opaque pyramid: every level
+        for level in range(len(slide.level_dimensions)):
+            w, h = slide.level_dimensions[level]
+            for lx, ly, bw, bh in ((0, 0, w, h), (-5, 3, w // 2, h + 4), (w // 3, h // 4, 17, 9)):
+                np.testing.assert_array_equal(slide._read_level(level, lx, ly, bw, bh),
+                                              _former_read_level(slide, level, lx, ly, bw, bh))

@@ -394,3 +394,49 @@ def test_label_tiles_by_views_equal_the_gathers_on_real_labels(real_sample_dir, 
         assert sum(int((a > 0).sum()) for a in fast) > 10000
     assert wsi._consecutive(np.array([3, 4, 5])) == slice(3, 6)
     assert wsi._consecutive(np.array([3, 3, 5])) is None and wsi._consecutive(np.array([], int)) is None
+
+
+def test_region_file_equals_the_former_composition_on_real_nuclei(real_sample_dir, monkeypatch, tmp_path):
+    """`finish_region` after the post-processing (measurements and outlines from one scan, polygon texts from
+    digits, rows and measurement texts by templates) writes what the former steps wrote: rows =
+    `json.dumps` of `measure_nuclei`'s rows moved to the slide, geometry = `polygon_json` of each
+    `ring_table` ring, measurements = `measurements_json` of each row; on a mosaic of real NuInsSeg label maps
+    as the post-processing's output, at scale 1 (whole-number corners) and 0.8 (fractions)."""
+    import export
+    import postprocess
+
+    maps = [tifffile.imread(f).astype(np.int32)[:512, :512]
+            for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:24]]
+    maps = sorted(maps, key=lambda m: -len(np.unique(m)))[:4]          # the densest
+    labels = np.zeros((1024, 1024), np.int32)
+    top = 0
+    for k, lab in enumerate(maps):
+        y, x = 512 * (k // 2), 512 * (k % 2)
+        labels[y:y + lab.shape[0], x:x + lab.shape[1]] = np.where(lab > 0, lab + top, 0)
+        top = int(labels.max())
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, labels.shape + (3,)).astype(np.uint8)
+    fg = np.where(labels > 0, 0.6 + 0.4 * rng.random(labels.shape), 0.1).astype(np.float32)
+    monkeypatch.setattr(postprocess, "postprocess", lambda *a, **k: labels.copy())
+    for scale in (1.0, 0.8):
+        crop, core = (300, 500, 1324, 1524), (428, 628, 1196, 1396)
+        job = {"fg": fg, "hv": None, "rgb": rgb, "settings": PP, "crop": crop, "core": core, "scale": scale,
+               "mpp": 0.25, "file": str(tmp_path / f"region_{scale}.npz"), "min_confidence": 0.0}
+        result = wsi.finish_region(job)
+        data = wsi.read_region_file(Path(job["file"]))
+        assert result["nuclei"] == data["nuclei"] > 100
+        kept = np.zeros(labels.shape, np.uint32)
+        (oy, ox), (h, w) = data["origin"], data["labels_shape"]
+        kept[oy - crop[0]:oy - crop[0] + h, ox - crop[1]:ox - crop[1] + w] = data["labels"]
+        rows = export.measure_nuclei(kept, rgb, mpp=0.25, foreground=fg)
+        for row in rows:
+            row["centroid_x"] += crop[1]
+            row["centroid_y"] += crop[0]
+        rows = [wsi._scale_row(r, scale) for r in rows]
+        corners, _, spans = export.ring_table(kept)
+        xy = (corners.astype(np.float64) + np.array([crop[1], crop[0]], np.float64)) / scale
+        with np.load(job["file"]) as raw:
+            assert raw["rows"].tobytes().decode() == json.dumps(rows)
+            assert raw["geometry"].tobytes().decode() == "\n".join(export.polygon_json(xy[a:b].tolist())
+                                                                   for a, b in spans)
+            assert raw["measurements"].tobytes().decode() == "\n".join(export.measurements_json(r) for r in rows)

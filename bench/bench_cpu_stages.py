@@ -1,0 +1,147 @@
+"""Three CPU-side stages of the slide pipeline, old tree vs new tree, each measured inside one process (issue 17).
+
+    python bench/bench_cpu_stages.py --old /tmp/cpu3/base [--work /tmp/cpu/bs4096] [--rounds 3]
+
+`bench_cpu_side.py` gives "finish_region after the post-processing" as the difference of two separately measured
+minima, which the noise of a shared machine blurs; this script measures the stages themselves on the input that
+`bench_cpu_side.py --out WORK` wrote (slide.tif, fg.npy, hv.npy and the region files of its last run in
+WORK/out_new/.progress, copied to a scratch folder first):
+
+- `finish`: `wsi.finish_region` on one 2176² crop (the second region's core plus the margin) with
+  `postprocess.postprocess` replaced by its precomputed result, so only what comes after it is timed;
+- `read`: `SlideReader.read_scaled` of that crop's box at scale 1 (OpenSlide, and tiffslide);
+- `assemble`: `wsi.assemble` of the four region files (GeoJSON, CSV, label pyramid), tifffile imported first as
+  in `predict` and zarr not (tiffslide, which imports it, is read last; `predict` on an OpenSlide slide never
+  imports it), so the former tree's zarr import is part of its `assemble`, as it is in `predict`.
+
+Each round runs the old tree then the new tree, each in a fresh subprocess with one thread, the stage's CPU time
+the smallest of a few calls; the table gives the smallest over the rounds. The region files written by both trees
+and the assembled outputs are compared byte for byte.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+Y0 = X0 = 1920
+SIDE = 2176
+
+
+def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
+    """The measured process (one tree): the three stages' CPU seconds, as JSON on stdout."""
+    sys.path.insert(0, tree)
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+    import tifffile  # noqa: F401 - imported before assemble, as in predict (slides imports it)
+
+    import postprocess as pp
+    import slides
+    import wsi
+
+    clock = time.process_time
+    timing: dict[str, float] = {}
+    fg = np.array(np.load(work / "fg.npy", mmap_mode="r")[Y0:Y0 + SIDE, X0:X0 + SIDE])
+    hv = np.array(np.load(work / "hv.npy", mmap_mode="r")[:, Y0:Y0 + SIDE, X0:X0 + SIDE])
+
+    def read(backend: str) -> np.ndarray:
+        with slides.open_slide(work / "slide.tif", backend=backend) as slide:
+            pixels = slide.read_scaled((X0, Y0, SIDE, SIDE), 1.0)
+            times = []
+            for _ in range(5):
+                t = clock()
+                slide.read_scaled((X0, Y0, SIDE, SIDE), 1.0)
+                times.append(clock() - t)
+            timing[f"read_{backend}"] = min(times)
+        return pixels
+
+    rgb = read("openslide")
+    labels = pp.postprocess(fg, hv)
+    pp.postprocess = lambda *args, **kwargs: labels.copy()
+    job = {"fg": fg, "hv": hv, "rgb": rgb, "settings": pp.PostprocessConfig().to_dict(),
+           "crop": (Y0, X0, Y0 + SIDE, X0 + SIDE), "core": (Y0 + 128, X0 + 128, Y0 + 2048, X0 + 2048), "scale": 1.0,
+           "mpp": 0.25, "file": str(out / "region.npz")}
+    wsi.finish_region(job)
+    times = []
+    for _ in range(3):
+        t = clock()
+        wsi.finish_region(job)
+        times.append(clock() - t)
+    timing["finish_after_postprocess"] = min(times)
+    with slides.open_slide(work / "slide.tif") as slide:
+        dims = slide.dimensions
+    geo = wsi.slide_geometry(dims, 1.0, 512, 128, work / "slide.tif")
+    regions = wsi.plan_regions(geo, np.ones((len(geo.ys), len(geo.xs)), bool), 2048)
+    state = {"regions": {str(r.index): {"file": f"region_{r.index:06d}.npz"} for r in regions}}
+    outputs = {"geojson": out / "slide.geojson", "csv": out / "slide_nuclei.csv", "labels": out / "slide_labels.tif"}
+    t = clock()
+    wsi.assemble(out, "slide", outputs, regions, state, regions_dir, geo, 0.25, (dims[1], dims[0]),
+                 SimpleNamespace(geojson_gzip=False, label_image=True))
+    timing["assemble"] = clock() - t
+    read("tiffslide")   # last: tiffslide imports zarr, which the former assemble imported (OpenSlide slides do not)
+    return timing
+
+
+def same_files(a: Path, b: Path) -> dict:
+    import numpy as np
+
+    result = {name: (a / name).read_bytes() == (b / name).read_bytes()
+              for name in ("slide.geojson", "slide_nuclei.csv", "slide_labels.tif")}
+    with np.load(a / "region.npz") as x, np.load(b / "region.npz") as y:
+        result["region.npz"] = x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="checkout of the old tree")
+    parser.add_argument("--work", default="/tmp/cpu/bs4096", help="the --out folder of bench_cpu_side.py")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        tree, regions_dir, out = args.measure
+        print("TIMING " + json.dumps(measure(tree, Path(args.work), Path(regions_dir), Path(out))))
+        return
+    work = Path(args.work)
+    source = work / "out_new" / ".progress"
+    if not (work / "slide.tif").is_file() or not list(source.glob("region_*.npz")):
+        raise SystemExit(f"{work}: run bench/bench_cpu_side.py --out {work} first (slide and region files)")
+    scratch = Path(tempfile.mkdtemp(prefix="bench_cpu_stages_"))
+    regions_dir = scratch / "regions"
+    shutil.copytree(source, regions_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH="")
+    best: dict[str, dict] = {}
+    try:
+        for round_ in range(args.rounds):
+            for label, tree in (("old", args.old), ("new", str(ROOT))):
+                out = scratch / label
+                out.mkdir(exist_ok=True)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--old", args.old,
+                       "--measure", tree, str(regions_dir), str(out)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TIMING ")), None)
+                if proc.returncode or line is None:
+                    raise SystemExit(f"{label} run failed: {proc.stderr[-3000:]}")
+                timing = json.loads(line[len("TIMING "):])
+                print(label, round_, json.dumps({k: round(v, 4) for k, v in timing.items()}), flush=True)
+                best[label] = {k: min(v, best.get(label, {}).get(k, v)) for k, v in timing.items()}
+        print("\n| stage | old, s | new, s | speed-up |\n| --- | --- | --- | --- |")
+        for key in best["old"]:
+            old, new = best["old"][key], best["new"][key]
+            print(f"| {key} | {old:.3f} | {new:.3f} | {old / new:.2f}x |")
+        print("\nidentical bytes:", json.dumps(same_files(scratch / "old", scratch / "new")))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
