@@ -205,7 +205,9 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
     if photometric is None:
         photometric = "minisblack" if samples == 1 else "rgb"
     level_extra = level_kwargs or (lambda level, ds: {})
-    common = dict(compression=compression, photometric=photometric, metadata=None)
+    # tiles are compressed in parallel threads (zlib releases the GIL), one per core this process may use;
+    # the file is the same bytes whatever the count (tifffile writes the tiles in order)
+    common = dict(compression=compression, photometric=photometric, metadata=None, maxworkers=utils.usable_cores())
 
     def extra(level: int, downsample: float) -> dict:
         kwargs = dict(common)
