@@ -31,7 +31,10 @@ every window of a `--sim_size` slide; the timed passes return them (looked up by
 sleeping `--sim_latency` seconds per batch of `--sim_batch` windows, so the CPU is free while the "device"
 works. One pass per `--sim_workers` count; the table gives the slide time against max(network-bound time =
 batches x latency, CPU-side time (read + post-processing + writing) / workers), and against the same with
-workers capped at the usable cores. Timings on a shared machine are noisy.
+workers capped at the usable cores. The stage times are elapsed seconds summed over regions, so they grow when
+more processes than cores compete; `cpu_work_s` is the pass's CPU seconds (this process, its read threads and its
+worker processes, from `getrusage`), and `ratio_cpu_work` = slide / max(network-bound, cpu_work / min(workers,
+cores)): the bound a machine with that many cores can reach. Timings on a shared machine are noisy.
 """
 from __future__ import annotations
 
@@ -221,7 +224,9 @@ def run_simulated(args: argparse.Namespace) -> None:
         options = _options(predict, args, batch_size=args.sim_batch, num_workers=workers)
         predictor = predict.load_predictor(options, maps_fn=device, model_set=model_set)
         calls[0] = 0
+        cpu_before = _cpu_seconds()
         outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options)
+        cpu_work = _cpu_seconds() - cpu_before   # this process and its (reaped) post-processing workers
         if outcome.status != "ok":
             raise SystemExit(outcome.error)
         network_bound = calls[0] * args.sim_latency
@@ -234,8 +239,18 @@ def run_simulated(args: argparse.Namespace) -> None:
             "network_bound_s": round(network_bound, 2), "read_s": outcome.read_seconds,
             "postprocess_s": outcome.postprocess_seconds, "write_s": outcome.write_seconds,
             "cpu_side_s": round(cpu_side, 2), "bound_s": round(bound, 2), "ratio": round(outcome.seconds / bound, 2),
-            "bound_cores_s": round(bound_cores, 2), "ratio_cores": round(outcome.seconds / bound_cores, 2)}),
+            "bound_cores_s": round(bound_cores, 2), "ratio_cores": round(outcome.seconds / bound_cores, 2),
+            "cpu_work_s": round(cpu_work, 2),
+            "ratio_cpu_work": round(outcome.seconds / max(network_bound, cpu_work / min(workers, cores)), 2)}),
             flush=True)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have ended (worker processes)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def _usable_cores() -> int:
