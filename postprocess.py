@@ -627,8 +627,11 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
         inner.append(box)
     if smooth_sigma > 0:
         surface = ndi.gaussian_filter(surface, smooth_sigma)
-    seeded = kept[seeds]   # markers of min_marker_area pixels or more
-    seeds[~seeded] = 0
+    if not (~kept[1:] & np.isin(comp_of_marker[1:], ids)).any():
+        seeded = seeds > 0   # no marker under min_marker_area pixels here (none after an opening of radius 2)
+    else:
+        seeded = kept[seeds]   # markers of min_marker_area pixels or more
+        seeds[~seeded] = 0
     free = mask & ~seeded
     touches = np.zeros_like(free)   # next to a pixel to flood (4-neighbours)
     touches[1:] |= free[:-1]
@@ -641,11 +644,12 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
         alone[:] = True
     else:
         lab = seeds[edge]
-        val = surface[edge]
         comp = comp_of_marker[lab]
-        o = np.lexsort((lab, val, comp))
-        lab, val, comp = lab[o], val[o], comp[o]
-        clash = (comp[1:] == comp[:-1]) & (val[1:] == val[:-1]) & (lab[1:] != lab[:-1])
+        # (component, value) as one key: equal values have equal bits, but for -0.0 (+ 0.0 makes it 0.0)
+        key = (comp << 32) | (surface[edge] + np.float32(0)).view(np.uint32).astype(np.int64)
+        o = np.argsort(key)
+        key, lab, comp = key[o], lab[o], comp[o]
+        clash = (key[1:] == key[:-1]) & (lab[1:] != lab[:-1])   # some two labels differ <=> two neighbours do
         if clash.any():
             alone = np.isin(ids, comp[1:][clash])
     flood = mask & ~(seeded & ~touches)
