@@ -233,9 +233,9 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
     raster order of their first pixels, so the order of the ids stays). Only where a filled hole touches two or
     more components (they merge) is the cleaned mask labelled again.
 
-    `background`: (labelling, n, filled) where `labelling` is `ndi.label` of the background after the specks are
-    removed and `filled` marks its ids that were filled: the other ids label the background of the cleaned mask
-    (`_fill_instance_holes` uses it); None where `min_area` <= 1."""
+    `background`: (labelling, n, filled, boxes) where `labelling` is `ndi.label` of the background after the specks
+    are removed, `filled` marks its ids that were filled (the other ids label the background of the cleaned mask)
+    and `boxes` are its `find_objects` boxes (`_fill_instance_holes` uses it); None where `min_area` <= 1."""
     mask = np.array(mask, dtype=bool)
     comp, n = ndi.label(mask)
     boxes = ndi.find_objects(comp) if n else []
@@ -247,7 +247,8 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
         comp[box][sel] = 0
         boxes[k - 1] = None
     holes, n_holes = ndi.label(~mask)
-    fills = _small_components(holes, min_area, inner_only=True) if n_holes else []
+    hole_boxes = ndi.find_objects(holes) if n_holes else []
+    fills = _small_components(holes, min_area, inner_only=True, boxes=hole_boxes) if n_holes else []
     filled = np.zeros(n_holes + 1, bool)
     filled[[k for _, k in fills]] = True
     merged = False
@@ -287,7 +288,7 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
     if merged:
         comp, n = ndi.label(mask)
         boxes = ndi.find_objects(comp)
-    return mask, comp, n, boxes, (holes, n_holes, filled)
+    return mask, comp, n, boxes, (holes, n_holes, filled, hole_boxes)
 
 
 def _remove_small_components(labels: np.ndarray, min_area: int) -> np.ndarray:
@@ -316,13 +317,16 @@ def _fill_instance_holes(labels: np.ndarray, background: tuple | None = None) ->
     """Fill the holes of each instance: background regions (4-connected) that do not reach the image
     border and touch exactly one instance take that instance's id. Other instances are never changed.
 
-    `background`: (holes, n, gone), a labelling `holes` (ids 1..n) whose ids not marked in `gone` label exactly the
-    background `labels == 0`, each id one 4-connected region of it (the regions are not labelled again)."""
+    `background`: (holes, n, gone, boxes), a labelling `holes` (ids 1..n) whose ids not marked in `gone` label
+    exactly the background `labels == 0`, each id one 4-connected region of it (the regions are not labelled
+    again), and its `find_objects` boxes (or None): the pixels of the candidate regions are then taken from their
+    boxes, not from a pass over the image."""
+    boxes = None
     if background is None:
         holes, n = ndi.label(labels == 0)
         gone = None
     else:
-        holes, n, gone = background
+        holes, n, gone, boxes = background
     if n == 0:
         return labels
     # Background regions on the image border are not holes.
@@ -337,7 +341,17 @@ def _fill_instance_holes(labels: np.ndarray, background: tuple | None = None) ->
         return labels
     # (region, neighbouring instance) pairs across every 4-neighbour link, for the candidate regions only
     # (the pixels of the background regions that do not reach the border: few, whatever the image size).
-    ys, xs = np.nonzero(candidate[holes])
+    ids = np.flatnonzero(candidate)
+    if boxes is not None and ids.size <= _FEW_HOLES:
+        ys, xs = [], []
+        for k in ids.tolist():
+            box = boxes[k - 1]
+            yy, xx = np.nonzero(holes[box] == k)
+            ys.append(yy + box[0].start)
+            xs.append(xx + box[1].start)
+        ys, xs = np.concatenate(ys), np.concatenate(xs)   # in another order than np.nonzero's: no matter
+    else:
+        ys, xs = np.nonzero(candidate[holes])
     region = holes[ys, xs]
     h, w = labels.shape
     pairs = []

@@ -607,9 +607,9 @@ def _check_clean_components(mask, min_area):
     found = ndi.find_objects(comp)
     assert [b for b in boxes[:len(found)]] == found and all(b is None for b in boxes[len(found):])
     if background is not None:
-        holes, n_holes, filled = background
+        holes, n_holes, filled, hole_boxes = background
         assert np.array_equal((holes > 0) & ~filled[holes], ~clean)
-        assert np.array_equal(holes, ndi.label(holes > 0)[0])
+        assert np.array_equal(holes, ndi.label(holes > 0)[0]) and hole_boxes == ndi.find_objects(holes)
     return comp, clean
 
 
@@ -664,7 +664,8 @@ def test_finish_with_the_cleanings_background_labelling_equals_the_former_one(re
         extra = np.where((extra > 0) & (labels > 0), extra + n, 0)
         gone = np.zeros(int(extra.max(initial=n)) + 1, bool)
         gone[n + 1:] = True
-        return np.where(extra > 0, extra, holes), gone.size - 1, gone
+        holes = np.where(extra > 0, extra, holes)
+        return holes, gone.size - 1, gone, ndi.find_objects(holes, gone.size - 1) if rng.random() < 0.5 else None
 
     rng = np.random.default_rng(13)
     labels = np.zeros((30, 30), np.int32)
@@ -681,7 +682,7 @@ def test_finish_with_the_cleanings_background_labelling_equals_the_former_one(re
     holes[12, 12] = n + 1
     gone = np.zeros(n + 2, bool)
     gone[n + 1] = True
-    new = pp._finish(labels.copy(), 0, True, (holes, n + 1, gone))
+    new = pp._finish(labels.copy(), 0, True, (holes, n + 1, gone, ndi.find_objects(holes)))
     assert np.array_equal(new, _reference_finish(labels.copy(), 0, True)) and new[12, 12] == 2
     cases = []
     for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:3]:
