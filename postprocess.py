@@ -222,10 +222,9 @@ _FEW_HOLES = 512
 
 def _clean_foreground_components(mask: np.ndarray, min_area: int
                                  ) -> tuple[np.ndarray, np.ndarray, int, list, tuple | None]:
-    """`_clean_foreground` and the 4-connected components of its result: (mask, components, n, boxes, background),
-    where
+    """`_clean_foreground` and the 4-connected components of its result: (mask, components, n, boxes, background).
     `components` has the ids of `ndi.label(mask)`'s labelling of the cleaned mask up to an increasing renumbering
-    (the ids of the input mask's components: the dropped specks leave gaps) and `boxes` their bounding boxes
+    (the ids of the input mask's components: the dropped specks leave gaps), `boxes` their bounding boxes
     (`ndi.find_objects`, None for a gap), without labelling the cleaned mask again.
 
     Why the same: removing a speck removes a whole component; a filled hole is a 4-connected background region
