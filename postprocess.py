@@ -230,8 +230,8 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
     Why the same: removing a speck removes a whole component; a filled hole is a 4-connected background region
     whose 4-neighbours all belong to the mask, so if they all belong to one component the hole joins that one:
     inside its bounding box, after its first pixel in raster order (`ndi.label` numbers the components in the
-    raster order of their first pixels, so the order of the ids stays). Only where a filled hole touches two or
-    more components (they merge) is the cleaned mask labelled again.
+    raster order of their first pixels, so the order of the ids stays). Where a filled hole touches two or more
+    components, they are one component now (`_join_components`).
 
     `background`: (labelling, n, filled, boxes) where `labelling` is `ndi.label` of the background after the specks
     are removed, `filled` marks its ids that were filled (the other ids label the background of the cleaned mask)
@@ -251,7 +251,8 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
     fills = _small_components(holes, min_area, inner_only=True, boxes=hole_boxes) if n_holes else []
     filled = np.zeros(n_holes + 1, bool)
     filled[[k for _, k in fills]] = True
-    merged = False
+    # components joined by a filled hole touching two or more: (smaller id, larger id) pairs
+    links = []
     if len(fills) <= _FEW_HOLES:
         for (ys, xs), k in fills:
             # an inner hole: its box grown by one pixel lies inside the image
@@ -265,30 +266,66 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
             owners = comp[ys.start - 1:ys.stop + 1, xs.start - 1:xs.stop + 1][around & ~hole]
             inner = hole[1:-1, 1:-1]
             mask[ys, xs] |= inner
-            if (owners == owners[0]).all():
-                view = comp[ys, xs]
-                view[inner] = owners[0]
-            else:
-                merged = True
+            first = owners.min()
+            view = comp[ys, xs]
+            view[inner] = first
+            if (owners != first).any():   # the hole joins them: it may reach out of `first`'s box
+                links.extend((int(first), int(o)) for o in np.unique(owners[owners != first]))
+                boxes[first - 1] = _union_box(boxes[first - 1], (ys, xs))
     else:   # the same, for all holes at once
-        fill = filled
-        ys, xs = np.nonzero(fill[holes])
+        ys, xs = np.nonzero(filled[holes])
         mask[ys, xs] = True
         hole_id = holes[ys, xs]
-        lo = np.full(n_holes + 1, np.iinfo(np.int64).max)
-        hi = np.zeros(n_holes + 1, np.int64)
+        first = np.full(n_holes + 1, np.iinfo(np.int64).max)
+        pairs = []
         for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):   # inner holes: the neighbours lie inside the image
             owner = comp[ys + dy, xs + dx]
             fg_side = owner > 0   # a hole pixel's other 4-neighbours belong to the same hole
-            np.minimum.at(lo, hole_id[fg_side], owner[fg_side])
-            np.maximum.at(hi, hole_id[fg_side], owner[fg_side])
-        merged = bool((lo[fill] != hi[fill]).any())
-        if not merged:
-            comp[ys, xs] = lo[hole_id]
-    if merged:
-        comp, n = ndi.label(mask)
-        boxes = ndi.find_objects(comp)
+            np.minimum.at(first, hole_id[fg_side], owner[fg_side])
+            pairs.append(np.stack([hole_id[fg_side], owner[fg_side]], axis=1))
+        comp[ys, xs] = first[hole_id]
+        pairs = np.concatenate(pairs)
+        joined = pairs[:, 1] != first[pairs[:, 0]]
+        if joined.any():
+            links = [tuple(p) for p in np.unique(np.stack([first[pairs[joined, 0]], pairs[joined, 1]], axis=1),
+                                                 axis=0).tolist()]
+            for k in np.unique(pairs[joined, 0]).tolist():   # a joining hole may reach out of `first`'s box
+                boxes[first[k] - 1] = _union_box(boxes[first[k] - 1], hole_boxes[k - 1])
+    if links:
+        _join_components(comp, boxes, links)
     return mask, comp, n, boxes, (holes, n_holes, filled, hole_boxes)
+
+
+def _join_components(comp: np.ndarray, boxes: list, links: list[tuple[int, int]]) -> None:
+    """Joins the components of each (id, id) link of `links` (in place): each set of linked components takes
+    the smallest id of the set (the one `ndi.label` would give the joined component: it numbers the components in
+    the raster order of their first pixels, and the joined component's first pixel is its first part's), its box
+    becomes the union of their boxes, the others' boxes None."""
+    root = {}
+
+    def find(k: int) -> int:
+        while root.get(k, k) != k:
+            k = root[k]
+        return k
+
+    for a, b in links:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            root[max(ra, rb)] = min(ra, rb)
+    for k in sorted(root):
+        r = find(k)
+        if r == k:
+            continue
+        box = boxes[k - 1]
+        view = comp[box]
+        view[view == k] = r
+        boxes[r - 1] = _union_box(boxes[r - 1], box)
+        boxes[k - 1] = None
+
+
+def _union_box(a: tuple[slice, slice], b: tuple[slice, slice]) -> tuple[slice, slice]:
+    return (slice(min(a[0].start, b[0].start), max(a[0].stop, b[0].stop)),
+            slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)))
 
 
 def _remove_small_components(labels: np.ndarray, min_area: int) -> np.ndarray:

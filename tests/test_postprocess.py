@@ -647,6 +647,26 @@ def test_components_of_the_cleaned_foreground_from_the_first_labelling(real_samp
         monkeypatch.setattr(pp, "_FEW_HOLES", few)
         comp, clean = _check_clean_components(mask, 5)
         assert clean[4, 4] and comp.max() == 1
+    # a one-pixel hole below a vertical bar (the first component: the hole lies outside its box) and inside a U
+    mask = np.zeros((12, 9), bool)
+    mask[1:6, 4] = True   # the bar, rows 1-5
+    mask[6:8, 3] = mask[6:8, 5] = mask[7, 4] = True   # the U around (6, 4)
+    assert ndi.label(mask)[1] == 2
+    for few in (0, 512):
+        monkeypatch.setattr(pp, "_FEW_HOLES", few)
+        comp, clean = _check_clean_components(mask, 5)
+        assert clean[6, 4] and comp.max() == 1
+    # a chain: hole (3, 3) joins C and A, hole (6, 4) joins A and B and lies outside A's box; C has the first id
+    mask = np.zeros((10, 9), bool)
+    for y, x in ((0, 2), (1, 2), (2, 2), (2, 3), (3, 2),   # C
+                 (3, 4), (4, 4), (5, 4), (4, 3), (3, 5),   # A
+                 (6, 3), (7, 3), (7, 4), (7, 5), (6, 5)):  # B
+        mask[y, x] = True
+    assert ndi.label(mask)[1] == 3
+    for few in (0, 512):
+        monkeypatch.setattr(pp, "_FEW_HOLES", few)
+        comp, clean = _check_clean_components(mask, 5)
+        assert clean[3, 3] and clean[6, 4] and comp.max() == 1
     for mask in (np.zeros((5, 6), bool), np.ones((5, 6), bool), np.ones((1, 1), bool)):
         _check_clean_components(mask, 10)
 
