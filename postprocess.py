@@ -487,7 +487,7 @@ def edge_energy(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int = 7) ->
         ch = _normalise(hv[channel].astype(np.float32, copy=False), foreground)
         d = _correlate1d(ch, deriv, axis)
         d = _correlate1d(d, smooth, 1 - axis)
-        np.maximum(energy, -d, out=energy)
+        np.maximum(energy, np.negative(d, out=d), out=energy)
     return energy
 
 
@@ -676,7 +676,7 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
         box = (slice(top + p, top + p + ys.stop - ys.start), slice(left + p, left + p + xs.stop - xs.start))
         own = components[ys, xs] == k
         mask[box] = own
-        seeds[box] = np.where(own, markers[ys, xs], 0)
+        np.copyto(seeds[box], markers[ys, xs], where=own)
         inner.append(box)
     if smooth_sigma > 0:
         surface = ndi.gaussian_filter(surface, smooth_sigma)
@@ -720,8 +720,7 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
             sub = segmentation.watershed(surface[box], markers=seeds[box], mask=own)
         else:
             sub = out[box]
-        target = labels[ys, xs]
-        target[own] = sub[own]
+        np.copyto(labels[ys, xs], sub, where=own)
 
 
 def binary_to_instances(foreground_prob: np.ndarray, threshold: float = 0.5, min_area: int = 10,
