@@ -328,16 +328,6 @@ def _union_box(a: tuple[slice, slice], b: tuple[slice, slice]) -> tuple[slice, s
             slice(min(a[1].start, b[1].start), max(a[1].stop, b[1].stop)))
 
 
-def _remove_small_components(labels: np.ndarray, min_area: int) -> np.ndarray:
-    """`_remove_small` for a 4-connected labelling straight from `ndi.label` (in place), through
-    `_small_components`' bounding boxes."""
-    if min_area > 1:
-        for box, k in _small_components(labels, min_area):
-            view = labels[box]
-            view[view == k] = 0
-    return labels
-
-
 def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     """Renumber the ids to 1..N keeping their order; int32."""
     flat = labels.ravel()
