@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +40,38 @@ LEVEL_TOLERANCE = 0.01
 _THUMBNAIL_CHUNK_PIXELS = 4 * 1024 * 1024
 
 
+_TIFF_LOG_LOCK = threading.Lock()
+_tiff_log_users = 0            # blocks of `_tifffile_log_to` running now, in any thread
+_tiff_log_propagate = True     # tifffile's `propagate` before the first of them
+
+
 @contextlib.contextmanager
 def _tifffile_log_to(handler: logging.Handler | None = None):
-    """tifffile's log records go to `handler` (None: dropped) instead of the user's terminal while the block
-    runs: a damaged file is reported once, as a UserError line, by `_check_tiff_complete`."""
+    """tifffile's log records of this thread go to `handler` (None: dropped) instead of the user's terminal
+    while the block runs: a damaged file is reported once, as a UserError line, by `_check_tiff_complete`.
+
+    Slides are opened by several read threads at once: the first block to start turns tifffile's propagation
+    off and the last to end restores it (saving and restoring it per block would leave it off for good when
+    two blocks overlap), and each handler only sees the records of its own thread."""
+    global _tiff_log_users, _tiff_log_propagate
     tif_log = logging.getLogger("tifffile")
     handler = handler or logging.NullHandler()
-    tif_log.addHandler(handler)
-    propagate, tif_log.propagate = tif_log.propagate, False
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
+    with _TIFF_LOG_LOCK:
+        if _tiff_log_users == 0:
+            _tiff_log_propagate = tif_log.propagate
+            tif_log.propagate = False
+        _tiff_log_users += 1
+        tif_log.addHandler(handler)
     try:
         yield
     finally:
-        tif_log.removeHandler(handler)
-        tif_log.propagate = propagate
+        with _TIFF_LOG_LOCK:
+            tif_log.removeHandler(handler)
+            _tiff_log_users -= 1
+            if _tiff_log_users == 0:
+                tif_log.propagate = _tiff_log_propagate
 
 
 def _tiff_is_tiled_rgb(path: Path) -> bool:

@@ -310,3 +310,50 @@ def test_pixels_straight_into_the_result_equal_the_former_read_with_transparency
             for lx, ly, bw, bh in ((0, 0, w, h), (-5, 3, w // 2, h + 4), (w // 3, h // 4, 17, 9)):
                 np.testing.assert_array_equal(slide._read_level(level, lx, ly, bw, bh),
                                               _former_read_level(slide, level, lx, ly, bw, bh))
+
+
+def test_tifffile_log_blocks_overlapping_in_threads_restore_propagation_and_keep_records_apart():
+    """Read threads open slides at once: when two `_tifffile_log_to` blocks overlap (A enters, B enters, A
+    leaves, B leaves), tifffile's propagation must come back as it was (saving it per block left it off for
+    good, which also let pytest's log capture see tifffile's records in later tests), and a handler must not
+    collect the records logged by the other thread."""
+    import logging
+    import threading
+
+    tif_log = logging.getLogger("tifffile")
+    before = tif_log.propagate
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+
+    class Keep(logging.Handler):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+        def emit(self, record):
+            seen[self.key].append(record.getMessage())
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with slides._tifffile_log_to(Keep("a")):
+            a_in.set()
+            b_in.wait(5)
+            tif_log.error("from a")
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with slides._tifffile_log_to(Keep("b")):
+            b_in.set()
+            a_out.wait(5)
+            assert tif_log.propagate is False   # still inside b's block
+            tif_log.error("from b")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert tif_log.propagate == before
+    assert seen == {"a": ["from a"], "b": ["from b"]}
+    assert not [h for h in tif_log.handlers if isinstance(h, Keep)]
