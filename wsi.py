@@ -21,7 +21,8 @@
    `num_workers + 1` in flight) or in this process (`num_workers` 0). Each region's kept instances
    (label crop + measurements + polygons) go to a small file in `.progress/<name>/` and the progress file
    `state.json` is rewritten atomically after every region.
-5. Outputs, assembled from the region files in region order (global ids 1..N in that order):
+5. Outputs, assembled from the region files in region order (global ids 1..N in that order; `Assembly`
+   writes GeoJSON and CSV as the regions are recorded, so with workers this overlaps the regions still running):
    `<name>.geojson[.gz]`, `<name>_nuclei.csv`, optional `<name>_labels.tif` (rasterised tile by tile),
    `<name>_tissue.png`, `<name>_overview.png`. All coordinates are level-0 pixels of the slide.
 
@@ -416,12 +417,16 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     regions = plan_regions(geo, flags, int(options.region_size))
     if not regions:
         log.warning("%s: no tissue found (0 nuclei); see %s", path, outputs["tissue"])
-    timing = run_regions(predictor, path, options, geo, regions, state, state_path, pdir, on_region_done)
-
-    # assemble the outputs from the region files
-    t_write = time.time()
-    nuclei, centroids, confidence = assemble(output_dir, name, outputs, regions, state, pdir, geo, mpp0,
-                                             (height0, width0), options)
+    # the outputs are assembled from the region files in region order, as the regions are recorded
+    assembly = Assembly(outputs, regions, state, pdir, mpp0, options)
+    try:
+        timing = run_regions(predictor, path, options, geo, regions, state, state_path, pdir, on_region_done,
+                             assembly)
+        nuclei, centroids, confidence = assembly.finish(geo, (height0, width0))
+    except BaseException:
+        assembly.abort()
+        raise
+    t_pictures = time.time()
     tissue_mask.save_png(outputs["tissue"])
     import visualize
 
@@ -431,7 +436,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     low = confidence_review_threshold(predictor.postprocess)
     visualize.save_confidence_overview(outputs["confidence"], thumb[0], thumb[1], tissue_mask, centroids,
                                        confidence, mpp0, threshold=low)
-    write_seconds = time.time() - t_write
+    write_seconds = assembly.seconds + time.time() - t_pictures   # the assembly's own time, during the run too
     area = float(tissue_mask.area_mm2(mpp0))
     outcome = inference.Outcome(
         str(path), name, "ok", nuclei, height0, width0, round(time.time() - start, 3), kind="slide", mpp=mpp0,
@@ -482,11 +487,14 @@ class _Readers:
 
 
 def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Region], state: dict,
-                state_path: Path, pdir: Path, on_region_done) -> dict:
-    """Run the regions not yet recorded in `state`; records each finished one (atomically)."""
+                state_path: Path, pdir: Path, on_region_done, assembly: "Assembly | None" = None) -> dict:
+    """Run the regions not yet recorded in `state`; records each finished one (atomically) and then lets
+    `assembly` write what it can (`Assembly.feed`)."""
     todo = [r for r in regions if str(r.index) not in state["regions"]]
     timing = {"read": 0.0, "network": 0.0, "postprocess": 0.0, "windows": 0}
     timing["postprocess"] = sum(float(v.get("seconds", 0.0)) for v in state["regions"].values())
+    if assembly is not None:
+        assembly.feed()   # the regions recorded by an earlier, interrupted run
     if not todo:
         return timing
     settings = dict(predictor.postprocess or {})
@@ -522,6 +530,8 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
                                                "seconds": round(float(result["seconds"]), 3)}
         timing["postprocess"] += float(result["seconds"])
         utils.write_json(state_path, state)
+        if assembly is not None:
+            assembly.feed()
         done_count += 1
         bar.update(1)
         if on_region_done is not None:
@@ -640,42 +650,88 @@ def _consecutive(index: np.ndarray) -> slice | None:
     return None
 
 
-def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], state: dict, pdir: Path,
-             geo: Geometry, mpp0: float, shape0: tuple[int, int], options) -> tuple[int, np.ndarray, np.ndarray]:
-    """Write GeoJSON, CSV (and the label image) from the region files in region order; global ids
-    1..N in that order. Returns (N, level-0 centroids (N, 2) x, y float32, confidences (N,) float32);
-    `state["dropped_low_confidence"]` gets the number of nuclei `--min_confidence` dropped."""
-    import export
+class Assembly:
+    """A slide's GeoJSON and CSV, written from its region files in region order (global ids 1..N in that order)
+    while the run goes on: `feed()` adds every region recorded in `state` from the first one not yet added up to
+    the first one still missing (`run_regions` calls it after recording each region, so with post-processing
+    workers this writing overlaps the regions still running instead of following the last one); `finish()` adds
+    the rest, moves both files into place and writes the label image; `abort()` deletes the temporary files (the
+    outputs of an earlier run stay untouched). `seconds` is the time spent in `feed` and `finish`."""
 
-    files, offsets, boxes, centroids, confidence = [], [], [], [], []
-    total = dropped = 0
-    columns = export.measurement_columns(mpp0, confidence=True)
-    with export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip) as geojson, \
-            export.CSVWriter(outputs["csv"], columns) as csv:
-        for region in regions:
-            f = pdir / state["regions"][str(region.index)]["file"]
+    def __init__(self, outputs: dict, regions: list[Region], state: dict, pdir: Path, mpp0: float, options) -> None:
+        import export
+
+        self.outputs, self.regions, self.state, self.pdir, self.mpp0 = outputs, regions, state, pdir, mpp0
+        self.files, self.offsets, self.boxes, self.centroids, self.confidence = [], [], [], [], []
+        self.total = self.dropped = self.added = 0
+        self.seconds = 0.0
+        self.geojson = export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip)
+        try:
+            self.csv = export.CSVWriter(outputs["csv"], export.measurement_columns(mpp0, confidence=True))
+        except BaseException:
+            self.geojson.abort()
+            raise
+
+    def feed(self) -> None:
+        import export
+
+        start = time.time()
+        while self.added < len(self.regions):
+            record = self.state["regions"].get(str(self.regions[self.added].index))
+            if record is None:
+                break
+            f = self.pdir / record["file"]
             data = read_region_file(f, labels=False)   # the label pyramid decodes the labels tile by tile
-            offset = total
+            offset = self.total
             for row in data["rows"]:
                 row["id"] = int(row["id"]) + offset
-            centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
-                                      np.float32).reshape(-1, 2))
-            confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
-            geojson.add_text(export.features_json([row["id"] for row in data["rows"]], data["geometry"],
-                                                  data["measurements"]))
-            csv.add(data["rows"])
-            files.append(f)
-            offsets.append(offset)
+            self.centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
+                                           np.float32).reshape(-1, 2))
+            self.confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
+            self.geojson.add_text(export.features_json([row["id"] for row in data["rows"]], data["geometry"],
+                                                       data["measurements"]))
+            self.csv.add(data["rows"])
+            self.files.append(f)
+            self.offsets.append(offset)
             oy, ox = data["origin"]
-            boxes.append((oy, ox, oy + data["labels_shape"][0], ox + data["labels_shape"][1]))
-            total += data["nuclei"]
-            dropped += data["dropped"]
-    state["dropped_low_confidence"] = dropped
-    if "labels" in outputs:
-        import label_pyramid
+            self.boxes.append((oy, ox, oy + data["labels_shape"][0], ox + data["labels_shape"][1]))
+            self.total += data["nuclei"]
+            self.dropped += data["dropped"]
+            self.added += 1
+        self.seconds += time.time() - start
 
-        raster = _RegionLabels(files, offsets, boxes, geo.scale)
-        label_pyramid.write_label_pyramid(outputs["labels"], shape0, raster.read_tile, mpp=mpp0,
-                                          tile_size=LABEL_TILE)
-    return (total, (np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32)),
-            (np.concatenate(confidence) if confidence else np.zeros(0, np.float32)))
+    def finish(self, geo: Geometry, shape0: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray]:
+        """Returns (N, level-0 centroids (N, 2) x, y float32, confidences (N,) float32); `state["dropped_low_confidence"]`
+        gets the number of nuclei `--min_confidence` dropped."""
+        self.feed()
+        start = time.time()
+        if self.added < len(self.regions):
+            raise RuntimeError(f"region {self.regions[self.added].index} has no region file")
+        self.geojson.close()
+        self.csv.close()
+        self.state["dropped_low_confidence"] = self.dropped
+        if "labels" in self.outputs:
+            import label_pyramid
+
+            raster = _RegionLabels(self.files, self.offsets, self.boxes, geo.scale)
+            label_pyramid.write_label_pyramid(self.outputs["labels"], shape0, raster.read_tile, mpp=self.mpp0,
+                                              tile_size=LABEL_TILE)
+        self.seconds += time.time() - start
+        return (self.total, (np.concatenate(self.centroids) if self.centroids else np.zeros((0, 2), np.float32)),
+                (np.concatenate(self.confidence) if self.confidence else np.zeros(0, np.float32)))
+
+    def abort(self) -> None:
+        self.geojson.abort()
+        self.csv.abort()
+
+
+def assemble(output_dir: Path, name: str, outputs: dict, regions: list[Region], state: dict, pdir: Path,
+             geo: Geometry, mpp0: float, shape0: tuple[int, int], options) -> tuple[int, np.ndarray, np.ndarray]:
+    """Write GeoJSON, CSV (and the label image) from the region files of a finished run at once (`Assembly`);
+    returns what `Assembly.finish` does."""
+    assembly = Assembly(outputs, regions, state, pdir, mpp0, options)
+    try:
+        return assembly.finish(geo, shape0)
+    except BaseException:
+        assembly.abort()
+        raise

@@ -129,6 +129,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(small_slide, tmp_pat
     state = utils.read_json(wsi.progress_dir(out, "s") / "state.json")
     assert len(state["regions"]) == 2 and not state["complete"]
     assert not (out / "s.geojson").exists()
+    # the GeoJSON and CSV written while the regions ran are dropped: no temporary file left beside the outputs
+    assert sorted(p.name for p in out.iterdir()) == [".progress"]
     seen = []
     outcome = wsi.predict_slide(_predictor(options), path, "s", out, options, on_region_done=seen.append)
     assert outcome.status == "ok" and len(seen) == 9 - 2  # 3 x 3 regions, 2 were done
@@ -440,3 +442,28 @@ def test_region_file_equals_the_former_composition_on_real_nuclei(real_sample_di
             assert raw["geometry"].tobytes().decode() == "\n".join(export.polygon_json(xy[a:b].tolist())
                                                                    for a, b in spans)
             assert raw["measurements"].tobytes().decode() == "\n".join(export.measurements_json(r) for r in rows)
+
+
+def test_geojson_and_csv_are_written_while_the_regions_run(small_slide, tmp_path, monkeypatch):
+    """`Assembly.feed` runs after every recorded region and adds the regions in order as they come, so that the
+    writing overlaps the regions still running (with workers) instead of following the last one; same bytes."""
+    path, _, _ = small_slide
+    progress = []
+    feed = wsi.Assembly.feed
+
+    def watched(self):
+        feed(self)
+        progress.append((self.added, len(self.state["regions"])))
+
+    monkeypatch.setattr(wsi.Assembly, "feed", watched)
+    options = _options(num_workers=1)
+    out = tmp_path / "stream"
+    assert wsi.predict_slide(_predictor(options), path, "s", out, options).status == "ok"
+    during = progress[1:-1]   # the first feed is before any region, the last one is finish's
+    assert progress[0] == (0, 0) and [added for added, _ in during] == list(range(1, 10))
+    assert all(added == recorded for added, recorded in during)   # regions are recorded in order here
+    monkeypatch.setattr(wsi.Assembly, "feed", feed)
+    at_once = tmp_path / "at_once"
+    options0 = _options()
+    assert wsi.predict_slide(_predictor(options0), path, "s", at_once, options0).status == "ok"
+    assert _outputs(out, "s") == _outputs(at_once, "s")
