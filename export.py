@@ -251,7 +251,7 @@ class _LabelPixels:
         self.pw = pw = width + 2
         self.pf = pf = padded.ravel()
         self.ppix = ppix = np.flatnonzero(pf != 0)   # (on a bool array: several times faster than on ints)
-        self.lab = lab = pf[ppix].astype(np.int64)
+        self.lab = pf[ppix].astype(np.int64)
         self.r = r = ppix // pw - 1
         self.c = c = ppix - (r + 1) * pw - 1
         self.pix = r * width + c
@@ -275,7 +275,7 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     height, width = index.shape
     if not px.ppix.size:
         return np.zeros((0, 2), np.int64), [], []
-    lab, r, c = px.lab, px.r, px.c
+    lab = px.lab
     stride = width + 1                      # corner (x, y) -> y * stride + x
     corners = (height + 1) * stride
     starts, ends, owner = [], [], []
@@ -673,6 +673,14 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray | None, mpp: float | No
     Every quantity is computed for all instances at once from per-pixel sums (`np.bincount`), not instance by
     instance; `tests/test_export.py` checks it against `regionprops_table`.
     """
+    labels, image, foreground = _check_measure_inputs(labels, image, mpp, foreground)
+    index, ids = _index_map(labels)
+    return _measure_rows(index, ids, image, mpp, foreground, confidence, _LabelPixels(index))
+
+
+def _check_measure_inputs(labels, image, mpp, foreground):
+    """The label map (`_check_labels`), image and foreground as arrays; ValueError when their shapes disagree
+    or `mpp` is not positive."""
     labels = _check_labels(labels)
     if image is not None:
         image = np.asarray(image)
@@ -684,8 +692,7 @@ def measure_nuclei(labels: np.ndarray, image: np.ndarray | None, mpp: float | No
             raise ValueError(f"foreground map shape {foreground.shape} does not match label map {labels.shape}")
     if mpp is not None and not (mpp > 0):
         raise ValueError(f"mpp must be positive, got {mpp}")
-    index, ids = _index_map(labels)
-    return _measure_rows(index, ids, image, mpp, foreground, confidence, _LabelPixels(index))
+    return labels, image, foreground
 
 
 def measure_and_outline(labels: np.ndarray, image: np.ndarray | None, mpp: float | None = None,
@@ -693,17 +700,7 @@ def measure_and_outline(labels: np.ndarray, image: np.ndarray | None, mpp: float
                         ) -> tuple[list[dict[str, Any]], tuple[np.ndarray, list[int], list[tuple[int, int]]]]:
     """(`measure_nuclei(labels, image, mpp, foreground=foreground)`, `ring_table(labels)`): the same values, from
     one scan of the label map (the pixels and their neighbours are found once for both)."""
-    labels = _check_labels(labels)
-    if image is not None:
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != labels.shape:
-            raise ValueError(f"image shape {image.shape} does not match label map {labels.shape} (H, W, 3)")
-    if foreground is not None:
-        foreground = np.asarray(foreground)
-        if foreground.shape != labels.shape:
-            raise ValueError(f"foreground map shape {foreground.shape} does not match label map {labels.shape}")
-    if mpp is not None and not (mpp > 0):
-        raise ValueError(f"mpp must be positive, got {mpp}")
+    labels, image, foreground = _check_measure_inputs(labels, image, mpp, foreground)
     index, ids = _index_map(labels)
     px = _LabelPixels(index)
     return _measure_rows(index, ids, image, mpp, foreground, None, px), _ring_table(index, ids, px)
