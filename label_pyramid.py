@@ -10,7 +10,7 @@ to the output file. Each level-0 tile is also reduced 2x into a temporary tiled 
 half the size, so one level-0 tile makes exactly one temporary tile). Every further level is made from the
 previous temporary file, reading 2x2 output tiles' worth at a time (only the tiles they touch); the output
 file gets each level by reading its temporary file back block by block. So at most a few tiles are held at
-once, whatever the image size, and the temporary files (1/3 of the level-0 pixels, compressed) are removed.
+once (two per compressing thread of the output: one per usable core), whatever the image size, and the temporary files (1/3 of the level-0 pixels, compressed) are removed.
 
 Reduction: labels are subsampled (every second pixel, no averaging that would invent ids); RGB is the mean
 of each 2x2 block (edges replicated on odd sizes). Level k has size ceil(H / 2^k) x ceil(W / 2^k).
@@ -116,7 +116,9 @@ class _TileReader:
         self._tif.close()
 
 
-_TEMP_OPTIONS = dict(compression="zlib", compressionargs={"level": 1}, metadata=None)
+# one compressing thread for the temporary levels (they are written beside the output, in a thread of their own):
+# with more, tifffile takes tiles from the generator ahead of compression, up to 512 MiB by default
+_TEMP_OPTIONS = dict(compression="zlib", compressionargs={"level": 1}, metadata=None, maxworkers=1)
 
 
 class _ThreadedTileWriter:
@@ -205,9 +207,14 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
     if photometric is None:
         photometric = "minisblack" if samples == 1 else "rgb"
     level_extra = level_kwargs or (lambda level, ds: {})
-    # tiles are compressed in parallel threads (zlib releases the GIL), one per core this process may use;
-    # the file is the same bytes whatever the count (tifffile writes the tiles in order)
-    common = dict(compression=compression, photometric=photometric, metadata=None, maxworkers=utils.usable_cores())
+    # the output's tiles are compressed in parallel threads (zlib releases the GIL), one per core this process
+    # may use, the same bytes whatever the count (tifffile writes them in order); tifffile takes tiles from the
+    # generator ahead of its threads up to `buffersize` bytes (512 MiB by default, which would undo the bounded
+    # memory): two tiles per thread
+    workers = utils.usable_cores()
+    tile_bytes = tile_size * tile_size * samples * dtype.itemsize
+    common = dict(compression=compression, photometric=photometric, metadata=None, maxworkers=workers,
+                  buffersize=2 * workers * tile_bytes)
 
     def extra(level: int, downsample: float) -> dict:
         kwargs = dict(common)

@@ -145,3 +145,31 @@ def test_tile_reader_blocks_equal_the_former_zarr_store(tmp_path, samples):
     finally:
         reader.close()
         store.close()
+
+
+def test_memory_stays_bounded_with_several_compressing_threads(tmp_path, monkeypatch):
+    """With one compressing thread per core, tifffile takes tiles from the generator ahead of its threads; the
+    writer bounds that to two tiles per thread: writing 1,024 fresh tiles (16 MiB in all) with 4 threads holds
+    about 1 MiB at a time (3-4 MiB without the bound, growing with the image up to tifffile's 512 MiB)."""
+    import tracemalloc
+
+    import utils
+
+    monkeypatch.setattr(utils, "usable_cores", lambda: 4)
+    tile, n = 64, 32
+    shape = (tile * n, tile * n)
+
+    def read_tile(y, x, h, w):   # a new array per tile, as the slide pipeline's label tiles are
+        return np.full((h, w), (y // tile) * n + x // tile + 1, np.uint32)
+
+    tracemalloc.start()
+    try:
+        label_pyramid.write_label_pyramid(tmp_path / "big.ome.tif", shape, read_tile, mpp=0.25, tile_size=tile,
+                                          min_size=64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, peak   # about 1 MiB here; 3-4 MiB without the bound
+    with tifffile.TiffFile(tmp_path / "big.ome.tif") as tif:
+        level0 = tif.series[0].levels[0].asarray()
+    assert level0[0, 0] == 1 and level0[-1, -1] == n * n
