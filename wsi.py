@@ -201,8 +201,8 @@ def finish_region(job: dict) -> dict:
     a worker process.
 
     Everything after the post-processing is computed for all instances at once (per-pixel sums,
-    `export.measure_nuclei`; outlines, `export.instance_rings`), and each feature is stored as its JSON text
-    (geometry and measurements) so that `assemble` only pastes in the global id."""
+    `export.measure_and_outline`: measurements and outlines from one scan of the label map), and each feature is
+    stored as its JSON text (geometry and measurements) so that `Assembly` only pastes in the global id."""
     import export
     import postprocess as pp
 
