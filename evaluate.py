@@ -16,11 +16,10 @@ import argparse
 import dataclasses
 import logging
 import math
-import multiprocessing
 import os
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -437,7 +436,7 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
     rows: list[dict] = []
     pool = None
     if num_workers > 0:
-        pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = utils.process_pool(num_workers)
     reader = ThreadPoolExecutor(max_workers=1)
     pending: set[Future] = set()
     max_pending = 2 * num_workers + batch_size

@@ -28,12 +28,11 @@ import argparse
 import glob
 import logging
 import math
-import multiprocessing
 import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -385,8 +384,7 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
     output_dir = Path(output_dir)
     outcomes: list[Outcome | None] = [None] * len(inputs)
     workers = predictor.num_workers if len(inputs) > 1 else 0
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            if workers > 0 else None)
+    pool = utils.process_pool(workers) if workers > 0 else None
     pending: deque[tuple[int, float, tuple, Future]] = deque()
 
     def record(i: int, outcome: Outcome) -> None:

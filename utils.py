@@ -625,6 +625,24 @@ def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/f
     return min(limits) if limits else None
 
 
+def _leave_interrupt_to_the_main_process() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def process_pool(workers: int):
+    """A `ProcessPoolExecutor` of `workers` spawned processes (a fresh interpreter: safe with CUDA and threads)
+    that ignore Ctrl-C: the terminal sends SIGINT to every process of the command, and an idle worker would
+    print its own KeyboardInterrupt traceback; the main process reports the interruption once (exit 130) and
+    shuts the pool down, letting a running task finish."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_leave_interrupt_to_the_main_process)
+
+
 def usable_cores() -> int:
     """The cores this process may use: its CPU affinity (taskset, Slurm, cpusets) capped by the cgroup
     CPU quota (Docker `--cpus`, Kubernetes limits), rounded up; not the machine's core count."""

@@ -41,14 +41,13 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import threading
 import time
 import zlib
 from collections import OrderedDict, deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -501,8 +500,7 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     workers = int(predictor.num_workers)
     readers = _Readers(path, options, geo.scale)
     read_pool = ThreadPoolExecutor(max(1, int(options.read_threads)), thread_name_prefix="wsi-read")
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            if workers > 0 else None)
+    pool = utils.process_pool(workers) if workers > 0 else None
     if pool is not None:
         # start every worker process now: spawning one and importing the post-processing modules takes 1-3 s,
         # which then overlaps the first region's read and network instead of delaying its post-processing

@@ -172,3 +172,14 @@ def test_unreadable_checkpoints_are_one_line_saying_what_is_wrong(tmp_path):
         assert message.startswith(f"--model_path {tmp_path / name}: {expected}"), message
         assert "\n" not in message and "weights_only" not in message and len(message) < 300, message
     assert float(utils.load_torch_file(good)["a"].sum()) == 0.0
+
+
+def test_process_pool_workers_leave_ctrl_c_to_the_main_process():
+    """Ctrl-C reaches every process of the command: the pool's workers ignore it (no traceback of their own),
+    the main process reports it once; this process keeps its own handler."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with utils.process_pool(1) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before
