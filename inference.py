@@ -131,6 +131,9 @@ class Blender:
         self.hv = None
         self.has_hv: bool | None = None
         self._profiles: dict = {}
+        self._weights: dict = {}     # a window's weights depend only on which grid borders it touches
+        self._scratch = None         # (3, tile, tile) products of one window, reused (no allocation per window)
+        self._done = False
 
     def _profile(self, axis: int, start: int):
         # a window's profile depends only on whether it touches the grid's two borders
@@ -139,6 +142,14 @@ class Blender:
             w = tile_weights(self.tile, start, self.tile, self.overlap, self.total[axis])
             self._profiles[key] = self.torch.from_numpy(w).to(self.device)
         return self._profiles[key]
+
+    def _weight(self, y: int, x: int):
+        """The window's (tile, tile) weights: the outer product of its two profiles, made once per kind of window
+        (a slice of it is the outer product of the profiles' slices: the same float32 products)."""
+        key = (y > 0, y + self.tile < self.total[0], x > 0, x + self.tile < self.total[1])
+        if key not in self._weights:
+            self._weights[key] = self.torch.outer(self._profile(0, y), self._profile(1, x))
+        return self._weights[key]
 
     def _tensor(self, value):
         torch = self.torch
@@ -155,24 +166,37 @@ class Blender:
             self.has_hv = hv is not None
             if self.has_hv:
                 self.hv = torch.zeros((2,) + self.shape, dtype=torch.float32, device=self.device)
+        if self._done:
+            raise RuntimeError("Blender.add after maps()")
         y0, x0, y1, x1 = self.box
         ty0, tx0 = max(y0 - y, 0), max(x0 - x, 0)   # the part of the window inside the box
         ty1, tx1 = min(y1 - y, tile), min(x1 - x, tile)
         if ty1 <= ty0 or tx1 <= tx0:
             return
-        weight = torch.outer(self._profile(0, y)[ty0:ty1], self._profile(1, x)[tx0:tx1])
+        if self._scratch is None:
+            self._scratch = torch.empty((3, tile, tile), dtype=torch.float32, device=self.device)
+        h, w = ty1 - ty0, tx1 - tx0
+        weight = self._weight(y, x)[ty0:ty1, tx0:tx1]
         oy, ox = y + ty0 - y0, x + tx0 - x0
-        sl = (slice(oy, oy + ty1 - ty0), slice(ox, ox + tx1 - tx0))
-        self.fg[sl] += weight * self._tensor(fg)[ty0:ty1, tx0:tx1]
+        sl = (slice(oy, oy + h), slice(ox, ox + w))
+        # the same IEEE float32 product and sum per pixel as `sums[sl] += weight * map`, into a reused buffer
+        product = self._scratch[0, :h, :w]
+        torch.mul(weight, self._tensor(fg)[ty0:ty1, tx0:tx1], out=product)
+        self.fg[sl] += product
         self.w[sl] += weight
         if self.hv is not None:
-            self.hv[(slice(None),) + sl] += weight[None] * self._tensor(hv)[:, ty0:ty1, tx0:tx1]
+            product = self._scratch[1:, :h, :w]
+            torch.mul(weight[None], self._tensor(hv)[:, ty0:ty1, tx0:tx1], out=product)
+            self.hv[(slice(None),) + sl] += product
 
     def maps(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """(foreground (h, w), hv (2, h, w) | None) float32 numpy of the box (one copy to the host)."""
-        w = self.torch.clamp_min(self.w, 1e-12)
-        fg = (self.fg / w).cpu().numpy()
-        hv = None if self.hv is None else (self.hv / w[None]).cpu().numpy()
+        """(foreground (h, w), hv (2, h, w) | None) float32 numpy of the box (one copy to the host). The sums are
+        divided in place (on the CPU the arrays returned are the blender's own memory): the blender is done."""
+        self._done = True
+        self._scratch = None
+        w = self.w.clamp_min_(1e-12)
+        fg = self.fg.div_(w).cpu().numpy()
+        hv = None if self.hv is None else self.hv.div_(w[None]).cpu().numpy()
         return fg, hv
 
 

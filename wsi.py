@@ -17,7 +17,8 @@
    region whose core holds its centroid (the seam rule: the margin is wider than a nucleus, so a kept
    instance is whole, and each instance is kept by exactly one region).
 4. Streaming. Background threads read regions ahead of the network (at most `read_threads + 1` regions
-   waiting); finished regions are post-processed in `num_workers` worker processes (at most
+   waiting; a region's read is its crop and the windows that run there, not those an earlier region ran:
+   `run_boxes`); finished regions are post-processed in `num_workers` worker processes (at most
    `num_workers + 1` in flight) or in this process (`num_workers` 0). Each region's kept instances
    (label crop + measurements + polygons) go to a small file in `.progress/<name>/` and the progress file
    `state.json` is rewritten atomically after every region.
@@ -144,25 +145,48 @@ def plan_regions(geo: Geometry, flags: np.ndarray, region_size: int, margin: int
     return regions
 
 
+def run_boxes(regions: list[Region], geo: Geometry) -> list[tuple[int, int, int, int]]:
+    """What to read for each region of a run that takes `regions` in this order, keeping window maps for later
+    regions (`run_regions`): the crop (its colours are measured) and the windows that run there, those not
+    run by an earlier region of the run. The windows an earlier region ran come from the cache, so their pixels
+    are not read again: with regions of 2048, 1.44x the slide's pixels instead of 1.70x (`Region.box`) on a
+    12288² slide, 1.55x instead of 1.87x on a 40000² one."""
+    seen: set = set()
+    boxes = []
+    for region in regions:
+        y0, x0, y1, x1 = region.crop
+        for iy, ix in region.windows:
+            if (iy, ix) not in seen:
+                seen.add((iy, ix))
+                y0, x0 = min(y0, geo.ys[iy]), min(x0, geo.xs[ix])
+                y1, x1 = max(y1, geo.ys[iy] + geo.tile), max(x1, geo.xs[ix] + geo.tile)
+        boxes.append((y0, x0, y1, x1))
+    return boxes
+
+
 # ----------------------------------------------------------------------------------------------
 # Network part (this process)
 # ----------------------------------------------------------------------------------------------
 def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch_size: int,
-                  cache: dict | None = None, keep=None) -> tuple[np.ndarray, np.ndarray | None, int]:
+                  cache: dict | None = None, keep=None,
+                  origin: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended by the engine
     (`inference.blend_windows` with the global grid's weights: identical values to the whole-image maps of
-    `inference.stitch_maps` there), and the number of windows run. `cache` {(iy, ix): (fg, hv)} holds window
-    maps computed for earlier regions (used, not run again); the maps of this region's windows in `keep`
-    (those a later region needs) are added to it, and the caller drops them after their last region
+    `inference.stitch_maps` there), and the number of windows run. `rgb` holds the target pixels from `origin`
+    (y, x; default `region.box`'s corner) on, at least those of the windows run here. `cache` {(iy, ix): (fg,
+    hv)} holds window maps computed for earlier regions (used, not run again); the maps of this region's windows
+    in `keep` (those a later region needs) are added to it, and the caller drops them after their last region
     (`run_regions`), so every window of the grid runs once."""
     import inference
 
-    by0, bx0 = region.box[:2]
+    by0, bx0 = region.box[:2] if origin is None else origin
     tile = geo.tile
     blender = inference.Blender(region.crop, geo.shape, tile, geo.overlap, inference.maps_device(maps_fn))
 
     def pixels(key: tuple[int, int]) -> np.ndarray:
         y, x = geo.ys[key[0]] - by0, geo.xs[key[1]] - bx0
+        if y < 0 or x < 0 or y + tile > rgb.shape[0] or x + tile > rgb.shape[1]:
+            raise RuntimeError(f"window {key} of region {region.index} lies outside the pixels read")
         return rgb[y:y + tile, x:x + tile]
 
     ran = inference.blend_windows(blender, region.windows, lambda key: (geo.ys[key[0]], geo.xs[key[1]]), pixels,
@@ -466,7 +490,7 @@ class _Readers:
         self.handles: list = []
         self.lock = threading.Lock()
 
-    def read(self, region: Region) -> tuple[np.ndarray, float]:
+    def read(self, box: tuple[int, int, int, int]) -> tuple[np.ndarray, float]:
         import slides
 
         start = time.time()
@@ -476,7 +500,7 @@ class _Readers:
             self.local.slide = slide
             with self.lock:
                 self.handles.append(slide)
-        y0, x0, y1, x1 = region.box
+        y0, x0, y1, x1 = box
         rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), self.scale)
         return rgb, time.time() - start
 
@@ -508,7 +532,7 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             pool.submit(warm_worker)
     reads: deque = deque()
     pending: deque = deque()
-    upcoming = iter(todo)
+    upcoming = iter(zip(todo, run_boxes(todo, geo)))   # each region's pixels, less the windows already run
     # window maps are kept from the region that runs them to the last region that needs them (the next one
     # on the right, or the one below: at most about one region row of windows); each window runs once
     last_use = {key: k for k, region in enumerate(todo) for key in region.windows}
@@ -518,9 +542,9 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     bar = tqdm(total=len(todo), desc=f"{path.name} regions", unit="region", leave=False)
 
     def read_next() -> None:
-        region = next(upcoming, None)
+        region, box = next(upcoming, (None, None))
         if region is not None:
-            reads.append((region, read_pool.submit(readers.read, region)))
+            reads.append((region, box, read_pool.submit(readers.read, box)))
 
     def record(region: Region, result: dict) -> None:
         nonlocal done_count
@@ -539,19 +563,19 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
         for _ in range(max(1, int(options.read_threads)) + 1):
             read_next()
         for k in range(len(todo)):
-            region, future = reads.popleft()
+            region, box, future = reads.popleft()
             rgb, seconds = future.result()
             read_next()
             timing["read"] += seconds
             t0 = time.time()
             later = {key for key in region.windows if last_use[key] > k}
-            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, batch_size, cache, later)
+            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, batch_size, cache, later, box[:2])
             for key in region.windows:
                 if last_use[key] == k:
                     cache.pop(key, None)
             timing["network"] += time.time() - t0
             timing["windows"] += ran
-            (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop
+            (by0, bx0), (cy0, cx0, cy1, cx1) = box[:2], region.crop
             job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
                    "settings": settings, "crop": region.crop, "core": region.core, "scale": geo.scale,
                    "mpp": float(predictor.model_mpp), "file": str(pdir / f"region_{region.index:06d}.npz"),
@@ -570,7 +594,7 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             record(r, f.result())
     finally:
         bar.close()
-        for _, f in reads:
+        for _, _, f in reads:
             f.cancel()
         read_pool.shutdown(wait=True, cancel_futures=True)
         readers.close()

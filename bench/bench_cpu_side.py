@@ -13,9 +13,11 @@ blurred (sigma 1 px) and scaled by a smooth random field (so probabilities, and 
 `dataset.hv_targets` of the real label map. The RGB is written as a tiled pyramidal TIFF (zlib) read back
 through `slides.open_slide`.
 
-Stages per region (regions of 2048 with the 128-px margin, as `predict`): `read` (`read_scaled` of the
-region's box), `blend` (`wsi.stitch_region` with a maps function that hands back each window's slice of the
-precomputed maps, so only the blending is timed), `postprocess` (`postprocess.postprocess` on the crop, timed
+Stages per region (regions of 2048 with the 128-px margin, as `predict`): `read` (`read_scaled` of what
+`run_regions` reads for the region: `wsi.run_boxes`, the crop and the windows not run by an earlier region, in
+a tree that has it; `Region.box` in an older one), `blend` (`wsi.stitch_region` with the window cache as in
+`run_regions` and a maps function that hands back each window's slice of the precomputed maps; that function's
+own time, copying out of the memory-mapped maps, is left out, so only the blending is timed), `postprocess` (`postprocess.postprocess` on the crop, timed
 on its own) and `finish` (`wsi.finish_region`: post-processing again + seam rule + measurements + polygons +
 region file; `finish - postprocess` is what comes after the post-processing). Then per slide `assemble`
 (GeoJSON, CSV and the label pyramid from the region files) and `overview` (the overview PNG(s)).
@@ -129,26 +131,44 @@ def run_tree(args: argparse.Namespace) -> None:
         t = clock()
         wsi.stitch_region(region, rgb, geo, maps_warm, 1)
         timing["warm_up"] = clock() - t
-        for region in regions:
-            y0, x0, y1, x1 = region.box
+        # what each region reads, as `run_regions` reads it: a tree with `run_boxes` reads the crop and the windows
+        # that run there (the others come from the window cache), an older one the whole `Region.box`
+        cached_run = hasattr(wsi, "run_boxes")
+        boxes = wsi.run_boxes(regions, geo) if cached_run else [r.box for r in regions]
+        last_use = {key: k for k, r in enumerate(regions) for key in r.windows}
+        cache: dict = {}
+        stand_in = [0.0]   # the stand-in network's own time (copies out of the memory-mapped maps): not blending
+        for k, (region, box) in enumerate(zip(regions, boxes)):
+            y0, x0, y1, x1 = box
             t = clock()
             rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), 1.0)
             timing["read"] += clock() - t
-            queue = list(region.windows)  # the windows stitch_region runs, in its order (no cache, batch 1)
+            # the windows stitch_region runs, in its order (batch 1; with the cache, those not run before)
+            queue = [key for key in region.windows if key not in cache]
 
             def maps_by_order(tiles_in):
+                t_in = clock()
                 result = []
                 for _ in tiles_in:
                     iy, ix = queue.pop(0)
                     ys, xs = geo.ys[iy], geo.xs[ix]
                     result.append((np.array(fg_all[ys:ys + tile, xs:xs + tile]),
                                    np.array(hv_all[:, ys:ys + tile, xs:xs + tile])))
+                stand_in[0] += clock() - t_in
                 return result
 
+            before = stand_in[0]
             t = clock()
-            fg, hv, _ = wsi.stitch_region(region, rgb, geo, maps_by_order, 1)
-            timing["blend"] += clock() - t
-            (by0, bx0), (cy0, cx0, cy1, cx1) = region.box[:2], region.crop
+            if cached_run:
+                later = {key for key in region.windows if last_use[key] > k}
+                fg, hv, _ = wsi.stitch_region(region, rgb, geo, maps_by_order, 1, cache, later, box[:2])
+                for key in region.windows:
+                    if last_use[key] == k:
+                        cache.pop(key, None)
+            else:
+                fg, hv, _ = wsi.stitch_region(region, rgb, geo, maps_by_order, 1)
+            timing["blend"] += clock() - t - (stand_in[0] - before)
+            (by0, bx0), (cy0, cx0, cy1, cx1) = box[:2], region.crop
             crop_rgb = np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0])
             t = clock()
             pp.postprocess(fg, hv, pp.PostprocessConfig.from_dict(settings))

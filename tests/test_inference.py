@@ -80,6 +80,16 @@ def test_a_region_of_the_grid_blends_like_the_whole_image():
     assert np.array_equal(fg, whole[150:470, 220:610]) and np.array_equal(hv, whole_hv[:, 150:470, 220:610])
 
 
+def test_maps_end_the_blender():
+    """`maps()` divides the sums in place (no second copy of the box): adding a window afterwards is an error."""
+    blender = inference.Blender((0, 0, 64, 64), (64, 64), 64, 16)
+    blender.add(0, 0, np.full((64, 64), 0.5, np.float32), np.zeros((2, 64, 64), np.float32))
+    fg, hv = blender.maps()
+    assert np.array_equal(fg, np.full((64, 64), 0.5, np.float32)) and not hv.any()
+    with pytest.raises(RuntimeError, match="after maps"):
+        blender.add(0, 0, np.zeros((64, 64), np.float32))
+
+
 def test_cached_windows_are_not_run_again():
     calls = []
 

@@ -109,6 +109,34 @@ def test_region_maps_are_the_whole_image_maps_bit_for_bit(small_slide):
     assert ran < sum(len(r.windows) for r in regions)  # shared windows were not run twice
 
 
+def test_a_run_reads_only_the_crop_and_the_windows_it_runs(small_slide):
+    """`run_boxes`: each region of a run reads its crop and the windows not run by an earlier region (their maps
+    come from the cache), less than `Region.box` in all, and its maps are still the whole-image maps."""
+    import slides
+    import tissue
+
+    path, image, _ = small_slide
+    fg, hv = inference.stitch_maps(image, 256, 64, pure_maps, batch_size=5)
+    with slides.open_slide(path) as slide:
+        geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
+        regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
+        boxes = wsi.run_boxes(regions, geo)
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+        assert boxes[0] == regions[0].box and sum(map(area, boxes)) < sum(area(r.box) for r in regions)
+        cache: dict = {}
+        for k, (region, box) in enumerate(zip(regions, boxes)):
+            c = region.crop
+            assert box[0] <= c[0] and box[1] <= c[1] and box[2] >= c[2] and box[3] >= c[3]
+            rgb = slide.read_scaled((box[1], box[0], box[3] - box[1], box[2] - box[0]), 1.0)
+            if k == 1:   # without the cache this region's windows reach outside what it read
+                with pytest.raises(RuntimeError, match="outside the pixels read"):
+                    wsi.stitch_region(region, rgb, geo, pure_maps, 5, {}, set(), box[:2])
+            later = set().union(*(r.windows for r in regions[k + 1:]))
+            rfg, rhv, _ = wsi.stitch_region(region, rgb, geo, pure_maps, 5, cache, later, box[:2])
+            cy0, cx0, cy1, cx1 = c
+            assert np.array_equal(rfg, fg[cy0:cy1, cx0:cx1]) and np.array_equal(rhv, hv[:, cy0:cy1, cx0:cx1])
+
+
 class Interrupt(KeyboardInterrupt):
     pass
 
