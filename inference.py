@@ -113,7 +113,9 @@ class Blender:
     `add(y, x, fg, hv)` adds one `tile` x `tile` window at (y, x) (only its part inside the box); `maps()` is
     (sum of w * maps) / (sum of w) as numpy. Each operation is one IEEE float32 product or sum per pixel, the
     same on every device and identical to the numpy float32 arithmetic of the loop this replaces, so callers
-    that add a pixel's windows in the same order get bit-identical maps (tests/test_inference.py)."""
+    that add a pixel's windows in the same order get bit-identical maps (tests/test_inference.py). A window's pixels
+    of weight 0 (the outer quarter of an overlap shared with a neighbour) are not added: for finite maps that is
+    the same (adding 0 * a finite value changes no sum), and a NaN there does not spread into the neighbour's."""
 
     def __init__(self, box: tuple[int, int, int, int], total: tuple[int, int], tile: int, overlap: int,
                  device=None) -> None:

@@ -90,6 +90,21 @@ def test_maps_end_the_blender():
         blender.add(0, 0, np.zeros((64, 64), np.float32))
 
 
+def test_a_window_adds_nothing_where_its_weight_is_zero():
+    """The outer quarter of a shared overlap has weight 0: a NaN the network puts there stays out of the maps."""
+    tile, overlap = 64, 16
+    ys = inference.tile_starts(112, tile, overlap)   # [0, 48]: the windows share 16 rows, the outer 4 of weight 0
+    blender = inference.Blender((0, 0, 112, 64), (112, 64), tile, overlap)
+    first = np.full((tile, tile), 0.25, np.float32)
+    first[-4:] = np.nan                   # rows 60..63 of the slide: the first window's weight is 0 there
+    second = np.full((tile, tile), 0.75, np.float32)
+    blender.add(ys[0], 0, first)
+    blender.add(ys[1], 0, second)
+    fg, _ = blender.maps()
+    assert not np.isnan(fg).any()
+    assert np.all(fg[:48] == 0.25) and np.all(fg[60:] == 0.75)
+
+
 def test_cached_windows_are_not_run_again():
     calls = []
 
