@@ -18,7 +18,8 @@
    instance is whole, and each instance is kept by exactly one region).
 4. Streaming. Background threads read regions ahead of the network (at most `read_threads + 1` regions
    waiting; a region's read is its crop and the windows that run there, not those an earlier region ran:
-   `run_boxes`); finished regions are post-processed in `num_workers` worker processes (at most
+   `run_boxes`, and the columns it shares with the previous region are copied from that one's: `read_box`);
+   finished regions are post-processed in `num_workers` worker processes (at most
    `num_workers + 1` in flight) or in this process (`num_workers` 0). Each region's kept instances
    (label crop + measurements + polygons) go to a small file in `.progress/<name>/` and the progress file
    `state.json` is rewritten atomically after every region.
@@ -162,6 +163,35 @@ def run_boxes(regions: list[Region], geo: Geometry) -> list[tuple[int, int, int,
                 y1, x1 = max(y1, geo.ys[iy] + geo.tile), max(x1, geo.xs[ix] + geo.tile)
         boxes.append((y0, x0, y1, x1))
     return boxes
+
+
+def reused_columns(previous: tuple[int, int, int, int] | None, box: tuple[int, int, int, int]) -> int:
+    """How many columns on the left of `box` (y0, x0, y1, x1) the previous region's box holds over `box`'s whole
+    height: their pixels are copied from the previous region's instead of read again (`read_box`). On a row of
+    regions over tissue, about a quarter of each box (768 of 2816 columns with regions of 2048)."""
+    if previous is None:
+        return 0
+    py0, px0, py1, px1 = previous
+    y0, x0, y1, x1 = box
+    if py0 > y0 or py1 < y1 or not px0 <= x0 < px1:
+        return 0
+    return min(px1, x1) - x0
+
+
+def read_box(read, box: tuple[int, int, int, int], previous=None) -> np.ndarray:
+    """uint8 RGB of `box` (y0, x0, y1, x1) of the target grid, `read((x, y, w, h))` reading from the slide.
+    `previous` (box, rgb | a callable returning it): the previous region's pixels, whose columns that `box`
+    shares (`reused_columns`) are copied rather than read again (target pixels depend only on their position, so
+    they are the same values)."""
+    y0, x0, y1, x1 = box
+    shared = reused_columns(previous[0], box) if previous is not None else 0
+    new = read((x0 + shared, y0, x1 - x0 - shared, y1 - y0)) if shared < x1 - x0 else None
+    if not shared:
+        return new
+    (py0, px0, _, _), rgb = previous
+    rgb = rgb() if callable(rgb) else rgb
+    old = rgb[y0 - py0:y1 - py0, x0 - px0:x0 - px0 + shared]
+    return np.ascontiguousarray(old) if new is None else np.concatenate((old, new), axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +520,9 @@ class _Readers:
         self.handles: list = []
         self.lock = threading.Lock()
 
-    def read(self, box: tuple[int, int, int, int]) -> tuple[np.ndarray, float]:
+    def read(self, box: tuple[int, int, int, int], previous=None) -> tuple[np.ndarray, float]:
+        """(RGB of `box`, seconds); `previous` (box, future of its read): the previous region's read, whose shared
+        columns are copied (`read_box`); this thread reads the rest first, then waits for it."""
         import slides
 
         start = time.time()
@@ -500,9 +532,18 @@ class _Readers:
             self.local.slide = slide
             with self.lock:
                 self.handles.append(slide)
-        y0, x0, y1, x1 = box
-        rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), self.scale)
-        return rgb, time.time() - start
+        waited = 0.0
+
+        def previous_rgb() -> np.ndarray:
+            nonlocal waited
+            t = time.time()
+            rgb = previous[1].result()[0]
+            waited += time.time() - t
+            return rgb
+
+        rgb = read_box(lambda b: slide.read_scaled(b, self.scale), box,
+                       None if previous is None else (previous[0], previous_rgb))
+        return rgb, time.time() - start - waited
 
     def close(self) -> None:
         for handle in self.handles:
@@ -541,10 +582,14 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     done_count = 0
     bar = tqdm(total=len(todo), desc=f"{path.name} regions", unit="region", leave=False)
 
+    last_read: list = [None]   # (box, future) of the latest read: its shared columns are copied, not read again
+
     def read_next() -> None:
         region, box = next(upcoming, (None, None))
         if region is not None:
-            reads.append((region, box, read_pool.submit(readers.read, box)))
+            future = read_pool.submit(readers.read, box, last_read[0])
+            last_read[0] = (box, future)
+            reads.append((region, box, future))
 
     def record(region: Region, result: dict) -> None:
         nonlocal done_count

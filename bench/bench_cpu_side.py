@@ -15,7 +15,8 @@ through `slides.open_slide`.
 
 Stages per region (regions of 2048 with the 128-px margin, as `predict`): `read` (`read_scaled` of what
 `run_regions` reads for the region: `wsi.run_boxes`, the crop and the windows not run by an earlier region, in
-a tree that has it; `Region.box` in an older one), `blend` (`wsi.stitch_region` with the window cache as in
+a tree that has it, with the columns shared with the previous region's box copied from its pixels (`wsi.read_box`)
+where the tree does that; `Region.box` in an older one), `blend` (`wsi.stitch_region` with the window cache as in
 `run_regions` and a maps function that hands back each window's slice of the precomputed maps; that function's
 own time, copying out of the memory-mapped maps, is left out, so only the blending is timed), `postprocess` (`postprocess.postprocess` on the crop, timed
 on its own) and `finish` (`wsi.finish_region`: post-processing again + seam rule + measurements + polygons +
@@ -138,10 +139,15 @@ def run_tree(args: argparse.Namespace) -> None:
         last_use = {key: k for k, r in enumerate(regions) for key in r.windows}
         cache: dict = {}
         stand_in = [0.0]   # the stand-in network's own time (copies out of the memory-mapped maps): not blending
+        previous = None
         for k, (region, box) in enumerate(zip(regions, boxes)):
             y0, x0, y1, x1 = box
             t = clock()
-            rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), 1.0)
+            if hasattr(wsi, "read_box"):   # the columns shared with the previous region's box are copied
+                rgb = wsi.read_box(lambda b: slide.read_scaled(b, 1.0), box, previous)
+                previous = (box, rgb)
+            else:
+                rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), 1.0)
             timing["read"] += clock() - t
             # the windows stitch_region runs, in its order (batch 1; with the cache, those not run before)
             queue = [key for key in region.windows if key not in cache]

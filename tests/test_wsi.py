@@ -137,6 +137,39 @@ def test_a_run_reads_only_the_crop_and_the_windows_it_runs(small_slide):
             assert np.array_equal(rfg, fg[cy0:cy1, cx0:cx1]) and np.array_equal(rhv, hv[:, cy0:cy1, cx0:cx1])
 
 
+def test_reused_columns_hand_cases():
+    assert wsi.reused_columns(None, (0, 0, 10, 10)) == 0
+    assert wsi.reused_columns((0, 0, 10, 30), (0, 20, 10, 50)) == 10      # the left neighbour's last 10 columns
+    assert wsi.reused_columns((0, 0, 10, 30), (2, 20, 8, 25)) == 5        # all of a box inside it
+    assert wsi.reused_columns((1, 0, 10, 30), (0, 20, 10, 50)) == 0       # not over the box's whole height
+    assert wsi.reused_columns((0, 0, 9, 30), (0, 20, 10, 50)) == 0
+    assert wsi.reused_columns((0, 0, 10, 30), (0, 30, 10, 50)) == 0       # side by side, nothing shared
+    assert wsi.reused_columns((0, 25, 10, 60), (0, 20, 10, 50)) == 0      # shared columns not on the left
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.73])
+def test_a_read_that_shares_columns_with_the_previous_one_gives_the_same_pixels(small_slide, scale):
+    """`read_box`: the columns shared with the previous region's box are copied from its pixels and only the rest
+    is read, at the slide's own pixel size and resampled; the pixels are those of a read of the whole box."""
+    import slides
+
+    path, _, _ = small_slide
+    asked = []
+    with slides.open_slide(path) as slide:
+        def read(b):
+            asked.append(b)
+            return slide.read_scaled(b, scale)
+
+        first, second, inside = (3, 5, 300, 250), (3, 200, 300, 420), (40, 260, 120, 400)
+        rgb1 = wsi.read_box(read, first)
+        rgb2 = wsi.read_box(read, second, (first, rgb1))
+        assert asked == [(5, 3, 245, 297), (250, 3, 170, 297)]   # (x, y, w, h): 50 columns not read again
+        assert np.array_equal(rgb2, slide.read_scaled((200, 3, 220, 297), scale))
+        asked.clear()
+        rgb3 = wsi.read_box(read, inside, (second, lambda: rgb2))
+        assert asked == [] and np.array_equal(rgb3, slide.read_scaled((260, 40, 140, 80), scale))
+
+
 class Interrupt(KeyboardInterrupt):
     pass
 
