@@ -202,6 +202,24 @@ def run_tree(args: argparse.Namespace) -> None:
     print("TIMING " + json.dumps(dict(timing, nuclei=int(nuclei), mm2=dims[0] * dims[1] * (MPP / 1000) ** 2)))
 
 
+def read_factors(sides=(4096, 12288, 40000), region_size: int = 2048) -> None:
+    """Pixels read per slide pixel for slides of tissue everywhere (windows 512 / 128 as `predict`): the whole
+    `Region.box` of every region, `wsi.run_boxes` (the crop and the windows run there) and that with the columns
+    shared with the previous region copied (`wsi.reused_columns`). Geometry only (this tree)."""
+    sys.path.insert(0, str(ROOT))
+    import wsi
+
+    print("| slide | Region.box | run_boxes | + shared columns copied |\n| --- | --- | --- | --- |")
+    for side in sides:
+        geo = wsi.slide_geometry((side, side), 1.0, 512, 128, Path("slide"))
+        regions = wsi.plan_regions(geo, np.ones((len(geo.ys), len(geo.xs)), bool), region_size)
+        area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+        boxes = wsi.run_boxes(regions, geo)
+        copied = sum((b[2] - b[0]) * wsi.reused_columns(p, b) for p, b in zip([None] + boxes[:-1], boxes))
+        print(f"| {side}² | {sum(area(r.box) for r in regions) / side ** 2:.2f} | "
+              f"{sum(map(area, boxes)) / side ** 2:.2f} | {(sum(map(area, boxes)) - copied) / side ** 2:.2f} |")
+
+
 def compare(old_dir: Path, new_dir: Path) -> dict:
     import csv
 
@@ -279,6 +297,8 @@ def main() -> None:
     print(f"\nspeed-up of the CPU side (without the overview, a fixed cost per slide): "
           f"{totals['old'] / totals['new']:.2f}x")
     print("outputs:", json.dumps(compare(work / "out_old", work / "out_new")))
+    print("\npixels read per slide pixel (this tree's geometry):")
+    read_factors()
 
 
 if __name__ == "__main__":
