@@ -72,7 +72,8 @@ STATE_VERSION = 2          # 2: region files hold zlib labels and pre-encoded fe
 class Region:
     """One region: `core` (y0, x0, y1, x1) in target pixels (the cores tile the slide), `crop` the core
     plus the margin (clipped), `windows` the indices (iy, ix) of the global windows that touch tissue and
-    cover a pixel of `crop`, `box` (y0, x0, y1, x1) what is read: the crop and those windows."""
+    cover a pixel of `crop`, `box` (y0, x0, y1, x1) the crop and those windows (what the region needs on its own;
+    a run reads less: `run_boxes`, `read_box`)."""
     index: int
     core: tuple[int, int, int, int]
     crop: tuple[int, int, int, int]
