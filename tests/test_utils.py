@@ -3,6 +3,8 @@ import io
 import os
 import stat
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -183,3 +185,68 @@ def test_process_pool_workers_leave_ctrl_c_to_the_main_process():
     with utils.process_pool(1) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=60) == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_array_handoff_round_trip(tmp_path):
+    """`ArrayHandoff.pack` writes arrays to one file in the given folder; `unpack_arrays` maps them back (same
+    values and dtypes, None kept, empty arrays), writable copy-on-write; `release` and `close` delete the files."""
+    rng = np.random.default_rng(0)
+    arrays = {"fg": rng.random((37, 41), dtype=np.float32), "hv": None,
+              "rgb": rng.integers(0, 256, (37, 41, 3), dtype=np.uint8)[:, ::-1],   # not contiguous
+              "empty": np.zeros((0, 5), np.int64), "ids": np.arange(7, dtype=np.uint32)}
+    handoff = utils.ArrayHandoff(tmp_path)
+    packed = handoff.pack(arrays)
+    assert packed is not None and Path(packed["file"]).parent.parent == tmp_path
+    import pickle
+
+    back = utils.unpack_arrays(pickle.loads(pickle.dumps(packed)))   # what a worker process gets
+    assert back["hv"] is None and set(back) == set(arrays)
+    for key, a in arrays.items():
+        if a is not None:
+            assert back[key].dtype == a.dtype and np.array_equal(back[key], a) and type(back[key]) is np.ndarray
+    back["fg"][0, 0] = -1.0                  # copy-on-write: the file keeps its values
+    assert utils.unpack_arrays(packed)["fg"][0, 0] == arrays["fg"][0, 0]
+    handoff.release(packed)
+    assert not Path(packed["file"]).exists() and back["ids"][6] == 6   # a mapping outlives the file
+    handoff.pack({"x": np.ones(3)})
+    handoff.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_array_handoff_falls_back_to_pickles(tmp_path, monkeypatch):
+    """No such folder, too little room, or a write that fails (a RAM file system full): `pack` is None (the caller
+    sends the arrays themselves), and after a failed write it stops trying; nothing is left."""
+    assert utils.ArrayHandoff(tmp_path / "missing").pack({"a": np.ones(4)}) is None
+    handoff = utils.ArrayHandoff(tmp_path)
+
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(utils.os, "statvfs", lambda path: Full)
+    assert handoff.pack({"a": np.ones(4)}) is None and handoff.enabled
+    monkeypatch.undo()
+    real_write = utils.os.fdopen
+
+    def failing(fd, mode):
+        f = real_write(fd, mode)
+
+        class Writer:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                f.close()
+
+            def seek(self, n):
+                f.seek(n)
+
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+        return Writer()
+
+    monkeypatch.setattr(utils.os, "fdopen", failing)
+    assert handoff.pack({"a": np.ones(4)}) is None and not handoff.enabled
+    monkeypatch.undo()
+    assert handoff.pack({"a": np.ones(4)}) is None   # stopped trying
+    handoff.close()
+    assert list(tmp_path.iterdir()) == []

@@ -137,6 +137,35 @@ def test_a_run_reads_only_the_crop_and_the_windows_it_runs(small_slide):
             assert np.array_equal(rfg, fg[cy0:cy1, cx0:cx1]) and np.array_equal(rhv, hv[:, cy0:cy1, cx0:cx1])
 
 
+@pytest.mark.parametrize("room", ["shared memory", "none"])
+def test_workers_get_the_maps_through_shared_memory_or_pickles_with_the_same_bytes(small_slide, tmp_path,
+                                                                                     monkeypatch, room):
+    """With workers, each region's maps and RGB go through a file in shared memory (`utils.ArrayHandoff`), or by
+    pickle where there is none; the outputs are the in-process run's bytes, and no file is left behind."""
+    path, _, _ = small_slide
+    shm = tmp_path / "shm"
+    if room == "shared memory":
+        shm.mkdir()
+    monkeypatch.setattr(utils, "SHARED_MEMORY_DIR", str(shm))
+    packed = []
+    pack = utils.ArrayHandoff.pack
+
+    def counting(self, arrays):
+        result = pack(self, arrays)
+        packed.append(result is not None)
+        return result
+
+    monkeypatch.setattr(utils.ArrayHandoff, "pack", counting)
+    options = _options(num_workers=1)
+    assert wsi.predict_slide(_predictor(options), path, "s", tmp_path / "w", options).status == "ok"
+    assert len(packed) == 9 and all(packed) == (room == "shared memory") and not any(packed) == (room == "none")
+    if room == "shared memory":
+        assert list(shm.iterdir()) == []
+    options0 = _options()
+    assert wsi.predict_slide(_predictor(options0), path, "s", tmp_path / "p", options0).status == "ok"
+    assert _outputs(tmp_path / "w", "s") == _outputs(tmp_path / "p", "s")
+
+
 def test_reused_columns_hand_cases():
     assert wsi.reused_columns(None, (0, 0, 10, 10)) == 0
     assert wsi.reused_columns((0, 0, 10, 30), (0, 20, 10, 50)) == 10      # the left neighbour's last 10 columns
