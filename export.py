@@ -241,11 +241,18 @@ class _LabelPixels:
     `pix` in the map itself, `r`, `c`, `lab` (int64 index), and `sides[k]` (top, right, bottom, left): the
     positions in `pf` (raster order) of the pixels whose neighbour on that side is background, the frame or
     another instance, found where the map changes between vertical / horizontal neighbours (a scan of the map
-    instead of a look-up per pixel and side)."""
+    instead of a look-up per pixel and side).
+
+    `from_pixels` makes the same from the pixel list itself (no map): `pf` then frames only the instances'
+    bounding box, whose top-left corner in the map is `origin` (`box` is the index map inside that box); `shape`,
+    `pix`, `r`, `c` and `side_pixels` are always in the whole map's coordinates, so every value computed from
+    them is the same."""
 
     def __init__(self, index: np.ndarray):
         height, width = index.shape
         self.shape = (height, width)
+        self.origin = (0, 0)
+        self.box = index
         padded = np.zeros((height + 2, width + 2), index.dtype)
         padded[1:-1, 1:-1] = index
         self.pw = pw = width + 2
@@ -255,6 +262,31 @@ class _LabelPixels:
         self.r = r = ppix // pw - 1
         self.c = c = ppix - (r + 1) * pw - 1
         self.pix = r * width + c
+        self._scan_sides()
+
+    @classmethod
+    def from_pixels(cls, shape: tuple[int, int], pix: np.ndarray, index_values: np.ndarray) -> "_LabelPixels":
+        """The pixels of the index map of `shape` that is `index_values` (positive) at the flat positions `pix`
+        (int64, strictly ascending, not empty) and 0 elsewhere."""
+        self = cls.__new__(cls)
+        height, width = self.shape = (int(shape[0]), int(shape[1]))
+        self.pix = pix
+        self.r = r = pix // width
+        self.c = c = pix - r * width
+        y0, y1 = int(r[0]), int(r[-1]) + 1                 # raster order: the first and last rows
+        x0, x1 = int(c.min()), int(c.max()) + 1
+        self.origin = (y0, x0)
+        self.pw = pw = x1 - x0 + 2
+        self.ppix = ppix = (r - (y0 - 1)) * pw + (c - (x0 - 1))
+        self.pf = pf = np.zeros((y1 - y0 + 2) * pw, index_values.dtype)
+        pf[ppix] = index_values
+        self.box = pf.reshape(y1 - y0 + 2, pw)[1:-1, 1:-1]
+        self.lab = index_values.astype(np.int64)
+        self._scan_sides()
+        return self
+
+    def _scan_sides(self) -> None:
+        pf, pw = self.pf, self.pw
         q = np.flatnonzero(pf[pw:] != pf[:-pw])          # pixel q and the one below differ
         above, below = pf[q] != 0, pf[q + pw] != 0
         top, bottom = q[below] + pw, q[above]
@@ -264,15 +296,16 @@ class _LabelPixels:
         self.sides = [top, right, bottom, left]
 
     def side_pixels(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, cols, int64 index) of the pixels of `sides[k]`, in raster order."""
+        """(rows, cols, int64 index) of the pixels of `sides[k]`, in raster order (the whole map's coordinates)."""
         pos = self.sides[k]
-        rows = pos // self.pw - 1
-        return rows, pos - (rows + 1) * self.pw - 1, self.pf[pos].astype(np.int64)
+        local = pos // self.pw
+        rows = local + (self.origin[0] - 1)
+        return rows, pos - local * self.pw + (self.origin[1] - 1), self.pf[pos].astype(np.int64)
 
 
 def _ring_table(index: np.ndarray, ids: np.ndarray | None,
                 px: _LabelPixels) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
-    height, width = index.shape
+    height, width = px.shape
     if not px.ppix.size:
         return np.zeros((0, 2), np.int64), [], []
     lab = px.lab
@@ -357,12 +390,13 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     extra = []
     complex_list = [i for i in np.flatnonzero(complex_ids).tolist() if i and count[i]]
     if complex_list:
-        boxes = ndimage.find_objects(index)
+        boxes = ndimage.find_objects(px.box)
         total = len(flat)
+        oy, ox = px.origin
         for index_id in complex_list:
             box = boxes[index_id - 1]
-            outline = np.array(instance_outline(index[box] == index_id), np.int64)
-            outline += np.array([box[1].start, box[0].start])
+            outline = np.array(instance_outline(px.box[box] == index_id), np.int64)
+            outline += np.array([box[1].start + ox, box[0].start + oy])
             extra.append(outline)
             pieces[index_id] = (total, total + len(outline))
             total += len(outline)
@@ -706,10 +740,60 @@ def measure_and_outline(labels: np.ndarray, image: np.ndarray | None, mpp: float
     return _measure_rows(index, ids, image, mpp, foreground, None, px), _ring_table(index, ids, px)
 
 
+def measure_and_outline_pixels(shape: tuple[int, int], pix: np.ndarray, values: np.ndarray,
+                               image: np.ndarray | None, mpp: float | None = None,
+                               foreground: np.ndarray | None = None, sums: tuple | None = None):
+    """`measure_and_outline(labels, image, mpp, foreground)` of the label map `labels` of `shape` that holds
+    `values` (positive integers) at the flat positions `pix` (strictly ascending) and 0 elsewhere, without
+    making that map: the scan covers only the bounding box of the pixels (`finish_region`: a region's kept
+    nuclei, known as a pixel list). Returns (rows, ring table, (y0, x0, box)): `box` is `labels[y0:y0 + h,
+    x0:x0 + w]` for that bounding box (a view), (0, 0, empty (0, 0) map) without pixels. `sums` (optional):
+    (pixel count, sum of rows, sum of columns) of each label value 0..max(values), exact integers, when the
+    caller has them; they replace the same counts here."""
+    height, width = int(shape[0]), int(shape[1])
+    pix = np.asarray(pix, np.int64).ravel()
+    values = np.asarray(values).ravel()
+    if values.shape != pix.shape or values.dtype.kind not in "iu":
+        raise ValueError("values must be integers, one per pixel position")
+    if pix.size and (pix[0] < 0 or pix[-1] >= height * width or not bool(np.all(pix[1:] > pix[:-1]))):
+        raise ValueError("pixel positions must be strictly ascending and inside the map")
+    if values.size and values.min() < 1:
+        raise ValueError("label values at the pixel positions must be positive")
+    if image is not None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != (height, width):
+            raise ValueError(f"image shape {image.shape} does not match label map {(height, width)} (H, W, 3)")
+    if foreground is not None:
+        foreground = np.asarray(foreground)
+        if foreground.shape != (height, width):
+            raise ValueError(f"foreground map shape {foreground.shape} does not match label map {(height, width)}")
+    if mpp is not None and not (mpp > 0):
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    if not pix.size:
+        return [], (np.zeros((0, 2), np.int64), [], []), (0, 0, np.zeros((0, 0), values.dtype))
+    # the index values as `_index_map` makes them from the map
+    max_id = int(values.max())
+    ids = None
+    given = values
+    if max_id <= max(height * width, 1 << 16):
+        if values.dtype not in _SMALL_INDEX_TYPES:
+            values = values.astype(np.int64 if max_id >= 2**31 else np.int32, copy=False)
+    else:
+        ids, inverse = np.unique(values, return_inverse=True)
+        values = inverse.astype(np.int64) + 1
+        sums = None
+    px = _LabelPixels.from_pixels((height, width), pix, values)
+    rows = _measure_rows(px.box, ids, image, mpp, foreground, None, px, sums)
+    box = px.box
+    if ids is not None:   # the compact index -> the values themselves
+        box = np.where(box > 0, ids[np.maximum(box, 1) - 1], 0).astype(given.dtype)
+    return rows, _ring_table(px.box, ids, px), (px.origin[0], px.origin[1], box)
+
+
 def _measure_rows(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray | None, mpp: float | None,
                   foreground: np.ndarray | None, confidence: Mapping[int, float] | None,
-                  px: _LabelPixels) -> list[dict[str, Any]]:
-    table = _measure_table(index, image, foreground, px)
+                  px: _LabelPixels, sums: tuple | None = None) -> list[dict[str, Any]]:
+    table = _measure_table(index, image, foreground, px, sums)
     if table is None:
         return []
     present = table["present"]
@@ -745,22 +829,30 @@ _PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
 
 
 def _measure_table(index: np.ndarray, image: np.ndarray | None,
-                   foreground: np.ndarray | None, px: _LabelPixels | None = None) -> dict[str, np.ndarray] | None:
-    """Per-instance arrays (rows for the present indices 1..n, ascending) of `measure_nuclei`, vectorised."""
-    height, width = index.shape
+                   foreground: np.ndarray | None, px: _LabelPixels | None = None,
+                   sums: tuple | None = None) -> dict[str, np.ndarray] | None:
+    """Per-instance arrays (rows for the present indices 1..n, ascending) of `measure_nuclei`, vectorised.
+    `sums`: (pixel count, sum of rows, sum of columns) per index value 0..max, when the caller has them (exact
+    integers: the same values as counted here)."""
     px = px if px is not None else _LabelPixels(index)
     pix = px.pix
     if pix.size == 0:
         return None
     lab, r, c = px.lab, px.r, px.c
-    n = int(lab.max())
-    count = np.bincount(lab, minlength=n + 1)
+    if sums is None:
+        n = int(lab.max())
+        count = np.bincount(lab, minlength=n + 1)
+        sum_r = np.bincount(lab, weights=r, minlength=n + 1)
+        sum_c = np.bincount(lab, weights=c, minlength=n + 1)
+    else:
+        count, sum_r, sum_c = (np.asarray(v) for v in sums)
+        n = len(count) - 1
     present = np.flatnonzero(count)
     present = present[present > 0]
     area = count[present].astype(np.float64)
     # centroids: mean of the integer coordinates (sums are exact in float64, as scikit-image's mean)
-    cy_all = np.bincount(lab, weights=r, minlength=n + 1)[present] / area
-    cx_all = np.bincount(lab, weights=c, minlength=n + 1)[present] / area
+    cy_all = sum_r[present].astype(np.float64) / area
+    cx_all = sum_c[present].astype(np.float64) / area
     out: dict[str, np.ndarray] = {"present": present, "area": area, "centroid_y": cy_all, "centroid_x": cx_all}
     # second central moments -> inertia tensor (scikit-image: [[mu02, -mu11], [-mu11, mu20]] / mu00)
     pos = np.zeros(n + 1, np.int64)
@@ -1045,19 +1137,41 @@ class CSVWriter(_StreamingFile):
             raise ValueError(f"{self.path}: writer already closed")
         if not rows:
             return
+        self._add_columns([[row.get(key, "") for row in rows] for key in self.columns], len(rows))
+
+    def add_columns(self, columns: Mapping[str, Sequence[Any]]) -> None:
+        """`add` of rows given column by column: row i has the value `columns[key][i]` for each key (all columns
+        of one length; a column of `self.columns` that is not given is empty, extra ones are ignored)."""
+        if self.closed:
+            raise ValueError(f"{self.path}: writer already closed")
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError("columns of different lengths")
+        count = lengths.pop() if lengths else 0
+        if count:
+            self._add_columns([list(columns[key]) if key in columns else [""] * count for key in self.columns],
+                              count)
+
+    def _add_columns(self, columns: list[list], count: int) -> None:
         # column by column: a column of plain floats is formatted by one C-level map (the text `_csv_cell` gives)
+        kinds = [set(map(type, column)) for column in columns]
+        if columns and all(k == {float} or k == {int} for k in kinds):
+            # only plain floats and ints (no text, so nothing csv would quote): one %-format per row, "%.6g" the
+            # text of "{:.6g}".format and "%d" that of str() for these types
+            template = ",".join("%.6g" if k == {float} else "%d" for k in kinds) + "\n"
+            self._write("".join(map(template.__mod__, zip(*columns))))
+            self.count += count
+            return
         cells = []
-        for key in self.columns:
-            column = [row.get(key, "") for row in rows]
-            kinds = set(map(type, column))
-            if kinds == {float}:
+        for column, kind in zip(columns, kinds):
+            if kind == {float}:
                 cells.append(list(map(_FLOAT_CELL, column)))
-            elif kinds <= _PLAIN_CELL_TYPES:
+            elif kind <= _PLAIN_CELL_TYPES:
                 cells.append(column)
             else:
                 cells.append(list(map(_csv_cell, column)))
         self._csv.writerows(zip(*cells))
-        self.count += len(rows)
+        self.count += count
 
 
 _FLOAT_CELL = "{:.6g}".format        # f"{float(value):.6g}" of a Python float
