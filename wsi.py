@@ -227,10 +227,7 @@ def finish_region(job: dict) -> dict:
         present = area > 0
         safe = np.where(present, area, 1.0)
         # centroid of every instance (the same sums as ndimage.center_of_mass), rounded to its pixel
-        row_of = pix // width
-        sum_r = np.bincount(lab, weights=row_of, minlength=top + 1)
-        sum_c = np.bincount(lab, weights=pix - row_of * width, minlength=top + 1)
-        del row_of
+        sum_r, sum_c = _coordinate_sums(pix, lab, labels.shape, count)
         gy = np.floor(sum_r / safe + 0.5).astype(np.int64) + cy0
         gx = np.floor(sum_c / safe + 0.5).astype(np.int64) + cx0
         in_core = present & (gy >= ky0) & (gy < ky1) & (gx >= kx0) & (gx < kx1)
@@ -312,6 +309,26 @@ def _row_columns(rows: list[dict]) -> dict[str, np.ndarray]:
         else:
             return {}
     return columns
+
+
+def _coordinate_sums(pix: np.ndarray, lab: np.ndarray, shape: tuple[int, int],
+                     count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the rows, sum of the columns) of each label's pixels (float64 arrays as long as `count`, the
+    labels' pixel counts; exact integers), `pix` the flat positions of the labels `lab` in a map of `shape`.
+    Both from one `bincount` when they fit together in float64's 53 bits: the weight row * 2**k + column sums
+    to (sum of rows) * 2**k + (sum of columns) with the column sum below 2**k, every partial sum an integer
+    below 2**53 (exact); else one `bincount` each."""
+    height, width = shape
+    big = int(count.max()) if count.size else 0
+    k = ((width - 1) * big).bit_length()
+    row_of = pix // width
+    if ((height - 1) * big + 1) << k <= 1 << 53:
+        weight = row_of * ((1 << k) - width)
+        weight += pix                                  # row * 2**k + column
+        total = np.bincount(lab, weights=weight, minlength=len(count)).astype(np.int64)
+        return (total >> k).astype(np.float64), (total & ((1 << k) - 1)).astype(np.float64)
+    return (np.bincount(lab, weights=row_of, minlength=len(count)),
+            np.bincount(lab, weights=pix - row_of * width, minlength=len(count)))
 
 
 def _region_labels(data) -> np.ndarray:
