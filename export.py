@@ -506,6 +506,8 @@ def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]
     whole = xy.astype(np.int64) if xy.size and bool(np.all((xy >= 0) & (xy < 2.0 ** 52))) else None
     if whole is not None and np.array_equal(whole, xy) and not bool(np.any(np.signbit(xy))):
         return _whole_polygons_json(whole, spans)
+    if xy.size and not bool(np.any((xy == 0) & np.signbit(xy))):   # (-0.0 and 0.0 are one value to np.unique)
+        return _table_polygons_json(xy, spans)
     pairs = list(map("{!r},{!r}".format, xy[:, 0].tolist(), xy[:, 1].tolist()))
     return [_POLYGON_HEAD + "],[".join(pairs[a:b]) + _POLYGON_TAIL for a, b in spans]
 
@@ -569,6 +571,46 @@ def _whole_polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> li
     put((start + nx + ny + 5)[~last], "],[")
     text = buffer.tobytes().decode("ascii")
     return [text[a:b] for a, b in zip(ring_start.tolist(), ring_end.tolist())]
+
+
+def _table_polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """`polygons_json` of any float64 corners but signed zeros: the repr of each distinct value once (a slide's
+    corners take few distinct values: the region's pixel rows and columns over the scale), the points' texts
+    laid out at once in a byte array (one row per point: x text, ",", y text, "],[", each padded to the longest
+    text, the padding dropped by one mask), then cut into rings."""
+    spans_a = np.asarray(spans, np.int64).reshape(-1, 2)
+    counts = np.maximum(spans_a[:, 1] - spans_a[:, 0], 0)
+    total = int(counts.sum())
+    if not total:
+        return [_POLYGON_HEAD + _POLYGON_TAIL for _ in range(len(spans_a))]
+    point = np.repeat(spans_a[:, 0] - np.cumsum(counts) + counts, counts) + np.arange(total)
+    values, inverse = np.unique(xy[point], return_inverse=True)   # (NaN: one value, whose repr is the same)
+    inverse = inverse.reshape(-1, 2)
+    texts = list(map(repr, values.tolist()))
+    lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    width = int(lengths.max())
+    cols = np.arange(width)
+    table = np.zeros((len(texts), width), np.uint8)
+    table[cols < lengths[:, None]] = np.frombuffer("".join(texts).encode("ascii"), np.uint8)   # row-major order
+    last = np.zeros(total, bool)
+    last[(np.cumsum(counts) - 1)[counts > 0]] = True               # a ring's last point: no "],[" after it
+    nx, ny = lengths[inverse[:, 0]], lengths[inverse[:, 1]]
+    rows = np.empty((total, 2 * width + 4), np.uint8)
+    rows[:, :width] = table[inverse[:, 0]]
+    rows[:, width] = ord(",")
+    rows[:, width + 1:2 * width + 1] = table[inverse[:, 1]]
+    rows[:, 2 * width + 1:] = np.frombuffer(b"],[", np.uint8)
+    mask = np.empty(rows.shape, bool)
+    mask[:, :width] = cols < nx[:, None]
+    mask[:, width] = True
+    mask[:, width + 1:2 * width + 1] = cols < ny[:, None]
+    mask[:, 2 * width + 1:] = ~last[:, None]
+    text = rows[mask].tobytes().decode("ascii")
+    point_length = nx + ny + 1 + np.where(last, 0, 3)
+    ring_length = np.bincount(np.repeat(np.arange(len(spans_a)), counts), weights=point_length,
+                              minlength=len(spans_a)).astype(np.int64)
+    ends = np.cumsum(ring_length).tolist()
+    return [_POLYGON_HEAD + text[a:b] + _POLYGON_TAIL for a, b in zip([0] + ends[:-1], ends)]
 
 
 def _row_template(names: Sequence[str], row: Mapping[str, Any], open_: str, close: str, sep: str,

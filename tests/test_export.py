@@ -1036,3 +1036,27 @@ def test_csv_rows_by_one_format_per_row_equal_the_former_dict_writer(real_sample
     with export.CSVWriter(tmp_path / "bad.csv", columns) as writer:
         with pytest.raises(ValueError):
             writer.add_columns({"id": [1, 2], "area_px": [3]})
+
+
+def test_fractional_polygon_texts_from_a_table_of_distinct_values_equal_the_former_reprs(real_sample_dir):
+    """Corners that are not whole numbers (a scale other than 1) are written from one repr per distinct value laid
+    out in a byte array: the text of the former repr-per-coordinate `polygons_json`, for the rings of real nuclei
+    at several scales and offsets, special values (NaN, infinities, the smallest and largest doubles, negative
+    numbers; -0.0 keeps the repr path), one-point, empty and overlapping spans."""
+    labels = tifffile.imread(sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[3]).astype(np.int32)
+    corners, _, spans = export.ring_table(labels)
+    assert len(spans) > 10
+    for scale in (0.8, 1.0107, 2.0, 0.2527 / 0.25, 7.3):
+        for offset in ((0, 0), (1920, 128), (98765, 43210)):
+            xy = (corners.astype(np.float64) + np.array(offset, np.float64)) / scale
+            assert export.polygons_json(xy, spans) == _former_polygons_json(xy, spans)
+    rng = np.random.default_rng(8)
+    special = np.array([np.nan, np.inf, -np.inf, 5e-324, 1.7976931348623157e308, -3.5, 1e16, 1e-5, 0.1, 0.0,
+                        123456789.123, -1e-300])
+    xy = rng.choice(np.concatenate([special, rng.standard_normal(50) * 1e4]), (300, 2))
+    odd_spans = [(0, 1), (1, 1), (2, 40), (30, 80), (80, 300), (5, 5)]
+    assert export.polygons_json(xy, odd_spans) == _former_polygons_json(xy, odd_spans)
+    signed = xy.copy()
+    signed[3, 1] = -0.0
+    assert export.polygons_json(signed, odd_spans) == _former_polygons_json(signed, odd_spans)
+    assert export.polygons_json(xy, [(4, 4)]) == _former_polygons_json(xy, [(4, 4)])
