@@ -675,9 +675,9 @@ class _RegionLabels:
         return item
 
     def read_tile(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        out = np.zeros((h, w), np.uint32)
         if not len(self.boxes):
-            return out
+            return np.zeros((h, w), np.uint32)
+        out = None    # made by the first region that covers the whole tile (no zeros to write first), else zeros
         s = self.scale
         ty0, ty1 = math.floor((y + 0.5) * s), math.floor((y + h - 0.5) * s) + 1
         tx0, tx1 = math.floor((x + 0.5) * s), math.floor((x + w - 0.5) * s) + 1
@@ -688,6 +688,9 @@ class _RegionLabels:
         cols_t = np.floor((np.arange(x, x + w) + 0.5) * s).astype(np.int64)
         for i in hits.tolist():
             labels, (oy, ox) = self._get(i)
+            if out is None and not (oy <= rows_t[0] and rows_t[-1] < oy + labels.shape[0]
+                                    and ox <= cols_t[0] and cols_t[-1] < ox + labels.shape[1]):
+                out = np.zeros((h, w), np.uint32)
             r = rows_t - oy
             c = cols_t - ox
             rv = np.flatnonzero((r >= 0) & (r < labels.shape[0]))
@@ -703,15 +706,20 @@ class _RegionLabels:
                 # one target pixel per region pixel (scale 1, or any run of distinct rows / columns): views,
                 # no gathers; rv and cv are runs too (r and c never decrease)
                 sub = labels[rs, cs]
+                if out is None:   # the whole tile from this region: sub + offset, times 0 where sub is 0
+                    out = np.add(sub, np.uint32(self.offsets[i]), dtype=np.uint32, casting="unsafe")
+                    np.multiply(out, sub != 0, out=out)
+                    continue
                 target = out[rv[0]:rv[-1] + 1, cv[0]:cv[-1] + 1]
                 np.add(sub, np.uint32(self.offsets[i]), out=target, where=sub > 0, casting="unsafe")
                 continue
+            out = np.zeros((h, w), np.uint32) if out is None else out
             sub = labels[np.ix_(r[rv], c[cv])].astype(np.uint32)
             target = out[np.ix_(rv, cv)]
             nz = sub > 0
             target[nz] = sub[nz] + np.uint32(self.offsets[i])
             out[np.ix_(rv, cv)] = target
-        return out
+        return np.zeros((h, w), np.uint32) if out is None else out
 
 
 def _consecutive(index: np.ndarray) -> slice | None:
