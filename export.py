@@ -665,12 +665,36 @@ def rows_and_measurements_json(rows: Sequence[Mapping[str, Any]]) -> tuple[str, 
     uniform = _uniform_columns(rows)
     if uniform is None or not uniform[0]:
         return rows_json(rows), measurements_json_list(rows)
-    names, columns = uniform
+    return _uniform_texts(*uniform, len(rows))
+
+
+def columns_and_measurements_json(columns: Mapping[str, Sequence[Any]]) -> tuple[str, list[str]]:
+    """`rows_and_measurements_json(rows)` of the rows given column by column (row i: {key: columns[key][i]} in
+    the order of `columns`, all columns of one length), without making the rows when every key is a string and
+    each column holds only finite floats or only plain ints."""
+    names = list(columns)
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError("columns of different lengths")
+    count = lengths.pop() if lengths else 0
+    values = [list(columns[k]) for k in names]
+    uniform = count > 0 and all(type(k) is str for k in names)
+    for column in values if uniform else []:
+        kinds = set(map(type, column))
+        if not (kinds == {int} or (kinds == {float} and all(map(math.isfinite, column)))):
+            uniform = False
+            break
+    if not uniform:
+        return rows_and_measurements_json([dict(zip(names, row)) for row in zip(*values)])
+    return _uniform_texts(names, values, count)
+
+
+def _uniform_texts(names: list[str], columns: list[list], count: int) -> tuple[str, list[str]]:
     texts = [list(map(repr, column)) for column in columns]     # repr: a float's json text, and an int's
     row_template = "{" + ", ".join(json.dumps(k).replace("%", "%%") + ": %s" for k in names) + "}"
     measured = [i for i, k in enumerate(names) if k != "id"]
     if not measured:
-        return "[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]", [""] * len(rows)
+        return "[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]", [""] * count
     item_template = "[" + ",".join('{"name":' + json.dumps(names[i]).replace("%", "%%") + ',"value":%s}'
                                    for i in measured) + "]"
     return ("[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]",
@@ -784,14 +808,16 @@ def measure_and_outline(labels: np.ndarray, image: np.ndarray | None, mpp: float
 
 def measure_and_outline_pixels(shape: tuple[int, int], pix: np.ndarray, values: np.ndarray,
                                image: np.ndarray | None, mpp: float | None = None,
-                               foreground: np.ndarray | None = None, sums: tuple | None = None):
+                               foreground: np.ndarray | None = None, sums: tuple | None = None,
+                               as_columns: bool = False):
     """`measure_and_outline(labels, image, mpp, foreground)` of the label map `labels` of `shape` that holds
     `values` (positive integers) at the flat positions `pix` (strictly ascending) and 0 elsewhere, without
     making that map: the scan covers only the bounding box of the pixels (`finish_region`: a region's kept
     nuclei, known as a pixel list). Returns (rows, ring table, (y0, x0, box)): `box` is `labels[y0:y0 + h,
     x0:x0 + w]` for that bounding box (a view), (0, 0, empty (0, 0) map) without pixels. `sums` (optional):
     (pixel count, sum of rows, sum of columns) of each label value 0..max(values), exact integers, when the
-    caller has them; they replace the same counts here."""
+    caller has them; they replace the same counts here. `as_columns=True`: the rows as one list per column
+    ({name: values}, {} without pixels) instead of dicts."""
     height, width = int(shape[0]), int(shape[1])
     pix = np.asarray(pix, np.int64).ravel()
     values = np.asarray(values).ravel()
@@ -812,7 +838,7 @@ def measure_and_outline_pixels(shape: tuple[int, int], pix: np.ndarray, values: 
     if mpp is not None and not (mpp > 0):
         raise ValueError(f"mpp must be positive, got {mpp}")
     if not pix.size:
-        return [], (np.zeros((0, 2), np.int64), [], []), (0, 0, np.zeros((0, 0), values.dtype))
+        return {} if as_columns else [], (np.zeros((0, 2), np.int64), [], []), (0, 0, np.zeros((0, 0), values.dtype))
     # the index values as `_index_map` makes them from the map
     max_id = int(values.max())
     ids = None
@@ -825,7 +851,7 @@ def measure_and_outline_pixels(shape: tuple[int, int], pix: np.ndarray, values: 
         values = inverse.astype(np.int64) + 1
         sums = None
     px = _LabelPixels.from_pixels((height, width), pix, values)
-    rows = _measure_rows(px.box, ids, image, mpp, foreground, None, px, sums)
+    rows = (_measure_columns if as_columns else _measure_rows)(px.box, ids, image, mpp, foreground, None, px, sums)
     box = px.box
     if ids is not None:   # the compact index -> the values themselves
         box = np.where(box > 0, ids[np.maximum(box, 1) - 1], 0).astype(given.dtype)
@@ -835,9 +861,18 @@ def measure_and_outline_pixels(shape: tuple[int, int], pix: np.ndarray, values: 
 def _measure_rows(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray | None, mpp: float | None,
                   foreground: np.ndarray | None, confidence: Mapping[int, float] | None,
                   px: _LabelPixels, sums: tuple | None = None) -> list[dict[str, Any]]:
+    columns = _measure_columns(index, ids, image, mpp, foreground, confidence, px, sums)
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*(columns[k] for k in names))]
+
+
+def _measure_columns(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray | None, mpp: float | None,
+                     foreground: np.ndarray | None, confidence: Mapping[int, float] | None,
+                     px: _LabelPixels, sums: tuple | None = None) -> dict[str, list]:
+    """`_measure_rows` column by column ({name: values}, {} without instances)."""
     table = _measure_table(index, image, foreground, px, sums)
     if table is None:
-        return []
+        return {}
     present = table["present"]
     out_ids = present if ids is None else ids[present - 1]
     columns: dict[str, list] = {
@@ -860,8 +895,7 @@ def _measure_rows(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray |
     if mpp:
         columns["area_um2"] = (area * mpp * mpp).tolist()
         columns["perimeter_um"] = (table["perimeter"] * mpp).tolist()
-    names = list(columns)
-    return [dict(zip(names, values)) for values in zip(*(columns[k] for k in names))]
+    return columns
 
 
 _PERIMETER_WEIGHTS = np.zeros(50, dtype=np.float64)   # scikit-image's `perimeter` (4-neighbourhood) weights

@@ -248,24 +248,25 @@ def finish_region(job: dict) -> dict:
             del new_ids, keep
             # their pixel counts and coordinate sums are the ones just made (exact integers)
             sums = (np.r_[0, count[in_core]], np.r_[0.0, sum_r[in_core]], np.r_[0.0, sum_c[in_core]])
-    rows: list[dict] = []
+    values: dict[str, list] = {}    # the rows, column by column
     geometry: list[str] = []
     if n:
         # measurements and outlines from one scan of the kept instances' pixels (their bounding box)
-        rows, (corners, _, spans), (by0, bx0, crop_labels) = export.measure_and_outline_pixels(
-            labels.shape, kept_pix, kept_ids, job["rgb"], mpp=job["mpp"], foreground=fg, sums=sums)
+        values, (corners, _, spans), (by0, bx0, crop_labels) = export.measure_and_outline_pixels(
+            labels.shape, kept_pix, kept_ids, job["rgb"], mpp=job["mpp"], foreground=fg, sums=sums, as_columns=True)
     scale = float(job["scale"])
-    for row in rows:  # region crop -> target grid of the whole slide
-        row["centroid_x"] += cx0
-        row["centroid_y"] += cy0
-    rows = [_scale_row(r, scale) for r in rows]
+    if values:  # region crop -> target grid of the whole slide (per value what `_scale_row` does per row)
+        values["centroid_x"] = [v + cx0 for v in values["centroid_x"]]
+        values["centroid_y"] = [v + cy0 for v in values["centroid_y"]]
+        if scale != 1.0:
+            values = _scale_columns(values, scale)
     if n:
         xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
         if scale != 1.0:
             xy = xy / scale
         geometry = export.polygons_json(xy, spans)
-    rows_text, measurements = export.rows_and_measurements_json(rows)
-    columns = _row_columns(rows)
+    rows_text, measurements = export.columns_and_measurements_json(values)
+    columns = _typed_columns(values)
     # the kept instances' bounding box in target pixels (crop_labels above), as compact as their count allows
     if not n:
         by0 = bx0 = 0
@@ -286,26 +287,34 @@ def finish_region(job: dict) -> dict:
     return {"nuclei": n, "dropped": dropped, "seconds": time.time() - start, "file": path.name}
 
 
-COLUMN_PREFIX = "col_"   # region file arrays holding the rows column by column (float64 / int64, `_row_columns`)
+COLUMN_PREFIX = "col_"   # region file arrays holding the rows column by column (float64 / int64, `_typed_columns`)
 
 
-def _row_columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """The rows as one array per key (float64 for a key whose values are all Python floats, int64 for all ints:
-    the same numbers, so `tolist()` gives back the very values), so that `Assembly` needs no JSON parsing; {}
-    when the rows do not all have the same keys in the same order or a key holds other values."""
-    if not rows:
-        return {}
-    keys = list(rows[0])
-    if any(list(row) != keys for row in rows) or not all(type(k) is str for k in keys):
+def _scale_columns(values: dict[str, list], scale: float) -> dict[str, list]:
+    """`_scale_row` of every row, on the rows given column by column."""
+    out = dict(values)
+    for key in ("centroid_x", "centroid_y"):
+        out[key] = [(v + 0.5) / scale - 0.5 for v in values[key]]
+    area_scale = scale * scale
+    out["area_px"] = [v / area_scale for v in values["area_px"]]
+    for key in ("perimeter_px", "major_axis_px", "minor_axis_px"):
+        out[key] = [v / scale for v in values[key]]
+    return out
+
+
+def _typed_columns(values: dict[str, list]) -> dict[str, np.ndarray]:
+    """The rows' columns as arrays (float64 for a key whose values are all Python floats, int64 for all ints: the
+    same numbers, so `tolist()` gives back the very values), so that `Assembly` needs no JSON parsing; {} when a
+    key is not a string or a column holds other values."""
+    if not values or not all(type(k) is str for k in values):
         return {}
     columns = {}
-    for key in keys:
-        values = [row[key] for row in rows]
-        kinds = set(map(type, values))
+    for key, column in values.items():
+        kinds = set(map(type, column))
         if kinds == {float}:
-            columns[key] = np.array(values, np.float64)
-        elif kinds == {int} and -2**63 <= min(values) and max(values) < 2**63:
-            columns[key] = np.array(values, np.int64)
+            columns[key] = np.array(column, np.float64)
+        elif kinds == {int} and -2**63 <= min(column) and max(column) < 2**63:
+            columns[key] = np.array(column, np.int64)
         else:
             return {}
     return columns

@@ -1060,3 +1060,20 @@ def test_fractional_polygon_texts_from_a_table_of_distinct_values_equal_the_form
     signed[3, 1] = -0.0
     assert export.polygons_json(signed, odd_spans) == _former_polygons_json(signed, odd_spans)
     assert export.polygons_json(xy, [(4, 4)]) == _former_polygons_json(xy, [(4, 4)])
+
+
+def test_texts_of_columns_equal_the_texts_of_the_rows(real_sample_dir):
+    """`columns_and_measurements_json` of rows given column by column equals `rows_and_measurements_json` of the
+    rows themselves (which a test checks against `json.dumps` and `measurements_json`): real measurement rows
+    (floats, ints), only ints, only the id, NaN / infinite values, numpy numbers, non-string keys, no rows."""
+    rows = _special_rows(real_sample_dir)
+    finite = [r for r in rows if all(not isinstance(v, float) or np.isfinite(v) for v in r.values())]
+    cases = [finite, rows, [{"id": 1, "area_px": 4}, {"id": 2, "area_px": 5}], [{"id": 3}], [],
+             [dict(r, centroid_x=np.float64(r["centroid_x"])) for r in finite[:5]],
+             [{1: 2.5, "id": 4}], [{"id": 1, "x": True}]]
+    for case in cases:
+        columns = {k: [r[k] for r in case] for k in (case[0] if case else {})}
+        assert export.columns_and_measurements_json(columns) == export.rows_and_measurements_json(case)
+    assert export.columns_and_measurements_json({}) == ("[]", [])
+    with pytest.raises(ValueError):
+        export.columns_and_measurements_json({"id": [1], "x": [1.0, 2.0]})
