@@ -953,7 +953,7 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     out["solidity"] = area / _convex_areas(px, pos, len(present))
     if image is not None:
         rgb = np.take(image.reshape(-1, 3), pix, axis=0)   # (np.take: several times faster than [pix] here)
-        sums = [np.bincount(k, weights=rgb[:, ch], minlength=len(present)) for ch in range(3)]
+        sums = _channel_sums(rgb, k, area, len(present))
         # float32 means of the channels as scikit-image's (exact integer sums, one float32 division)
         for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
             out[name] = (sums[ch].astype(np.float32) / area.astype(np.float32)).astype(np.float64)
@@ -968,6 +968,21 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     return out
 
 
+def _channel_sums(rgb: np.ndarray, k: np.ndarray, area: np.ndarray, m: int) -> list[np.ndarray]:
+    """Per-instance sums of the three channels of `rgb` (pixels in rows, `k` their instance rows 0..m-1), float64
+    (exact integers for integer images). For uint8 the red and green sums come from one `bincount` of
+    red * 2**b + green, b the bits of the largest possible sum (255 * largest area): every partial sum an integer
+    below 2**(2 b) <= 2**53, so exact, and split exactly."""
+    b = (255 * int(area.max())).bit_length() if area.size else 0
+    if rgb.dtype != np.uint8 or 2 * b > 53:
+        return [np.bincount(k, weights=rgb[:, ch], minlength=m) for ch in range(3)]
+    weight = rgb[:, 0].astype(np.int64) << b
+    weight |= rgb[:, 1]
+    total = np.bincount(k, weights=weight, minlength=m).astype(np.int64)
+    return [(total >> b).astype(np.float64), (total & ((1 << b) - 1)).astype(np.float64),
+            np.bincount(k, weights=rgb[:, 2], minlength=m)]
+
+
 def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     """scikit-image's `perimeter(mask, 4)` of every instance at once: the instance's border pixels (those with
     a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
@@ -978,10 +993,12 @@ def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
         is_border[side] = True
     bp = np.flatnonzero(is_border)
     bl = pf[bp]
+    del is_border
+    border_map = np.zeros(pf.size, pf.dtype)    # the index at the border pixels, 0 elsewhere (instances are > 0)
+    border_map[bp] = bl
     code = np.ones(len(bp), np.uint8)           # at most 1 + 4 * 2 + 4 * 10 = 49
     for off, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
-        q = bp + off
-        code += (is_border[q] & (pf[q] == bl)) * np.uint8(weight)   # a border pixel of the same instance there
+        code += (border_map[bp + off] == bl) * np.uint8(weight)   # a border pixel of the same instance there
     hist = np.bincount(pos[bl] * 50 + code, minlength=m * 50).reshape(m, 50)
     return hist.astype(np.float64) @ _PERIMETER_WEIGHTS
 

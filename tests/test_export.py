@@ -1077,3 +1077,20 @@ def test_texts_of_columns_equal_the_texts_of_the_rows(real_sample_dir):
     assert export.columns_and_measurements_json({}) == ("[]", [])
     with pytest.raises(ValueError):
         export.columns_and_measurements_json({"id": [1], "x": [1.0, 2.0]})
+
+
+def test_channel_sums_packed_in_one_bincount_equal_three():
+    """`_channel_sums`: red and green summed in one `bincount` (uint8: red * 2**b + green) equal the three
+    `bincount`s exactly, for white and random pixels; instances too large to pack, and other dtypes, take three."""
+    rng = np.random.default_rng(9)
+    for n, m, big in ((50000, 300, False), (300000, 2, True)):
+        k = rng.integers(0, m, n)
+        if big:
+            k[:] = 0       # one instance of 300,000 pixels: 2 * bits(255 * 300000) > 53
+        for rgb in (np.full((n, 3), 255, np.uint8), rng.integers(0, 256, (n, 3)).astype(np.uint8),
+                    rng.integers(0, 4096, (n, 3)).astype(np.uint16)):
+            area = np.bincount(k, minlength=m).astype(np.float64)
+            got = export._channel_sums(rgb, k, area, m)
+            for ch in range(3):
+                expected = np.bincount(k, weights=rgb[:, ch], minlength=m)
+                assert got[ch].dtype == np.float64 and np.array_equal(got[ch], expected)
