@@ -282,7 +282,7 @@ def finish_region(job: dict) -> dict:
              rows=np.frombuffer(rows_text.encode(), np.uint8),
              geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
              measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8),
-             **{COLUMN_PREFIX + key: values for key, values in columns.items()})
+             **{COLUMN_PREFIX + key: array for key, array in columns.items()})
     utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
     return {"nuclei": n, "dropped": dropped, "seconds": time.time() - start, "file": path.name}
 

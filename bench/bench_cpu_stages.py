@@ -8,7 +8,8 @@ minima, which the noise of a shared machine blurs; this script measures the stag
 WORK/out_new/.progress, copied to a scratch folder first):
 
 - `finish`: `wsi.finish_region` on one 2176² crop (the second region's core plus the margin) with
-  `postprocess.postprocess` replaced by its precomputed result, so only what comes after it is timed;
+  `postprocess.postprocess` replaced by its precomputed result, so only what comes after it is timed; also at
+  scale 0.2527 / 0.25 (fractional polygon corners, as for a slide of 0.2527 µm/px);
 - `read`: `SlideReader.read_scaled` of that crop's box at scale 1 (OpenSlide, and tiffslide);
 - `assemble`: `wsi.assemble` of the four region files (GeoJSON, CSV, label pyramid), tifffile imported first as
   in `predict` and zarr not (tiffslide, which imports it, is read last; `predict` on an OpenSlide slide never
@@ -16,7 +17,10 @@ WORK/out_new/.progress, copied to a scratch folder first):
 
 Each round runs the old tree then the new tree, each in a fresh subprocess with one thread, the stage's CPU time
 the smallest of a few calls; the table gives the smallest over the rounds. The region files written by both trees
-and the assembled outputs are compared byte for byte.
+and the assembled outputs are compared byte for byte (region files: every array of the old tree's, equal in the
+new tree's, which may add arrays: the rows as typed columns, whose count is printed). A tree whose `wsi` has
+`COLUMN_PREFIX` gets its own copy of the region files with those columns added from the rows' JSON, as its
+`finish_region` writes them.
 """
 from __future__ import annotations
 
@@ -76,6 +80,14 @@ def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
         wsi.finish_region(job)
         times.append(clock() - t)
     timing["finish_after_postprocess"] = min(times)
+    # the same at a scale other than 1 (a slide of 0.2527 µm/px read for a model of 0.25: corners not whole numbers)
+    scaled = dict(job, scale=0.2527 / 0.25, file=str(out / "region_scaled.npz"))
+    times = []
+    for _ in range(3):
+        t = clock()
+        wsi.finish_region(scaled)
+        times.append(clock() - t)
+    timing["finish_after_postprocess_scale_1.0108"] = min(times)
     prefix = getattr(wsi, "COLUMN_PREFIX", None)
     if prefix is not None:
         # a tree whose finish_region also writes the rows as typed columns (and whose assemble reads those instead
@@ -111,10 +123,11 @@ def same_files(a: Path, b: Path) -> dict:
 
     result = {name: (a / name).read_bytes() == (b / name).read_bytes()
               for name in ("slide.geojson", "slide_nuclei.csv", "slide_labels.tif")}
-    with np.load(a / "region.npz") as x, np.load(b / "region.npz") as y:
-        # every array of the old tree's region file, the same in the new tree's (which may add the rows' columns)
-        result["region.npz"] = set(x.files) <= set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
-        result["region.npz arrays added"] = sorted(set(y.files) - set(x.files))
+    for name in ("region.npz", "region_scaled.npz"):
+        with np.load(a / name) as x, np.load(b / name) as y:
+            # every array of the old tree's region file, the same in the new tree's (which may add the rows' columns)
+            result[name] = set(x.files) <= set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+            result[name + " arrays added"] = len(set(y.files) - set(x.files))
     return result
 
 

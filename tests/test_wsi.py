@@ -725,7 +725,6 @@ def test_assembly_from_row_columns_equals_assembly_from_row_json(real_sample_dir
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, labels.shape + (3,)).astype(np.uint8)
     fg = np.where(labels > 0, 0.6 + 0.4 * rng.random(labels.shape), 0.1).astype(np.float32)
-    monkeypatch.setattr(postprocess, "postprocess", lambda *a, **kw: labels[:700, :700].copy())
     geo = wsi.slide_geometry((1100, 1000), 1.0, 256, 64, tmp_path / "slide.tif")
     regions = wsi.plan_regions(geo, np.ones((len(geo.ys), len(geo.xs)), bool), 512)
     assert len(regions) > 2
@@ -738,7 +737,8 @@ def test_assembly_from_row_columns_equals_assembly_from_row_json(real_sample_dir
         job = {"fg": fg[:y1 - y0, :x1 - x0], "hv": None, "rgb": rgb[:y1 - y0, :x1 - x0], "settings": PP,
                "crop": region.crop, "core": core, "scale": 1.0, "mpp": 0.25, "min_confidence": 0.0,
                "file": str(with_columns / f"region_{region.index:06d}.npz")}
-        monkeypatch.setattr(postprocess, "postprocess", lambda *a, _h=y1 - y0, _w=x1 - x0, **kw: labels[:_h, :_w].copy())
+        monkeypatch.setattr(postprocess, "postprocess",
+                            lambda *a, _h=y1 - y0, _w=x1 - x0, **kw: labels[:_h, :_w].copy())
         wsi.finish_region(job)
         with np.load(job["file"]) as data:
             arrays = {k: data[k] for k in data.files if not k.startswith(wsi.COLUMN_PREFIX)}
