@@ -11,6 +11,8 @@ WORK/out_new/.progress, copied to a scratch folder first):
   `postprocess.postprocess` replaced by its precomputed result, so only what comes after it is timed; also at
   scale 0.2527 / 0.25 (fractional polygon corners, as for a slide of 0.2527 µm/px);
 - `read`: `SlideReader.read_scaled` of that crop's box at scale 1 (OpenSlide, and tiffslide);
+- `label_pyramid_three_quarters_empty`: `label_pyramid.write_label_pyramid` of the assembled labels in one corner
+  of an image of twice the side (three quarters of the tiles empty, as on a whole slide);
 - `assemble`: `wsi.assemble` of the four region files (GeoJSON, CSV, label pyramid), tifffile imported first as
   in `predict` and zarr not (tiffslide, which imports it, is read last; `predict` on an OpenSlide slide never
   imports it), so the former tree's zarr import is part of its `assemble`, as it is in `predict`.
@@ -114,6 +116,17 @@ def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
     wsi.assemble(out, "slide", outputs, regions, state, regions_dir, geo, 0.25, (dims[1], dims[0]),
                  SimpleNamespace(geojson_gzip=False, label_image=True))
     timing["assemble"] = clock() - t
+    # the label pyramid of a slide that is three quarters background: these labels in one corner of an image of
+    # twice the side (a whole slide is mostly empty tiles)
+    import label_pyramid
+
+    big = np.zeros((2 * dims[1], 2 * dims[0]), np.uint32)
+    big[:dims[1], :dims[0]] = tifffile.imread(outputs["labels"])
+    (out / "mostly_empty").mkdir(exist_ok=True)
+    t = clock()
+    label_pyramid.write_label_pyramid(out / "mostly_empty" / "labels.tif", big.shape,
+                                      lambda y, x, h, w: big[y:y + h, x:x + w], mpp=0.25, tile_size=512)
+    timing["label_pyramid_three_quarters_empty"] = clock() - t
     read("tiffslide")   # last: tiffslide imports zarr, which the former assemble imported (OpenSlide slides do not)
     return timing
 
@@ -122,7 +135,7 @@ def same_files(a: Path, b: Path) -> dict:
     import numpy as np
 
     result = {name: (a / name).read_bytes() == (b / name).read_bytes()
-              for name in ("slide.geojson", "slide_nuclei.csv", "slide_labels.tif")}
+              for name in ("slide.geojson", "slide_nuclei.csv", "slide_labels.tif", "mostly_empty/labels.tif")}
     for name in ("region.npz", "region_scaled.npz"):
         with np.load(a / name) as x, np.load(b / name) as y:
             # every array of the old tree's region file, the same in the new tree's (which may add the rows' columns)
