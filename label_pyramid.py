@@ -15,6 +15,9 @@ once (two per compressing thread of the output: one per usable core), whatever t
 Reduction: labels are subsampled (every second pixel, no averaging that would invent ids); RGB is the mean
 of each 2x2 block (edges replicated on odd sizes). Level k has size ceil(H / 2^k) x ceil(W / 2^k).
 The bytes depend only on the input (no timestamps, a UUID derived from the image's shape and pixel size).
+zlib tiles of one sample are encoded here with tifffile's own encoder and given to tifffile as bytes, the encoded
+empty tile made once per level (`_encoded_tiles`: the same file as tifffile's encoding, a whole slide being mostly
+empty tiles); other compressions are tifffile's.
 """
 from __future__ import annotations
 
