@@ -241,11 +241,18 @@ class _LabelPixels:
     `pix` in the map itself, `r`, `c`, `lab` (int64 index), and `sides[k]` (top, right, bottom, left): the
     positions in `pf` (raster order) of the pixels whose neighbour on that side is background, the frame or
     another instance, found where the map changes between vertical / horizontal neighbours (a scan of the map
-    instead of a look-up per pixel and side)."""
+    instead of a look-up per pixel and side).
+
+    `from_pixels` makes the same from the pixel list itself (no map): `pf` then frames only the instances'
+    bounding box, whose top-left corner in the map is `origin` (`box` is the index map inside that box); `shape`,
+    `pix`, `r`, `c` and `side_pixels` are always in the whole map's coordinates, so every value computed from
+    them is the same."""
 
     def __init__(self, index: np.ndarray):
         height, width = index.shape
         self.shape = (height, width)
+        self.origin = (0, 0)
+        self.box = index
         padded = np.zeros((height + 2, width + 2), index.dtype)
         padded[1:-1, 1:-1] = index
         self.pw = pw = width + 2
@@ -255,6 +262,31 @@ class _LabelPixels:
         self.r = r = ppix // pw - 1
         self.c = c = ppix - (r + 1) * pw - 1
         self.pix = r * width + c
+        self._scan_sides()
+
+    @classmethod
+    def from_pixels(cls, shape: tuple[int, int], pix: np.ndarray, index_values: np.ndarray) -> "_LabelPixels":
+        """The pixels of the index map of `shape` that is `index_values` (positive) at the flat positions `pix`
+        (int64, strictly ascending, not empty) and 0 elsewhere."""
+        self = cls.__new__(cls)
+        height, width = self.shape = (int(shape[0]), int(shape[1]))
+        self.pix = pix
+        self.r = r = pix // width
+        self.c = c = pix - r * width
+        y0, y1 = int(r[0]), int(r[-1]) + 1                 # raster order: the first and last rows
+        x0, x1 = int(c.min()), int(c.max()) + 1
+        self.origin = (y0, x0)
+        self.pw = pw = x1 - x0 + 2
+        self.ppix = ppix = (r - (y0 - 1)) * pw + (c - (x0 - 1))
+        self.pf = pf = np.zeros((y1 - y0 + 2) * pw, index_values.dtype)
+        pf[ppix] = index_values
+        self.box = pf.reshape(y1 - y0 + 2, pw)[1:-1, 1:-1]
+        self.lab = index_values.astype(np.int64)
+        self._scan_sides()
+        return self
+
+    def _scan_sides(self) -> None:
+        pf, pw = self.pf, self.pw
         q = np.flatnonzero(pf[pw:] != pf[:-pw])          # pixel q and the one below differ
         above, below = pf[q] != 0, pf[q + pw] != 0
         top, bottom = q[below] + pw, q[above]
@@ -264,33 +296,36 @@ class _LabelPixels:
         self.sides = [top, right, bottom, left]
 
     def side_pixels(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, cols, int64 index) of the pixels of `sides[k]`, in raster order."""
+        """(rows, cols, int64 index) of the pixels of `sides[k]`, in raster order (the whole map's coordinates)."""
         pos = self.sides[k]
-        rows = pos // self.pw - 1
-        return rows, pos - (rows + 1) * self.pw - 1, self.pf[pos].astype(np.int64)
+        local = pos // self.pw
+        rows = local + (self.origin[0] - 1)
+        return rows, pos - local * self.pw + (self.origin[1] - 1), self.pf[pos].astype(np.int64)
 
 
 def _ring_table(index: np.ndarray, ids: np.ndarray | None,
                 px: _LabelPixels) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
-    height, width = index.shape
+    height, width = px.shape
     if not px.ppix.size:
         return np.zeros((0, 2), np.int64), [], []
     lab = px.lab
     stride = width + 1                      # corner (x, y) -> y * stride + x
-    corners = (height + 1) * stride
     starts, ends, owner = [], [], []
     for side, (sy, sx, ey, ex) in enumerate(((0, 0, 0, 1), (0, 1, 1, 1), (1, 1, 1, 0), (1, 0, 0, 0))):
         # background (or another instance) on that side
         rr, cc, ll = px.side_pixels(side)
-        starts.append(ll * corners + (rr + sy) * stride + cc + sx)
-        ends.append(ll * corners + (rr + ey) * stride + cc + ex)
+        starts.append((rr + sy) * stride + cc + sx)     # the edge's start and end corners
+        ends.append((rr + ey) * stride + cc + ex)
         owner.append(ll)
     start = np.concatenate(starts)
     end = np.concatenate(ends)
     inst = np.concatenate(owner)
-    order = np.argsort(start, kind="stable")
-    sorted_start = start[order]
     n_index = int(lab.max())
+    # edges keyed by (corner, instance): each side's keys ascend already (raster order), so the stable sort merges
+    # four sorted runs (keyed by (instance, corner), the same pairs, it had to sort short runs: 3-4x slower)
+    start_key = start * (n_index + 1) + inst
+    order = np.argsort(start_key, kind="stable")
+    sorted_start = start_key[order]
     complex_ids = np.zeros(n_index + 1, bool)
     dup = sorted_start[1:] == sorted_start[:-1]
     complex_ids[inst[order[1:][dup]]] = True      # a corner with two outgoing edges: corner contact
@@ -298,10 +333,12 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     # are the sorted start keys and the k-th smallest end is followed by the k-th smallest start (where a corner
     # has one edge out, the only choice; two: a corner contact, an instance traced one by one below anyway)
     nxt = np.empty_like(order)
-    nxt[np.argsort(end, kind="stable")] = order
-    # each instance's first edge: the smallest start key (its top-left-most corner)
-    first_pos = np.flatnonzero(np.r_[True, inst[order[1:]] != inst[order[:-1]]])
-    first_edge = order[first_pos]
+    nxt[np.argsort(end * (n_index + 1) + inst, kind="stable")] = order
+    # each instance's first edge: the one from its smallest start corner (its top-left-most corner; several edges
+    # only at a corner contact)
+    first_corner = np.full(n_index + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first_corner, inst, start)
+    first_edge = np.flatnonzero(start == first_corner[inst])
     head = np.zeros(n_index + 1, np.int64)
     head[inst[first_edge]] = first_edge
     count = np.bincount(inst, minlength=n_index + 1)
@@ -330,9 +367,9 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     gather = (np.repeat(seg_offsets - np.cumsum(seg_lengths) + seg_lengths, seg_lengths)
               + np.arange(int(seg_lengths.sum())))
     edges = chain[gather]
-    local = start[edges] % corners
+    local = start[edges]
     xs, ys = local % stride, local // stride
-    local_end = end[edges] % corners
+    local_end = end[edges]
     dx, dy = local_end % stride - xs, local_end // stride - ys
     seg_start = np.repeat(np.cumsum(seg_lengths) - seg_lengths, seg_lengths)
     seg_pos = np.arange(len(edges)) - seg_start
@@ -357,12 +394,13 @@ def _ring_table(index: np.ndarray, ids: np.ndarray | None,
     extra = []
     complex_list = [i for i in np.flatnonzero(complex_ids).tolist() if i and count[i]]
     if complex_list:
-        boxes = ndimage.find_objects(index)
+        boxes = ndimage.find_objects(px.box)
         total = len(flat)
+        oy, ox = px.origin
         for index_id in complex_list:
             box = boxes[index_id - 1]
-            outline = np.array(instance_outline(index[box] == index_id), np.int64)
-            outline += np.array([box[1].start, box[0].start])
+            outline = np.array(instance_outline(px.box[box] == index_id), np.int64)
+            outline += np.array([box[1].start + ox, box[0].start + oy])
             extra.append(outline)
             pieces[index_id] = (total, total + len(outline))
             total += len(outline)
@@ -472,6 +510,8 @@ def polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]
     whole = xy.astype(np.int64) if xy.size and bool(np.all((xy >= 0) & (xy < 2.0 ** 52))) else None
     if whole is not None and np.array_equal(whole, xy) and not bool(np.any(np.signbit(xy))):
         return _whole_polygons_json(whole, spans)
+    if xy.size and not bool(np.any((xy == 0) & np.signbit(xy))):   # (-0.0 and 0.0 are one value to np.unique)
+        return _table_polygons_json(xy, spans)
     pairs = list(map("{!r},{!r}".format, xy[:, 0].tolist(), xy[:, 1].tolist()))
     return [_POLYGON_HEAD + "],[".join(pairs[a:b]) + _POLYGON_TAIL for a, b in spans]
 
@@ -537,6 +577,46 @@ def _whole_polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> li
     return [text[a:b] for a, b in zip(ring_start.tolist(), ring_end.tolist())]
 
 
+def _table_polygons_json(xy: np.ndarray, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """`polygons_json` of any float64 corners but signed zeros: the repr of each distinct value once (a slide's
+    corners take few distinct values: the region's pixel rows and columns over the scale), the points' texts
+    laid out at once in a byte array (one row per point: x text, ",", y text, "],[", each padded to the longest
+    text, the padding dropped by one mask), then cut into rings."""
+    spans_a = np.asarray(spans, np.int64).reshape(-1, 2)
+    counts = np.maximum(spans_a[:, 1] - spans_a[:, 0], 0)
+    total = int(counts.sum())
+    if not total:
+        return [_POLYGON_HEAD + _POLYGON_TAIL for _ in range(len(spans_a))]
+    point = np.repeat(spans_a[:, 0] - np.cumsum(counts) + counts, counts) + np.arange(total)
+    values, inverse = np.unique(xy[point], return_inverse=True)   # (NaN: one value, whose repr is the same)
+    inverse = inverse.reshape(-1, 2)
+    texts = list(map(repr, values.tolist()))
+    lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    width = int(lengths.max())
+    cols = np.arange(width)
+    table = np.zeros((len(texts), width), np.uint8)
+    table[cols < lengths[:, None]] = np.frombuffer("".join(texts).encode("ascii"), np.uint8)   # row-major order
+    last = np.zeros(total, bool)
+    last[(np.cumsum(counts) - 1)[counts > 0]] = True               # a ring's last point: no "],[" after it
+    nx, ny = lengths[inverse[:, 0]], lengths[inverse[:, 1]]
+    rows = np.empty((total, 2 * width + 4), np.uint8)
+    rows[:, :width] = table[inverse[:, 0]]
+    rows[:, width] = ord(",")
+    rows[:, width + 1:2 * width + 1] = table[inverse[:, 1]]
+    rows[:, 2 * width + 1:] = np.frombuffer(b"],[", np.uint8)
+    mask = np.empty(rows.shape, bool)
+    mask[:, :width] = cols < nx[:, None]
+    mask[:, width] = True
+    mask[:, width + 1:2 * width + 1] = cols < ny[:, None]
+    mask[:, 2 * width + 1:] = ~last[:, None]
+    text = rows[mask].tobytes().decode("ascii")
+    point_length = nx + ny + 1 + np.where(last, 0, 3)
+    ring_length = np.bincount(np.repeat(np.arange(len(spans_a)), counts), weights=point_length,
+                              minlength=len(spans_a)).astype(np.int64)
+    ends = np.cumsum(ring_length).tolist()
+    return [_POLYGON_HEAD + text[a:b] + _POLYGON_TAIL for a, b in zip([0] + ends[:-1], ends)]
+
+
 def _row_template(names: Sequence[str], row: Mapping[str, Any], open_: str, close: str, sep: str,
                   item, item_end: str = "") -> str:
     """A %-format template: `open_`, then for each name `item(name)` + %r (float) or %d (int, as in `row`) +
@@ -589,12 +669,36 @@ def rows_and_measurements_json(rows: Sequence[Mapping[str, Any]]) -> tuple[str, 
     uniform = _uniform_columns(rows)
     if uniform is None or not uniform[0]:
         return rows_json(rows), measurements_json_list(rows)
-    names, columns = uniform
+    return _uniform_texts(*uniform, len(rows))
+
+
+def columns_and_measurements_json(columns: Mapping[str, Sequence[Any]]) -> tuple[str, list[str]]:
+    """`rows_and_measurements_json(rows)` of the rows given column by column (row i: {key: columns[key][i]} in
+    the order of `columns`, all columns of one length), without making the rows when every key is a string and
+    each column holds only finite floats or only plain ints."""
+    names = list(columns)
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError("columns of different lengths")
+    count = lengths.pop() if lengths else 0
+    values = [list(columns[k]) for k in names]
+    uniform = count > 0 and all(type(k) is str for k in names)
+    for column in values if uniform else []:
+        kinds = set(map(type, column))
+        if not (kinds == {int} or (kinds == {float} and all(map(math.isfinite, column)))):
+            uniform = False
+            break
+    if not uniform:
+        return rows_and_measurements_json([dict(zip(names, row)) for row in zip(*values)])
+    return _uniform_texts(names, values, count)
+
+
+def _uniform_texts(names: list[str], columns: list[list], count: int) -> tuple[str, list[str]]:
     texts = [list(map(repr, column)) for column in columns]     # repr: a float's json text, and an int's
     row_template = "{" + ", ".join(json.dumps(k).replace("%", "%%") + ": %s" for k in names) + "}"
     measured = [i for i, k in enumerate(names) if k != "id"]
     if not measured:
-        return "[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]", [""] * len(rows)
+        return "[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]", [""] * count
     item_template = "[" + ",".join('{"name":' + json.dumps(names[i]).replace("%", "%%") + ',"value":%s}'
                                    for i in measured) + "]"
     return ("[" + ", ".join(map(row_template.__mod__, zip(*texts))) + "]",
@@ -706,12 +810,73 @@ def measure_and_outline(labels: np.ndarray, image: np.ndarray | None, mpp: float
     return _measure_rows(index, ids, image, mpp, foreground, None, px), _ring_table(index, ids, px)
 
 
+def measure_and_outline_pixels(shape: tuple[int, int], pix: np.ndarray, values: np.ndarray,
+                               image: np.ndarray | None, mpp: float | None = None,
+                               foreground: np.ndarray | None = None, sums: tuple | None = None,
+                               as_columns: bool = False):
+    """`measure_and_outline(labels, image, mpp, foreground)` of the label map `labels` of `shape` that holds
+    `values` (positive integers) at the flat positions `pix` (strictly ascending) and 0 elsewhere, without
+    making that map: the scan covers only the bounding box of the pixels (`finish_region`: a region's kept
+    nuclei, known as a pixel list). Returns (rows, ring table, (y0, x0, box)): `box` is `labels[y0:y0 + h,
+    x0:x0 + w]` for that bounding box (a view), (0, 0, empty (0, 0) map) without pixels. `sums` (optional):
+    (pixel count, sum of rows, sum of columns) of each label value 0..max(values), exact integers, when the
+    caller has them; they replace the same counts here. `as_columns=True`: the rows as one list per column
+    ({name: values}, {} without pixels) instead of dicts."""
+    height, width = int(shape[0]), int(shape[1])
+    pix = np.asarray(pix, np.int64).ravel()
+    values = np.asarray(values).ravel()
+    if values.shape != pix.shape or values.dtype.kind not in "iu":
+        raise ValueError("values must be integers, one per pixel position")
+    if pix.size and (pix[0] < 0 or pix[-1] >= height * width or not bool(np.all(pix[1:] > pix[:-1]))):
+        raise ValueError("pixel positions must be strictly ascending and inside the map")
+    if values.size and values.min() < 1:
+        raise ValueError("label values at the pixel positions must be positive")
+    if image is not None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != (height, width):
+            raise ValueError(f"image shape {image.shape} does not match label map {(height, width)} (H, W, 3)")
+    if foreground is not None:
+        foreground = np.asarray(foreground)
+        if foreground.shape != (height, width):
+            raise ValueError(f"foreground map shape {foreground.shape} does not match label map {(height, width)}")
+    if mpp is not None and not (mpp > 0):
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    if not pix.size:
+        return {} if as_columns else [], (np.zeros((0, 2), np.int64), [], []), (0, 0, np.zeros((0, 0), values.dtype))
+    # the index values as `_index_map` makes them from the map
+    max_id = int(values.max())
+    ids = None
+    given = values
+    if max_id <= max(height * width, 1 << 16):
+        if values.dtype not in _SMALL_INDEX_TYPES:
+            values = values.astype(np.int64 if max_id >= 2**31 else np.int32, copy=False)
+    else:
+        ids, inverse = np.unique(values, return_inverse=True)
+        values = inverse.astype(np.int64) + 1
+        sums = None
+    px = _LabelPixels.from_pixels((height, width), pix, values)
+    rows = (_measure_columns if as_columns else _measure_rows)(px.box, ids, image, mpp, foreground, None, px, sums)
+    box = px.box
+    if ids is not None:   # the compact index -> the values themselves
+        box = np.where(box > 0, ids[np.maximum(box, 1) - 1], 0).astype(given.dtype)
+    return rows, _ring_table(px.box, ids, px), (px.origin[0], px.origin[1], box)
+
+
 def _measure_rows(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray | None, mpp: float | None,
                   foreground: np.ndarray | None, confidence: Mapping[int, float] | None,
-                  px: _LabelPixels) -> list[dict[str, Any]]:
-    table = _measure_table(index, image, foreground, px)
+                  px: _LabelPixels, sums: tuple | None = None) -> list[dict[str, Any]]:
+    columns = _measure_columns(index, ids, image, mpp, foreground, confidence, px, sums)
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*(columns[k] for k in names))]
+
+
+def _measure_columns(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray | None, mpp: float | None,
+                     foreground: np.ndarray | None, confidence: Mapping[int, float] | None,
+                     px: _LabelPixels, sums: tuple | None = None) -> dict[str, list]:
+    """`_measure_rows` column by column ({name: values}, {} without instances)."""
+    table = _measure_table(index, image, foreground, px, sums)
     if table is None:
-        return []
+        return {}
     present = table["present"]
     out_ids = present if ids is None else ids[present - 1]
     columns: dict[str, list] = {
@@ -734,8 +899,7 @@ def _measure_rows(index: np.ndarray, ids: np.ndarray | None, image: np.ndarray |
     if mpp:
         columns["area_um2"] = (area * mpp * mpp).tolist()
         columns["perimeter_um"] = (table["perimeter"] * mpp).tolist()
-    names = list(columns)
-    return [dict(zip(names, values)) for values in zip(*(columns[k] for k in names))]
+    return columns
 
 
 _PERIMETER_WEIGHTS = np.zeros(50, dtype=np.float64)   # scikit-image's `perimeter` (4-neighbourhood) weights
@@ -745,22 +909,30 @@ _PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
 
 
 def _measure_table(index: np.ndarray, image: np.ndarray | None,
-                   foreground: np.ndarray | None, px: _LabelPixels | None = None) -> dict[str, np.ndarray] | None:
-    """Per-instance arrays (rows for the present indices 1..n, ascending) of `measure_nuclei`, vectorised."""
-    height, width = index.shape
+                   foreground: np.ndarray | None, px: _LabelPixels | None = None,
+                   sums: tuple | None = None) -> dict[str, np.ndarray] | None:
+    """Per-instance arrays (rows for the present indices 1..n, ascending) of `measure_nuclei`, vectorised.
+    `sums`: (pixel count, sum of rows, sum of columns) per index value 0..max, when the caller has them (exact
+    integers: the same values as counted here)."""
     px = px if px is not None else _LabelPixels(index)
     pix = px.pix
     if pix.size == 0:
         return None
     lab, r, c = px.lab, px.r, px.c
-    n = int(lab.max())
-    count = np.bincount(lab, minlength=n + 1)
+    if sums is None:
+        n = int(lab.max())
+        count = np.bincount(lab, minlength=n + 1)
+        sum_r = np.bincount(lab, weights=r, minlength=n + 1)
+        sum_c = np.bincount(lab, weights=c, minlength=n + 1)
+    else:
+        count, sum_r, sum_c = (np.asarray(v) for v in sums)
+        n = len(count) - 1
     present = np.flatnonzero(count)
     present = present[present > 0]
     area = count[present].astype(np.float64)
     # centroids: mean of the integer coordinates (sums are exact in float64, as scikit-image's mean)
-    cy_all = np.bincount(lab, weights=r, minlength=n + 1)[present] / area
-    cx_all = np.bincount(lab, weights=c, minlength=n + 1)[present] / area
+    cy_all = sum_r[present].astype(np.float64) / area
+    cx_all = sum_c[present].astype(np.float64) / area
     out: dict[str, np.ndarray] = {"present": present, "area": area, "centroid_y": cy_all, "centroid_x": cx_all}
     # second central moments -> inertia tensor (scikit-image: [[mu02, -mu11], [-mu11, mu20]] / mu00)
     pos = np.zeros(n + 1, np.int64)
@@ -785,7 +957,7 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     out["solidity"] = area / _convex_areas(px, pos, len(present))
     if image is not None:
         rgb = np.take(image.reshape(-1, 3), pix, axis=0)   # (np.take: several times faster than [pix] here)
-        sums = [np.bincount(k, weights=rgb[:, ch], minlength=len(present)) for ch in range(3)]
+        sums = _channel_sums(rgb, k, area, len(present))
         # float32 means of the channels as scikit-image's (exact integer sums, one float32 division)
         for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
             out[name] = (sums[ch].astype(np.float32) / area.astype(np.float32)).astype(np.float64)
@@ -800,6 +972,21 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     return out
 
 
+def _channel_sums(rgb: np.ndarray, k: np.ndarray, area: np.ndarray, m: int) -> list[np.ndarray]:
+    """Per-instance sums of the three channels of `rgb` (pixels in rows, `k` their instance rows 0..m-1), float64
+    (exact integers for integer images). For uint8 the red and green sums come from one `bincount` of
+    red * 2**b + green, b the bits of the largest possible sum (255 * largest area): every partial sum an integer
+    below 2**(2 b) <= 2**53, so exact, and split exactly."""
+    b = (255 * int(area.max())).bit_length() if area.size else 0
+    if rgb.dtype != np.uint8 or 2 * b > 53:
+        return [np.bincount(k, weights=rgb[:, ch], minlength=m) for ch in range(3)]
+    weight = rgb[:, 0].astype(np.int64) << b
+    weight |= rgb[:, 1]
+    total = np.bincount(k, weights=weight, minlength=m).astype(np.int64)
+    return [(total >> b).astype(np.float64), (total & ((1 << b) - 1)).astype(np.float64),
+            np.bincount(k, weights=rgb[:, 2], minlength=m)]
+
+
 def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
     """scikit-image's `perimeter(mask, 4)` of every instance at once: the instance's border pixels (those with
     a 4-neighbour outside it), each weighted by the pattern of its border neighbours (code 1 + 2 per
@@ -810,10 +997,12 @@ def _perimeters(px: _LabelPixels, pos: np.ndarray, m: int) -> np.ndarray:
         is_border[side] = True
     bp = np.flatnonzero(is_border)
     bl = pf[bp]
+    del is_border
+    border_map = np.zeros(pf.size, pf.dtype)    # the index at the border pixels, 0 elsewhere (instances are > 0)
+    border_map[bp] = bl
     code = np.ones(len(bp), np.uint8)           # at most 1 + 4 * 2 + 4 * 10 = 49
     for off, weight in ((-pw, 2), (pw, 2), (-1, 2), (1, 2), (-pw - 1, 10), (-pw + 1, 10), (pw - 1, 10), (pw + 1, 10)):
-        q = bp + off
-        code += (is_border[q] & (pf[q] == bl)) * np.uint8(weight)   # a border pixel of the same instance there
+        code += (border_map[bp + off] == bl) * np.uint8(weight)   # a border pixel of the same instance there
     hist = np.bincount(pos[bl] * 50 + code, minlength=m * 50).reshape(m, 50)
     return hist.astype(np.float64) @ _PERIMETER_WEIGHTS
 
@@ -1045,19 +1234,41 @@ class CSVWriter(_StreamingFile):
             raise ValueError(f"{self.path}: writer already closed")
         if not rows:
             return
+        self._add_columns([[row.get(key, "") for row in rows] for key in self.columns], len(rows))
+
+    def add_columns(self, columns: Mapping[str, Sequence[Any]]) -> None:
+        """`add` of rows given column by column: row i has the value `columns[key][i]` for each key (all columns
+        of one length; a column of `self.columns` that is not given is empty, extra ones are ignored)."""
+        if self.closed:
+            raise ValueError(f"{self.path}: writer already closed")
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) > 1:
+            raise ValueError("columns of different lengths")
+        count = lengths.pop() if lengths else 0
+        if count:
+            self._add_columns([list(columns[key]) if key in columns else [""] * count for key in self.columns],
+                              count)
+
+    def _add_columns(self, columns: list[list], count: int) -> None:
         # column by column: a column of plain floats is formatted by one C-level map (the text `_csv_cell` gives)
+        kinds = [set(map(type, column)) for column in columns]
+        if columns and all(k == {float} or k == {int} for k in kinds):
+            # only plain floats and ints (no text, so nothing csv would quote): one %-format per row, "%.6g" the
+            # text of "{:.6g}".format and "%d" that of str() for these types
+            template = ",".join("%.6g" if k == {float} else "%d" for k in kinds) + "\n"
+            self._write("".join(map(template.__mod__, zip(*columns))))
+            self.count += count
+            return
         cells = []
-        for key in self.columns:
-            column = [row.get(key, "") for row in rows]
-            kinds = set(map(type, column))
-            if kinds == {float}:
+        for column, kind in zip(columns, kinds):
+            if kind == {float}:
                 cells.append(list(map(_FLOAT_CELL, column)))
-            elif kinds <= _PLAIN_CELL_TYPES:
+            elif kind <= _PLAIN_CELL_TYPES:
                 cells.append(column)
             else:
                 cells.append(list(map(_csv_cell, column)))
         self._csv.writerows(zip(*cells))
-        self.count += len(rows)
+        self.count += count
 
 
 _FLOAT_CELL = "{:.6g}".format        # f"{float(value):.6g}" of a Python float

@@ -15,6 +15,9 @@ once (two per compressing thread of the output: one per usable core), whatever t
 Reduction: labels are subsampled (every second pixel, no averaging that would invent ids); RGB is the mean
 of each 2x2 block (edges replicated on odd sizes). Level k has size ceil(H / 2^k) x ceil(W / 2^k).
 The bytes depend only on the input (no timestamps, a UUID derived from the image's shape and pixel size).
+zlib tiles of one sample are encoded here with tifffile's own encoder and given to tifffile as bytes, the encoded
+empty tile made once per level (`_encoded_tiles`: the same file as tifffile's encoding, a whole slide being mostly
+empty tiles); other compressions are tifffile's.
 """
 from __future__ import annotations
 
@@ -116,9 +119,61 @@ class _TileReader:
         self._tif.close()
 
 
+def _encoded_tiles(tiles: Iterator[np.ndarray], tile_shape: tuple, dtype, level: int | None,
+                   workers: int) -> Iterator[bytes]:
+    """The zlib-encoded bytes of each tile as tifffile writes them (tiles padded with zeros to `tile_shape`,
+    `tifffile.TIFF.COMPRESSORS` of the deflate tag called as tifffile calls it: with `level=` only when one is
+    given), in order, `workers` threads encoding ahead (two tiles each at most). A tile of zeros is encoded once
+    per writer and its bytes reused: a whole slide is mostly background, and an empty 512² tile costs about as
+    much to encode as a tile of labels."""
+    import tifffile
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from collections import deque
+
+    compressor = tifffile.TIFF.COMPRESSORS[8]            # COMPRESSION.ADOBE_DEFLATE, tifffile's "zlib"
+    dtype = np.dtype(dtype)
+
+    def encode(tile: np.ndarray) -> bytes:
+        return compressor(tile) if level is None else compressor(tile, level=level)
+
+    def padded(tile: np.ndarray) -> np.ndarray:
+        tile = np.ascontiguousarray(tile, dtype)
+        if tile.shape[:2] != tuple(tile_shape[:2]):
+            tile = np.pad(tile, [(0, t - s) for t, s in zip(tile_shape, tile.shape)])
+        return tile
+
+    empty: Future | None = None
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    pending: deque = deque()
+    try:
+        for tile in tiles:
+            tile = padded(tile)
+            if not tile.any():
+                if empty is None:
+                    empty = Future()
+                    empty.set_result(encode(tile))
+                future = empty
+            elif pool is None:
+                future = Future()
+                future.set_result(encode(tile))
+            else:
+                future = pool.submit(encode, tile)
+            pending.append(future)
+            while len(pending) > 2 * max(workers, 1):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 # one compressing thread for the temporary levels (they are written beside the output, in a thread of their own):
 # with more, tifffile takes tiles from the generator ahead of compression, up to 512 MiB by default
-_TEMP_OPTIONS = dict(compression="zlib", compressionargs={"level": 1}, metadata=None, maxworkers=1)
+_TEMP_LEVEL = 1
+_TEMP_OPTIONS = dict(compression="zlib", compressionargs={"level": _TEMP_LEVEL}, metadata=None, maxworkers=1)
 
 
 class _ThreadedTileWriter:
@@ -128,7 +183,8 @@ class _ThreadedTileWriter:
 
     _END = object()
 
-    def __init__(self, path: Path, shape, dtype, tile: int, photometric: str, bigtiff: bool):
+    def __init__(self, path: Path, shape, dtype, tile: int, photometric: str, bigtiff: bool,
+                 encode: bool = False):
         import queue
         import threading
 
@@ -148,8 +204,10 @@ class _ThreadedTileWriter:
             import tifffile
 
             try:
+                data = _encoded_tiles(tiles(), (tile, tile) + tuple(shape[2:]), dtype, _TEMP_LEVEL, 1) if encode \
+                    else tiles()
                 with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
-                    tw.write(tiles(), shape=shape, dtype=dtype, tile=(tile, tile), photometric=photometric,
+                    tw.write(data, shape=shape, dtype=dtype, tile=(tile, tile), photometric=photometric,
                              **_TEMP_OPTIONS)
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
                 self._error = e
@@ -221,6 +279,14 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
         kwargs.update(level_extra(level, downsample))
         return kwargs
 
+    # zlib label tiles are encoded here (the bytes tifffile's own encoding gives, `_encoded_tiles`) so that the
+    # encoded empty tile is reused; anything else tifffile encodes
+    own_encoding = compression == "zlib" and samples == 1 and not any(
+        key in level_extra(level, 1.0) for level in range(len(shapes)) for key in ("compressionargs", "predictor"))
+
+    def encoded(tiles: Iterator[np.ndarray], tile: int, level: int | None, threads: int):
+        return _encoded_tiles(tiles, (tile, tile), dtype, level, threads) if own_encoding else tiles
+
     tmp_dir = Path(tempfile.mkdtemp(prefix=".pyramid_", dir=path.parent if path.parent.exists() else None))
     out_tmp = utils.temp_file_beside(path)
     try:
@@ -249,8 +315,8 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
 
         def write_temp(level_path: Path, level_shape, tiles, tile) -> None:
             with tifffile.TiffWriter(level_path, bigtiff=bigtiff) as tw:
-                tw.write(tiles, shape=pixel_shape(*level_shape), dtype=dtype, tile=(tile, tile),
-                         **_TEMP_OPTIONS, photometric=photometric)
+                tw.write(encoded(tiles, tile, _TEMP_LEVEL, 1), shape=pixel_shape(*level_shape), dtype=dtype,
+                         tile=(tile, tile), **_TEMP_OPTIONS, photometric=photometric)
 
         n_tiles = sum(1 for _ in _tile_grid((height, width), tile_size))
         temp1 = tmp_dir / "level1.tif"
@@ -260,20 +326,23 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
                     # level 1 goes to its temporary file through a second writer in a thread, fed by a
                     # small bounded queue: one half-size tile per level-0 tile, same row-major grid
                     with _ThreadedTileWriter(temp1, pixel_shape(*shapes[1]), dtype, half, photometric,
-                                             bigtiff) as level1:
-                        tw.write(level0_tiles(progress, level1), shape=pixel_shape(height, width),
+                                             bigtiff, encode=own_encoding) as level1:
+                        tw.write(encoded(level0_tiles(progress, level1), tile_size, None, workers),
+                                 shape=pixel_shape(height, width),
                                  dtype=dtype, tile=(tile_size, tile_size),
                                  subifds=(len(shapes) - 1) if subifds else None, subfiletype=0,
                                  **extra(0, 1.0))
                 else:
-                    tw.write(level0_tiles(progress, None), shape=pixel_shape(height, width), dtype=dtype,
+                    tw.write(encoded(level0_tiles(progress, None), tile_size, None, workers),
+                             shape=pixel_shape(height, width), dtype=dtype,
                              tile=(tile_size, tile_size), subfiletype=0, **extra(0, 1.0))
             previous = temp1
             for level in range(1, len(shapes)):
                 source = store = _TileReader(previous)
                 try:
                     downsample = float(2 ** level)
-                    tw.write(level_tiles_from(source, shapes[level]), shape=pixel_shape(*shapes[level]),
+                    tw.write(encoded(level_tiles_from(source, shapes[level]), tile_size, None, workers),
+                             shape=pixel_shape(*shapes[level]),
                              dtype=dtype, tile=(tile_size, tile_size), subfiletype=1,
                              **extra(level, downsample))
                     if level + 1 < len(shapes):

@@ -255,8 +255,9 @@ def finish_region(job: dict) -> dict:
     a worker process.
 
     Everything after the post-processing is computed for all instances at once (per-pixel sums,
-    `export.measure_and_outline`: measurements and outlines from one scan of the label map), and each feature is
-    stored as its JSON text (geometry and measurements) so that `Assembly` only pastes in the global id."""
+    `export.measure_and_outline_pixels`: measurements and outlines from one scan of the kept instances' pixel
+    list over their bounding box, with the pixel counts and coordinate sums of the seam rule), and each feature
+    is stored as its JSON text (geometry and measurements) so that `Assembly` only pastes in the global id."""
     import export
     import postprocess as pp
 
@@ -275,18 +276,17 @@ def finish_region(job: dict) -> dict:
     flat = labels.ravel()
     pix = np.flatnonzero(flat != 0)   # (on a bool array: several times faster than on the labels)
     n = dropped = 0
-    kept = np.zeros(labels.shape, np.uint32)
     if pix.size:
         lab = flat[pix]
-        top = int(lab.max())
-        area = np.bincount(lab, minlength=top + 1).astype(np.float64)
+        count = np.bincount(lab)
+        top = len(count) - 1
+        area = count.astype(np.float64)
         present = area > 0
         safe = np.where(present, area, 1.0)
         # centroid of every instance (the same sums as ndimage.center_of_mass), rounded to its pixel
-        cy = np.bincount(lab, weights=pix // width, minlength=top + 1) / safe
-        cx = np.bincount(lab, weights=pix % width, minlength=top + 1) / safe
-        gy = np.floor(cy + 0.5).astype(np.int64) + cy0
-        gx = np.floor(cx + 0.5).astype(np.int64) + cx0
+        sum_r, sum_c = _coordinate_sums(pix, lab, labels.shape, count)
+        gy = np.floor(sum_r / safe + 0.5).astype(np.int64) + cy0
+        gx = np.floor(sum_c / safe + 0.5).astype(np.int64) + cx0
         in_core = present & (gy >= ky0) & (gy < ky1) & (gx >= kx0) & (gx < kx1)
         in_core[0] = False
         if min_confidence > 0:
@@ -297,30 +297,35 @@ def finish_region(job: dict) -> dict:
         n = int(in_core.sum())
         lut = np.zeros(top + 1, np.uint16 if n < 65536 else np.uint32)   # already the region file's label dtype
         lut[in_core] = np.arange(1, n + 1, dtype=lut.dtype)
-        kept = lut[labels]
-    scale = float(job["scale"])
-    rows: list[dict] = []
+        if n:
+            # the kept instances as a pixel list (the kept label map is never made for the whole crop)
+            new_ids = lut[lab]
+            keep = new_ids != 0
+            kept_pix, kept_ids = pix[keep], new_ids[keep]
+            del new_ids, keep
+            # their pixel counts and coordinate sums are the ones just made (exact integers)
+            sums = (np.r_[0, count[in_core]], np.r_[0.0, sum_r[in_core]], np.r_[0.0, sum_c[in_core]])
+    values: dict[str, list] = {}    # the rows, column by column
     geometry: list[str] = []
     if n:
-        # measurements and outlines from one scan of the kept labels
-        rows, (corners, _, spans) = export.measure_and_outline(kept, job["rgb"], mpp=job["mpp"], foreground=fg)
-    for row in rows:  # region crop -> target grid of the whole slide
-        row["centroid_x"] += cx0
-        row["centroid_y"] += cy0
-    rows = [_scale_row(r, scale) for r in rows]
+        # measurements and outlines from one scan of the kept instances' pixels (their bounding box)
+        values, (corners, _, spans), (by0, bx0, crop_labels) = export.measure_and_outline_pixels(
+            labels.shape, kept_pix, kept_ids, job["rgb"], mpp=job["mpp"], foreground=fg, sums=sums, as_columns=True)
+    scale = float(job["scale"])
+    if values:  # region crop -> target grid of the whole slide (per value what `_scale_row` does per row)
+        values["centroid_x"] = [v + cx0 for v in values["centroid_x"]]
+        values["centroid_y"] = [v + cy0 for v in values["centroid_y"]]
+        if scale != 1.0:
+            values = _scale_columns(values, scale)
     if n:
         xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
         if scale != 1.0:
             xy = xy / scale
         geometry = export.polygons_json(xy, spans)
-    rows_text, measurements = export.rows_and_measurements_json(rows)
-    # the kept instances' bounding box in target pixels, as compact as their count allows
-    if n:
-        rr = np.flatnonzero(kept.any(axis=1))
-        cc = np.flatnonzero(kept.any(axis=0))
-        by0, by1, bx0, bx1 = int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
-        crop_labels = kept[by0:by1, bx0:bx1]
-    else:
+    rows_text, measurements = export.columns_and_measurements_json(values)
+    columns = _typed_columns(values)
+    # the kept instances' bounding box in target pixels (crop_labels above), as compact as their count allows
+    if not n:
         by0 = bx0 = 0
         crop_labels = np.zeros((0, 0), np.uint32)
     crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32, copy=False))
@@ -333,15 +338,83 @@ def finish_region(job: dict) -> dict:
              dropped=np.array(dropped, np.int64),
              rows=np.frombuffer(rows_text.encode(), np.uint8),
              geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
-             measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8))
+             measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8),
+             **{COLUMN_PREFIX + key: array for key, array in columns.items()})
     utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
     return {"nuclei": n, "dropped": dropped, "seconds": time.time() - start, "file": path.name}
 
 
+COLUMN_PREFIX = "col_"   # region file arrays holding the rows column by column (float64 / int64, `_typed_columns`)
+
+
+def _scale_columns(values: dict[str, list], scale: float) -> dict[str, list]:
+    """`_scale_row` of every row, on the rows given column by column."""
+    out = dict(values)
+    for key in ("centroid_x", "centroid_y"):
+        out[key] = [(v + 0.5) / scale - 0.5 for v in values[key]]
+    area_scale = scale * scale
+    out["area_px"] = [v / area_scale for v in values["area_px"]]
+    for key in ("perimeter_px", "major_axis_px", "minor_axis_px"):
+        out[key] = [v / scale for v in values[key]]
+    return out
+
+
+def _typed_columns(values: dict[str, list]) -> dict[str, np.ndarray]:
+    """The rows' columns as arrays (float64 for a key whose values are all Python floats, int64 for all ints: the
+    same numbers, so `tolist()` gives back the very values), so that `Assembly` needs no JSON parsing; {} when a
+    key is not a string or a column holds other values."""
+    if not values or not all(type(k) is str for k in values):
+        return {}
+    columns = {}
+    for key, column in values.items():
+        kinds = set(map(type, column))
+        if kinds == {float}:
+            columns[key] = np.array(column, np.float64)
+        elif kinds == {int} and -2**63 <= min(column) and max(column) < 2**63:
+            columns[key] = np.array(column, np.int64)
+        else:
+            return {}
+    return columns
+
+
+def _coordinate_sums(pix: np.ndarray, lab: np.ndarray, shape: tuple[int, int],
+                     count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the rows, sum of the columns) of each label's pixels (float64 arrays as long as `count`, the
+    labels' pixel counts; exact integers), `pix` the flat positions of the labels `lab` in a map of `shape`.
+    Both from one `bincount` when they fit together in float64's 53 bits: the weight row * 2**k + column sums
+    to (sum of rows) * 2**k + (sum of columns) with the column sum below 2**k, every partial sum an integer
+    below 2**53 (exact); else one `bincount` each."""
+    height, width = shape
+    big = int(count.max()) if count.size else 0
+    k = ((width - 1) * big).bit_length()
+    row_of = pix // width
+    if ((height - 1) * big + 1) << k <= 1 << 53:
+        weight = row_of * ((1 << k) - width)
+        weight += pix                                  # row * 2**k + column
+        total = np.bincount(lab, weights=weight, minlength=len(count)).astype(np.int64)
+        return (total >> k).astype(np.float64), (total & ((1 << k) - 1)).astype(np.float64)
+    return (np.bincount(lab, weights=row_of, minlength=len(count)),
+            np.bincount(lab, weights=pix - row_of * width, minlength=len(count)))
+
+
 def _region_labels(data) -> np.ndarray:
     shape = tuple(int(v) for v in data["labels_shape"])
-    raw = zlib.decompress(data["labels_z"].tobytes())
-    return np.frombuffer(raw, np.dtype(str(data["labels_dtype"]))).reshape(shape)
+    dtype = np.dtype(str(data["labels_dtype"]))
+    size = math.prod(shape) * dtype.itemsize
+    packed = data["labels_z"].tobytes()
+    raw = None
+    if size:
+        try:   # libdeflate (imagecodecs) inflates the same stream to the same bytes, about 3x faster than zlib
+            import imagecodecs
+
+            raw = imagecodecs.deflate_decode(packed, out=size)
+        except Exception:  # noqa: BLE001 - imagecodecs without libdeflate or an older version: zlib below
+            raw = None
+        if raw is not None and len(raw) != size:
+            raw = None
+    if raw is None:
+        raw = zlib.decompress(packed, bufsize=max(size, 1))   # (the output size known: no regrowing)
+    return np.frombuffer(raw, dtype).reshape(shape)
 
 
 def confidence_review_threshold(settings: dict | None) -> float:
@@ -350,18 +423,23 @@ def confidence_review_threshold(settings: dict | None) -> float:
     return 0.5 * (1.0 + float((settings or {}).get("fg_threshold", 0.5)))
 
 
-def read_region_file(path: Path, labels: bool = True) -> dict:
+def read_region_file(path: Path, labels: bool = True, rows: bool = True) -> dict:
     """A region file of `finish_region`: labels (crop; None with `labels=False`, which skips decompressing
-    them), labels_shape, origin, nuclei, dropped, rows (dicts), geometry and measurements (one JSON text per
-    nucleus, in row order)."""
+    them), labels_shape, origin, nuclei, dropped, rows (dicts), columns (the rows as {key: array}, None in
+    region files written before them), geometry and measurements (one JSON text per nucleus, in row order).
+    `rows=False` skips parsing the rows' JSON when the file has the columns (rows None then)."""
     with np.load(path) as data:
         n = int(data["nuclei"])
         geometry = data["geometry"].tobytes().decode()
         measurements = data["measurements"].tobytes().decode()
+        columns = {k[len(COLUMN_PREFIX):]: data[k] for k in data.files if k.startswith(COLUMN_PREFIX)}
+        columns = columns if columns or n == 0 else None
+        parse = rows or columns is None
         return {"labels": _region_labels(data) if labels else None,
                 "labels_shape": tuple(int(v) for v in data["labels_shape"]),
                 "origin": tuple(int(v) for v in data["origin"]), "nuclei": n,
-                "dropped": int(data["dropped"]), "rows": json.loads(data["rows"].tobytes().decode()),
+                "dropped": int(data["dropped"]), "rows": json.loads(data["rows"].tobytes().decode()) if parse else None,
+                "columns": columns,
                 "geometry": geometry.split("\n") if n else [], "measurements": measurements.split("\n") if n else []}
 
 
@@ -687,9 +765,9 @@ class _RegionLabels:
         return item
 
     def read_tile(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        out = np.zeros((h, w), np.uint32)
         if not len(self.boxes):
-            return out
+            return np.zeros((h, w), np.uint32)
+        out = None    # made by the first region that covers the whole tile (no zeros to write first), else zeros
         s = self.scale
         ty0, ty1 = math.floor((y + 0.5) * s), math.floor((y + h - 0.5) * s) + 1
         tx0, tx1 = math.floor((x + 0.5) * s), math.floor((x + w - 0.5) * s) + 1
@@ -700,26 +778,38 @@ class _RegionLabels:
         cols_t = np.floor((np.arange(x, x + w) + 0.5) * s).astype(np.int64)
         for i in hits.tolist():
             labels, (oy, ox) = self._get(i)
+            if out is None and not (oy <= rows_t[0] and rows_t[-1] < oy + labels.shape[0]
+                                    and ox <= cols_t[0] and cols_t[-1] < ox + labels.shape[1]):
+                out = np.zeros((h, w), np.uint32)
             r = rows_t - oy
             c = cols_t - ox
             rv = np.flatnonzero((r >= 0) & (r < labels.shape[0]))
             cv = np.flatnonzero((c >= 0) & (c < labels.shape[1]))
             if not rv.size or not cv.size:
                 continue
-            rs, cs = _consecutive(r[rv]), _consecutive(c[cv])
+            if s == 1.0:   # r and c are runs of consecutive integers by construction (a test checks the rule)
+                rs = slice(int(r[rv[0]]), int(r[rv[-1]]) + 1)
+                cs = slice(int(c[cv[0]]), int(c[cv[-1]]) + 1)
+            else:
+                rs, cs = _consecutive(r[rv]), _consecutive(c[cv])
             if rs is not None and cs is not None:
                 # one target pixel per region pixel (scale 1, or any run of distinct rows / columns): views,
                 # no gathers; rv and cv are runs too (r and c never decrease)
                 sub = labels[rs, cs]
+                if out is None:   # the whole tile from this region: sub + offset, times 0 where sub is 0
+                    out = np.add(sub, np.uint32(self.offsets[i]), dtype=np.uint32, casting="unsafe")
+                    np.multiply(out, sub != 0, out=out)
+                    continue
                 target = out[rv[0]:rv[-1] + 1, cv[0]:cv[-1] + 1]
                 np.add(sub, np.uint32(self.offsets[i]), out=target, where=sub > 0, casting="unsafe")
                 continue
+            out = np.zeros((h, w), np.uint32) if out is None else out
             sub = labels[np.ix_(r[rv], c[cv])].astype(np.uint32)
             target = out[np.ix_(rv, cv)]
             nz = sub > 0
             target[nz] = sub[nz] + np.uint32(self.offsets[i])
             out[np.ix_(rv, cv)] = target
-        return out
+        return np.zeros((h, w), np.uint32) if out is None else out
 
 
 def _consecutive(index: np.ndarray) -> slice | None:
@@ -760,16 +850,32 @@ class Assembly:
             if record is None:
                 break
             f = self.pdir / record["file"]
-            data = read_region_file(f, labels=False)   # the label pyramid decodes the labels tile by tile
+            # the label pyramid decodes the labels tile by tile; the rows come as columns (no JSON to parse) when
+            # the region file has them
+            data = read_region_file(f, labels=False, rows=False)
             offset = self.total
-            for row in data["rows"]:
-                row["id"] = int(row["id"]) + offset
-            self.centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
-                                           np.float32).reshape(-1, 2))
-            self.confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
-            self.geojson.add_text(export.features_json([row["id"] for row in data["rows"]], data["geometry"],
-                                                       data["measurements"]))
-            self.csv.add(data["rows"])
+            columns = data["columns"]
+            if columns is not None:
+                n = data["nuclei"]
+                if n and not {"id", "centroid_x", "centroid_y"} <= set(columns):
+                    raise ValueError(f"{f}: region file without the id and centroid columns")
+                values = {key: array.tolist() for key, array in columns.items()}
+                ids = values["id"] = [int(i) + offset for i in values["id"]] if n else []
+                self.centroids.append(np.stack([columns["centroid_x"], columns["centroid_y"]], axis=1)
+                                      .astype(np.float32).reshape(-1, 2) if n else np.zeros((0, 2), np.float32))
+                self.confidence.append(columns["confidence"].astype(np.float32) if "confidence" in columns
+                                       else np.full(n, np.nan, np.float32))
+                self.geojson.add_text(export.features_json(ids, data["geometry"], data["measurements"]))
+                self.csv.add_columns(values)
+            else:
+                for row in data["rows"]:
+                    row["id"] = int(row["id"]) + offset
+                self.centroids.append(np.array([(r["centroid_x"], r["centroid_y"]) for r in data["rows"]],
+                                               np.float32).reshape(-1, 2))
+                self.confidence.append(np.array([r.get("confidence", np.nan) for r in data["rows"]], np.float32))
+                self.geojson.add_text(export.features_json([row["id"] for row in data["rows"]], data["geometry"],
+                                                           data["measurements"]))
+                self.csv.add(data["rows"])
             self.files.append(f)
             self.offsets.append(offset)
             oy, ox = data["origin"]

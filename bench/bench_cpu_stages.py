@@ -8,15 +8,21 @@ minima, which the noise of a shared machine blurs; this script measures the stag
 WORK/out_new/.progress, copied to a scratch folder first):
 
 - `finish`: `wsi.finish_region` on one 2176² crop (the second region's core plus the margin) with
-  `postprocess.postprocess` replaced by its precomputed result, so only what comes after it is timed;
+  `postprocess.postprocess` replaced by its precomputed result, so only what comes after it is timed; also at
+  scale 0.2527 / 0.25 (fractional polygon corners, as for a slide of 0.2527 µm/px);
 - `read`: `SlideReader.read_scaled` of that crop's box at scale 1 (OpenSlide, and tiffslide);
+- `label_pyramid_three_quarters_empty`: `label_pyramid.write_label_pyramid` of the assembled labels in one corner
+  of an image of twice the side (three quarters of the tiles empty, as on a whole slide);
 - `assemble`: `wsi.assemble` of the four region files (GeoJSON, CSV, label pyramid), tifffile imported first as
   in `predict` and zarr not (tiffslide, which imports it, is read last; `predict` on an OpenSlide slide never
   imports it), so the former tree's zarr import is part of its `assemble`, as it is in `predict`.
 
 Each round runs the old tree then the new tree, each in a fresh subprocess with one thread, the stage's CPU time
 the smallest of a few calls; the table gives the smallest over the rounds. The region files written by both trees
-and the assembled outputs are compared byte for byte.
+and the assembled outputs are compared byte for byte (region files: every array of the old tree's, equal in the
+new tree's, which may add arrays: the rows as typed columns, whose count is printed). A tree whose `wsi` has
+`COLUMN_PREFIX` gets its own copy of the region files with those columns added from the rows' JSON, as its
+`finish_region` writes them.
 """
 from __future__ import annotations
 
@@ -76,6 +82,30 @@ def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
         wsi.finish_region(job)
         times.append(clock() - t)
     timing["finish_after_postprocess"] = min(times)
+    # the same at a scale other than 1 (a slide of 0.2527 µm/px read for a model of 0.25: corners not whole numbers)
+    scaled = dict(job, scale=0.2527 / 0.25, file=str(out / "region_scaled.npz"))
+    times = []
+    for _ in range(3):
+        t = clock()
+        wsi.finish_region(scaled)
+        times.append(clock() - t)
+    timing["finish_after_postprocess_scale_1.0108"] = min(times)
+    prefix = getattr(wsi, "COLUMN_PREFIX", None)
+    if prefix is not None:
+        # a tree whose finish_region also writes the rows as typed columns (and whose assemble reads those instead
+        # of parsing the rows' JSON): its own copy of the region files gets them, as its finish_region would have
+        # written them (the rows' JSON gives back the very floats and ints)
+        own = out / "regions"
+        shutil.copytree(regions_dir, own, dirs_exist_ok=True)
+        regions_dir = own
+        for f in sorted(own.glob("region_*.npz")):
+            with np.load(f) as data:
+                arrays = {k: data[k] for k in data.files}
+            rows = json.loads(arrays["rows"].tobytes().decode())
+            for key in (rows[0] if rows else {}):
+                values = [row[key] for row in rows]
+                arrays[prefix + key] = np.array(values, np.float64 if type(values[0]) is float else np.int64)
+            np.savez(f, **arrays)
     with slides.open_slide(work / "slide.tif") as slide:
         dims = slide.dimensions
     geo = wsi.slide_geometry(dims, 1.0, 512, 128, work / "slide.tif")
@@ -86,6 +116,17 @@ def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
     wsi.assemble(out, "slide", outputs, regions, state, regions_dir, geo, 0.25, (dims[1], dims[0]),
                  SimpleNamespace(geojson_gzip=False, label_image=True))
     timing["assemble"] = clock() - t
+    # the label pyramid of a slide that is three quarters background: these labels in one corner of an image of
+    # twice the side (a whole slide is mostly empty tiles)
+    import label_pyramid
+
+    big = np.zeros((2 * dims[1], 2 * dims[0]), np.uint32)
+    big[:dims[1], :dims[0]] = tifffile.imread(outputs["labels"])
+    (out / "mostly_empty").mkdir(exist_ok=True)
+    t = clock()
+    label_pyramid.write_label_pyramid(out / "mostly_empty" / "labels.tif", big.shape,
+                                      lambda y, x, h, w: big[y:y + h, x:x + w], mpp=0.25, tile_size=512)
+    timing["label_pyramid_three_quarters_empty"] = clock() - t
     read("tiffslide")   # last: tiffslide imports zarr, which the former assemble imported (OpenSlide slides do not)
     return timing
 
@@ -94,9 +135,12 @@ def same_files(a: Path, b: Path) -> dict:
     import numpy as np
 
     result = {name: (a / name).read_bytes() == (b / name).read_bytes()
-              for name in ("slide.geojson", "slide_nuclei.csv", "slide_labels.tif")}
-    with np.load(a / "region.npz") as x, np.load(b / "region.npz") as y:
-        result["region.npz"] = x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+              for name in ("slide.geojson", "slide_nuclei.csv", "slide_labels.tif", "mostly_empty/labels.tif")}
+    for name in ("region.npz", "region_scaled.npz"):
+        with np.load(a / name) as x, np.load(b / name) as y:
+            # every array of the old tree's region file, the same in the new tree's (which may add the rows' columns)
+            result[name] = set(x.files) <= set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+            result[name + " arrays added"] = len(set(y.files) - set(x.files))
     return result
 
 

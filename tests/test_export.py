@@ -909,3 +909,188 @@ def test_feature_texts_by_template_equal_feature_json():
     ids = [1, np.int64(70000), 3]
     assert export.features_json(ids, geometries, measurements) == [
         export.feature_json(i, g, m) for i, g, m in zip(ids, geometries, measurements)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17, fourth step: the kept nuclei as a pixel list, CSV rows by one %-format each
+# ----------------------------------------------------------------------------------------------
+def _as_pixels(labels: np.ndarray):
+    flat = labels.ravel()
+    pix = np.flatnonzero(flat)
+    return pix, flat[pix]
+
+
+def _assert_pixel_path_equals_map_path(labels, image, fg, sums=None) -> None:
+    rows, table = export.measure_and_outline(labels, image, mpp=0.25, foreground=fg)
+    pix, values = _as_pixels(labels)
+    rows_p, table_p, (y0, x0, box) = export.measure_and_outline_pixels(labels.shape, pix, values, image, mpp=0.25,
+                                                                        foreground=fg, sums=sums)
+    assert rows_p == rows                        # bit for bit (no NaN in these columns)
+    _assert_same_ring_tables(table_p, table)
+    if pix.size:
+        rr, cc = np.nonzero(labels)
+        assert (y0, x0) == (rr.min(), cc.min())
+        assert box.dtype == labels.dtype or labels.dtype not in export._SMALL_INDEX_TYPES
+        assert np.array_equal(box, labels[y0:rr.max() + 1, x0:cc.max() + 1])
+    else:
+        assert rows_p == [] and box.shape == (0, 0)
+
+
+def test_measurements_from_a_pixel_list_equal_those_of_the_label_map(real_sample_dir):
+    """`measure_and_outline_pixels` (the instances' pixel list; the scan covers only their bounding box, optional
+    pixel counts and coordinate sums from the caller) gives exactly `measure_and_outline` of the label map: every
+    float bit for bit, the same rings, and the box of the map that holds every instance pixel; on the hand-made
+    edge cases (one pixel, instances along every border of the map, corner contacts, holes, ids beyond the
+    compaction threshold, no instance), random maps and real NuInsSeg label maps, as uint16 / uint32 values."""
+    count = 0
+    for labels, image in _label_cases(real_sample_dir):
+        fg = np.random.default_rng(count).random(labels.shape).astype(np.float32)
+        _assert_pixel_path_equals_map_path(labels, image, fg)
+        if labels.max() < 2**16:
+            _assert_pixel_path_equals_map_path(labels.astype(np.uint16), image, fg)
+            _assert_pixel_path_equals_map_path(labels.astype(np.uint32), None, None)
+            # the caller's sums: per label value 0..max, exact integers (as finish_region has them)
+            pix, values = _as_pixels(labels)
+            top = int(labels.max())
+            rr, cc = np.divmod(pix, labels.shape[1])
+            sums = (np.bincount(values, minlength=top + 1), np.bincount(values, rr, top + 1).astype(np.float64),
+                    np.bincount(values, cc, top + 1))
+            _assert_pixel_path_equals_map_path(labels, image, fg, sums=sums)
+        count += 1
+    assert count > 90
+
+
+def test_pixel_list_measurements_many_instances_and_bad_input():
+    """Over 65,535 instances (uint32 values, the region file's dtype then) measured from the pixel list equal the
+    label map's; pixel positions out of order, outside the map, zero values and mismatched images are refused."""
+    labels = np.zeros((520, 530), np.uint32)
+    labels[::2, ::2] = np.arange(1, 260 * 265 + 1, dtype=np.uint32).reshape(260, 265)   # 68,900 single pixels
+    labels[100:104, 100:110] = 5                                                         # one bigger, two pieces
+    rgb = np.random.default_rng(1).integers(0, 256, labels.shape + (3,)).astype(np.uint8)
+    _assert_pixel_path_equals_map_path(labels, rgb, None)
+    pix, values = _as_pixels(labels)
+    with pytest.raises(ValueError):
+        export.measure_and_outline_pixels(labels.shape, pix[::-1], values[::-1], None)
+    with pytest.raises(ValueError):
+        export.measure_and_outline_pixels((10, 10), pix, values, None)
+    with pytest.raises(ValueError):
+        export.measure_and_outline_pixels(labels.shape, pix, values * 0, None)
+    with pytest.raises(ValueError):
+        export.measure_and_outline_pixels(labels.shape, pix, values, rgb[:-1])
+
+
+def _special_rows(real_sample_dir) -> list[dict]:
+    from PIL import Image
+
+    label_file = sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[1]
+    image_file = Path(str(label_file).replace("label masks modify", "tissue images")).with_suffix(".png")
+    labels = tifffile.imread(label_file).astype(np.int32)
+    rgb = np.asarray(Image.open(image_file).convert("RGB"))
+    rows = export.measure_nuclei(labels, rgb, mpp=0.25, foreground=(labels > 0).astype(np.float32))
+    specials = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 5e-324, 1e-310, 1.7976931348623157e308,
+                123456.5, 999999.5, 1e16, -2.5e-7, 0.1 + 0.2, 1 / 3]
+    rng = np.random.default_rng(3)
+    for i, value in enumerate(specials + list(rng.standard_normal(40) * 10.0 ** rng.integers(-12, 12, 40))):
+        row = dict(rows[i % len(rows)])
+        row["centroid_x"] = float(value)
+        row["id"] = -i if i % 7 == 0 else 10**20 + i    # negative and big ints
+        rows.append(row)
+    return rows
+
+
+def test_csv_rows_by_one_format_per_row_equal_the_former_dict_writer(real_sample_dir, tmp_path):
+    """`CSVWriter.add` and `add_columns` of rows of plain floats and ints (one "%.6g" / "%d" %-format per row)
+    write the bytes of the former `csv.DictWriter` version: real measurement rows plus floats at the edges of
+    "%.6g" (signed zeros, NaN, infinities, subnormals, the largest double, halves that round, random magnitudes)
+    and big or negative ints; rows with text, None, numpy numbers or a missing column take the csv path."""
+    rows = _special_rows(real_sample_dir)
+    columns = list(rows[0])
+
+    def reference(rows, columns, name):
+        with open(tmp_path / name, "w", newline="") as f:   # the former CSVWriter
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: export._csv_cell(row.get(k, "")) for k in columns})
+        return (tmp_path / name).read_bytes()
+
+    expected = reference(rows, columns, "reference.csv")
+    with export.CSVWriter(tmp_path / "rows.csv", columns) as by_rows:
+        by_rows.add(rows[:7])
+        by_rows.add(rows[7:])
+    with export.CSVWriter(tmp_path / "columns.csv", columns) as by_columns:
+        for part in (rows[:30], [], rows[30:]):
+            by_columns.add_columns({k: [row[k] for row in part] for k in columns + ["unused"] if k != "unused"}
+                                   if part else {})
+    assert by_rows.count == by_columns.count == len(rows)
+    assert (tmp_path / "rows.csv").read_bytes() == expected == (tmp_path / "columns.csv").read_bytes()
+    # the csv path: text that needs quoting, None, numpy numbers, a missing column
+    odd = [dict(rows[0], name='a "b", c'), dict(rows[1], id=None), dict(rows[2], centroid_x=np.float32(1.5))]
+    wide = columns + ["name"]
+    with export.CSVWriter(tmp_path / "odd.csv", wide) as writer:
+        writer.add(odd)
+        writer.add_columns({k: [row.get(k, "") for row in odd] for k in columns})   # "name" not given: empty
+    expected = reference(odd + [{k: v for k, v in row.items() if k != "name"} for row in odd], wide,
+                         "odd_reference.csv")
+    assert (tmp_path / "odd.csv").read_bytes() == expected
+    with export.CSVWriter(tmp_path / "bad.csv", columns) as writer:
+        with pytest.raises(ValueError):
+            writer.add_columns({"id": [1, 2], "area_px": [3]})
+
+
+def test_fractional_polygon_texts_from_a_table_of_distinct_values_equal_the_former_reprs(real_sample_dir):
+    """Corners that are not whole numbers (a scale other than 1) are written from one repr per distinct value laid
+    out in a byte array: the text of the former repr-per-coordinate `polygons_json`, for the rings of real nuclei
+    at several scales and offsets, special values (NaN, infinities, the smallest and largest doubles, negative
+    numbers; -0.0 keeps the repr path), one-point, empty and overlapping spans."""
+    labels = tifffile.imread(sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[3]).astype(np.int32)
+    corners, _, spans = export.ring_table(labels)
+    assert len(spans) > 10
+    for scale in (0.8, 1.0107, 2.0, 0.2527 / 0.25, 7.3):
+        for offset in ((0, 0), (1920, 128), (98765, 43210)):
+            xy = (corners.astype(np.float64) + np.array(offset, np.float64)) / scale
+            assert export.polygons_json(xy, spans) == _former_polygons_json(xy, spans)
+    rng = np.random.default_rng(8)
+    special = np.array([np.nan, np.inf, -np.inf, 5e-324, 1.7976931348623157e308, -3.5, 1e16, 1e-5, 0.1, 0.0,
+                        123456789.123, -1e-300])
+    xy = rng.choice(np.concatenate([special, rng.standard_normal(50) * 1e4]), (300, 2))
+    odd_spans = [(0, 1), (1, 1), (2, 40), (30, 80), (80, 300), (5, 5)]
+    assert export.polygons_json(xy, odd_spans) == _former_polygons_json(xy, odd_spans)
+    signed = xy.copy()
+    signed[3, 1] = -0.0
+    assert export.polygons_json(signed, odd_spans) == _former_polygons_json(signed, odd_spans)
+    assert export.polygons_json(xy, [(4, 4)]) == _former_polygons_json(xy, [(4, 4)])
+
+
+def test_texts_of_columns_equal_the_texts_of_the_rows(real_sample_dir):
+    """`columns_and_measurements_json` of rows given column by column equals `rows_and_measurements_json` of the
+    rows themselves (which a test checks against `json.dumps` and `measurements_json`): real measurement rows
+    (floats, ints), only ints, only the id, NaN / infinite values, numpy numbers, non-string keys, no rows."""
+    rows = _special_rows(real_sample_dir)
+    finite = [r for r in rows if all(not isinstance(v, float) or np.isfinite(v) for v in r.values())]
+    cases = [finite, rows, [{"id": 1, "area_px": 4}, {"id": 2, "area_px": 5}], [{"id": 3}], [],
+             [dict(r, centroid_x=np.float64(r["centroid_x"])) for r in finite[:5]],
+             [{1: 2.5, "id": 4}], [{"id": 1, "x": True}]]
+    for case in cases:
+        columns = {k: [r[k] for r in case] for k in (case[0] if case else {})}
+        assert export.columns_and_measurements_json(columns) == export.rows_and_measurements_json(case)
+    assert export.columns_and_measurements_json({}) == ("[]", [])
+    with pytest.raises(ValueError):
+        export.columns_and_measurements_json({"id": [1], "x": [1.0, 2.0]})
+
+
+def test_channel_sums_packed_in_one_bincount_equal_three():
+    """`_channel_sums`: red and green summed in one `bincount` (uint8: red * 2**b + green) equal the three
+    `bincount`s exactly, for white and random pixels; instances too large to pack, and other dtypes, take three."""
+    rng = np.random.default_rng(9)
+    for n, m, big in ((50000, 300, False), (300000, 2, True)):
+        k = rng.integers(0, m, n)
+        if big:
+            k[:] = 0       # one instance of 300,000 pixels: 2 * bits(255 * 300000) > 53
+        for rgb in (np.full((n, 3), 255, np.uint8), rng.integers(0, 256, (n, 3)).astype(np.uint8),
+                    rng.integers(0, 4096, (n, 3)).astype(np.uint16)):
+            area = np.bincount(k, minlength=m).astype(np.float64)
+            got = export._channel_sums(rgb, k, area, m)
+            for ch in range(3):
+                expected = np.bincount(k, weights=rgb[:, ch], minlength=m)
+                assert got[ch].dtype == np.float64 and np.array_equal(got[ch], expected)

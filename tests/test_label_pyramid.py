@@ -173,3 +173,52 @@ def test_memory_stays_bounded_with_several_compressing_threads(tmp_path, monkeyp
     with tifffile.TiffFile(tmp_path / "big.ome.tif") as tif:
         level0 = tif.series[0].levels[0].asarray()
     assert level0[0, 0] == 1 and level0[-1, -1] == n * n
+
+
+def _real_label_image(real_sample_dir) -> np.ndarray:
+    """Real NuInsSeg label maps placed on a larger, mostly empty image (empty tiles, partial edge tiles)."""
+    files = sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:3]
+    image = np.zeros((1900, 1450), np.uint32)
+    for k, f in enumerate(files):
+        crop = tifffile.imread(f).astype(np.uint32)
+        y, x = 37 + 600 * k, 101 + 300 * k
+        region = image[y:y + crop.shape[0], x:x + crop.shape[1]]
+        region[...] = np.where(crop[:region.shape[0], :region.shape[1]] > 0, crop[:region.shape[0], :region.shape[1]]
+                               + 1000 * k, 0)
+    return image
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_own_tile_encoding_writes_the_bytes_tifffiles_encoding_writes(tmp_path, real_sample_dir, monkeypatch,
+                                                                      workers):
+    """The label pyramid's tiles encoded by `_encoded_tiles` (tifffile's deflate encoder, edge tiles padded, the
+    encoded empty tile reused, `workers` threads) give the very file tifffile's own encoding gives (the former
+    path): real NuInsSeg labels on a mostly empty image with partial edge tiles, four levels (three temporary),
+    with and without a pixel size, one and several threads."""
+    image = _real_label_image(real_sample_dir)
+    monkeypatch.setattr(label_pyramid.utils, "usable_cores", lambda: workers)
+    encoded = []
+    real = label_pyramid._encoded_tiles
+
+    def counting(tiles, *args):
+        encoded.append(args)
+        return real(tiles, *args)
+
+    for mpp in (None, 0.25):
+        (tmp_path / f"own_{mpp}").mkdir()
+        (tmp_path / f"former_{mpp}").mkdir()
+        # the same file name: the OME metadata holds it
+        own, former = tmp_path / f"own_{mpp}" / "labels.ome.tif", tmp_path / f"former_{mpp}" / "labels.ome.tif"
+        with monkeypatch.context() as m:
+            m.setattr(label_pyramid, "_encoded_tiles", counting)
+            _write(own, image, mpp=mpp, tile_size=256, min_size=400)
+        with monkeypatch.context() as m:
+            m.setattr(label_pyramid, "_encoded_tiles", lambda tiles, *args: tiles)   # tifffile encodes
+            _write(former, image, mpp=mpp, tile_size=256, min_size=400)
+        assert own.read_bytes() == former.read_bytes()
+        with tifffile.TiffFile(own) as tif:
+            assert len(tif.series[0].levels) == 4
+            assert np.array_equal(tif.series[0].levels[0].asarray(), image)
+    assert len(encoded) == 2 * 7     # per file: level 0, its temporary level 1, levels 1-3, temporary levels 2-3
+    tiles = [(y, x) for y in range(0, 1900, 256) for x in range(0, 1450, 256)]
+    assert sum(not image[y:y + 256, x:x + 256].any() for y, x in tiles) > 10       # empty tiles reused

@@ -7,6 +7,7 @@ and read back through OpenSlide / tiffslide (`slides.py`). The maps function is 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -557,3 +558,290 @@ def test_geojson_and_csv_are_written_while_the_regions_run(small_slide, tmp_path
     options0 = _options()
     assert wsi.predict_slide(_predictor(options0), path, "s", at_once, options0).status == "ok"
     assert _outputs(out, "s") == _outputs(at_once, "s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17, fourth step: finish_region on the kept nuclei's pixel list, rows as columns, assembly
+# ----------------------------------------------------------------------------------------------
+def _former_finish_region(job: dict, labels: np.ndarray) -> None:
+    """`wsi.finish_region` before the pixel-list step (commit fde7839), the post-processing result given."""
+    import io
+    import zlib
+
+    import export
+
+    fg = np.asarray(job["fg"])
+    cy0, cx0, cy1, cx1 = job["crop"]
+    ky0, kx0, ky1, kx1 = job["core"]
+    min_confidence = float(job.get("min_confidence", 0.0) or 0.0)
+    width = labels.shape[1]
+    flat = labels.ravel()
+    pix = np.flatnonzero(flat != 0)   # (on a bool array: several times faster than on the labels)
+    n = dropped = 0
+    kept = np.zeros(labels.shape, np.uint32)
+    if pix.size:
+        lab = flat[pix]
+        top = int(lab.max())
+        area = np.bincount(lab, minlength=top + 1).astype(np.float64)
+        present = area > 0
+        safe = np.where(present, area, 1.0)
+        # centroid of every instance (the same sums as ndimage.center_of_mass), rounded to its pixel
+        cy = np.bincount(lab, weights=pix // width, minlength=top + 1) / safe
+        cx = np.bincount(lab, weights=pix % width, minlength=top + 1) / safe
+        gy = np.floor(cy + 0.5).astype(np.int64) + cy0
+        gx = np.floor(cx + 0.5).astype(np.int64) + cx0
+        in_core = present & (gy >= ky0) & (gy < ky1) & (gx >= kx0) & (gx < kx1)
+        in_core[0] = False
+        if min_confidence > 0:
+            confidence = np.bincount(lab, weights=fg.ravel()[pix].astype(np.float64), minlength=top + 1) / safe
+            low = in_core & (confidence < min_confidence)
+            dropped = int(low.sum())
+            in_core &= ~low
+        n = int(in_core.sum())
+        lut = np.zeros(top + 1, np.uint16 if n < 65536 else np.uint32)   # already the region file's label dtype
+        lut[in_core] = np.arange(1, n + 1, dtype=lut.dtype)
+        kept = lut[labels]
+    scale = float(job["scale"])
+    rows: list[dict] = []
+    geometry: list[str] = []
+    if n:
+        # measurements and outlines from one scan of the kept labels
+        rows, (corners, _, spans) = export.measure_and_outline(kept, job["rgb"], mpp=job["mpp"], foreground=fg)
+    for row in rows:  # region crop -> target grid of the whole slide
+        row["centroid_x"] += cx0
+        row["centroid_y"] += cy0
+    rows = [wsi._scale_row(r, scale) for r in rows]
+    if n:
+        xy = corners.astype(np.float64) + np.array([cx0, cy0], np.float64)
+        if scale != 1.0:
+            xy = xy / scale
+        geometry = export.polygons_json(xy, spans)
+    rows_text, measurements = export.rows_and_measurements_json(rows)
+    # the kept instances' bounding box in target pixels, as compact as their count allows
+    if n:
+        rr = np.flatnonzero(kept.any(axis=1))
+        cc = np.flatnonzero(kept.any(axis=0))
+        by0, by1, bx0, bx1 = int(rr[0]), int(rr[-1]) + 1, int(cc[0]), int(cc[-1]) + 1
+        crop_labels = kept[by0:by1, bx0:bx1]
+    else:
+        by0 = bx0 = 0
+        crop_labels = np.zeros((0, 0), np.uint32)
+    crop_labels = np.ascontiguousarray(crop_labels.astype(np.uint16 if n < 65536 else np.uint32, copy=False))
+    path = Path(job["file"])
+    buffer = io.BytesIO()
+    # the label crop is mostly zeros: zlib level 1 packs it about as well as the default level, several times faster
+    np.savez(buffer, labels_z=np.frombuffer(zlib.compress(crop_labels.tobytes(), 1), np.uint8),
+             labels_shape=np.array(crop_labels.shape, np.int64), labels_dtype=np.array(crop_labels.dtype.str),
+             origin=np.array([by0 + cy0, bx0 + cx0], np.int64), nuclei=np.array(n, np.int64),
+             dropped=np.array(dropped, np.int64),
+             rows=np.frombuffer(rows_text.encode(), np.uint8),
+             geometry=np.frombuffer("\n".join(geometry).encode(), np.uint8),
+             measurements=np.frombuffer("\n".join(measurements).encode(), np.uint8))
+    utils.atomic_write_bytes(path, buffer.getvalue())  # flushed to disk before state.json records the region
+
+
+def _former_read_tile(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """`wsi._RegionLabels.read_tile` before this step (commit fde7839)."""
+    out = np.zeros((h, w), np.uint32)
+    if not len(self.boxes):
+        return out
+    s = self.scale
+    ty0, ty1 = math.floor((y + 0.5) * s), math.floor((y + h - 0.5) * s) + 1
+    tx0, tx1 = math.floor((x + 0.5) * s), math.floor((x + w - 0.5) * s) + 1
+    b = self.boxes
+    hits = np.flatnonzero((b[:, 0] < ty1) & (b[:, 2] > ty0) & (b[:, 1] < tx1) & (b[:, 3] > tx0)
+                          & (b[:, 2] > b[:, 0]))
+    rows_t = np.floor((np.arange(y, y + h) + 0.5) * s).astype(np.int64)
+    cols_t = np.floor((np.arange(x, x + w) + 0.5) * s).astype(np.int64)
+    for i in hits.tolist():
+        labels, (oy, ox) = self._get(i)
+        r = rows_t - oy
+        c = cols_t - ox
+        rv = np.flatnonzero((r >= 0) & (r < labels.shape[0]))
+        cv = np.flatnonzero((c >= 0) & (c < labels.shape[1]))
+        if not rv.size or not cv.size:
+            continue
+        rs, cs = wsi._consecutive(r[rv]), wsi._consecutive(c[cv])
+        if rs is not None and cs is not None:
+            # one target pixel per region pixel (scale 1, or any run of distinct rows / columns): views,
+            # no gathers; rv and cv are runs too (r and c never decrease)
+            sub = labels[rs, cs]
+            target = out[rv[0]:rv[-1] + 1, cv[0]:cv[-1] + 1]
+            np.add(sub, np.uint32(self.offsets[i]), out=target, where=sub > 0, casting="unsafe")
+            continue
+        sub = labels[np.ix_(r[rv], c[cv])].astype(np.uint32)
+        target = out[np.ix_(rv, cv)]
+        nz = sub > 0
+        target[nz] = sub[nz] + np.uint32(self.offsets[i])
+        out[np.ix_(rv, cv)] = target
+    return out
+
+
+def _real_mosaic(real_sample_dir, side: int = 1024) -> np.ndarray:
+    """The densest real NuInsSeg label maps side by side (ids made distinct), as a post-processing result."""
+    maps = [tifffile.imread(f).astype(np.int32)[:512, :512]
+            for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:24]]
+    maps = sorted(maps, key=lambda m: -len(np.unique(m)))[:(side // 512) ** 2]
+    labels = np.zeros((side, side), np.int32)
+    top = 0
+    for k, lab in enumerate(maps):
+        y, x = 512 * (k // (side // 512)), 512 * (k % (side // 512))
+        labels[y:y + lab.shape[0], x:x + lab.shape[1]] = np.where(lab > 0, lab + top, 0)
+        top = int(labels.max())
+    return labels
+
+
+def _region_cases(real_sample_dir):
+    """(labels, job) pairs: real nuclei with the core inside the crop, the core = the crop (nuclei cut by the crop
+    border kept), min_confidence, scale 0.8, no nucleus in the core, an empty map, > 65,535 instances (uint32)."""
+    rng = np.random.default_rng(0)
+    labels = _real_mosaic(real_sample_dir)
+    rgb = rng.integers(0, 256, labels.shape + (3,)).astype(np.uint8)
+    fg = np.where(labels > 0, 0.6 + 0.4 * rng.random(labels.shape), 0.1).astype(np.float32)
+    crop = (300, 500, 1324, 1524)
+    base = {"fg": fg, "hv": None, "rgb": rgb, "settings": PP, "crop": crop, "mpp": 0.25, "min_confidence": 0.0}
+    yield labels, dict(base, core=(428, 628, 1196, 1396), scale=1.0)
+    yield labels, dict(base, core=crop, scale=1.0)
+    yield labels, dict(base, core=(428, 628, 1196, 1396), scale=1.0, min_confidence=0.8)
+    yield labels, dict(base, core=(428, 628, 1196, 1396), scale=0.8)
+    yield labels, dict(base, core=(300, 500, 301, 501), scale=1.0)
+    yield np.zeros_like(labels), dict(base, core=crop, scale=1.0)
+    many = np.zeros((600, 700), np.int32)
+    many[::2, ::2] = np.arange(1, 300 * 350 + 1).reshape(300, 350)       # 105,000 one-pixel nuclei
+    many[50:60, 40:49] = 7
+    yield many, {"fg": rng.random(many.shape).astype(np.float32), "hv": None, "settings": PP,
+                 "rgb": rng.integers(0, 256, many.shape + (3,)).astype(np.uint8), "crop": (20, 30, 620, 730),
+                 "core": (20, 30, 620, 730), "mpp": 0.5, "scale": 1.0, "min_confidence": 0.0}
+
+
+def test_region_file_from_the_pixel_list_equals_the_former_finish_region(real_sample_dir, monkeypatch, tmp_path):
+    """`finish_region` (the kept nuclei as a pixel list, measured over their bounding box with the seam rule's
+    sums; the rows also stored as typed columns) writes every array of the former `finish_region` unchanged (label
+    crop, origin, rows, geometry, measurements, ...), and its columns are the rows' values themselves; on real
+    NuInsSeg nuclei and the edge cases of `_region_cases`."""
+    import postprocess
+
+    sizes = []
+    for k, (labels, job) in enumerate(_region_cases(real_sample_dir)):
+        monkeypatch.setattr(postprocess, "postprocess", lambda *a, **kw: labels.copy())
+        job = dict(job, file=str(tmp_path / f"new_{k}.npz"))
+        result = wsi.finish_region(job)
+        _former_finish_region(dict(job, file=str(tmp_path / f"old_{k}.npz")), labels.copy())
+        with np.load(tmp_path / f"old_{k}.npz") as old, np.load(job["file"]) as new:
+            assert set(old.files) <= set(new.files)
+            for key in old.files:
+                assert old[key].dtype == new[key].dtype and np.array_equal(old[key], new[key]), (k, key)
+            rows = json.loads(old["rows"].tobytes().decode())
+            added = sorted(set(new.files) - set(old.files))
+            assert added == sorted(wsi.COLUMN_PREFIX + key for key in (rows[0] if rows else {}))
+            for key in (rows[0] if rows else {}):
+                values = new[wsi.COLUMN_PREFIX + key].tolist()
+                assert values == [row[key] for row in rows]
+                assert [type(v) for v in values] == [type(row[key]) for row in rows]
+            sizes.append((int(old["nuclei"]), str(old["labels_dtype"])))
+        data = wsi.read_region_file(Path(job["file"]), rows=False)
+        assert data["rows"] is None and result["nuclei"] == data["nuclei"]
+    assert sizes[0][0] > 100 and sizes[1][0] > sizes[0][0] and sizes[2][0] < sizes[0][0] and sizes[4][0] == 0
+    assert sizes[5] == (0, "<u2") and sizes[6][0] > 65535 and sizes[6][1] == "<u4"
+
+
+def test_coordinate_sums_in_one_bincount_equal_two():
+    """`_coordinate_sums` (rows and columns packed into one float64 weight when they fit in 53 bits) gives the
+    two `bincount`s' sums exactly; with a huge instance, where they do not fit, it takes two `bincount`s."""
+    rng = np.random.default_rng(4)
+    for shape, big in (((300, 410), False), ((5000, 5000), True)):
+        if big:   # one instance of 5000 * 5000 pixels: (H - 1) * count * 2**k > 2**53
+            pix = np.arange(shape[0] * shape[1], dtype=np.int64)
+            lab = np.ones(pix.size, np.int32)
+        else:
+            flat = rng.integers(0, 200, shape[0] * shape[1]).astype(np.int32)
+            flat[rng.random(flat.size) < 0.5] = 0
+            pix = np.flatnonzero(flat)
+            lab = flat[pix]
+        count = np.bincount(lab)
+        sum_r, sum_c = wsi._coordinate_sums(pix, lab, shape, count)
+        assert np.array_equal(sum_r, np.bincount(lab, weights=pix // shape[1], minlength=len(count)))
+        assert np.array_equal(sum_c, np.bincount(lab, weights=pix % shape[1], minlength=len(count)))
+        assert sum_r.dtype == sum_c.dtype == np.float64
+
+
+def test_region_labels_inflated_by_libdeflate_equal_zlib(real_sample_dir, monkeypatch, tmp_path):
+    """The region labels inflated by imagecodecs' libdeflate are zlib's bytes; without imagecodecs zlib is used."""
+    import sys
+    import zlib
+
+    labels = _real_mosaic(real_sample_dir).astype(np.uint16)[100:900, 50:1000]
+    for dtype in (np.uint16, np.uint32):
+        crop = np.ascontiguousarray(labels.astype(dtype))
+        np.savez(tmp_path / "r.npz", labels_z=np.frombuffer(zlib.compress(crop.tobytes(), 1), np.uint8),
+                 labels_shape=np.array(crop.shape, np.int64), labels_dtype=np.array(crop.dtype.str))
+        with np.load(tmp_path / "r.npz") as data:
+            fast = wsi._region_labels(data)
+            with monkeypatch.context() as m:
+                m.setitem(sys.modules, "imagecodecs", None)     # import fails: zlib
+                slow = wsi._region_labels(data)
+        assert fast.dtype == slow.dtype == dtype and np.array_equal(fast, crop) and np.array_equal(slow, crop)
+    np.savez(tmp_path / "e.npz", labels_z=np.frombuffer(zlib.compress(b"", 1), np.uint8),
+             labels_shape=np.array((0, 0), np.int64), labels_dtype=np.array("<u2"))
+    with np.load(tmp_path / "e.npz") as data:
+        assert wsi._region_labels(data).shape == (0, 0)
+
+
+def test_label_tiles_equal_the_former_read_tile_on_real_labels(real_sample_dir):
+    """`_RegionLabels.read_tile` (at scale 1 the rows and columns taken as runs without checking) gives the
+    former `read_tile`'s tiles, on real NuInsSeg label crops as overlapping regions, at scales 1, 0.5 and 1.7."""
+    crops = [tifffile.imread(f).astype(np.uint16)
+             for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:3]]
+    origins = [(0, 0), (300, 200), (700, 650)]
+    offsets = [0, int(crops[0].max()), int(crops[0].max()) + int(crops[1].max())]
+    for scale in (1.0, 0.5, 1.7):
+        boxes = [(oy, ox, oy + c.shape[0], ox + c.shape[1]) for c, (oy, ox) in zip(crops, origins)]
+        raster = wsi._RegionLabels([Path(f"r{i}") for i in range(3)], offsets, boxes, scale)
+        raster._get = lambda i: (crops[i], origins[i])
+        tiles = [(y, x, 256, 320) for y in range(0, int(1300 / scale), 256) for x in range(0, int(1300 / scale), 320)]
+        tiles += [(5, 7, 1, 1), (0, 0, 2000, 13)]
+        for t in tiles:
+            new, old = raster.read_tile(*t), _former_read_tile(raster, *t)
+            assert new.dtype == old.dtype == np.uint32 and np.array_equal(new, old)
+
+
+def test_assembly_from_row_columns_equals_assembly_from_row_json(real_sample_dir, monkeypatch, tmp_path):
+    """`Assembly` reading the rows' columns writes the bytes it writes from the rows' JSON (region files without
+    the columns, as before this step): GeoJSON, CSV, label pyramid, and the same centroids and confidences."""
+    import postprocess
+    from types import SimpleNamespace
+
+    labels = _real_mosaic(real_sample_dir, 1024)
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, labels.shape + (3,)).astype(np.uint8)
+    fg = np.where(labels > 0, 0.6 + 0.4 * rng.random(labels.shape), 0.1).astype(np.float32)
+    geo = wsi.slide_geometry((1100, 1000), 1.0, 256, 64, tmp_path / "slide.tif")
+    regions = wsi.plan_regions(geo, np.ones((len(geo.ys), len(geo.xs)), bool), 512)
+    assert len(regions) > 2
+    with_columns, without = tmp_path / "with", tmp_path / "without"
+    with_columns.mkdir()
+    without.mkdir()
+    state = {"regions": {}}
+    for region in regions:
+        (y0, x0, y1, x1), core = region.crop, region.core
+        job = {"fg": fg[:y1 - y0, :x1 - x0], "hv": None, "rgb": rgb[:y1 - y0, :x1 - x0], "settings": PP,
+               "crop": region.crop, "core": core, "scale": 1.0, "mpp": 0.25, "min_confidence": 0.0,
+               "file": str(with_columns / f"region_{region.index:06d}.npz")}
+        monkeypatch.setattr(postprocess, "postprocess",
+                            lambda *a, _h=y1 - y0, _w=x1 - x0, **kw: labels[:_h, :_w].copy())
+        wsi.finish_region(job)
+        with np.load(job["file"]) as data:
+            arrays = {k: data[k] for k in data.files if not k.startswith(wsi.COLUMN_PREFIX)}
+        np.savez(without / f"region_{region.index:06d}.npz", **arrays)
+        state["regions"][str(region.index)] = {"file": f"region_{region.index:06d}.npz"}
+    results = []
+    for pdir in (with_columns, without):
+        out = tmp_path / f"out_{pdir.name}"
+        out.mkdir()
+        outputs = {"geojson": out / "s.geojson", "csv": out / "s_nuclei.csv", "labels": out / "s_labels.tif"}
+        total, centroids, confidence = wsi.assemble(out, "s", outputs, regions, dict(state), pdir, geo, 0.25,
+                                                    (1000, 1100), SimpleNamespace(geojson_gzip=False))
+        results.append((total, centroids, confidence, [p.read_bytes() for p in outputs.values()]))
+    (n1, c1, f1, b1), (n2, c2, f2, b2) = results
+    assert n1 == n2 > 100 and np.array_equal(c1, c2) and np.array_equal(f1, f2) and c1.dtype == np.float32
+    assert b1 == b2
