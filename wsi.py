@@ -272,7 +272,6 @@ def finish_region(job: dict) -> dict:
     cy0, cx0, cy1, cx1 = job["crop"]
     ky0, kx0, ky1, kx1 = job["core"]
     min_confidence = float(job.get("min_confidence", 0.0) or 0.0)
-    width = labels.shape[1]
     flat = labels.ravel()
     pix = np.flatnonzero(flat != 0)   # (on a bool array: several times faster than on the labels)
     n = dropped = 0
