@@ -507,8 +507,8 @@ _ENERGY_MOSAIC_SHARE = 0.6
 def _edge_energy_on_boxes(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int, boxes: list,
                           frame: int) -> np.ndarray:
     """`edge_energy(hv, foreground, sobel_ksize)` on each box of `boxes` (None entries skipped) grown by `frame`
-    pixels and cut at the image border, the same values bit for bit; 0 elsewhere. The boxes must hold every
-    foreground pixel (the components' boxes do).
+    pixels and cut at the image border, the same values bit for bit (elsewhere 0, or the whole image's values where
+    that is computed). The boxes must hold every foreground pixel (the components' boxes do).
 
     Each grown box, with a further halo of sobel_ksize // 2 pixels of the HV maps (replicated where the image ends,
     as the filter's "nearest" mode does), is one tile of a mosaic, and the mosaic goes through `edge_energy`
@@ -570,9 +570,47 @@ def hv_to_instances(foreground_prob: np.ndarray, hv: np.ndarray, fg_threshold: f
     if hv.shape != (2,) + prob.shape:
         raise UserError(f"postprocess: HV maps must have shape (2, {prob.shape[0]}, {prob.shape[1]}), "
                         f"got {hv.shape}")
-    fg, components, n_comp, boxes, background = _clean_foreground_components(prob > fg_threshold, int(min_area))
-    if not fg.any():
+    mask = prob > fg_threshold
+    args = (float(marker_threshold), int(min_marker_area), int(marker_opening), int(min_area), int(sobel_ksize),
+            float(smooth_sigma), bool(fill_holes))
+    # Sparse tissue: only the foreground's bounding box, grown by the energy's reach, is worked on (the same labels)
+    box = _grown_box(mask, _mosaic_frame(float(smooth_sigma)) + int(sobel_ksize) // 2)
+    if box is None:
         return np.zeros(prob.shape, dtype=np.int32)
+    if box == (slice(0, prob.shape[0]), slice(0, prob.shape[1])):
+        return _hv_instances(mask, hv, *args)
+    labels = np.zeros(prob.shape, dtype=np.int32)
+    labels[box] = _hv_instances(mask[box], hv[(slice(None),) + box], *args)
+    return labels
+
+
+def _grown_box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The bounding box of `mask` grown by `margin` pixels and cut at the image border (None if `mask` is empty).
+
+    `_hv_instances` on this box of the maps gives that box of its labels on the whole maps (and 0 elsewhere), for a
+    margin of at least the mosaic's frame p plus sobel_ksize // 2: every step works on the (cleaned) foreground,
+    which lies in the box, on its components' boxes, or on those grown by p (the watershed's surface), whose
+    energy depends on the HV maps at most sobel_ksize // 2 pixels further: inside the box, or cut at the same image
+    border (where both fill in the same way); components, markers and background regions are numbered in raster
+    order, which the box keeps; a background region reaches the box's border only where it reaches the image's
+    border or the outer background (the ring of the margin lies outside the foreground), so the same regions are
+    holes; the filters and the opening see the same zeros beyond the foreground."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h)),
+            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, w)))
+
+
+def _hv_instances(mask: np.ndarray, hv: np.ndarray, marker_threshold: float, min_marker_area: int,
+                  marker_opening: int, min_area: int, sobel_ksize: int, smooth_sigma: float,
+                  fill_holes: bool) -> np.ndarray:
+    """`hv_to_instances` from the thresholded foreground `mask`."""
+    fg, components, n_comp, boxes, background = _clean_foreground_components(mask, min_area)
+    if not fg.any():
+        return np.zeros(mask.shape, dtype=np.int32)
 
     # the energy is needed on the foreground (the cores) and on the components' boxes with the frame of the
     # watershed's mosaics (`_watershed_mosaic`)
