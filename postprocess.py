@@ -703,11 +703,13 @@ def _markers_per_component(markers: np.ndarray, components: np.ndarray, n_comp: 
     instance of each component that is one instance as it is (its one marker; with `orphan_base`, `k + orphan_base`
     for a component `k` without any; 0 for the others and for the background), the components holding two or more
     markers. `cores`: `markers > 0`, if known."""
-    # Each marker lies inside one component (markers are made of foreground pixels).
-    where = np.flatnonzero(markers > 0 if cores is None else cores)   # one pass, then two small gathers
+    # Each marker lies inside one component (markers are made of foreground pixels): one pixel of it tells which,
+    # e.g. the first of each run of one marker id in raster order (far fewer than the markers' pixels).
+    where = np.flatnonzero(markers > 0 if cores is None else cores)
     found = markers.ravel()[where]
     comp_of_marker = np.zeros(int(found.max(initial=0)) + 1, dtype=np.int64)
-    comp_of_marker[found] = components.ravel()[where]
+    starts = np.flatnonzero(np.concatenate([[True], found[1:] != found[:-1]]))
+    comp_of_marker[found[starts]] = components.ravel()[where[starts]]
     areas = np.bincount(found, minlength=comp_of_marker.size)
     kept = areas >= max(int(min_marker_area), 1)
     kept[0] = False
