@@ -708,7 +708,10 @@ def _markers_per_component(markers: np.ndarray, components: np.ndarray, n_comp: 
     where = np.flatnonzero(markers > 0 if cores is None else cores)
     found = markers.ravel()[where]
     comp_of_marker = np.zeros(int(found.max(initial=0)) + 1, dtype=np.int64)
-    starts = np.flatnonzero(np.diff(found, prepend=-1))
+    starts = np.empty(found.size, bool)
+    starts[:1] = True
+    np.not_equal(found[1:], found[:-1], out=starts[1:])
+    starts = np.flatnonzero(starts)
     comp_of_marker[found[starts]] = components.ravel()[where[starts]]
     areas = np.bincount(found, minlength=comp_of_marker.size)
     kept = areas >= max(int(min_marker_area), 1)
