@@ -481,21 +481,27 @@ def edge_energy(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int = 7) ->
     return energy
 
 
-_STRIP = 32   # columns of one strip of `_correlate1d` along the rows
+_BAND = 48   # rows of one band of `_correlate1d` along the columns
 
 
 def _correlate1d(image: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
     """`ndi.correlate1d(image, weights, axis=axis, mode="nearest")` of a 2-D float32 image, the same values.
 
-    Along axis 0 the filter reads each column with a stride of a whole row, which is about 3x slower than along
-    the rows; here the columns go through in strips of `_STRIP` columns, each copied to a small contiguous
-    array first. Every column is filtered as a whole, with the same weights, so every output is the same."""
-    if axis == 1 or image.ndim != 2 or image.shape[1] <= 2 * _STRIP:
+    Along axis 0 the filter reads each column with a stride of a whole row, which is slower than along the rows;
+    here the rows go through in bands of `_BAND` rows (views of the image, no copies), each with the kernel's reach
+    of rows above and below it (the image's own rows, or the image's border where the band meets it, which the
+    "nearest" mode replicates alike), and only the band's own rows of each result are kept: every output is the
+    same sum of the same inputs. (Bands of 48 rows: about 23 ms per pass on a 2176² crop, against 35 ms for strips
+    of 32 copied columns and 45 ms for the whole image at once.)"""
+    h = image.shape[0]
+    if axis == 1 or image.ndim != 2 or h <= 2 * _BAND:
         return ndi.correlate1d(image, weights, axis=axis, mode="nearest")
+    reach = len(weights) // 2   # at least the kernel's reach on either side
     out = np.empty_like(image)
-    for start in range(0, image.shape[1], _STRIP):
-        part = np.ascontiguousarray(image[:, start:start + _STRIP])
-        out[:, start:start + _STRIP] = ndi.correlate1d(part, weights, axis=0, mode="nearest")
+    for start in range(0, h, _BAND):
+        stop = min(start + _BAND, h)
+        y0, y1 = max(start - reach, 0), min(stop + reach, h)
+        out[start:stop] = ndi.correlate1d(image[y0:y1], weights, axis=0, mode="nearest")[start - y0:stop - y0]
     return out
 
 
