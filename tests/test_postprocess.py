@@ -575,14 +575,16 @@ def test_mosaic_keeps_components_with_tied_marker_pixels_of_two_labels_to_themse
         assert np.array_equal(got, _reference_watershed_per_box(energy, sigma, markers, components, 2, 4))
 
 
-def test_column_filtering_in_strips_equals_correlate1d(monkeypatch):
+def test_column_filtering_in_bands_equals_correlate1d(monkeypatch):
+    """`_correlate1d` along axis 0 in bands of rows (bands down to 1 row, narrower than the kernel's reach; the last
+    band shorter): `ndi.correlate1d`'s values."""
     from scipy import ndimage as ndi
 
     rng = np.random.default_rng(2)
-    for strip in (32, 7):
-        monkeypatch.setattr(pp, "_STRIP", strip)
+    for band in (48, 7, 2, 1):
+        monkeypatch.setattr(pp, "_BAND", band)
         for _ in range(60):
-            shape = (int(rng.integers(1, 90)), int(rng.integers(1, 200)))
+            shape = (int(rng.integers(1, 200)), int(rng.integers(1, 90)))
             image = rng.normal(size=shape).astype(np.float32)
             for ksize in (3, 7, 11):
                 for weights in pp._sobel_kernels(ksize):
@@ -712,3 +714,200 @@ def test_finish_with_the_cleanings_background_labelling_equals_the_former_one(re
         for min_area in (0, 10):
             new = pp._finish(labels.copy(), min_area, True, background_of(labels, rng))
             assert np.array_equal(new, _reference_finish(labels.copy(), min_area, True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 17, fourth step: the energy on a mosaic of the components' boxes, the final ids by one lookup of the
+# components, the foreground's bounding box on sparse tissue give the former results exactly
+# ----------------------------------------------------------------------------------------------
+def _grown_cover(shape, boxes, frame):
+    cover = np.zeros(shape, bool)
+    for b in boxes:
+        if b is not None:
+            cover[max(b[0].start - frame, 0):b[0].stop + frame, max(b[1].start - frame, 0):b[1].stop + frame] = True
+    return cover
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_energy_on_a_mosaic_of_boxes_equals_the_whole_image_energy(real_sample_dir, monkeypatch):
+    """`_edge_energy_on_boxes`: on every box grown by the frame, the whole image's energy bit for bit (0 elsewhere);
+    random blobs cut by the image border, images down to 1 x N, Sobel sizes 3 to 11, frames 1 to 9, float64 maps,
+    NaN in the maps, gaps (None) in the boxes, flat maps; and maps of real nuclei. With the share of the image the
+    tiles may cover set to 0, the whole image is computed (the same values everywhere)."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(23)
+    mosaics = 0
+    for i in range(300):
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 60)))
+        fg = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2.0)) > rng.uniform(0.45, 0.6)
+        if not fg.any():
+            continue
+        hv = ndi.gaussian_filter(rng.normal(size=(2,) + shape), (0, 1.5, 1.5)).astype(np.float32)
+        if i % 7 == 0:
+            hv = hv.astype(np.float64)
+        if i % 11 == 0:
+            hv[0] = 0.25   # a flat channel: normalised to 0
+        if i % 5 == 0:
+            hv[int(rng.integers(0, 2)), int(rng.integers(0, shape[0])), int(rng.integers(0, shape[1]))] = np.nan
+        components, _ = ndi.label(fg)
+        boxes = ndi.find_objects(components) + [None] * int(rng.integers(0, 3))
+        ksize, frame = int(rng.choice([3, 5, 7, 11])), int(rng.choice([1, 2, 4, 9]))
+        share = float(rng.choice([0.0, 0.6, 100.0]))
+        monkeypatch.setattr(pp, "_ENERGY_MOSAIC_SHARE", share)
+        whole = pp.edge_energy(hv, fg, ksize)
+        got = pp._edge_energy_on_boxes(hv, fg, ksize, boxes, frame)
+        cover = _grown_cover(shape, boxes, frame)
+        if share == 0.0:
+            assert _same_bits(got, whole)
+        else:
+            assert _same_bits(got[cover], whole[cover]), (i, shape, ksize, frame, share)
+            if share == 100.0:   # always the mosaic: 0 outside the grown boxes
+                assert not got[~cover].any()
+                mosaics += 1
+    assert mosaics > 50
+    _, _, _, hv = _real_maps(real_sample_dir)
+    blurred = _real_maps(real_sample_dir)[0]
+    for fg in (blurred > 0.5, (blurred > 0.5) & (np.arange(1536) < 700)):   # the second: a third of the tissue
+        fg, _, _, boxes, _ = pp._clean_foreground_components(fg, 10)
+        monkeypatch.setattr(pp, "_ENERGY_MOSAIC_SHARE", 100.0)
+        got = pp._edge_energy_on_boxes(hv, fg, 7, boxes, 4)
+        whole = _former_edge_energy(hv, fg, 7)
+        cover = _grown_cover(fg.shape, boxes, 4)
+        assert cover.mean() < 0.9 and np.array_equal(got[cover], whole[cover]) and not got[~cover].any()
+
+
+def _watershed_then_finish(energy, sigma, markers, n_markers, components, n_comp, boxes, min_marker_area, min_area):
+    """The former last steps: `_watershed_by_component` (the instances' lookup over the whole image), then `_finish`
+    without the hole filling (an area count and the renumbering's lookup over the whole image); and whether an
+    instance was removed."""
+    labels = pp._watershed_by_component(energy, sigma, markers, components, n_comp, orphan_base=n_markers,
+                                        boxes=boxes, min_marker_area=min_marker_area)
+    areas = np.bincount(labels.ravel())
+    present = areas[1:] > 0
+    removed = bool(min_area > 1 and (present & (areas[1:] < min_area)).any())
+    return pp._finish(labels, min_area, False), removed
+
+
+def test_final_ids_by_one_lookup_of_the_components_equal_watershed_then_finish(real_sample_dir):
+    """`_instances` (the final ids by one lookup of the components, the watershed's pieces counted on their boxes)
+    equals `_watershed_by_component` then `_finish`, and says when an instance was removed: on maps of real nuclei
+    (with noise: nuclei without a marker core) and on random masks and energies with many ties, for several
+    `min_area`, `min_marker_area`, smoothing values (small pieces removed in some cases, in others not)."""
+    from scipy import ndimage as ndi
+
+    blurred, _, noisy, hv = _real_maps(real_sample_dir, shape=(512, 1024))
+    cases = []
+    for prob in (blurred, noisy):
+        for min_area, min_marker_area, threshold in ((10, 4, 0.1), (60, 1, 0.3), (1, 0, 0.1), (0, 12, 0.2)):
+            fg = pp._clean_foreground_components(prob > 0.5, min_area)
+            energy = pp.edge_energy(hv, fg[0], 7)
+            cores = fg[0] & (energy < threshold)
+            cases.append((fg, energy, cores, min_area, min_marker_area, 1.0))
+    rng = np.random.default_rng(29)
+    for _ in range(300):
+        shape = (int(rng.integers(1, 50)), int(rng.integers(1, 50)))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.8, 2.5)) > rng.uniform(0.45, 0.55)
+        min_area = int(rng.choice([0, 1, 5, 10, 25]))
+        fg = pp._clean_foreground_components(mask, min_area)
+        energy = (rng.integers(0, int(rng.integers(1, 5)), shape) / 3).astype(np.float32)
+        cores = fg[0] & (ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 1.5)) > rng.uniform(0.5, 0.6))
+        cases.append((fg, energy, cores, min_area, int(rng.choice([0, 1, 4, 12])),
+                      float(rng.choice([0.0, 0.6, 1.0, 2.3]))))
+    removed_seen = set()
+    for (fg, components, n_comp, boxes, _), energy, cores, min_area, min_marker_area, sigma in cases:
+        if not fg.any():
+            continue
+        markers, n_markers = ndi.label(cores)
+        got, removed = pp._instances(energy, sigma, markers, n_markers, cores, components, n_comp, boxes,
+                                     min_marker_area, min_area)
+        expected, expected_removed = _watershed_then_finish(energy, sigma, markers, n_markers, components, n_comp,
+                                                            list(boxes), min_marker_area, min_area)
+        assert got.dtype == np.int32 and np.array_equal(got, expected) and removed == expected_removed
+        removed_seen.add(removed)
+    assert removed_seen == {True, False}
+
+
+def test_sparse_tissue_on_the_foreground_box_equals_the_whole_maps(real_sample_dir, monkeypatch):
+    """Sparse tissue (maps of real nuclei with most of the foreground zeroed: a patch inside, a patch in a corner,
+    one nucleus cut by the border, a band across the whole width, nuclei at two opposite corners; NaN in the maps far
+    from the tissue) goes through the foreground's bounding box: the labels of the former whole-image steps, for
+    the default and other parameters (Sobel sizes, smoothing 0 and 2.3, no opening, no hole filling, min_area 1);
+    empty maps give zeros without any work."""
+    from scipy import ndimage as ndi
+
+    blurred, _, noisy, hv = _real_maps(real_sample_dir, shape=(512, 1024))
+    h, w = blurred.shape
+    nucleus = ndi.label(blurred > 0.5)[0]
+    edges = np.concatenate([nucleus[:, -1], nucleus[0], nucleus[-1], nucleus[:, 0]])
+    right = np.argmax(np.bincount(edges, minlength=nucleus.max() + 1)[1:]) + 1   # the nucleus most cut by the border
+    regions = [(slice(100, 300), slice(100, 400)), (slice(0, 200), slice(0, 260)), (slice(300, 512), slice(0, 1024))]
+    shapes = []
+    real = pp._hv_instances
+
+    def spying(mask, *args):
+        shapes.append(mask.shape)
+        return real(mask, *args)
+
+    monkeypatch.setattr(pp, "_hv_instances", spying)
+    configs = [None, PostprocessConfig(sobel_ksize=3), PostprocessConfig(sobel_ksize=11, smooth_sigma=2.3),
+               PostprocessConfig(smooth_sigma=0.0), PostprocessConfig(marker_opening=0, fill_holes=False),
+               PostprocessConfig(min_area=1, marker_opening=3)]
+    for k, prob in enumerate((blurred, noisy)):
+        sparse = [np.where(nucleus == right, prob, 0).astype(np.float32)]
+        for region in regions:
+            part = np.zeros_like(prob)
+            part[region] = prob[region]
+            sparse.append(part)
+        corners = np.zeros_like(prob)
+        corners[:120, :150] = prob[:120, :150]
+        corners[-100:, -130:] = prob[-100:, 382:512]   # (the HV maps there are others': no matter)
+        sparse.append(corners)
+        maps = hv.copy()
+        maps[:, 260:262, 800:803] = np.nan   # far from the tissue of sparse[0] and [2]
+        for i, fg in enumerate(sparse):
+            for config in configs[k::2] + [None]:
+                shapes.clear()
+                use = maps if i in (0, 2) else hv
+                fast = pp.postprocess(fg, use, config)
+                assert np.array_equal(fast, _former_hv_to_instances(fg, use, config)), (k, i, config)
+                assert fast.max() > 0
+                if i != len(sparse) - 1:   # the corners' box is the whole image
+                    assert shapes and shapes[0][0] * shapes[0][1] < h * w
+    shapes.clear()
+    assert not pp.postprocess(np.zeros((40, 50), np.float32), np.zeros((2, 40, 50), np.float32)).any()
+    assert shapes == []
+
+
+def test_random_maps_through_every_path_equal_the_former_steps(monkeypatch):
+    """Small random maps (blobs cut by the image border, one component touching the border, sparse corners, noise;
+    random parameters) through the whole post-processing, with the energy's mosaic forced on or off: the labels of
+    the former whole-image steps."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(31)
+    nonzero = 0
+    for i in range(150):
+        shape = (int(rng.integers(8, 70)), int(rng.integers(8, 70)))
+        prob = ndi.gaussian_filter(rng.random(shape), rng.uniform(1.0, 3.0)).astype(np.float32)
+        prob = (prob - prob.min()) / max(float(prob.max() - prob.min()), 1e-6)
+        if i % 3 == 0:   # sparse: only one corner keeps its tissue
+            keep = np.zeros(shape, bool)
+            keep[:shape[0] // 3, :shape[1] // 2] = True
+            prob = np.where(np.roll(keep, int(rng.integers(0, 2)) * (shape[0] * 2 // 3), axis=0), prob, 0)
+        hv = ndi.gaussian_filter(rng.normal(size=(2,) + shape), (0, 2, 2)).astype(np.float32)
+        config = PostprocessConfig(fg_threshold=float(rng.uniform(0.4, 0.6)),
+                                   marker_threshold=float(rng.choice([0.05, 0.1, 0.3])),
+                                   min_marker_area=int(rng.choice([0, 4, 10])),
+                                   marker_opening=int(rng.choice([0, 1, 2])), min_area=int(rng.choice([1, 10, 20])),
+                                   sobel_ksize=int(rng.choice([3, 5, 7])),
+                                   smooth_sigma=float(rng.choice([0.0, 1.0, 2.3])),
+                                   fill_holes=bool(rng.random() < 0.8))
+        monkeypatch.setattr(pp, "_ENERGY_MOSAIC_SHARE", float(rng.choice([0.0, 100.0])))
+        fast = pp.postprocess(prob, hv, config)
+        assert np.array_equal(fast, _former_hv_to_instances(prob, hv, config)), (i, config)
+        nonzero += fast.max() > 0
+    assert nonzero > 100
