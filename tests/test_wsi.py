@@ -466,14 +466,20 @@ def test_confidence_picture_counts_the_lower_half_above_the_foreground_threshold
     assert wsi.confidence_review_threshold({"fg_threshold": 0.3}) == pytest.approx(0.65)
 
 
-def test_label_tiles_by_views_equal_the_gathers_on_real_labels(real_sample_dir, monkeypatch):
-    """`_RegionLabels.read_tile`'s view path (one target pixel per region pixel) gives the same tiles as the
-    `np.ix_` gather path it replaces, on real NuInsSeg label crops as regions (overlapping boxes, one at the
-    slide's edge, ids offset per region), at scale 1 (views) and at other scales (gathers, unchanged)."""
+def _real_label_regions(real_sample_dir):
+    """Three real NuInsSeg label crops as overlapping regions (one at the slide's edge): crops, origins, id offsets."""
     crops = [tifffile.imread(f).astype(np.uint16)
              for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:3]]
     origins = [(0, 0), (300, 200), (700, 650)]
     offsets = [0, int(crops[0].max()), int(crops[0].max()) + int(crops[1].max())]
+    return crops, origins, offsets
+
+
+def test_label_tiles_by_views_equal_the_gathers_on_real_labels(real_sample_dir, monkeypatch):
+    """`_RegionLabels.read_tile`'s view path (one target pixel per region pixel) gives the same tiles as the
+    `np.ix_` gather path it replaces, on real NuInsSeg label crops as regions (overlapping boxes, one at the
+    slide's edge, ids offset per region), at scale 1 (views) and at other scales (gathers, unchanged)."""
+    crops, origins, offsets = _real_label_regions(real_sample_dir)
     for scale in (1.0, 0.5, 1.7):
         boxes = [(oy, ox, oy + c.shape[0], ox + c.shape[1]) for c, (oy, ox) in zip(crops, origins)]
         raster = wsi._RegionLabels([Path(f"r{i}") for i in range(3)], offsets, boxes, scale)
@@ -790,10 +796,7 @@ def test_region_labels_inflated_by_libdeflate_equal_zlib(real_sample_dir, monkey
 def test_label_tiles_equal_the_former_read_tile_on_real_labels(real_sample_dir):
     """`_RegionLabels.read_tile` (at scale 1 the rows and columns taken as runs without checking) gives the
     former `read_tile`'s tiles, on real NuInsSeg label crops as overlapping regions, at scales 1, 0.5 and 1.7."""
-    crops = [tifffile.imread(f).astype(np.uint16)
-             for f in sorted(real_sample_dir.glob("*/label masks modify/*.tif"))[:3]]
-    origins = [(0, 0), (300, 200), (700, 650)]
-    offsets = [0, int(crops[0].max()), int(crops[0].max()) + int(crops[1].max())]
+    crops, origins, offsets = _real_label_regions(real_sample_dir)
     for scale in (1.0, 0.5, 1.7):
         boxes = [(oy, ox, oy + c.shape[0], ox + c.shape[1]) for c, (oy, ox) in zip(crops, origins)]
         raster = wsi._RegionLabels([Path(f"r{i}") for i in range(3)], offsets, boxes, scale)
