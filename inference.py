@@ -170,6 +170,8 @@ class Blender:
         return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)).to(self.device)
 
     def add(self, y: int, x: int, fg, hv=None) -> None:
+        if self._done:
+            raise RuntimeError("Blender.add after maps()")
         torch = self.torch
         tile = self.tile
         if tuple(fg.shape) != (tile, tile):
@@ -178,8 +180,6 @@ class Blender:
             self.has_hv = hv is not None
             if self.has_hv:
                 self.hv = self._zeros((2,) + self.shape)
-        if self._done:
-            raise RuntimeError("Blender.add after maps()")
         y0, x0, y1, x1 = self.box
         # the part of the window inside the box where its weight is not 0 (the outer quarter of a shared overlap
         # is 0: adding 0 * a finite value leaves every sum as it is, so those pixels are not touched)
