@@ -55,18 +55,22 @@ def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
 
     clock = time.process_time
     timing: dict[str, float] = {}
+
+    def best_of(n: int, work) -> float:
+        """The smallest CPU time of `n` calls of `work()`."""
+        times = []
+        for _ in range(n):
+            t = clock()
+            work()
+            times.append(clock() - t)
+        return min(times)
     fg = np.array(np.load(work / "fg.npy", mmap_mode="r")[Y0:Y0 + SIDE, X0:X0 + SIDE])
     hv = np.array(np.load(work / "hv.npy", mmap_mode="r")[:, Y0:Y0 + SIDE, X0:X0 + SIDE])
 
     def read(backend: str) -> np.ndarray:
         with slides.open_slide(work / "slide.tif", backend=backend) as slide:
             pixels = slide.read_scaled((X0, Y0, SIDE, SIDE), 1.0)
-            times = []
-            for _ in range(5):
-                t = clock()
-                slide.read_scaled((X0, Y0, SIDE, SIDE), 1.0)
-                times.append(clock() - t)
-            timing[f"read_{backend}"] = min(times)
+            timing[f"read_{backend}"] = best_of(5, lambda: slide.read_scaled((X0, Y0, SIDE, SIDE), 1.0))
         return pixels
 
     rgb = read("openslide")
@@ -76,20 +80,10 @@ def measure(tree: str, work: Path, regions_dir: Path, out: Path) -> dict:
            "crop": (Y0, X0, Y0 + SIDE, X0 + SIDE), "core": (Y0 + 128, X0 + 128, Y0 + 2048, X0 + 2048), "scale": 1.0,
            "mpp": 0.25, "file": str(out / "region.npz")}
     wsi.finish_region(job)
-    times = []
-    for _ in range(3):
-        t = clock()
-        wsi.finish_region(job)
-        times.append(clock() - t)
-    timing["finish_after_postprocess"] = min(times)
+    timing["finish_after_postprocess"] = best_of(3, lambda: wsi.finish_region(job))
     # the same at a scale other than 1 (a slide of 0.2527 µm/px read for a model of 0.25: corners not whole numbers)
     scaled = dict(job, scale=0.2527 / 0.25, file=str(out / "region_scaled.npz"))
-    times = []
-    for _ in range(3):
-        t = clock()
-        wsi.finish_region(scaled)
-        times.append(clock() - t)
-    timing["finish_after_postprocess_scale_1.0108"] = min(times)
+    timing["finish_after_postprocess_scale_1.0108"] = best_of(3, lambda: wsi.finish_region(scaled))
     prefix = getattr(wsi, "COLUMN_PREFIX", None)
     if prefix is not None:
         # a tree whose finish_region also writes the rows as typed columns (and whose assemble reads those instead
