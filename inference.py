@@ -17,7 +17,9 @@ What it owns:
   largest batch that still raises throughput (`probe_batch_size`, once per process). On an accelerator the
   windows go to the device once (pinned memory, copied on a side CUDA stream so the copy of the next batch
   overlaps the network), are resized to the network input, run, resized back and blended there; only the
-  blended maps of an image / region come back to the host. On the CPU the maps are those of
+  blended maps of an image / region come back to the host; a slide's batches run ahead of the blending in a
+  thread of their own (`MapsAhead`), so the device works while this process blends, hands regions to the
+  post-processing workers and writes outputs. On the CPU the maps are those of
   `nuclei_model.predict_maps_scaled` (PIL resizing), blended with the same torch code (bit-identical to numpy
   float32 arithmetic: tests/test_inference.py).
 - `image_maps` / `labels_from_maps` / `predict_image`: a whole image of any size; `Outcome` (what happened to
@@ -216,9 +218,31 @@ class Blender:
         return fg, hv
 
 
+def runs_ahead(maps_fn) -> bool:
+    """Whether a maps function does its work on an accelerator (`accelerator` true: `NetworkMaps` on any device
+    but the CPU, or a stand-in that says so), so that a slide's windows are best run one or two batches ahead of
+    the blending in a thread of their own (`MapsAhead`): the device then computes the next batch while this
+    process blends the last one, hands regions to the post-processing workers and writes outputs. On the CPU the
+    network uses every core itself and is called in line."""
+    return bool(getattr(maps_fn, "accelerator", False))
+
+
+def run_batch(maps_fn: MapsFn, tiles: list) -> list:
+    """The maps of one batch of tiles as a list of (fg, hv | None), one pair per tile: through `device_maps` for a
+    maps function that keeps its maps on its device (views of the batch's tensors), else its own call."""
+    if getattr(maps_fn, "keep_on_device", False) and getattr(maps_fn, "device_maps", None) is not None:
+        fg, hv = maps_fn.device_maps(tiles)
+        results = [(fg[i], None if hv is None else hv[i]) for i in range(len(tiles))]
+    else:
+        results = maps_fn(tiles)
+    if len(results) != len(tiles):
+        raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
+    return results
+
+
 def blend_windows(blender: Blender, windows: Sequence, position: Callable, pixels: Callable, maps_fn: MapsFn,
                   batch_size: int, cache: dict | None = None, keep=None,
-                  progress: Callable[[int], None] | None = None) -> int:
+                  progress: Callable[[int], None] | None = None, batches=None) -> int:
     """Run the network on `windows` (keys, in raster order of the grid) and add their maps to `blender`; the
     ONE window loop of the project (`stitch_maps` for an image, `wsi.stitch_region` for a slide region).
 
@@ -227,12 +251,14 @@ def blend_windows(blender: Blender, windows: Sequence, position: Callable, pixel
     `cache` (the caller drops what no later call needs). Windows are added in the order of `windows`, whether
     cached or run, so the sums never depend on the cache. A maps function that keeps its maps on its device
     (`keep_on_device`: `NetworkMaps` on an accelerator) is given the tiles through `device_maps`; any other is
-    called with the list of tiles and returns numpy maps. Returns the number of windows run."""
+    called with the list of tiles and returns numpy maps (`run_batch`). `batches`: the maps of the windows to run
+    computed elsewhere (`MapsAhead`), an iterator of (keys, results) per batch of `batch_size` windows in order,
+    whose keys must be this call's; `maps_fn` is then not called (and `pixels` not used). Returns the number of
+    windows run."""
     cache = {} if cache is None else cache
     keep = () if keep is None else keep
     step = max(int(batch_size or 1), 1)
-    keep_on_device = getattr(maps_fn, "keep_on_device", False) and getattr(maps_fn, "device_maps", None) is not None
-    device_fn = maps_fn.device_maps if keep_on_device else None
+    on_device = getattr(maps_fn, "keep_on_device", False) and getattr(maps_fn, "device_maps", None) is not None
     todo = [key for key in windows if key not in cache]
     ready: dict = {}
     position_in_order = 0
@@ -252,24 +278,72 @@ def blend_windows(blender: Blender, windows: Sequence, position: Callable, pixel
 
     for first in range(0, len(todo), step):
         batch = todo[first:first + step]
-        tiles = [np.ascontiguousarray(pixels(key)) for key in batch]
-        if device_fn is not None:
-            fg, hv = device_fn(tiles)
-            results = [(fg[i], None if hv is None else hv[i]) for i in range(len(tiles))]
+        if batches is None:
+            results = run_batch(maps_fn, [np.ascontiguousarray(pixels(key)) for key in batch])
         else:
-            results = maps_fn(tiles)
-        if len(results) != len(tiles):
-            raise RuntimeError(f"maps function returned {len(results)} results for {len(tiles)} tiles")
+            keys, results = next(batches, (None, None))
+            if keys is None or list(keys) != batch or len(results) != len(batch):
+                raise RuntimeError(f"maps computed ahead for windows {keys}, expected {batch}")
         for key, maps in zip(batch, results):
             ready[key] = maps
             if key in keep:
                 # a device map is a view of its whole batch: a copy frees the batch
-                cache[key] = tuple(m.clone() if device_fn is not None and m is not None else m for m in maps)
+                cache[key] = tuple(m.clone() if on_device and m is not None else m for m in maps)
         drain()
         if progress is not None:
             progress(len(batch))
     drain()
     return len(todo)
+
+
+class MapsAhead:
+    """A maps function run in a thread of its own, ahead of the caller, on a schedule of batches known in advance
+    (a slide's batches, region after region: `wsi.run_regions` on an accelerator). `add(keys, tiles_fn)` appends
+    one batch (`tiles_fn()` gives its tiles; it is called in the thread, so it may wait for a read); at most
+    `depth` batches are computed or waiting to be taken, so memory holds `depth` batches of maps whatever the
+    slide. `take(keys)` gives (keys, results) of the oldest batch, which must be `keys` (`blend_windows`'
+    `batches`), starting the next ones first. An error of the maps function (or of a read) comes out of `take`
+    for that batch. `close()` drops what was not taken and waits for the batch running (at most one)."""
+
+    def __init__(self, maps_fn: MapsFn, depth: int = 2) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.maps_fn, self.depth = maps_fn, max(int(depth), 1)
+        self.waiting: deque = deque()    # (keys, tiles_fn) not started yet
+        self.running: deque = deque()    # (keys, future) started, in order
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="maps-ahead")
+
+    def _run(self, tiles_fn: Callable[[], list]) -> list:
+        return run_batch(self.maps_fn, [np.ascontiguousarray(t) for t in tiles_fn()])
+
+    def _start(self) -> None:
+        while self.waiting and len(self.running) < self.depth:
+            keys, tiles_fn = self.waiting.popleft()
+            self.running.append((keys, self.pool.submit(self._run, tiles_fn)))
+
+    def add(self, keys: list, tiles_fn: Callable[[], list]) -> None:
+        self.waiting.append((list(keys), tiles_fn))
+        self._start()
+
+    def take(self, keys: list) -> tuple[list, list]:
+        self._start()
+        if not self.running:
+            raise RuntimeError(f"no maps computed ahead for windows {list(keys)}")
+        got, future = self.running.popleft()
+        if got != list(keys):
+            raise RuntimeError(f"maps computed ahead for windows {got}, expected {list(keys)}")
+        try:
+            return got, future.result()
+        finally:
+            self._start()
+
+    def close(self) -> None:
+        self.waiting.clear()
+        for _, future in self.running:
+            future.cancel()
+        self.running.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def stitch_maps(image: np.ndarray, tile_size: int, overlap: int, maps_fn: MapsFn, batch_size: int | None = None,
@@ -378,7 +452,8 @@ class NetworkMaps:
     when shrinking, rounded to 0..255 as PIL does), mirror-padded to a multiple of 64, run, and the maps
     resized back on the device; returns (fg (B, H, W), hv (B, 2, H, W) | None) device tensors.
     `keep_on_device` (default: on any device but the CPU) makes the engine use `device_maps` and blend on the
-    device; on the CPU it is off, so the CPU path is today's numpy one (tests turn it on to check it there)."""
+    device; on the CPU it is off, so the CPU path is today's numpy one (tests turn it on to check it there).
+    `accelerator` (on any device but the CPU) makes a slide run its batches ahead in a thread (`MapsAhead`)."""
 
     def __init__(self, models: list, scale: float, device, amp: bool = True, multiple: int = 64) -> None:
         import torch
@@ -386,6 +461,7 @@ class NetworkMaps:
         self.models, self.scale, self.amp, self.multiple = list(models), float(scale), bool(amp), int(multiple)
         self.device = torch.device(device)
         self.keep_on_device = self.device.type != "cpu"
+        self.accelerator = self.device.type != "cpu"   # a slide's windows run ahead of the blending (`runs_ahead`)
         self._copy_stream = None
 
     def __call__(self, tiles: list) -> list:

@@ -198,21 +198,11 @@ def read_box(read, box: tuple[int, int, int, int], previous=None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Network part (this process)
 # ----------------------------------------------------------------------------------------------
-def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch_size: int,
-                  cache: dict | None = None, keep=None,
-                  origin: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended by the engine
-    (`inference.blend_windows` with the global grid's weights: identical values to the whole-image maps of
-    `inference.stitch_maps` there), and the number of windows run. `rgb` holds the target pixels from `origin`
-    (y, x; default `region.box`'s corner) on, at least those of the windows run here. `cache` {(iy, ix): (fg,
-    hv)} holds window maps computed for earlier regions (used, not run again); the maps of this region's windows
-    in `keep` (those a later region needs) are added to it, and the caller drops them after their last region
-    (`run_regions`), so every window of the grid runs once."""
-    import inference
-
-    by0, bx0 = region.box[:2] if origin is None else origin
+def window_pixels(region: Region, rgb: np.ndarray, geo: Geometry, origin: tuple[int, int]):
+    """`pixels(key)`: the uint8 RGB tile of window `key` of `region` from `rgb`, the target pixels from `origin`
+    (y, x) on; a window outside them is an error (not a wrapped or shorter slice)."""
+    by0, bx0 = origin
     tile = geo.tile
-    blender = inference.Blender(region.crop, geo.shape, tile, geo.overlap, inference.maps_device(maps_fn))
 
     def pixels(key: tuple[int, int]) -> np.ndarray:
         y, x = geo.ys[key[0]] - by0, geo.xs[key[1]] - bx0
@@ -220,8 +210,27 @@ def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch
             raise RuntimeError(f"window {key} of region {region.index} lies outside the pixels read")
         return rgb[y:y + tile, x:x + tile]
 
-    ran = inference.blend_windows(blender, region.windows, lambda key: (geo.ys[key[0]], geo.xs[key[1]]), pixels,
-                                  maps_fn, batch_size, cache, keep)
+    return pixels
+
+
+def stitch_region(region: Region, rgb: np.ndarray, geo: Geometry, maps_fn, batch_size: int,
+                  cache: dict | None = None, keep=None, origin: tuple[int, int] | None = None,
+                  batches=None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Foreground (h, w) and HV (2, h, w) | None maps of `region.crop` from its windows, blended by the engine
+    (`inference.blend_windows` with the global grid's weights: identical values to the whole-image maps of
+    `inference.stitch_maps` there), and the number of windows run. `rgb` holds the target pixels from `origin`
+    (y, x; default `region.box`'s corner) on, at least those of the windows run here. `cache` {(iy, ix): (fg,
+    hv)} holds window maps computed for earlier regions (used, not run again); the maps of this region's windows
+    in `keep` (those a later region needs) are added to it, and the caller drops them after their last region
+    (`run_regions`), so every window of the grid runs once. `batches`: the maps of the windows run here, computed
+    ahead (`inference.MapsAhead`; see `blend_windows`)."""
+    import inference
+
+    origin = region.box[:2] if origin is None else origin
+    blender = inference.Blender(region.crop, geo.shape, geo.tile, geo.overlap, inference.maps_device(maps_fn))
+    ran = inference.blend_windows(blender, region.windows, lambda key: (geo.ys[key[0]], geo.xs[key[1]]),
+                                  window_pixels(region, rgb, geo, origin), maps_fn, batch_size, cache, keep,
+                                  batches=batches)
     fg_map, hv_map = blender.maps()
     return fg_map, hv_map, ran
 
@@ -243,9 +252,49 @@ def _scale_row(row: dict, scale: float) -> dict:
 
 
 def warm_worker() -> None:
-    """Import what `finish_region` needs (a worker process's first task, submitted when the pool starts)."""
+    """Import what `finish_region` needs (a worker process's first task, submitted when the pool starts; matplotlib,
+    for the pictures at the end, is imported by the workers that draw them, while the label image is written)."""
     import export  # noqa: F401
     import postprocess  # noqa: F401
+
+
+def start_workers(workers: int):
+    """A pool of `workers` post-processing processes (`utils.process_pool`; None for 0), each given `warm_worker` at
+    once: spawning a process and importing the modules takes 1-3 s, which then overlaps this process's work."""
+    if int(workers) <= 0:
+        return None
+    pool = utils.process_pool(int(workers))
+    for _ in range(int(workers)):
+        pool.submit(warm_worker)
+    return pool
+
+
+def save_pictures(kinds: tuple, outputs: dict, thumb: tuple, tissue_mask, centroids: np.ndarray,
+                  confidence: np.ndarray, mpp0: float, low: float) -> None:
+    """Write the slide's pictures of `kinds` ("tissue": the mask, "overview": nuclei per mm² of tissue, "confidence":
+    where the nuclei of confidence below `low` are) from the thumbnail `thumb` (image, downsample)."""
+    import visualize
+
+    if "tissue" in kinds:
+        tissue_mask.save_png(outputs["tissue"])
+    if "overview" in kinds:
+        visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
+    if "confidence" in kinds:
+        visualize.save_confidence_overview(outputs["confidence"], thumb[0], thumb[1], tissue_mask, centroids,
+                                           confidence, mpp0, threshold=low)
+
+
+def draw_pictures(pool, outputs: dict, thumb: tuple, tissue_mask, centroids: np.ndarray, confidence: np.ndarray,
+                  mpp0: float, low: float) -> list:
+    """`save_pictures` of every picture: in this process without a pool (returns []), else as two tasks of the
+    pool's workers (the overview and the confidence picture are drawn side by side), whose futures it returns."""
+    jobs = [("tissue", "overview"), ("confidence",)]
+    if pool is None:
+        for kinds in jobs:
+            save_pictures(kinds, outputs, thumb, tissue_mask, centroids, confidence, mpp0, low)
+        return []
+    return [pool.submit(save_pictures, kinds, outputs, thumb, tissue_mask, centroids, confidence, mpp0, low)
+            for kinds in jobs]
 
 
 def finish_region(job: dict) -> dict:
@@ -515,80 +564,92 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
     import inference
     import slides
 
-    with slides.open_slide(path, mpp=options.mpp) as slide:
-        mpp0 = float(slide.require_mpp())
-        width0, height0 = slide.dimensions
-        scale = mpp0 / float(predictor.model_mpp)
-        geo = slide_geometry(slide.dimensions, scale, predictor.tile_size, predictor.overlap, path)
-        key = run_key(path, predictor, options, geo, mpp0)
-        pdir = progress_dir(output_dir, name)
-        state_path = pdir / "state.json"
-        outputs = output_paths(output_dir, name, options)
-        state = None
-        if state_path.is_file() and not options.overwrite:
-            try:
-                state = utils.read_json(state_path)
-            except Exception:  # an unreadable state is started again
-                state = None
-            if state is not None and state.get("key") != key:
-                log.warning("%s: options, model or slide changed since the recorded progress; starting again", path)
-                state = None
-        if state is not None and state.get("complete") and all(p.is_file() for p in outputs.values()):
-            log.info("%s: already complete (pass --overwrite to redo it)", path)
-            return inference.Outcome(**dict(state["outcome"], status="skipped"))
-        if state is None or state.get("complete"):
-            if pdir.exists():
-                shutil.rmtree(pdir)
-            state = {"key": key, "complete": False, "regions": {}}
-        pdir.mkdir(parents=True, exist_ok=True)
-        utils.write_json(state_path, state)
-
-        tissue_mask, thumb = _tissue_mask(slide, options, mpp0)
-        if thumb is None:
-            thumb = slide.thumbnail(THUMBNAIL_SIZE)
-    flags = window_flags(geo, tissue_mask)
-    regions = plan_regions(geo, flags, int(options.region_size))
-    if not regions:
-        log.warning("%s: no tissue found (0 nuclei); see %s", path, outputs["tissue"])
-    # the outputs are assembled from the region files in region order, as the regions are recorded
-    assembly = Assembly(outputs, regions, state, pdir, mpp0, options)
+    pool = None
     try:
-        timing = run_regions(predictor, path, options, geo, regions, state, state_path, pdir, on_region_done,
-                             assembly)
-        nuclei, centroids, confidence = assembly.finish(geo, (height0, width0))
-    except BaseException:
-        assembly.abort()
-        raise
-    t_pictures = time.time()
-    tissue_mask.save_png(outputs["tissue"])
-    import visualize
+        with slides.open_slide(path, mpp=options.mpp) as slide:
+            mpp0 = float(slide.require_mpp())
+            width0, height0 = slide.dimensions
+            scale = mpp0 / float(predictor.model_mpp)
+            geo = slide_geometry(slide.dimensions, scale, predictor.tile_size, predictor.overlap, path)
+            key = run_key(path, predictor, options, geo, mpp0)
+            pdir = progress_dir(output_dir, name)
+            state_path = pdir / "state.json"
+            outputs = output_paths(output_dir, name, options)
+            state = None
+            if state_path.is_file() and not options.overwrite:
+                try:
+                    state = utils.read_json(state_path)
+                except Exception:  # an unreadable state is started again
+                    state = None
+                if state is not None and state.get("key") != key:
+                    log.warning("%s: options, model or slide changed since the recorded progress; starting again", path)
+                    state = None
+            if state is not None and state.get("complete") and all(p.is_file() for p in outputs.values()):
+                log.info("%s: already complete (pass --overwrite to redo it)", path)
+                return inference.Outcome(**dict(state["outcome"], status="skipped"))
+            if state is None or state.get("complete"):
+                if pdir.exists():
+                    shutil.rmtree(pdir)
+                state = {"key": key, "complete": False, "regions": {}}
+            pdir.mkdir(parents=True, exist_ok=True)
+            utils.write_json(state_path, state)
 
-    visualize.save_slide_overview(outputs["overview"], thumb[0], thumb[1], tissue_mask, centroids, mpp0)
-    # every nucleus pixel has foreground probability above fg_threshold, so confidences lie in (t, 1]: the
-    # picture counts the nuclei in the lower half of that range
-    low = confidence_review_threshold(predictor.postprocess)
-    visualize.save_confidence_overview(outputs["confidence"], thumb[0], thumb[1], tissue_mask, centroids,
-                                       confidence, mpp0, threshold=low)
-    write_seconds = assembly.seconds + time.time() - t_pictures   # the assembly's own time, during the run too
-    area = float(tissue_mask.area_mm2(mpp0))
-    outcome = inference.Outcome(
-        str(path), name, "ok", nuclei, height0, width0, round(time.time() - start, 3), kind="slide", mpp=mpp0,
-        tissue_area_mm2=round(area, 6), nuclei_per_mm2=(round(nuclei / area, 3) if area > 0 else None),
-        windows=int(timing["windows"]), read_seconds=round(timing["read"], 3),
-        network_seconds=round(timing["network"], 3), postprocess_seconds=round(timing["postprocess"], 3),
-        write_seconds=round(write_seconds, 3),
-        dropped_low_confidence=int(state.get("dropped_low_confidence", 0)))
-    for region in regions:  # the region files are no longer needed; the state keeps the outcome
-        f = pdir / f"region_{region.index:06d}.npz"
-        if f.exists():
-            f.unlink()
-    state.update(complete=True, outcome=vars(outcome))
-    utils.write_json(state_path, state)
-    log.info("%s: %d nuclei in %.1f mm² of tissue -> %s", path, nuclei, area, outputs["geojson"])
-    if outcome.dropped_low_confidence:
-        log.info("%s: %d nuclei below --min_confidence %g dropped", path, outcome.dropped_low_confidence,
-                 options.min_confidence)
-    return outcome
+            # the post-processing workers start now: their spawn overlaps the thumbnail and the tissue mask; they
+            # also draw the pictures at the end, while this process writes the label image
+            pool = start_workers(int(predictor.num_workers))
+            tissue_mask, thumb = _tissue_mask(slide, options, mpp0)
+            if thumb is None:
+                thumb = slide.thumbnail(THUMBNAIL_SIZE)
+        flags = window_flags(geo, tissue_mask)
+        regions = plan_regions(geo, flags, int(options.region_size))
+        if not regions:
+            log.warning("%s: no tissue found (0 nuclei); see %s", path, outputs["tissue"])
+        # the outputs are assembled from the region files in region order, as the regions are recorded
+        assembly = Assembly(outputs, regions, state, pdir, mpp0, options)
+        try:
+            timing = run_regions(predictor, path, options, geo, regions, state, state_path, pdir, on_region_done,
+                                 assembly, pool)
+            # every region is in: the pictures are drawn (by the workers, where there are any) while the outputs
+            # are closed and the label image written
+            nuclei, centroids, confidence = assembly.collect()
+            # every nucleus pixel has foreground probability above fg_threshold, so confidences lie in (t, 1]: the
+            # picture counts the nuclei in the lower half of that range
+            t_pictures = time.time()
+            pictures = draw_pictures(pool, outputs, thumb, tissue_mask, centroids, confidence, mpp0,
+                                     confidence_review_threshold(predictor.postprocess))
+            picture_seconds = time.time() - t_pictures
+            assembly.finish(geo, (height0, width0))
+        except BaseException:
+            assembly.abort()
+            raise
+        t_pictures = time.time()
+        for picture in pictures:
+            picture.result()
+        # the assembly's own time (during the run too) and the pictures' time in this process (with workers: the
+        # wait for them after the label image)
+        write_seconds = assembly.seconds + picture_seconds + time.time() - t_pictures
+        area = float(tissue_mask.area_mm2(mpp0))
+        outcome = inference.Outcome(
+            str(path), name, "ok", nuclei, height0, width0, round(time.time() - start, 3), kind="slide", mpp=mpp0,
+            tissue_area_mm2=round(area, 6), nuclei_per_mm2=(round(nuclei / area, 3) if area > 0 else None),
+            windows=int(timing["windows"]), read_seconds=round(timing["read"], 3),
+            network_seconds=round(timing["network"], 3), postprocess_seconds=round(timing["postprocess"], 3),
+            write_seconds=round(write_seconds, 3),
+            dropped_low_confidence=int(state.get("dropped_low_confidence", 0)))
+        for region in regions:  # the region files are no longer needed; the state keeps the outcome
+            f = pdir / f"region_{region.index:06d}.npz"
+            if f.exists():
+                f.unlink()
+        state.update(complete=True, outcome=vars(outcome))
+        utils.write_json(state_path, state)
+        log.info("%s: %d nuclei in %.1f mm² of tissue -> %s", path, nuclei, area, outputs["geojson"])
+        if outcome.dropped_low_confidence:
+            log.info("%s: %d nuclei below --min_confidence %g dropped", path, outcome.dropped_low_confidence,
+                     options.min_confidence)
+        return outcome
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Readers:
@@ -631,9 +692,13 @@ class _Readers:
 
 
 def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Region], state: dict,
-                state_path: Path, pdir: Path, on_region_done, assembly: "Assembly | None" = None) -> dict:
+                state_path: Path, pdir: Path, on_region_done, assembly: "Assembly | None" = None,
+                pool=None) -> dict:
     """Run the regions not yet recorded in `state`; records each finished one (atomically) and then lets
-    `assembly` write what it can (`Assembly.feed`)."""
+    `assembly` write what it can (`Assembly.feed`). `pool`: the post-processing workers (`start_workers`), which
+    the caller shuts down; without it, a pool of `predictor.num_workers` is started and shut down here."""
+    import inference
+
     todo = [r for r in regions if str(r.index) not in state["regions"]]
     timing = {"read": 0.0, "network": 0.0, "postprocess": 0.0, "windows": 0}
     timing["postprocess"] = sum(float(v.get("seconds", 0.0)) for v in state["regions"].values())
@@ -645,25 +710,40 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     workers = int(predictor.num_workers)
     readers = _Readers(path, options, geo.scale)
     read_pool = ThreadPoolExecutor(max(1, int(options.read_threads)), thread_name_prefix="wsi-read")
-    pool = utils.process_pool(workers) if workers > 0 else None
+    own_pool = pool is None and workers > 0
+    if own_pool:   # started now, so that the workers' start overlaps the first region's read and network
+        pool = start_workers(workers)
     handoff = utils.ArrayHandoff()
-    if pool is not None:
-        # start every worker process now: spawning one and importing the post-processing modules takes 1-3 s,
-        # which then overlaps the first region's read and network instead of delaying its post-processing
-        for _ in range(workers):
-            pool.submit(warm_worker)
     reads: deque = deque()
     pending: deque = deque()
     upcoming = iter(zip(todo, run_boxes(todo, geo)))   # each region's pixels, less the windows already run
     # window maps are kept from the region that runs them to the last region that needs them (the next one
     # on the right, or the one below: at most about one region row of windows); each window runs once
     last_use = {key: k for k, region in enumerate(todo) for key in region.windows}
+    first_use: dict = {}
+    for k, region in enumerate(todo):
+        for key in region.windows:
+            first_use.setdefault(key, k)
     cache: dict = {}
     batch_size = int(getattr(predictor, "batch_size", None) or options.batch_size or 1)
+    # on an accelerator the windows run ahead of the blending in a thread of their own, region after region: the
+    # batches each region runs (its windows not run by an earlier one, in the order `blend_windows` runs them)
+    ahead = inference.MapsAhead(predictor.maps_fn) if inference.runs_ahead(predictor.maps_fn) else None
+    run_batches: list = []
+    if ahead is not None:
+        for k, region in enumerate(todo):
+            run = [key for key in region.windows if first_use[key] == k]
+            run_batches.append([run[i:i + batch_size] for i in range(0, len(run), batch_size)])
     done_count = 0
     bar = tqdm(total=len(todo), desc=f"{path.name} regions", unit="region", leave=False)
 
     last_read: list = [None]   # (box, future) of the latest read: its shared columns are copied, not read again
+    started = [0]              # regions whose read has started
+
+    def tiles_of(region: Region, box: tuple, future, keys: list) -> list:
+        """The tiles of `keys` from the region's read (called in the maps thread: it waits for the read)."""
+        pixels = window_pixels(region, future.result()[0], geo, box[:2])
+        return [pixels(key) for key in keys]
 
     def read_next() -> None:
         region, box = next(upcoming, (None, None))
@@ -671,6 +751,10 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             future = read_pool.submit(readers.read, box, last_read[0])
             last_read[0] = (box, future)
             reads.append((region, box, future))
+            if ahead is not None:   # its batches can run as soon as its pixels are read
+                for keys in run_batches[started[0]]:
+                    ahead.add(keys, lambda r=region, b=box, f=future, keys=keys: tiles_of(r, b, f, keys))
+            started[0] += 1
 
     def record(region: Region, result: dict) -> None:
         nonlocal done_count
@@ -695,7 +779,9 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             timing["read"] += seconds
             t0 = time.time()
             later = {key for key in region.windows if last_use[key] > k}
-            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, batch_size, cache, later, box[:2])
+            batches = None if ahead is None else (ahead.take(keys) for keys in run_batches[k])
+            fg, hv, ran = stitch_region(region, rgb, geo, predictor.maps_fn, batch_size, cache, later, box[:2],
+                                        batches)
             for key in region.windows:
                 if last_use[key] == k:
                     cache.pop(key, None)
@@ -731,8 +817,10 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
         for _, _, f in reads:
             f.cancel()
         read_pool.shutdown(wait=True, cancel_futures=True)
+        if ahead is not None:   # after the reads: a batch waiting for a cancelled read ends at once
+            ahead.close()
         readers.close()
-        if pool is not None:
+        if own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
     return timing
 
@@ -884,10 +972,17 @@ class Assembly:
             self.added += 1
         self.seconds += time.time() - start
 
-    def finish(self, geo: Geometry, shape0: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray]:
-        """Returns (N, level-0 centroids (N, 2) x, y float32, confidences (N,) float32); `state["dropped_low_confidence"]`
-        gets the number of nuclei `--min_confidence` dropped."""
+    def collect(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """Adds every recorded region (`feed`) and returns (N, level-0 centroids (N, 2) x, y float32, confidences
+        (N,) float32) of what was added."""
         self.feed()
+        return (self.total, (np.concatenate(self.centroids) if self.centroids else np.zeros((0, 2), np.float32)),
+                (np.concatenate(self.confidence) if self.confidence else np.zeros(0, np.float32)))
+
+    def finish(self, geo: Geometry, shape0: tuple[int, int]) -> tuple[int, np.ndarray, np.ndarray]:
+        """Returns what `collect` does, once every region is in; `state["dropped_low_confidence"]` gets the number
+        of nuclei `--min_confidence` dropped."""
+        collected = self.collect()
         start = time.time()
         if self.added < len(self.regions):
             raise RuntimeError(f"region {self.regions[self.added].index} has no region file")
@@ -901,8 +996,7 @@ class Assembly:
             label_pyramid.write_label_pyramid(self.outputs["labels"], shape0, raster.read_tile, mpp=self.mpp0,
                                               tile_size=LABEL_TILE)
         self.seconds += time.time() - start
-        return (self.total, (np.concatenate(self.centroids) if self.centroids else np.zeros((0, 2), np.float32)),
-                (np.concatenate(self.confidence) if self.confidence else np.zeros(0, np.float32)))
+        return collected
 
     def abort(self) -> None:
         self.geojson.abort()

@@ -213,6 +213,8 @@ def run_simulated(args: argparse.Namespace) -> None:
         time.sleep(args.sim_latency)  # the device works; this process's CPU is free
         return [maps[key(tile)] for tile in tiles]
 
+    device.accelerator = True   # as `NetworkMaps` on a GPU: the slide's batches run ahead in a thread of their own
+
     import nuclei_model
 
     model_set = nuclei_model.load_model_set(Path(args.model), "cpu")  # window, pixel size, post-processing

@@ -167,6 +167,74 @@ def test_every_window_of_a_slide_runs_once(small_slide, tmp_path, mask):
         assert len(wsi.plan_regions(geo, wsi.window_flags(geo, mask_obj), 384)) == 9
 
 
+def _wait_for(condition, timeout: float = 10.0) -> bool:
+    end = time.time() + timeout
+    while not condition():
+        if time.time() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_maps_ahead_runs_batches_in_order_ahead_of_the_caller_and_bounded():
+    """`MapsAhead`: the batches run in the order added, in a thread of their own, the next one starting while the
+    caller still holds the last one's maps, never more than `depth` computed and not taken; an error comes out of
+    `take` for its batch; keys taken out of order are an error."""
+    import threading
+
+    started, threads = [], set()
+
+    def fn(tiles):
+        started.append(int(tiles[0][0, 0, 0]))
+        threads.add(threading.current_thread().name)
+        if int(tiles[0][0, 0, 0]) == 4:
+            raise ValueError("damaged batch 4")
+        return [(np.full((2, 2), t[0, 0, 0], np.float32), None) for t in tiles]
+
+    ahead = inference.MapsAhead(fn, depth=2)
+    try:
+        for i in range(6):
+            ahead.add([("k", i)], lambda i=i: [np.full((2, 2, 3), i, np.uint8)])
+        assert _wait_for(lambda: len(started) == 2)
+        time.sleep(0.1)
+        assert started == [0, 1]                 # bounded: two batches computed, none taken yet
+        keys, results = ahead.take([("k", 0)])
+        assert keys == [("k", 0)] and float(results[0][0][0, 0]) == 0.0
+        assert _wait_for(lambda: len(started) == 3)   # batch 2 runs while the caller holds batch 0's maps
+        for i in (1, 2, 3):
+            assert float(ahead.take([("k", i)])[1][0][0][0, 0]) == i
+        with pytest.raises(ValueError, match="damaged batch 4"):
+            ahead.take([("k", 4)])
+        with pytest.raises(RuntimeError, match="expected"):
+            ahead.take([("k", 9)])
+        assert threads == {"maps-ahead_0"}
+    finally:
+        ahead.close()
+
+
+def test_blending_maps_computed_ahead_equals_blending_in_line():
+    image = np.random.default_rng(4).integers(0, 256, (700, 600, 3), dtype=np.uint8)
+    ys, xs = inference.tile_starts(700, 256, 64), inference.tile_starts(600, 256, 64)
+    keys = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
+    pixels = lambda k: image[ys[k[0]]:ys[k[0]] + 256, xs[k[1]]:xs[k[1]] + 256]  # noqa: E731
+    position = lambda k: (ys[k[0]], xs[k[1]])  # noqa: E731
+    inline = inference.Blender((0, 0, 700, 600), (700, 600), 256, 64)
+    inference.blend_windows(inline, keys, position, pixels, textured_maps, 4)
+    ahead = inference.MapsAhead(textured_maps)
+    try:
+        batches = [keys[i:i + 4] for i in range(0, len(keys), 4)]
+        for batch in batches:
+            ahead.add(batch, lambda batch=batch: [pixels(k) for k in batch])
+        blended = inference.Blender((0, 0, 700, 600), (700, 600), 256, 64)
+        never = lambda tiles: pytest.fail("the maps function was called in line")  # noqa: E731
+        inference.blend_windows(blended, keys, position, pixels, never, 4,
+                                batches=(ahead.take(batch) for batch in batches))
+    finally:
+        ahead.close()
+    for a, b in zip(inline.maps(), blended.maps()):
+        assert np.array_equal(a, b)
+
+
 def test_symmetric_index_is_numpys_symmetric_padding():
     for length, total in [(5, 5), (5, 7), (5, 13), (3, 64), (1, 4)]:
         x = np.arange(length)

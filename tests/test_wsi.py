@@ -51,7 +51,7 @@ def _outputs(out: Path, name: str) -> dict:
     return {f: (out / f).read_bytes() for f in (f"{name}.geojson", f"{name}_nuclei.csv", f"{name}_labels.tif")}
 
 
-def test_slide_path_equals_whole_image_path(small_slide, tmp_path):
+def test_slide_path_equals_whole_image_path(small_slide, tmp_path, monkeypatch):
     path, image, truth = small_slide
     options = _options()
     outcome = wsi.predict_slide(_predictor(options), path, "small", tmp_path, options)
@@ -79,9 +79,20 @@ def test_slide_path_equals_whole_image_path(small_slide, tmp_path):
 
     out2 = tmp_path / "workers"
     options2 = _options(num_workers=1, geojson_gzip=True)
+    drawn = []
+    draw = wsi.draw_pictures
+
+    def spy(pool, *args):
+        drawn.append(pool is not None)
+        return draw(pool, *args)
+
+    monkeypatch.setattr(wsi, "draw_pictures", spy)
     assert wsi.predict_slide(_predictor(options2), path, "small", out2, options2).status == "ok"
     assert gzip.decompress((out2 / "small.geojson.gz").read_bytes()) == (tmp_path / "small.geojson").read_bytes()
-    for f in ("small_nuclei.csv", "small_labels.tif"):
+    # the pictures are drawn by the worker (while this process writes the label image): the same pictures
+    assert drawn == [True]
+    for f in ("small_nuclei.csv", "small_labels.tif", "small_overview.png", "small_confidence.png",
+              "small_tissue.png"):
         assert (out2 / f).read_bytes() == (tmp_path / f).read_bytes()
 
 
@@ -232,6 +243,51 @@ def test_resume_after_interruption_equals_uninterrupted_run(small_slide, tmp_pat
     redo = _options(overwrite=True)
     assert wsi.predict_slide(_predictor(redo), path, "s", out, redo, on_region_done=seen.append).status == "ok"
     assert len(seen) == 16 and _outputs(out, "s") == _outputs(full, "s")
+
+
+class _AcceleratorStandIn:
+    """`pure_maps` as a maps function on an accelerator (`accelerator`): a slide's batches run ahead of the
+    blending in a thread of their own (`inference.MapsAhead`)."""
+    accelerator = True
+
+    def __init__(self) -> None:
+        import threading
+
+        self.threads: set = set()
+        self.windows = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, tiles: list) -> list:
+        import threading
+
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+            self.windows += len(tiles)
+        return pure_maps(tiles)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_run_ahead_on_an_accelerator_give_the_same_bytes_and_resume(small_slide, tmp_path, workers):
+    path = small_slide[0]
+    options = _options(num_workers=workers)
+    inline = wsi.predict_slide(_predictor(options), path, "s", tmp_path / "inline", options)
+    stand_in = _AcceleratorStandIn()
+    outcome = wsi.predict_slide(_predictor(options, stand_in), path, "s", tmp_path / "ahead", options)
+    assert inline.status == outcome.status == "ok", outcome.error
+    assert _outputs(tmp_path / "ahead", "s") == _outputs(tmp_path / "inline", "s")
+    assert stand_in.windows == outcome.windows == inline.windows     # every window once
+    assert stand_in.threads == {"maps-ahead_0"}                      # never in line
+
+    def stop_after_three(k):
+        if k == 3:
+            raise Interrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        wsi.predict_slide(_predictor(options, _AcceleratorStandIn()), path, "s", out, options,
+                          on_region_done=stop_after_three)
+    again = wsi.predict_slide(_predictor(options, _AcceleratorStandIn()), path, "s", out, options)
+    assert again.status == "ok" and _outputs(out, "s") == _outputs(tmp_path / "inline", "s")
 
 
 def test_slide_at_another_pixel_size_is_read_at_the_models(tmp_path):
@@ -556,8 +612,9 @@ def test_geojson_and_csv_are_written_while_the_regions_run(small_slide, tmp_path
     options = _options(num_workers=1)
     out = tmp_path / "stream"
     assert wsi.predict_slide(_predictor(options), path, "s", out, options).status == "ok"
-    during = progress[1:-1]   # the first feed is before any region, the last one is finish's
+    during = progress[1:-2]   # the first feed is before any region, the last two are collect's and finish's
     assert progress[0] == (0, 0) and [added for added, _ in during] == list(range(1, 10))
+    assert progress[-2:] == [(9, 9), (9, 9)]
     assert all(added == recorded for added, recorded in during)   # regions are recorded in order here
     monkeypatch.setattr(wsi.Assembly, "feed", feed)
     at_once = tmp_path / "at_once"
