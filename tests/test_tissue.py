@@ -174,3 +174,20 @@ def test_geojson_hole_cuts_only_its_own_polygon(tmp_path):
         masks.append(tissue.read_tissue_mask(path, (200, 200)).mask)
     assert np.array_equal(masks[0], masks[1])
     assert masks[1][100, 100] and not masks[1][70, 70] and masks[1][30, 30]
+
+
+def test_saturation_from_the_uint8_channels_equals_the_float_formula():
+    """`_saturation` takes the channels' max and min on the uint8 pixels (8x faster on a thumbnail): the same float32
+    values as (max - min) / max of the float pixels, 0 for black; float input still works."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    rgb[:5] = 0                      # black
+    rgb[5:10] = 255                  # white
+    rgb[10:15, :, 0] = 0             # one channel off
+    f = rgb.astype(np.float32)
+    top, bottom = f.max(axis=2), f.min(axis=2)
+    expected = np.where(top > 0, (top - bottom) / np.maximum(top, 1e-6), 0.0).astype(np.float32)
+    got = tissue._saturation(rgb)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert np.all(got[:5] == 0) and np.all(got[5:10] == 0)
+    assert np.array_equal(tissue._saturation(f), expected)
