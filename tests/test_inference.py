@@ -275,6 +275,49 @@ def test_device_path_agrees_with_the_cpu_path(two_networks, scale, exact):
         assert np.corrcoef(a_fg.ravel(), b_fg.ravel())[0, 1] > 0.99
 
 
+def test_the_device_path_run_ahead_gives_the_maps_of_the_device_path_in_line(two_networks, small_slide):
+    """`NetworkMaps.device_maps` (uploaded, resized, run, blended as torch ops: what a GPU runs; here on the CPU) in
+    the thread of `MapsAhead`, fed every region's batches first as `wsi.run_regions` feeds them, against the same in
+    line: every region's maps bit for bit."""
+    import slides
+
+    path = small_slide[0]
+    dev = inference.NetworkMaps([two_networks[0]], 0.25, "cpu", amp=False)
+    dev.keep_on_device = True
+    with slides.open_slide(path) as slide:
+        geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
+        regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
+        reads = [slide.read_scaled((b[1], b[0], b[3] - b[1], b[2] - b[0]), 1.0) for b in (r.box for r in regions)]
+    first_use: dict = {}
+    last_use = {key: k for k, r in enumerate(regions) for key in r.windows}
+    for k, r in enumerate(regions):
+        for key in r.windows:
+            first_use.setdefault(key, k)
+    batches = []
+    for k, r in enumerate(regions):
+        run = [key for key in r.windows if first_use[key] == k]
+        batches.append([run[i:i + 3] for i in range(0, len(run), 3)])
+    ahead = inference.MapsAhead(dev)
+    try:
+        for k, r in enumerate(regions):
+            pixels = wsi.window_pixels(r, reads[k], geo, r.box[:2])
+            for keys in batches[k]:
+                ahead.add(keys, lambda keys=keys, pixels=pixels: [pixels(key) for key in keys])
+        caches: tuple = ({}, {})
+        for k, r in enumerate(regions):
+            later = {key for key in r.windows if last_use[key] > k}
+            a = wsi.stitch_region(r, reads[k], geo, dev, 3, caches[0], later)
+            b = wsi.stitch_region(r, reads[k], geo, dev, 3, caches[1], later,
+                                  batches=(ahead.take(keys) for keys in batches[k]))
+            assert a[2] == b[2] and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+            for cache in caches:
+                for key in r.windows:
+                    if last_use[key] == k:
+                        cache.pop(key, None)
+    finally:
+        ahead.close()
+
+
 def test_batch_size_defaults():
     """CPU: 1, whatever the maps function; an explicit --batch_size wins."""
     assert inference.default_batch_size(pure_maps, 256) == inference.CPU_BATCH_SIZE == 1
