@@ -237,7 +237,8 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
                         levels: int | None = None, min_size: int = 2048, compression: str = "zlib",
                         subifds: bool = True, photometric: str | None = None,
                         level_kwargs: Callable[[int, float], dict] | None = None,
-                        bigtiff: bool | None = None, ome: bool = False, desc: str = "pyramid") -> Path:
+                        bigtiff: bool | None = None, ome: bool = False, desc: str = "pyramid",
+                        show_progress: bool = True) -> Path:
     """Stream a tiled pyramidal TIFF to `path` (temporary file + rename); see the module docstring.
 
     `read_tile(y, x, h, w)` returns level-0 pixels (h, w) or (h, w, samples) of `dtype`, called once per
@@ -245,7 +246,7 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
     pyramids), else as following pages marked reduced-resolution (OpenSlide's generic / Aperio layout).
     `level_kwargs(level, downsample)` gives extra `TiffWriter.write` keywords per level (description,
     resolution, metadata...); `ome=True` makes tifffile write OME-XML from level 0's `metadata`.
-    Returns the path.
+    `show_progress=False`: no progress bar (a caller writing while other work shows its own). Returns the path.
     """
     import tifffile
     from tqdm import tqdm
@@ -321,7 +322,8 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
         n_tiles = sum(1 for _ in _tile_grid((height, width), tile_size))
         temp1 = tmp_dir / "level1.tif"
         with tifffile.TiffWriter(out_tmp, bigtiff=bigtiff, ome=ome) as tw:
-            with tqdm(total=n_tiles, desc=desc, unit="tile", disable=n_tiles < 64, leave=False) as progress:
+            with tqdm(total=n_tiles, desc=desc, unit="tile", disable=n_tiles < 64 or not show_progress,
+                      leave=False) as progress:
                 if len(shapes) > 1:
                     # level 1 goes to its temporary file through a second writer in a thread, fed by a
                     # small bounded queue: one half-size tile per level-0 tile, same row-major grid
@@ -371,7 +373,7 @@ def ome_uuid(shape: tuple[int, int], mpp: float | None, name: str) -> str:
 
 def write_label_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_tile: ReadTile, *,
                         mpp: float | None = None, tile_size: int = 512, compression: str = "zlib",
-                        min_size: int = 2048) -> Path:
+                        min_size: int = 2048, show_progress: bool = True) -> Path:
     """Write a uint32 instance-label image of `shape` (H, W) as a tiled, compressed, pyramidal OME-TIFF.
 
     `read_tile(y, x, h, w) -> uint32 (h, w)` is called for the level-0 tiles in row-major order. Levels
@@ -398,4 +400,5 @@ def write_label_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
 
     return write_tiled_pyramid(path, shape, read_tile, dtype=np.uint32, samples=1, reduce="nearest",
                                tile_size=tile_size, min_size=min_size, compression=compression, subifds=True,
-                               photometric="minisblack", level_kwargs=level_kwargs, ome=True, desc="label tiles")
+                               photometric="minisblack", level_kwargs=level_kwargs, ome=True, desc="label tiles",
+                               show_progress=show_progress)

@@ -607,6 +607,8 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
         # the outputs are assembled from the region files in region order, as the regions are recorded
         assembly = Assembly(outputs, regions, state, pdir, mpp0, options)
         try:
+            if pool is not None:   # this process has time while the workers post-process: the label image now
+                assembly.stream_labels(geo, (height0, width0))
             timing = run_regions(predictor, path, options, geo, regions, state, state_path, pdir, on_region_done,
                                  assembly, pool)
             # every region is in: the pictures are drawn (by the workers, where there are any) while the outputs
@@ -833,11 +835,14 @@ class _RegionLabels:
     with a small cache of decoded regions."""
 
     def __init__(self, files: list[Path], offsets: list[int], boxes: list[tuple], scale: float,
-                 cache: int = 6) -> None:
-        """`boxes`: each region file's label crop (y0, x0, y1, x1) in target pixels."""
+                 cache: int = 6, wait: Callable[[int, int, int, int], None] | None = None) -> None:
+        """`boxes`: each region file's label crop (y0, x0, y1, x1) in target pixels. `wait(ty0, tx0, ty1, tx1)`: called
+        before a tile is made with its box in target pixels, returns once every region that can reach the box is in
+        the three lists (which then may still grow: an `Assembly` being fed while its label image is written)."""
         self.files, self.offsets, self.scale = files, offsets, scale
         self.cache: OrderedDict[int, tuple] = OrderedDict()
         self.size = cache
+        self.box_list, self.wait = boxes, wait
         self.boxes = np.array(boxes, np.float64).reshape(-1, 4)
 
     def _get(self, i: int) -> tuple:
@@ -852,12 +857,16 @@ class _RegionLabels:
         return item
 
     def read_tile(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        if not len(self.boxes):
-            return np.zeros((h, w), np.uint32)
-        out = None    # made by the first region that covers the whole tile (no zeros to write first), else zeros
         s = self.scale
         ty0, ty1 = math.floor((y + 0.5) * s), math.floor((y + h - 0.5) * s) + 1
         tx0, tx1 = math.floor((x + 0.5) * s), math.floor((x + w - 0.5) * s) + 1
+        if self.wait is not None:
+            self.wait(ty0, tx0, ty1, tx1)
+            if len(self.box_list) != len(self.boxes):   # regions fed since the last tile (their files are in)
+                self.boxes = np.array(list(self.box_list), np.float64).reshape(-1, 4)
+        if not len(self.boxes):
+            return np.zeros((h, w), np.uint32)
+        out = None    # made by the first region that covers the whole tile (no zeros to write first), else zeros
         b = self.boxes
         hits = np.flatnonzero((b[:, 0] < ty1) & (b[:, 2] > ty0) & (b[:, 1] < tx1) & (b[:, 3] > tx0)
                               & (b[:, 2] > b[:, 0]))
@@ -912,7 +921,12 @@ class Assembly:
     the first one still missing (`run_regions` calls it after recording each region, so with post-processing
     workers this writing overlaps the regions still running instead of following the last one); `finish()` adds
     the rest, moves both files into place and writes the label image; `abort()` deletes the temporary files (the
-    outputs of an earlier run stay untouched). `seconds` is the time spent in `feed` and `finish`."""
+    outputs of an earlier run stay untouched). `seconds` is the time spent in `feed` and `finish`.
+
+    `stream_labels(geo, shape0)` writes the label image while the regions are fed instead of in `finish`: in a thread
+    of its own, each tile as soon as every region whose crop reaches it is in (region rows come in order, so the
+    writer follows them a row behind); the same bytes. `run_regions` with post-processing workers uses it, so that
+    the slide does not end with the whole label pyramid on one core."""
 
     def __init__(self, outputs: dict, regions: list[Region], state: dict, pdir: Path, mpp0: float, options) -> None:
         import export
@@ -921,6 +935,10 @@ class Assembly:
         self.files, self.offsets, self.boxes, self.centroids, self.confidence = [], [], [], [], []
         self.total = self.dropped = self.added = 0
         self.seconds = 0.0
+        self.fed = threading.Condition()
+        self.labels_thread: threading.Thread | None = None
+        self.labels_error: list = []
+        self.aborted = False
         self.geojson = export.GeoJSONWriter(outputs["geojson"], gzip=options.geojson_gzip)
         try:
             self.csv = export.CSVWriter(outputs["csv"], export.measurement_columns(mpp0, confidence=True))
@@ -969,8 +987,47 @@ class Assembly:
             self.boxes.append((oy, ox, oy + data["labels_shape"][0], ox + data["labels_shape"][1]))
             self.total += data["nuclei"]
             self.dropped += data["dropped"]
-            self.added += 1
+            with self.fed:
+                self.added += 1
+                self.fed.notify_all()
         self.seconds += time.time() - start
+
+    def stream_labels(self, geo: Geometry, shape0: tuple[int, int]) -> None:
+        if "labels" not in self.outputs or self.labels_thread is not None:
+            return
+        import label_pyramid
+
+        crops = np.array([r.crop for r in self.regions], np.int64).reshape(-1, 4)
+
+        def wait(ty0: int, tx0: int, ty1: int, tx1: int) -> None:
+            # the last region (in feeding order) whose crop, which holds its labels, reaches the tile's box
+            reach = np.flatnonzero((crops[:, 0] < ty1) & (crops[:, 2] > ty0)
+                                   & (crops[:, 1] < tx1) & (crops[:, 3] > tx0))
+            needed = int(reach[-1]) + 1 if reach.size else 0
+            with self.fed:
+                while self.added < needed and not self.aborted:
+                    self.fed.wait()
+                if self.aborted:
+                    raise RuntimeError("the slide's run stopped")
+
+        raster = _RegionLabels(self.files, self.offsets, self.boxes, geo.scale, wait=wait)
+
+        def write() -> None:
+            try:
+                label_pyramid.write_label_pyramid(self.outputs["labels"], shape0, raster.read_tile, mpp=self.mpp0,
+                                                  tile_size=LABEL_TILE, show_progress=False)
+            except BaseException as e:   # noqa: BLE001 - given to `finish`
+                self.labels_error.append(e)
+
+        self.labels_thread = threading.Thread(target=write, name="label-image", daemon=True)
+        self.labels_thread.start()
+
+    def _stop_labels(self) -> None:
+        if self.labels_thread is not None:
+            with self.fed:
+                self.aborted = True
+                self.fed.notify_all()
+            self.labels_thread.join()
 
     def collect(self) -> tuple[int, np.ndarray, np.ndarray]:
         """Adds every recorded region (`feed`) and returns (N, level-0 centroids (N, 2) x, y float32, confidences
@@ -989,7 +1046,11 @@ class Assembly:
         self.geojson.close()
         self.csv.close()
         self.state["dropped_low_confidence"] = self.dropped
-        if "labels" in self.outputs:
+        if self.labels_thread is not None:   # written while the regions came: its last tiles now
+            self.labels_thread.join()
+            if self.labels_error:
+                raise self.labels_error[0]
+        elif "labels" in self.outputs:
             import label_pyramid
 
             raster = _RegionLabels(self.files, self.offsets, self.boxes, geo.scale)
@@ -999,6 +1060,7 @@ class Assembly:
         return collected
 
     def abort(self) -> None:
+        self._stop_labels()   # its temporary files go; an earlier run's label image stays
         self.geojson.abort()
         self.csv.abort()
 

@@ -623,6 +623,50 @@ def test_geojson_and_csv_are_written_while_the_regions_run(small_slide, tmp_path
     assert _outputs(out, "s") == _outputs(at_once, "s")
 
 
+def test_with_workers_the_label_image_is_written_while_the_regions_run(small_slide, tmp_path, monkeypatch):
+    """`Assembly.stream_labels`: with post-processing workers the label image's tiles are made as soon as the regions
+    that reach them are in, before the last region; the same bytes as written at the end, and an interrupted run
+    leaves no label image or temporary file behind."""
+    import time
+
+    path = small_slide[0]
+    tiles = []
+    read_tile = wsi._RegionLabels.read_tile
+
+    def counting(self, *args):
+        tiles.append(args)
+        return read_tile(self, *args)
+
+    monkeypatch.setattr(wsi._RegionLabels, "read_tile", counting)
+    seen = []
+
+    def before_the_last_regions(k):
+        if k == 8:   # of 9: the first tile rows need 6 regions; their tiles come without waiting for the last
+            end = time.time() + 20
+            while not tiles and time.time() < end:
+                time.sleep(0.01)
+            seen.append(len(tiles))
+
+    options = _options(num_workers=1)
+    out = tmp_path / "stream"
+    assert wsi.predict_slide(_predictor(options), path, "s", out, options,
+                             on_region_done=before_the_last_regions).status == "ok"
+    assert seen and seen[0] > 0
+    at_end = tmp_path / "at_end"
+    options0 = _options()
+    assert wsi.predict_slide(_predictor(options0), path, "s", at_end, options0).status == "ok"
+    assert _outputs(out, "s") == _outputs(at_end, "s")
+
+    def stop(k):
+        if k == 7:
+            raise Interrupt
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Interrupt):
+        wsi.predict_slide(_predictor(options), path, "s", stopped, options, on_region_done=stop)
+    assert sorted(p.name for p in stopped.iterdir()) == [".progress"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Issue 17, fourth step: finish_region on the kept nuclei's pixel list, rows as columns, assembly
 # ----------------------------------------------------------------------------------------------
