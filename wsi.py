@@ -20,13 +20,16 @@
    waiting; a region's read is its crop and the windows that run there, not those an earlier region ran:
    `run_boxes`, and the columns it shares with the previous region are copied from that one's: `read_box`);
    finished regions are post-processed in `num_workers` worker processes (at most
-   `num_workers + 1` in flight) or in this process (`num_workers` 0). Each region's kept instances
-   (label crop + measurements + polygons) go to a small file in `.progress/<name>/` and the progress file
-   `state.json` is rewritten atomically after every region.
+   `num_workers + 1` in flight) or in this process (`num_workers` 0); the workers start with the slide, before
+   its thumbnail. On an accelerator the windows run ahead of the blending in a thread of their own
+   (`inference.MapsAhead`: every region's batches as soon as its read has started, at most two batches ahead).
+   Each region's kept instances (label crop + measurements + polygons) go to a small file in `.progress/<name>/`
+   and the progress file `state.json` is rewritten atomically after every region.
 5. Outputs, assembled from the region files in region order (global ids 1..N in that order; `Assembly`
-   writes GeoJSON and CSV as the regions are recorded, so with workers this overlaps the regions still running):
-   `<name>.geojson[.gz]`, `<name>_nuclei.csv`, optional `<name>_labels.tif` (rasterised tile by tile),
-   `<name>_tissue.png`, `<name>_overview.png`. All coordinates are level-0 pixels of the slide.
+   writes GeoJSON and CSV as the regions are recorded, and with workers the label image too, so this overlaps
+   the regions still running): `<name>.geojson[.gz]`, `<name>_nuclei.csv`, optional `<name>_labels.tif`
+   (rasterised tile by tile), `<name>_tissue.png`, `<name>_overview.png`, `<name>_confidence.png` (drawn by two
+   workers where there are any). All coordinates are level-0 pixels of the slide.
 
 Memory: one region's arrays per stage (read-ahead, network, post-processing), the thumbnail-size tissue
 mask, the window flags (one byte per window) and the nuclei centroids for the overview, whatever the slide
