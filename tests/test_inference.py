@@ -275,15 +275,23 @@ def test_device_path_agrees_with_the_cpu_path(two_networks, scale, exact):
         assert np.corrcoef(a_fg.ravel(), b_fg.ravel())[0, 1] > 0.99
 
 
-def test_the_device_path_run_ahead_gives_the_maps_of_the_device_path_in_line(two_networks, small_slide):
-    """`NetworkMaps.device_maps` (uploaded, resized, run, blended as torch ops: what a GPU runs; here on the CPU) in
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="no CUDA device here (these run in bench/gpu_checks.sh on a GPU machine)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_the_device_path_run_ahead_gives_the_maps_of_the_device_path_in_line(two_networks, small_slide, device):
+    """`NetworkMaps.device_maps` (uploaded, resized, run, blended as torch ops: what a GPU runs; on the CPU here) in
     the thread of `MapsAhead`, fed every region's batches first as `wsi.run_regions` feeds them, against the same in
-    line: every region's maps bit for bit."""
+    line: every region's maps bit for bit on the CPU, to float32 rounding on CUDA (kernels may differ by call)."""
+    import copy
+
     import slides
 
     path = small_slide[0]
-    dev = inference.NetworkMaps([two_networks[0]], 0.25, "cpu", amp=False)
+    dev = inference.NetworkMaps([copy.deepcopy(two_networks[0]).to(device)], 0.25, device, amp=False)
     dev.keep_on_device = True
+    assert dev.accelerator == (device != "cpu")
     with slides.open_slide(path) as slide:
         geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
         regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
@@ -309,13 +317,33 @@ def test_the_device_path_run_ahead_gives_the_maps_of_the_device_path_in_line(two
             a = wsi.stitch_region(r, reads[k], geo, dev, 3, caches[0], later)
             b = wsi.stitch_region(r, reads[k], geo, dev, 3, caches[1], later,
                                   batches=(ahead.take(keys) for keys in batches[k]))
-            assert a[2] == b[2] and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+            assert a[2] == b[2]
+            if device == "cpu":
+                assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+            else:
+                np.testing.assert_allclose(b[0], a[0], atol=1e-5)
+                np.testing.assert_allclose(b[1], a[1], atol=1e-5)
             for cache in caches:
                 for key in r.windows:
                     if last_use[key] == k:
                         cache.pop(key, None)
     finally:
         ahead.close()
+
+
+@CUDA
+def test_on_cuda_the_device_path_agrees_with_the_cpu_path(two_networks):
+    """The accelerator path on a real GPU (pinned upload on a side stream, resizing, network, blending on the device)
+    against the CPU path at scale 1: the same maps within the GPU's float32 / TF32 rounding."""
+    import copy
+
+    image, _ = synthetic_slide(200, 150, seed=4)
+    cpu = inference.NetworkMaps([two_networks[0]], 1.0, "cpu", amp=False)
+    gpu = inference.NetworkMaps([copy.deepcopy(two_networks[0]).to("cuda")], 1.0, "cuda", amp=False)
+    assert gpu.keep_on_device and gpu.accelerator and inference.maps_device(gpu).type == "cuda"
+    a_fg, a_hv = inference.stitch_maps(image, 64, 16, cpu, batch_size=4)
+    b_fg, b_hv = inference.stitch_maps(image, 64, 16, gpu, batch_size=4)
+    assert np.abs(b_fg - a_fg).max() < 5e-3 and np.abs(b_hv - a_hv).max() < 5e-3
 
 
 def test_batch_size_defaults():
