@@ -215,19 +215,24 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
+def _stop_after(n: int):
+    """An `on_region_done` that interrupts the run after its n-th region."""
+    def stop(k):
+        if k == n:
+            raise Interrupt
+
+    return stop
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(small_slide, tmp_path):
     path, _, _ = small_slide
     options = _options()
     full = tmp_path / "full"
     assert wsi.predict_slide(_predictor(options), path, "s", full, options).status == "ok"
 
-    def stop_after_two(k):
-        if k == 2:
-            raise Interrupt
-
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        wsi.predict_slide(_predictor(options), path, "s", out, options, on_region_done=stop_after_two)
+        wsi.predict_slide(_predictor(options), path, "s", out, options, on_region_done=_stop_after(2))
     state = utils.read_json(wsi.progress_dir(out, "s") / "state.json")
     assert len(state["regions"]) == 2 and not state["complete"]
     assert not (out / "s.geojson").exists()
@@ -278,14 +283,10 @@ def test_batches_run_ahead_on_an_accelerator_give_the_same_bytes_and_resume(smal
     assert stand_in.windows == outcome.windows == inline.windows     # every window once
     assert stand_in.threads == {"maps-ahead_0"}                      # never in line
 
-    def stop_after_three(k):
-        if k == 3:
-            raise Interrupt
-
     out = tmp_path / "resumed"
     with pytest.raises(Interrupt):
         wsi.predict_slide(_predictor(options, _AcceleratorStandIn()), path, "s", out, options,
-                          on_region_done=stop_after_three)
+                          on_region_done=_stop_after(3))
     again = wsi.predict_slide(_predictor(options, _AcceleratorStandIn()), path, "s", out, options)
     assert again.status == "ok" and _outputs(out, "s") == _outputs(tmp_path / "inline", "s")
 
@@ -657,13 +658,9 @@ def test_with_workers_the_label_image_is_written_while_the_regions_run(small_sli
     assert wsi.predict_slide(_predictor(options0), path, "s", at_end, options0).status == "ok"
     assert _outputs(out, "s") == _outputs(at_end, "s")
 
-    def stop(k):
-        if k == 7:
-            raise Interrupt
-
     stopped = tmp_path / "stopped"
     with pytest.raises(Interrupt):
-        wsi.predict_slide(_predictor(options), path, "s", stopped, options, on_region_done=stop)
+        wsi.predict_slide(_predictor(options), path, "s", stopped, options, on_region_done=_stop_after(7))
     assert sorted(p.name for p in stopped.iterdir()) == [".progress"]
 
 
