@@ -207,9 +207,18 @@ def loopback_cluster(tmp_path):
                                           preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu})))
         yield address
     finally:
-        for process in processes:  # each started in its own session: the group is the process and its children
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
+        # each started in its own session: the group is the process and its children. Stopped as a user's Ctrl-C
+        # or a job's end would (SIGTERM), so that they remove their named semaphores from /dev/shm (a SIGKILL of the
+        # group, the resource tracker included, left 7 behind per run); SIGKILL only if one does not stop
+        for process in reversed(processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=20)
         for log in logs:
             log.close()
 
