@@ -38,6 +38,7 @@ BACKENDS = ("openslide", "tiffslide")
 LEVEL_TOLERANCE = 0.01
 # Source pixels (of the chosen level) read at once by `thumbnail` (bounds its memory: ~3 bytes each + floats).
 _THUMBNAIL_CHUNK_PIXELS = 4 * 1024 * 1024
+THUMBNAIL_THREADS = 4   # strips of a thumbnail read side by side (OpenSlide), at most
 
 
 _TIFF_LOG_LOCK = threading.Lock()
@@ -363,10 +364,13 @@ class SlideReader:
         out[outside_y] = 255
         return out
 
-    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+    def thumbnail(self, max_size: int = 2048, threads: int | None = None) -> tuple[np.ndarray, float]:
         """(uint8 RGB thumbnail of the whole slide, longest side <= max_size, downsample = level-0
         pixels per thumbnail pixel). Read strip by strip through `read_scaled`, so memory stays bounded
-        even for a slide without a pyramid."""
+        even for a slide without a pyramid. With OpenSlide (whose reads may run side by side on one handle and
+        release the GIL, as does the resampling's sparse product) the strips are read by up to `threads` threads
+        (default: the usable cores, at most `THUMBNAIL_THREADS`), each strip the same pixels: a slide's first step,
+        before any region, 1.8x faster with 2 threads on a 2048² thumbnail (3 strips)."""
         width0, height0 = self.dimensions
         max_size = int(max_size)
         if max_size < 1:
@@ -378,9 +382,26 @@ class SlideReader:
         src_per_row = max(1.0, self.level_dimensions[level][0] * (1.0 / max(tw, 1)))
         rows_per_chunk = max(1, int(_THUMBNAIL_CHUNK_PIXELS / (self.level_dimensions[level][0] * src_per_row)))
         out = np.empty((th, tw, 3), dtype=np.uint8)
-        for r0 in range(0, th, rows_per_chunk):
+        starts = list(range(0, th, rows_per_chunk))
+
+        def strip(r0: int) -> None:
             r1 = min(th, r0 + rows_per_chunk)
             out[r0:r1] = self.read_scaled((0, r0, tw, r1 - r0), scale)
+
+        if threads is None:
+            import utils
+
+            threads = min(utils.usable_cores(), THUMBNAIL_THREADS)
+        threads = min(int(threads), len(starts)) if self.backend == "openslide" else 1
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads, thread_name_prefix="thumbnail") as pool:
+                for _ in pool.map(strip, starts):   # a strip's error comes out here
+                    pass
+        else:
+            for r0 in starts:
+                strip(r0)
         return out, 1.0 / scale
 
     # -- lifetime ------------------------------------------------------------------------------

@@ -111,6 +111,22 @@ def test_thumbnail_and_mpp_override(slide_path, noise_image):
         np.testing.assert_array_equal(big, noise_image)
 
 
+def test_a_thumbnail_read_by_threads_equals_the_one_read_strip_by_strip(slide_path, monkeypatch):
+    """Small strips (many of them), read by 3 threads and by one: the same pixels, on either reader."""
+    monkeypatch.setattr(slides, "_THUMBNAIL_CHUNK_PIXELS", 2000)
+    for backend in BACKENDS:
+        if backend == "openslide" and not slides.openslide_available():
+            continue
+        with slides.open_slide(slide_path, backend=backend) as slide:
+            one, ds = slide.thumbnail(200, threads=1)
+            three, ds3 = slide.thumbnail(200, threads=3)
+            default, _ = slide.thumbnail(200)
+            assert one.shape == (160, 200, 3) and ds == ds3
+            np.testing.assert_array_equal(one, three)
+            np.testing.assert_array_equal(one, default)
+            np.testing.assert_array_equal(one, slide.read_scaled((0, 0, 200, 160), 1 / ds))
+
+
 def test_openslide_is_tried_first(slide_path):
     with slides.open_slide(slide_path) as slide:
         assert slide.backend == ("openslide" if slides.openslide_available() else "tiffslide")
