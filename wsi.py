@@ -725,10 +725,6 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     # window maps are kept from the region that runs them to the last region that needs them (the next one
     # on the right, or the one below: at most about one region row of windows); each window runs once
     last_use = {key: k for k, region in enumerate(todo) for key in region.windows}
-    first_use: dict = {}
-    for k, region in enumerate(todo):
-        for key in region.windows:
-            first_use.setdefault(key, k)
     cache: dict = {}
     batch_size = int(getattr(predictor, "batch_size", None) or options.batch_size or 1)
     # on an accelerator the windows run ahead of the blending in a thread of their own, region after region: the
@@ -736,6 +732,10 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     ahead = inference.MapsAhead(predictor.maps_fn) if inference.runs_ahead(predictor.maps_fn) else None
     run_batches: list = []
     if ahead is not None:
+        first_use: dict = {}
+        for k, region in enumerate(todo):
+            for key in region.windows:
+                first_use.setdefault(key, k)
         for k, region in enumerate(todo):
             run = [key for key in region.windows if first_use[key] == k]
             run_batches.append([run[i:i + batch_size] for i in range(0, len(run), batch_size)])
@@ -928,8 +928,8 @@ class Assembly:
 
     `stream_labels(geo, shape0)` writes the label image while the regions are fed instead of in `finish`: in a thread
     of its own, each tile as soon as every region whose crop reaches it is in (region rows come in order, so the
-    writer follows them a row behind); the same bytes. `run_regions` with post-processing workers uses it, so that
-    the slide does not end with the whole label pyramid on one core."""
+    writer follows them a row behind); the same bytes. `predict_slide` uses it when there are post-processing
+    workers, so that the slide does not end with the whole label pyramid on one core."""
 
     def __init__(self, outputs: dict, regions: list[Region], state: dict, pdir: Path, mpp0: float, options) -> None:
         import export
