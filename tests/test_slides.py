@@ -127,9 +127,76 @@ def test_a_thumbnail_read_by_threads_equals_the_one_read_strip_by_strip(slide_pa
             np.testing.assert_array_equal(one, slide.read_scaled((0, 0, 200, 160), 1 / ds))
 
 
-def test_openslide_is_tried_first(slide_path):
+@pytest.mark.skipif(not slides.openslide_available(), reason="OpenSlide is not installed")
+def test_openslide_opens_first_and_tiffslide_reads_the_levels_where_its_pixels_are_the_same(slide_path, noise_image):
+    """SVS and generic TIFF: OpenSlide opens the file (and gives the metadata), its tiffslide twin reads every level
+    of a whole-number downsample; every read equals OpenSlide's own."""
+    with slides.open_slide(slide_path) as slide, slides.open_slide(slide_path, backend="openslide") as reference:
+        assert slide.backend == "openslide" and slide.twin_levels == (0, 1, 2) and reference.twin_levels == ()
+        assert slide.mpp == reference.mpp == pytest.approx(0.25) and slide.properties == reference.properties
+        for box, scale in (((0, 0, 320, 256), 1.0), ((37, 11, 101, 77), 1.0), ((5, 3, 90, 70), 0.5),
+                           ((0, 0, 80, 64), 0.25), ((3, 2, 40, 30), 0.3), ((-7, -5, 50, 40), 1.0)):
+            np.testing.assert_array_equal(slide.read_scaled(box, scale), reference.read_scaled(box, scale))
+        np.testing.assert_array_equal(slide.read_region(0, 0, 320, 256), noise_image)
+        np.testing.assert_array_equal(slide.thumbnail(100)[0], reference.thumbnail(100)[0])
+    with slides.open_slide(slide_path, backend="tiffslide") as alone:
+        assert alone.twin_levels == ()
+
+
+@pytest.mark.skipif(not slides.openslide_available(), reason="OpenSlide is not installed")
+def test_levels_of_a_fractional_downsample_stay_with_openslide(tmp_path):
+    """Odd level-0 sizes: the reduced levels' downsamples are not whole numbers (OpenSlide reads them at a
+    sub-pixel offset), so only level 0 is read by the twin; every level reads as OpenSlide reads it."""
+    image = np.random.default_rng(3).integers(0, 256, (257, 331, 3), dtype=np.uint8)
+    path = sample_data.write_pyramidal_tiff(tmp_path / "odd.tif", image, 0.25, tile_size=64, levels=3)
+    with slides.open_slide(path) as slide, slides.open_slide(path, backend="openslide") as reference:
+        assert [ds == round(ds) for ds in slide.level_downsamples] == [True, False, False]
+        assert slide.twin_levels == (0,)
+        for level in range(3):
+            w, h = slide.level_dimensions[level]
+            np.testing.assert_array_equal(slide.read_region(0, 0, w, h, level),
+                                          reference.read_region(0, 0, w, h, level))
+        np.testing.assert_array_equal(slide.read_scaled((1, 2, 70, 50), 0.45), reference.read_scaled((1, 2, 70, 50), 0.45))
+
+
+@pytest.mark.skipif(not slides.openslide_available(), reason="OpenSlide is not installed")
+def test_openslide_keeps_the_levels_where_its_twin_differs(slide_path, monkeypatch):
+    """One differing pixel in a level's check: that level stays with OpenSlide; another OpenSlide driver, a file
+    tiffslide cannot open, a different pyramid: all levels do."""
+    original = slides.SlideReader._read_level
+
+    def one_pixel_off(self, level, lx, ly, width, height, twin=None):
+        out = original(self, level, lx, ly, width, height, twin)
+        if twin and level == 1:
+            out[height // 2, width // 2, 0] ^= 1
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(slides.SlideReader, "_read_level", one_pixel_off)
+        with slides.open_slide(slide_path) as slide:
+            assert slide.twin_levels == (0, 2)
+    with monkeypatch.context() as m:
+        m.setattr(slides, "TWIN_VENDORS", ("hamamatsu",))
+        with slides.open_slide(slide_path) as slide:
+            assert slide.backend == "openslide" and slide.twin_levels == ()
+
+    def cannot_open(path):
+        raise ValueError("unsupported")
+
+    real_open = slides._open_tiffslide
+
+    def other_pyramid(path):
+        handle = real_open(path)
+        handle.__dict__["level_downsamples"] = (1.0, 2.0, 4.5)   # tiffslide's cached property, changed
+        return handle
+
+    for opener in (cannot_open, other_pyramid):
+        with monkeypatch.context() as m:
+            m.setattr(slides, "_open_tiffslide", opener)
+            with slides.open_slide(slide_path) as slide:
+                assert slide.backend == "openslide" and slide.twin_levels == ()
     with slides.open_slide(slide_path) as slide:
-        assert slide.backend == ("openslide" if slides.openslide_available() else "tiffslide")
+        assert slide.twin_levels == (0, 1, 2)
 
 
 def test_is_slide_file(tmp_path):
