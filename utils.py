@@ -351,6 +351,15 @@ def environment_info() -> dict[str, Any]:
             info[name] = getattr(module, "__version__", "unknown")
         except ImportError:
             pass
+    # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide), from the
+    # installed distributions' metadata: nothing is imported
+    from importlib import metadata
+
+    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

@@ -440,3 +440,24 @@ def test_tifffile_log_blocks_overlapping_in_threads_restore_propagation_and_keep
     assert tif_log.propagate == before
     assert seen == {"a": ["from a"], "b": ["from b"]}
     assert not [h for h in tif_log.handlers if isinstance(h, Keep)]
+
+
+@pytest.mark.skipif(not slides.openslide_available(), reason="OpenSlide is not installed")
+@pytest.mark.parametrize("photometric, subsampling", [("ycbcr", (2, 2)), ("ycbcr", (2, 1)), ("rgb", None)])
+def test_the_twin_reads_jpeg_tiles_as_openslide_decodes_them(tmp_path, photometric, subsampling):
+    """JPEG tiles as scanners write them (YCbCr with subsampled chroma, or RGB): the reader with its twin reads
+    OpenSlide's pixels, and the twin does read level 0."""
+    rng = np.random.default_rng(5)
+    image = np.clip(_ramp_image(384, 448).astype(np.int16) + rng.integers(-40, 40, (384, 448, 3)), 0, 255)
+    image = image.astype(np.uint8)
+    path = tmp_path / f"{photometric}.tif"
+    extra = {"subsampling": subsampling} if subsampling else {}
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(3):
+            tw.write(np.ascontiguousarray(image[::2 ** k, ::2 ** k]), tile=(64, 64), compression="jpeg",
+                     compressionargs={"level": 85}, photometric=photometric, subfiletype=1 if k else 0,
+                     resolution=(1e4 / (0.25 * 2 ** k),) * 2, resolutionunit="CENTIMETER", **extra)
+    with slides.open_slide(path) as slide, slides.open_slide(path, backend="openslide") as reference:
+        assert 0 in slide.twin_levels
+        for box, scale in (((0, 0, 448, 384), 1.0), ((13, 29, 200, 150), 1.0), ((3, 5, 100, 80), 0.5)):
+            np.testing.assert_array_equal(slide.read_scaled(box, scale), reference.read_scaled(box, scale))

@@ -250,3 +250,19 @@ def test_array_handoff_falls_back_to_pickles(tmp_path, monkeypatch):
     assert handoff.pack({"a": np.ones(4)}) is None   # stopped trying
     handoff.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_environment_info_records_the_slide_readers_versions():
+    """Which library decodes a slide's tiles depends on the installed readers: their versions are recorded, as the
+    installed distributions say (without importing them)."""
+    from importlib import metadata
+
+    info = utils.environment_info()
+    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr"):
+        try:
+            expected = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            assert dist not in info
+        else:
+            assert info[dist] == expected
+    assert info["tiffslide"] and info["numpy"]
