@@ -11,7 +11,7 @@ Input: a `--side` x `--side` slide at 0.25 µm/px (4096² = 1.05 mm²) tiled fro
 nuclei per mm². Its maps are realistic maps with real nuclei, not a network's: foreground = the nuclei masks
 blurred (sigma 1 px) and scaled by a smooth random field (so probabilities, and confidences, vary), HV maps =
 `dataset.hv_targets` of the real label map. The RGB is written as a tiled pyramidal TIFF (zlib) read back
-through `slides.open_slide`.
+through `slides.open_slide` (as predict reads it: OpenSlide, whose levels its tiffslide twin reads in a tree that has one).
 
 Stages per region (regions of 2048 with the 128-px margin, as `predict`): `read` (`read_scaled` of what
 `run_regions` reads for the region: `wsi.run_boxes`, the crop and the windows not run by an earlier region, in
