@@ -365,6 +365,9 @@ def add_legend(image: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]],
 # ----------------------------------------------------------------------------------------------
 # Files and figures
 # ----------------------------------------------------------------------------------------------
+PNG_LEVEL = 3   # zlib level of `save_png`
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write an RGB (or grey) uint8 image as PNG, atomically."""
     from PIL import Image
@@ -375,7 +378,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     elif image.dtype != np.uint8:
         image = np.clip(image, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    # zlib level 3: a 900 x 855 slide overview in 0.08 s instead of 0.29 s at Pillow's default 6, 10 % larger
+    Image.fromarray(image).save(buf, format="PNG", optimize=False, compress_level=PNG_LEVEL)
     return utils.atomic_write_bytes(path, buf.getvalue())
 
 
@@ -649,6 +653,9 @@ def _slide_frame(thumbnail: np.ndarray, downsample: float, tissue, mpp0: float,
     return thumb, width0, height0, float(bin_um)
 
 
+REDUCE_FROM = 2   # `_binned_overview` box-averages a thumbnail at least this many times wider than its figure
+
+
 def _binned_overview(thumb: np.ndarray, downsample: float, tissue, size0: tuple[float, float], mpp0: float,
                      shown: np.ma.MaskedArray, side: float, heat: dict, bar_label: str, title: str,
                      width_inches: float) -> np.ndarray:
@@ -661,6 +668,17 @@ def _binned_overview(thumb: np.ndarray, downsample: float, tissue, size0: tuple[
     mask = np.asarray(tissue.mask, dtype=bool)
     fig = new_figure(width_inches, max(2.5, width_inches * (th / max(tw, 1)) * 0.85 + 0.9))
     ax = fig.add_subplot(1, 1, 1)
+    # matplotlib converts and resamples every pixel it is given (RGBA copies: 0.4 s for a 2048² thumbnail); a
+    # thumbnail two or more times wider than the figure is first box-averaged by that whole factor f (Pillow's
+    # `reduce`: a last, partial box is the mean of its pixels), each pixel then standing for f x f of them (the
+    # axes' limits clip what the partial boxes add beyond the slide)
+    factor = int(tw // max(int(width_inches * fig.dpi), 1))
+    if factor >= REDUCE_FROM:
+        from PIL import Image
+
+        thumb = np.asarray(Image.fromarray(np.ascontiguousarray(thumb)).reduce(factor))
+        downsample = downsample * factor
+        th, tw = thumb.shape[:2]
     ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
     image = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), interpolation="nearest", **heat)
     if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:

@@ -201,6 +201,29 @@ def test_slide_overview_draws_density_and_outline(tmp_path):
     assert (tmp_path / "again.png").read_bytes() == path.read_bytes()  # deterministic
 
 
+def test_an_overview_of_a_large_thumbnail_is_drawn_from_its_box_average_alike(monkeypatch):
+    """A thumbnail over twice the figure's width is box-averaged before matplotlib draws it: the picture is the
+    one drawn from the whole thumbnail, to within a grey level on average (stripes and a disc of tissue: anything
+    drawn out of place would differ by far more at their edges), and the same size."""
+    import tissue
+
+    h, w = 1500, 1900                          # 1900 // 900 px of figure: reduced by 2
+    yy, xx = np.mgrid[0:h, 0:w]
+    thumb = np.full((h, w, 3), 240, np.uint8)
+    thumb[(xx // 50) % 2 == 0] = (200, 120, 170)
+    disc = (yy - 700) ** 2 + (xx - 900) ** 2 < 500 ** 2
+    thumb[disc] = (90, 40, 120)
+    mask = tissue.TissueMask(disc[::4, ::4].copy(), 8.0, "auto", (w * 2, h * 2))
+    rng = np.random.default_rng(1)
+    centroids = np.column_stack([rng.uniform(800, 2800, 3000), rng.uniform(600, 2400, 3000)])
+    reduced = visualize.slide_overview(thumb, 2.0, mask, centroids, mpp0=0.25)
+    monkeypatch.setattr(visualize, "REDUCE_FROM", 10 ** 6)
+    whole = visualize.slide_overview(thumb, 2.0, mask, centroids, mpp0=0.25)
+    assert reduced.shape == whole.shape
+    diff = np.abs(reduced.astype(np.int16) - whole.astype(np.int16))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) < 40
+
+
 def test_error_panel_is_outlines_not_fills_on_a_crowded_tile():
     """Issue 12, point 7: hundreds of nuclei in 256 px: errors are outlined in their colour (enlarged 2x), the
     inside of every nucleus keeps the tissue's colours, unlike error_overlay's fills."""
