@@ -526,23 +526,15 @@ def _attach_tiffslide_twin(reader: SlideReader) -> None:
     if reader.backend != "openslide" or reader.properties.get("openslide.vendor") not in TWIN_VENDORS:
         return
     try:
-        handle = _open_tiffslide(reader.path)
+        with _tifffile_log_to():   # tifffile's notes on a file OpenSlide reads are not the user's concern
+            handle = _open_tiffslide(reader.path)
     except Exception:  # noqa: BLE001 - OpenSlide reads it: stay with that
         return
     levels = []
     reader._twin = handle
     try:
-        same = (tuple(tuple(int(v) for v in d) for d in handle.level_dimensions) == reader.level_dimensions
-                and tuple(float(d) for d in handle.level_downsamples) == reader.level_downsamples)
-        for level, ds in enumerate(reader.level_downsamples if same else ()):
-            if ds != round(ds):
-                continue
-            width, height = reader.level_dimensions[level]
-            w, h = min(width, _TWIN_SAMPLE), min(height, _TWIN_SAMPLE)
-            x, y = (width - w) // 2, (height - h) // 2
-            if np.array_equal(reader._read_level(level, x, y, w, h, twin=False),
-                              reader._read_level(level, x, y, w, h, twin=True)):
-                levels.append(level)
+        with _tifffile_log_to():
+            levels = _twin_levels(reader, handle)
     except Exception:  # noqa: BLE001 - a twin that cannot read the file is no twin
         levels = []
     if not levels:
@@ -552,6 +544,24 @@ def _attach_tiffslide_twin(reader: SlideReader) -> None:
     reader.twin_levels = tuple(levels)
     log.debug("%s: levels %s read with tiffslide (the same pixels as OpenSlide's, read faster)", reader.path,
               reader.twin_levels)
+
+
+def _twin_levels(reader: SlideReader, handle: Any) -> list[int]:
+    """The levels of `reader` whose pixels its tiffslide `handle` (set as `reader._twin`) reads alike: none for a
+    different pyramid; else level 0 and the levels of whole-number downsample where a centre box agrees."""
+    same = (tuple(tuple(int(v) for v in d) for d in handle.level_dimensions) == reader.level_dimensions
+            and tuple(float(d) for d in handle.level_downsamples) == reader.level_downsamples)
+    levels = []
+    for level, ds in enumerate(reader.level_downsamples if same else ()):
+        if ds != round(ds):
+            continue
+        width, height = reader.level_dimensions[level]
+        w, h = min(width, _TWIN_SAMPLE), min(height, _TWIN_SAMPLE)
+        x, y = (width - w) // 2, (height - h) // 2
+        if np.array_equal(reader._read_level(level, x, y, w, h, twin=False),
+                          reader._read_level(level, x, y, w, h, twin=True)):
+            levels.append(level)
+    return levels
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str | None = None) -> SlideReader:
