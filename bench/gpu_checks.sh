@@ -14,10 +14,14 @@
 # ("GPU"), naming the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="openslide-python openslide-bin imagecodecs"   # the rest of requirements.txt that a slide run needs is there
+# what a slide run needs beyond the image (KINDS.md lists it: tifffile, pillow, fsspec, pyyaml... are there), at the
+# versions the tests ran with here (the newest tiffslide needs Python 3.12 and a newer tifffile than it may have)
+WHEELS="openslide-python==1.4.7 openslide-bin==4.0.1.2 imagecodecs==2026.3.6 tiffslide==3.0.1 zarr==3.1.6
+        numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0"
 
 if [ "${1:-}" = "--fetch" ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    rm -f .whl/*.whl   # one version of each
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux1_x86_64 -d .whl $WHEELS
