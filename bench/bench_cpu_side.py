@@ -21,7 +21,8 @@ where the tree does that; `Region.box` in an older one), `blend` (`wsi.stitch_re
 own time, copying out of the memory-mapped maps, is left out, so only the blending is timed), `postprocess` (`postprocess.postprocess` on the crop, timed
 on its own) and `finish` (`wsi.finish_region`: post-processing again + seam rule + measurements + polygons +
 region file; `finish - postprocess` is what comes after the post-processing). Then per slide `assemble`
-(GeoJSON, CSV and the label pyramid from the region files) and `overview` (the overview PNG(s)).
+(GeoJSON, CSV and the label pyramid from the region files; `--no_label_image`: without it, as predict by default) and
+`overview` (the overview PNG(s)).
 CPU side per mm² = read + blend + finish + assemble; the overview PNG(s) are a fixed cost per slide (matplotlib,
 about 1-3 s whatever the slide's size) and are given in seconds per slide, and so is the first blend of the process
 (`warm_up`, untimed in `blend`: the engine's torch import and first tensor operations, about 2 s, which predict pays
@@ -186,8 +187,10 @@ def run_tree(args: argparse.Namespace) -> None:
             timing["finish"] += clock() - t
             state["regions"][str(region.index)] = {"file": result["file"], "nuclei": result["nuclei"]}
         thumb = slide.thumbnail(2048)
-    options = SimpleNamespace(geojson_gzip=False, label_image=True)
-    outputs = {"geojson": out / "slide.geojson", "csv": out / "slide_nuclei.csv", "labels": out / "slide_labels.tif"}
+    options = SimpleNamespace(geojson_gzip=False, label_image=not args.no_label_image)
+    outputs = {"geojson": out / "slide.geojson", "csv": out / "slide_nuclei.csv"}
+    if options.label_image:
+        outputs["labels"] = out / "slide_labels.tif"
     t = clock()
     result = wsi.assemble(out, "slide", outputs, regions, state, pdir, geo, MPP, (dims[1], dims[0]), options)
     timing["assemble"] = clock() - t
@@ -225,7 +228,10 @@ def compare(old_dir: Path, new_dir: Path) -> dict:
 
     import tifffile
 
-    same_labels = np.array_equal(tifffile.imread(old_dir / "slide_labels.tif"), tifffile.imread(new_dir / "slide_labels.tif"))
+    same_labels = None   # None: no label image written (--no_label_image)
+    if (old_dir / "slide_labels.tif").is_file() or (new_dir / "slide_labels.tif").is_file():
+        same_labels = bool(np.array_equal(tifffile.imread(old_dir / "slide_labels.tif"),
+                                          tifffile.imread(new_dir / "slide_labels.tif")))
     old_f = json.loads((old_dir / "slide.geojson").read_text())["features"]
     new_f = json.loads((new_dir / "slide.geojson").read_text())["features"]
     same_geometry = [f["geometry"] for f in old_f] == [f["geometry"] for f in new_f]
@@ -233,7 +239,7 @@ def compare(old_dir: Path, new_dir: Path) -> dict:
         old_rows, new_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
     cells = sum(len(r) for r in old_rows)
     differing = sum(1 for r, s in zip(old_rows, new_rows) for k in r if r[k] != s[k])
-    return {"label_images_identical": bool(same_labels), "geometries_identical": bool(same_geometry),
+    return {"label_images_identical": same_labels, "geometries_identical": bool(same_geometry),
             "nuclei_old": len(old_rows), "nuclei_new": len(new_rows), "csv_cells_compared": cells,
             "csv_cells_differing": differing, "new_columns": [k for k in new_rows[0] if k not in old_rows[0]]
             if new_rows else []}
@@ -248,6 +254,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: CPU seconds of the measuring process (what a core spends; robust to other jobs "
                              "on a shared machine), wall: elapsed seconds")
+    parser.add_argument("--no_label_image", action="store_true",
+                        help="assemble without the label image (predict's default; --label_image writes it)")
     parser.add_argument("--run_tree", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -264,10 +272,12 @@ def main() -> None:
         print(f"input written in {time.time() - t:.0f} s", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH="")
     best: dict[str, dict] = {}
+    suffix = "_no_label_image" if args.no_label_image else ""
     for repeat in range(args.repeats):
         for label, tree in (("old", args.old), ("new", str(ROOT))):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--run_tree", "--tree", tree, "--work", str(work),
-                   "--output", str(work / f"out_{label}"), "--clock", args.clock]
+                   "--output", str(work / f"out_{label}{suffix}"), "--clock", args.clock] \
+                + (["--no_label_image"] if args.no_label_image else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TIMING ")), None)
             if proc.returncode or line is None:
@@ -296,7 +306,7 @@ def main() -> None:
               + f" | {t.get('warm_up', 0.0):.2f} |")
     print(f"\nspeed-up of the CPU side (without the overview, a fixed cost per slide): "
           f"{totals['old'] / totals['new']:.2f}x")
-    print("outputs:", json.dumps(compare(work / "out_old", work / "out_new")))
+    print("outputs:", json.dumps(compare(work / f"out_old{suffix}", work / f"out_new{suffix}")))
     print("\npixels read per slide pixel (this tree's geometry):")
     read_factors()
 
