@@ -461,3 +461,24 @@ def test_the_twin_reads_jpeg_tiles_as_openslide_decodes_them(tmp_path, photometr
         assert 0 in slide.twin_levels
         for box, scale in (((0, 0, 448, 384), 1.0), ((13, 29, 200, 150), 1.0), ((3, 5, 100, 80), 0.5)):
             np.testing.assert_array_equal(slide.read_scaled(box, scale), reference.read_scaled(box, scale))
+
+
+@pytest.mark.skipif(not slides.openslide_available(), reason="OpenSlide is not installed")
+def test_a_level_with_a_missing_tile_stays_with_openslide(tmp_path, monkeypatch):
+    """A sparse file (a tile without bytes, away from the level's centre, where the pixel check cannot see it):
+    OpenSlide reads it white, tiffslide black, so that level is read by OpenSlide; the other level is the twin's."""
+    image = np.random.default_rng(2).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    path = sample_data.write_pyramidal_tiff(tmp_path / "sparse.tif", image, 0.25, tile_size=128, levels=2)
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags["TileByteCounts"]
+        offset, size = tag.valueoffset, {"SHORT": 2, "LONG": 4, "LONG8": 8}[tag.dtype_name]
+    with open(path, "r+b") as f:   # the first tile of level 0 has no bytes
+        f.seek(offset)
+        f.write(b"\0" * size)
+    with slides.open_slide(path) as slide:
+        assert slide.twin_levels == (1,)
+        assert (slide.read_region(0, 0, 128, 128) == 255).all()   # as OpenSlide reads it
+        np.testing.assert_array_equal(slide.read_region(128, 0, 64, 64), image[:64, 128:192])
+    monkeypatch.setattr(slides, "_all_tiles_stored", lambda handle, level: True)
+    with slides.open_slide(path) as slide:   # what the pixel check alone would let through
+        assert slide.twin_levels == (0, 1) and (slide.read_region(0, 0, 128, 128) == 0).all()
