@@ -150,6 +150,20 @@ def plan_regions(geo: Geometry, flags: np.ndarray, region_size: int, margin: int
     return regions
 
 
+def region_batches(regions: list[Region], batch_size: int) -> list[list[list[tuple[int, int]]]]:
+    """The batches of windows each of `regions` runs, in order: its windows that no earlier region ran, in its
+    order (the order `stitch_region` runs them in), `batch_size` at a time."""
+    first_use: dict = {}
+    for k, region in enumerate(regions):
+        for key in region.windows:
+            first_use.setdefault(key, k)
+    batches = []
+    for k, region in enumerate(regions):
+        run = [key for key in region.windows if first_use[key] == k]
+        batches.append([run[i:i + batch_size] for i in range(0, len(run), batch_size)])
+    return batches
+
+
 def run_boxes(regions: list[Region], geo: Geometry) -> list[tuple[int, int, int, int]]:
     """What to read for each region of a run that takes `regions` in this order, keeping window maps for later
     regions (`run_regions`): the crop (its colours are measured) and the windows that run there, those not
@@ -730,15 +744,7 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
     # on an accelerator the windows run ahead of the blending in a thread of their own, region after region: the
     # batches each region runs (its windows not run by an earlier one, in the order `blend_windows` runs them)
     ahead = inference.MapsAhead(predictor.maps_fn) if inference.runs_ahead(predictor.maps_fn) else None
-    run_batches: list = []
-    if ahead is not None:
-        first_use: dict = {}
-        for k, region in enumerate(todo):
-            for key in region.windows:
-                first_use.setdefault(key, k)
-        for k, region in enumerate(todo):
-            run = [key for key in region.windows if first_use[key] == k]
-            run_batches.append([run[i:i + batch_size] for i in range(0, len(run), batch_size)])
+    run_batches = region_batches(todo, batch_size) if ahead is not None else []
     done_count = 0
     bar = tqdm(total=len(todo), desc=f"{path.name} regions", unit="region", leave=False)
 
@@ -998,8 +1004,6 @@ class Assembly:
     def stream_labels(self, geo: Geometry, shape0: tuple[int, int]) -> None:
         if "labels" not in self.outputs or self.labels_thread is not None:
             return
-        import label_pyramid
-
         crops = np.array([r.crop for r in self.regions], np.int64).reshape(-1, 4)
 
         def wait(ty0: int, tx0: int, ty1: int, tx1: int) -> None:
@@ -1013,12 +1017,9 @@ class Assembly:
                 if self.aborted:
                     raise RuntimeError("the slide's run stopped")
 
-        raster = _RegionLabels(self.files, self.offsets, self.boxes, geo.scale, wait=wait)
-
         def write() -> None:
             try:
-                label_pyramid.write_label_pyramid(self.outputs["labels"], shape0, raster.read_tile, mpp=self.mpp0,
-                                                  tile_size=LABEL_TILE, show_progress=False)
+                self._write_labels(geo, shape0, wait)
             except BaseException as e:   # noqa: BLE001 - given to `finish`
                 self.labels_error.append(e)
 
@@ -1054,13 +1055,18 @@ class Assembly:
             if self.labels_error:
                 raise self.labels_error[0]
         elif "labels" in self.outputs:
-            import label_pyramid
-
-            raster = _RegionLabels(self.files, self.offsets, self.boxes, geo.scale)
-            label_pyramid.write_label_pyramid(self.outputs["labels"], shape0, raster.read_tile, mpp=self.mpp0,
-                                              tile_size=LABEL_TILE)
+            self._write_labels(geo, shape0)
         self.seconds += time.time() - start
         return collected
+
+    def _write_labels(self, geo: Geometry, shape0: tuple[int, int], wait=None) -> None:
+        """The label image from the region files fed (`wait`: `_RegionLabels`'; given, the tiles follow the feeding,
+        in a thread without a progress bar)."""
+        import label_pyramid
+
+        raster = _RegionLabels(self.files, self.offsets, self.boxes, geo.scale, wait=wait)
+        label_pyramid.write_label_pyramid(self.outputs["labels"], shape0, raster.read_tile, mpp=self.mpp0,
+                                          tile_size=LABEL_TILE, show_progress=wait is None)
 
     def abort(self) -> None:
         self._stop_labels()   # its temporary files go; an earlier run's label image stays

@@ -296,15 +296,8 @@ def test_the_device_path_run_ahead_gives_the_maps_of_the_device_path_in_line(two
         geo = wsi.slide_geometry(slide.dimensions, 1.0, 256, 64, path)
         regions = wsi.plan_regions(geo, wsi.window_flags(geo, tissue.full_mask(slide.dimensions)), 384)
         reads = [slide.read_scaled((b[1], b[0], b[3] - b[1], b[2] - b[0]), 1.0) for b in (r.box for r in regions)]
-    first_use: dict = {}
     last_use = {key: k for k, r in enumerate(regions) for key in r.windows}
-    for k, r in enumerate(regions):
-        for key in r.windows:
-            first_use.setdefault(key, k)
-    batches = []
-    for k, r in enumerate(regions):
-        run = [key for key in r.windows if first_use[key] == k]
-        batches.append([run[i:i + 3] for i in range(0, len(run), 3)])
+    batches = wsi.region_batches(regions, 3)
     ahead = inference.MapsAhead(dev)
     try:
         for k, r in enumerate(regions):
