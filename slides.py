@@ -377,10 +377,11 @@ class SlideReader:
     def thumbnail(self, max_size: int = 2048, threads: int | None = None) -> tuple[np.ndarray, float]:
         """(uint8 RGB thumbnail of the whole slide, longest side <= max_size, downsample = level-0
         pixels per thumbnail pixel). Read strip by strip through `read_scaled`, so memory stays bounded
-        even for a slide without a pyramid. With OpenSlide (whose reads may run side by side on one handle and
-        release the GIL, as does the resampling's sparse product) the strips are read by up to `threads` threads
-        (default: the usable cores, at most `THUMBNAIL_THREADS`), each strip the same pixels: a slide's first step,
-        before any region, 1.8x faster with 2 threads on a 2048² thumbnail (3 strips)."""
+        even for a slide without a pyramid. With OpenSlide as the reader (whose reads, and its tiffslide twin's,
+        may run side by side on one handle and release the GIL, as does the resampling's sparse product) the strips
+        are read by up to `threads` threads (default: the usable cores, at most `THUMBNAIL_THREADS`), each strip the
+        same pixels: a slide's first step, before any region, 1.8x faster with 2 threads on a 2048² thumbnail
+        (3 strips)."""
         width0, height0 = self.dimensions
         max_size = int(max_size)
         if max_size < 1:
