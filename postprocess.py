@@ -28,6 +28,11 @@ from skimage import segmentation
 
 from utils import UserError
 
+try:   # connected-components-3d (requirements.txt): the same labelling as scipy's, in about half the time
+    import cc3d
+except ImportError:   # pragma: no cover - an install without it labels with scipy alone
+    cc3d = None
+
 MODES = ("hv", "binary")
 
 
@@ -125,6 +130,22 @@ def _check_prob(foreground_prob: np.ndarray) -> np.ndarray:
     return prob.astype(np.float32, copy=False)
 
 
+def _label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """`ndi.label(mask)` of a 2-D mask (4-connected components, int32 ids 1..n), the same array and count.
+
+    Through cc3d where it is installed: its two raster passes give each pixel a provisional label (a new one only
+    where neither the pixel above nor the one to its left belongs to the mask) and renumber the components in the
+    order of their smallest provisional label, which is the one made at the component's first pixel in raster
+    order: the order `ndi.label` numbers them in. About 10 ms instead of 20-40 ms on a 2176² crop (the background's
+    labelling, one large region, is the slowest for scipy); `tests/test_postprocess.py` checks the two agree."""
+    mask = np.asarray(mask)
+    if cc3d is None or mask.ndim != 2 or mask.size == 0:
+        return ndi.label(mask)
+    out, n = cc3d.connected_components(np.ascontiguousarray(mask, dtype=bool), connectivity=4, return_N=True,
+                                       out_dtype=np.uint32)
+    return out.view(np.int32), int(n)
+
+
 def _disk(radius: int) -> np.ndarray:
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
     return xx * xx + yy * yy <= radius * radius + radius  # '+ radius' makes small discs rounder
@@ -207,10 +228,10 @@ def _clean_foreground(mask: np.ndarray, min_area: int) -> np.ndarray:
     if min_area <= 1:
         return mask
     mask = np.array(mask, dtype=bool)
-    comp, n = ndi.label(mask)
+    comp, n = _label4(mask)
     for box, k in (_small_components(comp, min_area) if n else []):
         mask[box][comp[box] == k] = False
-    holes, n = ndi.label(~mask)
+    holes, n = _label4(~mask)
     for box, k in (_small_components(holes, min_area, inner_only=True) if n else []):
         mask[box][holes[box] == k] = True
     return mask
@@ -237,7 +258,7 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
     are removed, `filled` marks its ids that were filled (the other ids label the background of the cleaned mask)
     and `boxes` are its `find_objects` boxes (`_fill_instance_holes` uses it); None where `min_area` <= 1."""
     mask = np.array(mask, dtype=bool)
-    comp, n = ndi.label(mask)
+    comp, n = _label4(mask)
     boxes = ndi.find_objects(comp) if n else []
     if min_area <= 1 or n == 0:
         return mask, comp, n, boxes, None
@@ -246,7 +267,7 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
         mask[box][sel] = False
         comp[box][sel] = 0
         boxes[k - 1] = None
-    holes, n_holes = ndi.label(~mask)
+    holes, n_holes = _label4(~mask)
     hole_boxes = ndi.find_objects(holes) if n_holes else []
     fills = _small_components(holes, min_area, inner_only=True, boxes=hole_boxes) if n_holes else []
     filled = np.zeros(n_holes + 1, bool)
@@ -350,7 +371,7 @@ def _fill_instance_holes(labels: np.ndarray, background: tuple | None = None) ->
     boxes, not from a pass over the image."""
     boxes = None
     if background is None:
-        holes, n = ndi.label(labels == 0)
+        holes, n = _label4(labels == 0)
         gone = None
     else:
         holes, n, gone, boxes = background
@@ -624,7 +645,7 @@ def _hv_instances(mask: np.ndarray, hv: np.ndarray, marker_threshold: float, min
     cores = fg & (energy < marker_threshold)
     if marker_opening > 0:
         cores = _binary_opening_disk(cores, int(marker_opening))
-    markers, n_markers = ndi.label(cores)
+    markers, n_markers = _label4(cores)
 
     # Foreground components with no marker left (e.g. a small nucleus whose core vanished) are kept whole, as
     # instance `component + n_markers` (as if that component were its own marker).
@@ -909,7 +930,7 @@ def binary_to_instances(foreground_prob: np.ndarray, threshold: float = 0.5, min
     markers = np.zeros(fg.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # Merge peaks of one plateau (several maxima a pixel apart) into one marker.
-    markers, n_markers = ndi.label(ndi.binary_dilation(markers > 0, iterations=1) & fg)
+    markers, n_markers = _label4(ndi.binary_dilation(markers > 0, iterations=1) & fg)
     # A component without any peak keeps its own id (nothing is lost).
     has_marker = np.zeros(int(components.max()) + 1, dtype=bool)
     has_marker[components[markers > 0]] = True

@@ -351,11 +351,12 @@ def environment_info() -> dict[str, Any]:
             info[name] = getattr(module, "__version__", "unknown")
         except ImportError:
             pass
-    # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide), from the
-    # installed distributions' metadata: nothing is imported
+    # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide) and the
+    # post-processing's labelling (connected-components-3d), from the installed distributions' metadata: nothing is
+    # imported
     from importlib import metadata
 
-    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr"):
+    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d"):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

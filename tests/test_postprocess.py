@@ -911,3 +911,51 @@ def test_random_maps_through_every_path_equal_the_former_steps(monkeypatch):
         assert np.array_equal(fast, _former_hv_to_instances(prob, hv, config)), (i, config)
         nonzero += fast.max() > 0
     assert nonzero > 100
+
+
+def test_labelling_through_cc3d_equals_scipy_label(monkeypatch):
+    """`pp._label4` (cc3d's two raster passes) gives `ndi.label`'s array and count: a V whose two arms meet below a
+    component between them (provisional labels joined after a later one was made), random masks from speckle to
+    one region with holes, views that are not contiguous, an empty and a full mask, the background of real nuclei;
+    and the whole post-processing is the same with the labelling left to scipy."""
+    from scipy import ndimage as ndi
+
+    if pp.cc3d is None:
+        pytest.skip("connected-components-3d is not installed (pip install -r requirements.txt)")
+
+    def same(mask):
+        ours, n = pp._label4(mask)
+        ref, m = ndi.label(mask)
+        assert ours.dtype == np.int32 and n == m and np.array_equal(ours, ref)
+
+    v = np.zeros((8, 11), bool)
+    v[0:6, 1] = v[0:6, 9] = True   # two arms, joined by the bottom row
+    v[6, 1:10] = True
+    v[1:3, 5] = True               # between the arms: first seen after both arms began
+    ours, n = pp._label4(v)
+    assert n == 2 and ours[0, 1] == 1 and ours[0, 9] == 1 and ours[1, 5] == 2
+    same(v)
+    rng = np.random.default_rng(5)
+    for i in range(60):
+        shape = (int(rng.integers(1, 90)), int(rng.integers(1, 90)))
+        noise = ndi.gaussian_filter(rng.random(shape), float(rng.uniform(0.0, 4.0)))
+        mask = noise > np.quantile(noise, float(rng.uniform(0.05, 0.95)))
+        same(mask)
+        same(~mask)
+        same(mask[::2, 1:])   # a strided view
+        same(np.asfortranarray(mask))
+    same(np.zeros((7, 9), bool))
+    same(np.ones((7, 9), bool))
+    from PIL import Image   # the background of real nuclei (where the sample is): one large region and its holes
+    from conftest import REAL_SAMPLE_DIR
+    image = next(iter(sorted(REAL_SAMPLE_DIR.glob("*/tissue images/*.png"))), None)
+    if image is not None:
+        rgb = np.asarray(Image.open(image).convert("L"), np.float32)
+        same(rgb < rgb.mean() - rgb.std())
+        same(rgb >= rgb.mean() - rgb.std())
+    prob = ndi.gaussian_filter(rng.random((160, 200)), 2.0).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    hv = ndi.gaussian_filter(rng.normal(size=(2, 160, 200)), (0, 2, 2)).astype(np.float32)
+    fast = pp.postprocess(prob, hv, PostprocessConfig())
+    monkeypatch.setattr(pp, "cc3d", None)
+    assert np.array_equal(fast, pp.postprocess(prob, hv, PostprocessConfig())) and fast.max() > 0

@@ -258,7 +258,7 @@ def test_environment_info_records_the_slide_readers_versions():
     from importlib import metadata
 
     info = utils.environment_info()
-    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr"):
+    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d"):
         try:
             expected = metadata.version(dist)
         except metadata.PackageNotFoundError:
