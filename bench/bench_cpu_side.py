@@ -18,15 +18,18 @@ Stages per region (regions of 2048 with the 128-px margin, as `predict`): `read`
 a tree that has it, with the columns shared with the previous region's box copied from its pixels (`wsi.read_box`)
 where the tree does that; `Region.box` in an older one), `blend` (`wsi.stitch_region` with the window cache as in
 `run_regions` and a maps function that hands back each window's slice of the precomputed maps; that function's
-own time, copying out of the memory-mapped maps, is left out, so only the blending is timed), `postprocess` (`postprocess.postprocess` on the crop, timed
-on its own) and `finish` (`wsi.finish_region`: post-processing again + seam rule + measurements + polygons +
-region file; `finish - postprocess` is what comes after the post-processing). Then per slide `assemble`
+own time, copying out of the memory-mapped maps, is left out, so only the blending is timed), `finish`
+(`wsi.finish_region`: post-processing + seam rule + measurements + polygons + region file, as a worker runs it) and
+`postprocess` (`postprocess.postprocess` on the crop again, timed on its own right after `finish`, on the memory
+`finish` has just freed: without the page faults a worker's first pass may pay; `finish - postprocess` is what comes
+after the post-processing, and those page faults). Then per slide `assemble`
 (GeoJSON, CSV and the label pyramid from the region files; `--no_label_image`: without it, as predict by default) and
 `overview` (the overview PNG(s)).
 CPU side per mm² = read + blend + finish + assemble; the overview PNG(s) are a fixed cost per slide (matplotlib,
 about 1-3 s whatever the slide's size) and are given in seconds per slide, and so is the first blend of the process
 (`warm_up`, untimed in `blend`: the engine's torch import and first tensor operations, about 2 s, which predict pays
-before its network runs anyway). The outputs of the two trees are compared: label
+before its network runs anyway) and the first `finish_region` of the process, on the first region (`warm_up_finish`,
+untimed in `finish`: imports and the first growth of the heap, which each worker process pays once). The outputs of the two trees are compared: label
 images byte for byte, GeoJSON geometries, CSV columns of the old tree (to 6 significant digits, as written).
 """
 from __future__ import annotations
@@ -104,7 +107,8 @@ def run_tree(args: argparse.Namespace) -> None:
     fg_all = np.load(work / "fg.npy", mmap_mode="r")
     hv_all = np.load(work / "hv.npy", mmap_mode="r")
     tile, overlap = 512, 128
-    timing = dict.fromkeys(("read", "blend", "postprocess", "finish", "assemble", "overview", "warm_up"), 0.0)
+    timing = dict.fromkeys(("read", "blend", "postprocess", "finish", "assemble", "overview", "warm_up",
+                            "warm_up_finish"), 0.0)
     with slides.open_slide(work / "slide.tif") as slide:
         dims = slide.dimensions
         geo = wsi.slide_geometry(dims, 1.0, tile, overlap, work / "slide.tif")
@@ -131,8 +135,18 @@ def run_tree(args: argparse.Namespace) -> None:
             return out
 
         t = clock()
-        wsi.stitch_region(region, rgb, geo, maps_warm, 1)
+        fg, hv, _ = wsi.stitch_region(region, rgb, geo, maps_warm, 1)
         timing["warm_up"] = clock() - t
+        # and one untimed finish of that region, as a worker's first task (imports, the first growth of its heap:
+        # once per worker process, not per mm²; "warm_up_finish"), into a file of its own
+        (cy0, cx0, cy1, cx1), (by0, bx0) = region.crop, region.box[:2]
+        job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
+               "settings": settings, "crop": region.crop, "core": region.core, "scale": 1.0, "mpp": MPP,
+               "file": str(out / "warm_up_region.npz")}
+        t = clock()
+        wsi.finish_region(job)
+        timing["warm_up_finish"] = clock() - t
+        del fg, hv, job
         # what each region reads, as `run_regions` reads it: a tree with `run_boxes` reads the crop and the windows
         # that run there (the others come from the window cache), an older one the whole `Region.box`
         cached_run = hasattr(wsi, "run_boxes")
@@ -177,14 +191,16 @@ def run_tree(args: argparse.Namespace) -> None:
             timing["blend"] += clock() - t - (stand_in[0] - before)
             (by0, bx0), (cy0, cx0, cy1, cx1) = box[:2], region.crop
             crop_rgb = np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0])
-            t = clock()
-            pp.postprocess(fg, hv, pp.PostprocessConfig.from_dict(settings))
-            timing["postprocess"] += clock() - t
             job = {"fg": fg, "hv": hv, "rgb": crop_rgb, "settings": settings, "crop": region.crop,
                    "core": region.core, "scale": 1.0, "mpp": MPP, "file": str(pdir / f"region_{region.index:06d}.npz")}
+            # finish first, as a worker runs it (its memory as the last region left it); the post-processing
+            # alone after it, on the memory finish has just freed
             t = clock()
             result = wsi.finish_region(job)
             timing["finish"] += clock() - t
+            t = clock()
+            pp.postprocess(fg, hv, pp.PostprocessConfig.from_dict(settings))
+            timing["postprocess"] += clock() - t
             state["regions"][str(region.index)] = {"file": result["file"], "nuclei": result["nuclei"]}
         thumb = slide.thumbnail(2048)
     options = SimpleNamespace(geojson_gzip=False, label_image=not args.no_label_image)
@@ -295,15 +311,15 @@ def main() -> None:
     per_mm2 = ("read", "blend", "finish", "assemble")
     print("| tree | " + " | ".join(f"{s} s/mm²" for s in stages)
           + " | finish - postprocess s/mm² | CPU side s/mm² (without the overview) | overview s per slide"
-          + " | first blend of the process (warm-up), s |")
-    print("| --- " * (len(stages) + 5) + "|")
+          + " | first blend of the process (warm-up), s | first finish of the process (warm-up), s |")
+    print("| --- " * (len(stages) + 6) + "|")
     totals = {}
     for label in ("old", "new"):
         t, mm2 = best[label], best[label]["mm2"]
         totals[label] = sum(t[s] for s in per_mm2) / mm2
         print(f"| {label} | " + " | ".join(f"{t[s] / mm2:.2f}" for s in stages)
               + f" | {(t['finish'] - t['postprocess']) / mm2:.2f} | {totals[label]:.2f} | {t['overview']:.2f}"
-              + f" | {t.get('warm_up', 0.0):.2f} |")
+              + f" | {t.get('warm_up', 0.0):.2f} | {t.get('warm_up_finish', 0.0):.2f} |")
     print(f"\nspeed-up of the CPU side (without the overview, a fixed cost per slide): "
           f"{totals['old'] / totals['new']:.2f}x")
     print("outputs:", json.dumps(compare(work / f"out_old{suffix}", work / f"out_new{suffix}")))
