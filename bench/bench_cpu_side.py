@@ -134,15 +134,19 @@ def run_tree(args: argparse.Namespace) -> None:
                             np.array(hv_all[:, geo.ys[iy]:geo.ys[iy] + tile, geo.xs[ix]:geo.xs[ix] + tile])))
             return out
 
+        def region_job(region, rgb, origin, fg, hv, file) -> dict:
+            """The worker's job for `region`: its maps, the crop of `rgb` (read from `origin`), its settings."""
+            (by0, bx0), (cy0, cx0, cy1, cx1) = origin, region.crop
+            return {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
+                    "settings": settings, "crop": region.crop, "core": region.core, "scale": 1.0, "mpp": MPP,
+                    "file": str(file)}
+
         t = clock()
         fg, hv, _ = wsi.stitch_region(region, rgb, geo, maps_warm, 1)
         timing["warm_up"] = clock() - t
         # and one untimed finish of that region, as a worker's first task (imports, the first growth of its heap:
         # once per worker process, not per mm²; "warm_up_finish"), into a file of its own
-        (cy0, cx0, cy1, cx1), (by0, bx0) = region.crop, region.box[:2]
-        job = {"fg": fg, "hv": hv, "rgb": np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0]),
-               "settings": settings, "crop": region.crop, "core": region.core, "scale": 1.0, "mpp": MPP,
-               "file": str(out / "warm_up_region.npz")}
+        job = region_job(region, rgb, region.box[:2], fg, hv, out / "warm_up_region.npz")
         t = clock()
         wsi.finish_region(job)
         timing["warm_up_finish"] = clock() - t
@@ -189,10 +193,7 @@ def run_tree(args: argparse.Namespace) -> None:
             else:
                 fg, hv, _ = wsi.stitch_region(region, rgb, geo, maps_by_order, 1)
             timing["blend"] += clock() - t - (stand_in[0] - before)
-            (by0, bx0), (cy0, cx0, cy1, cx1) = box[:2], region.crop
-            crop_rgb = np.ascontiguousarray(rgb[cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0])
-            job = {"fg": fg, "hv": hv, "rgb": crop_rgb, "settings": settings, "crop": region.crop,
-                   "core": region.core, "scale": 1.0, "mpp": MPP, "file": str(pdir / f"region_{region.index:06d}.npz")}
+            job = region_job(region, rgb, box[:2], fg, hv, pdir / f"region_{region.index:06d}.npz")
             # finish first, as a worker runs it (its memory as the last region left it); the post-processing
             # alone after it, on the memory finish has just freed
             t = clock()
