@@ -397,7 +397,8 @@ def finish_region(job: dict) -> dict:
     path = Path(job["file"])
     buffer = io.BytesIO()
     # the label crop is mostly zeros: zlib level 1 packs it about as well as the default level, several times faster
-    np.savez(buffer, labels_z=np.frombuffer(zlib.compress(crop_labels.tobytes(), 1), np.uint8),
+    # (zlib-ng's level 1 where it is installed: the same format, 3x faster again, `utils.deflate`)
+    np.savez(buffer, labels_z=np.frombuffer(utils.deflate(crop_labels, 1), np.uint8),
              labels_shape=np.array(crop_labels.shape, np.int64), labels_dtype=np.array(crop_labels.dtype.str),
              origin=np.array([by0 + cy0, bx0 + cx0], np.int64), nuclei=np.array(n, np.int64),
              dropped=np.array(dropped, np.int64),

@@ -266,3 +266,27 @@ def test_environment_info_records_the_slide_readers_versions():
         else:
             assert info[dist] == expected
     assert info["tiffslide"] and info["numpy"]
+
+
+def test_deflate_makes_zlib_streams_with_and_without_zlib_ng(monkeypatch):
+    """`utils.deflate`: a zlib stream that zlib inflates back to the data (bytes, label arrays of both label
+    dtypes, empty), at levels 1 and 6, through zlib-ng where imagecodecs has it and through zlib without it (then
+    zlib's very bytes)."""
+    import zlib
+
+    rng = np.random.default_rng(0)
+    labels = np.where(rng.random((300, 257)) < 0.7, 0, rng.integers(1, 60000, (300, 257)))
+    data = [b"", b"nuclei" * 500, labels.astype(np.uint16), labels.astype(np.uint32), np.zeros((0, 0), np.uint16)]
+    for zlib_ng in (True, False):
+        if not zlib_ng:
+            monkeypatch.setattr(utils, "_ZLIB_NG", False)
+        elif utils.zlib_ng_encoder() is None:
+            continue
+        assert (utils.zlib_ng_encoder() is not None) == zlib_ng
+        for item in data:
+            raw = item.tobytes() if isinstance(item, np.ndarray) else item
+            for level in (1, 6):
+                packed = utils.deflate(item, level)
+                assert isinstance(packed, bytes) and zlib.decompress(packed) == raw
+                if not zlib_ng:
+                    assert packed == zlib.compress(raw, level)
