@@ -24,7 +24,6 @@ tifffile's encoding); other compressions are tifffile's.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
