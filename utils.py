@@ -381,9 +381,9 @@ def environment_info() -> dict[str, Any]:
             info[name] = getattr(module, "__version__", "unknown")
         except ImportError:
             pass
-    # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide) and the
-    # post-processing's labelling (connected-components-3d), from the installed distributions' metadata: nothing is
-    # imported
+    # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide; imagecodecs'
+    # zlib-ng also deflates the label files: `deflate`) and the post-processing's labelling (connected-components-3d),
+    # from the installed distributions' metadata: nothing is imported
     from importlib import metadata
 
     for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d"):

@@ -27,14 +27,20 @@ before the slide the bare network is timed on the slide's own windows at batch 1
 is the fastest, and `stage_ratio` = (network stage - replacement maps) / (windows x best_s_per_window).
 
 `--simulate` (this tree only): a stand-in accelerator. A first, untimed pass computes the dark-pixel maps of
-every window of a `--sim_size` slide; the timed passes return them (looked up by the window's pixels) after
+every window of a `--sim_size` slide; the timed passes return them (replayed in order, see below) after
 sleeping `--sim_latency` seconds per batch of `--sim_batch` windows, so the CPU is free while the "device"
 works. One pass per `--sim_workers` count; the table gives the slide time against max(network-bound time =
 batches x latency, CPU-side time (read + post-processing + writing) / workers), and against the same with
 workers capped at the usable cores. The stage times are elapsed seconds summed over regions, so they grow when
 more processes than cores compete; `cpu_work_s` is the pass's CPU seconds (this process, its read threads and its
 worker processes, from `getrusage`), and `ratio_cpu_work` = slide / max(network-bound, cpu_work / min(workers,
-cores)): the bound a machine with that many cores can reach. Timings on a shared machine are noisy.
+cores)): the bound a machine with that many cores can reach; `main_cpu_s` the CPU seconds of this process alone
+(reading, blending, handing regions over, writing; a CPU stand-in blends on the CPU, which a GPU does on the device).
+The stand-in replays the maps in the order the untimed pass ran the windows (checked per window by a fingerprint of
+its pixels; `looked_up` counts windows found by the hash of all their pixels instead, 0 when the order held), so
+that its own lookups cost this process next to nothing. Each pass shares the CPU threads as `predict` does
+(`utils.configure_threads`: `--sim_threads` per process if given, else the usable cores divided among this process
+and the pass's workers; `threads` in the table). Timings on a shared machine are noisy.
 """
 from __future__ import annotations
 
@@ -191,27 +197,48 @@ def run_simulated(args: argparse.Namespace) -> None:
 
     import main as cli
 
-    cli.preset_environment(["--threads", str(args.threads)])
+    # the threads as `main.py predict` sets them: `--sim_threads` if given, else its default share of the cores
+    # among this process and the workers of each pass (`utils.configure_threads` below)
+    cli.preset_environment([] if args.sim_threads is None else ["--threads", str(args.sim_threads)])
     import predict
+    import utils
 
     maps: dict = {}
+    order: list = []   # (fingerprint, key) of each window in the order the untimed pass ran them
 
     def key(tile: np.ndarray) -> bytes:
         return hashlib.blake2b(np.ascontiguousarray(tile).tobytes(), digest_size=16).digest()
 
+    def fingerprint(tile: np.ndarray) -> bytes:   # 1/256 of the pixels: about 5 us instead of 1 ms for `key`
+        return hashlib.blake2b(np.ascontiguousarray(tile[::16, ::16]).tobytes(), digest_size=16).digest()
+
     def precompute(tiles):
         out = []
         for tile in tiles:
-            m = maps.setdefault(key(tile), _dark_maps(tile))
-            out.append(m)
+            k = key(tile)
+            out.append(maps.setdefault(k, _dark_maps(tile)))
+            order.append((fingerprint(tile), k))
         return out
 
-    calls = [0]
+    calls, replayed, looked_up = [0], [0], [0]
 
     def device(tiles):
+        """The maps of `tiles` after the device's latency. A slide's windows run in the same order whatever the
+        worker count, so the maps are replayed in the untimed pass's order (each window checked by a fingerprint
+        of its pixels); a window out of that order is looked up by the hash of all its pixels (the stand-in's own
+        work, which a real device does not do, stays off this process's CPU in the usual case)."""
         calls[0] += 1
         time.sleep(args.sim_latency)  # the device works; this process's CPU is free
-        return [maps[key(tile)] for tile in tiles]
+        out = []
+        for tile in tiles:
+            i = replayed[0] + looked_up[0]
+            if i < len(order) and order[i][0] == fingerprint(tile):
+                out.append(maps[order[i][1]])
+                replayed[0] += 1
+            else:
+                out.append(maps[key(tile)])
+                looked_up[0] += 1
+        return out
 
     device.accelerator = True   # as `NetworkMaps` on a GPU: the slide's batches run ahead in a thread of their own
 
@@ -225,10 +252,12 @@ def run_simulated(args: argparse.Namespace) -> None:
     for workers in [int(w) for w in args.sim_workers.split(",")]:
         options = _options(predict, args, batch_size=args.sim_batch, num_workers=workers)
         predictor = predict.load_predictor(options, maps_fn=device, model_set=model_set)
-        calls[0] = 0
-        cpu_before = _cpu_seconds()
+        threads = utils.configure_threads(args.sim_threads, workers=predictor.num_workers)   # as predict does
+        calls[0] = replayed[0] = looked_up[0] = 0
+        cpu_before, main_before = _cpu_seconds(), _cpu_seconds(children=False)
         outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options)
         cpu_work = _cpu_seconds() - cpu_before   # this process and its (reaped) post-processing workers
+        main_cpu = _cpu_seconds(children=False) - main_before   # this process alone (all its threads)
         if outcome.status != "ok":
             raise SystemExit(outcome.error)
         network_bound = calls[0] * args.sim_latency
@@ -236,23 +265,24 @@ def run_simulated(args: argparse.Namespace) -> None:
         bound = max(network_bound, cpu_side / workers)
         bound_cores = max(network_bound, cpu_side / min(workers, cores))
         print("SIM " + json.dumps({
-            "workers": workers, "windows": outcome.windows, "batches": calls[0], "nuclei": outcome.nuclei,
+            "workers": workers, "threads": threads, "windows": outcome.windows, "batches": calls[0], "nuclei": outcome.nuclei,
             "slide_s": outcome.seconds, "network_stage_s": outcome.network_seconds,
             "network_bound_s": round(network_bound, 2), "read_s": outcome.read_seconds,
             "postprocess_s": outcome.postprocess_seconds, "write_s": outcome.write_seconds,
             "cpu_side_s": round(cpu_side, 2), "bound_s": round(bound, 2), "ratio": round(outcome.seconds / bound, 2),
             "bound_cores_s": round(bound_cores, 2), "ratio_cores": round(outcome.seconds / bound_cores, 2),
-            "cpu_work_s": round(cpu_work, 2),
+            "cpu_work_s": round(cpu_work, 2), "main_cpu_s": round(main_cpu, 2), "looked_up": looked_up[0],
             "ratio_cpu_work": round(outcome.seconds / max(network_bound, cpu_work / min(workers, cores)), 2)}),
             flush=True)
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and of its children that have ended (worker processes)."""
+def _cpu_seconds(children: bool = True) -> float:
+    """User + system CPU seconds of this process (all its threads) and, with `children`, of its children that have
+    ended (worker processes)."""
     import resource
 
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, who))
 
 
 def _usable_cores() -> int:
@@ -328,6 +358,9 @@ def main() -> None:
     parser.add_argument("--sim_workers", default="1,2,4")
     parser.add_argument("--out", default=None, help="folder for slides and outputs (default: a temporary one)")
     parser.add_argument("--run_one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sim_threads", type=int, default=None,
+                        help="--simulate: CPU threads per process (default: predict's, the usable cores shared among "
+                             "the main process and the workers)")
     parser.add_argument("--run_simulated", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
@@ -414,7 +447,8 @@ def main() -> None:
             make_model(model, int(args.input_sizes.split(",")[0]))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run_simulated", "--tree", str(ROOT),
                "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
-               "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")]
+               "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")] \
+            + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)])
         sim, peak, _ = measure(cmd, cwd=ROOT, tag="SIM ")
         print(f"simulated accelerator: {args.sim_size}^2 slide, {args.sim_latency} s per batch of "
               f"{args.sim_batch} windows, {_usable_cores()} usable cores, peak RSS {peak:.0f} MiB")
