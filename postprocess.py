@@ -502,47 +502,27 @@ def edge_energy(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int = 7) ->
     return energy
 
 
-_BAND = 48   # rows of one band of a filter pass along the columns (`_along_columns`)
+_BAND = 48   # rows of one band of `_correlate1d` along the columns
 
 
 def _correlate1d(image: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """`ndi.correlate1d(image, weights, axis=axis, mode="nearest")` of a 2-D float32 image, the same values (along
-    axis 0 in bands of rows: `_along_columns`)."""
-    if axis == 1 or image.ndim != 2:
-        return ndi.correlate1d(image, weights, axis=axis, mode="nearest")
-    return _along_columns(lambda part: ndi.correlate1d(part, weights, axis=0, mode="nearest"), image,
-                          len(weights) // 2)
+    """`ndi.correlate1d(image, weights, axis=axis, mode="nearest")` of a 2-D float32 image, the same values.
 
-
-def _gaussian_filter(image: np.ndarray, sigma: float) -> np.ndarray:
-    """`ndi.gaussian_filter(image, sigma)` of a 2-D float32 image (mode "reflect", truncate 4), the same values:
-    its two 1-D passes one after the other as scipy makes them, the one along the columns in bands of rows
-    (`_along_columns`): 43-48 instead of 60-72 ms for a 2176² image here (the watershed's mosaics)."""
-    radius = int(4.0 * float(sigma) + 0.5)
-    smoothed = _along_columns(lambda part: ndi.gaussian_filter1d(part, sigma, axis=0, mode="reflect"), image,
-                              radius)
-    return ndi.gaussian_filter1d(smoothed, sigma, axis=1, mode="reflect")
-
-
-def _along_columns(filter_rows, image: np.ndarray, reach: int) -> np.ndarray:
-    """`filter_rows(image)` for a 1-D filter along axis 0 of reach `reach` (an output row depends on the input rows
-    at most `reach` away, and on the image's border rows through the filter's mode), the same values.
-
-    Along axis 0 scipy's filters read each column with a stride of a whole row, which is slower than along the rows;
-    here the rows go through in bands of `_BAND` rows (views of the image, no copies), each with the filter's reach
+    Along axis 0 the filter reads each column with a stride of a whole row, which is slower than along the rows;
+    here the rows go through in bands of `_BAND` rows (views of the image, no copies), each with the kernel's reach
     of rows above and below it (the image's own rows, or the image's border where the band meets it, which the
-    filter's mode extends alike), and only the band's own rows of each result are kept: every output is the
-    same sum of the same inputs. (Bands of 48 rows: about 23 ms per pass of a 7-tap filter on a 2176² crop,
-    against 35 ms for strips of 32 copied columns and 45 ms for the whole image at once.)"""
+    "nearest" mode replicates alike), and only the band's own rows of each result are kept: every output is the
+    same sum of the same inputs. (Bands of 48 rows: about 23 ms per pass on a 2176² crop, against 35 ms for strips
+    of 32 copied columns and 45 ms for the whole image at once.)"""
     h = image.shape[0]
-    if image.ndim != 2 or h <= 2 * _BAND:
-        return filter_rows(image)
-    reach = max(int(reach), 1)
+    if axis == 1 or image.ndim != 2 or h <= 2 * _BAND:
+        return ndi.correlate1d(image, weights, axis=axis, mode="nearest")
+    reach = len(weights) // 2   # at least the kernel's reach on either side
     out = np.empty_like(image)
     for start in range(0, h, _BAND):
         stop = min(start + _BAND, h)
         y0, y1 = max(start - reach, 0), min(stop + reach, h)
-        out[start:stop] = filter_rows(image[y0:y1])[start - y0:stop - y0]
+        out[start:stop] = ndi.correlate1d(image[y0:y1], weights, axis=0, mode="nearest")[start - y0:stop - y0]
     return out
 
 
@@ -886,7 +866,7 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
         np.copyto(seeds[box], markers[ys, xs], where=own)
         inner.append(box)
     if smooth_sigma > 0:
-        surface = _gaussian_filter(surface, smooth_sigma)
+        surface = ndi.gaussian_filter(surface, smooth_sigma)
     if kept[1:].all() or not (~kept[1:] & np.isin(comp_of_marker[1:], ids)).any():
         seeded = seeds > 0   # no marker under min_marker_area pixels here (none after an opening of radius 2)
     else:

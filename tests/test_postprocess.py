@@ -593,23 +593,6 @@ def test_column_filtering_in_bands_equals_correlate1d(monkeypatch):
                                               ndi.correlate1d(image, weights, axis=axis, mode="nearest"))
 
 
-def test_gaussian_in_bands_equals_gaussian_filter(monkeypatch):
-    """`_gaussian_filter` (its pass along the columns in bands of rows: bands down to 1 row, narrower than the
-    Gaussian's reach; the last band shorter; images smaller than the reach, where "reflect" folds more than once):
-    `ndi.gaussian_filter`'s values, bit for bit, for the watershed's sigma and others."""
-    from scipy import ndimage as ndi
-
-    rng = np.random.default_rng(4)
-    for band in (48, 5, 2, 1):
-        monkeypatch.setattr(pp, "_BAND", band)
-        for _ in range(40):
-            shape = (int(rng.integers(1, 220)), int(rng.integers(1, 90)))
-            image = rng.normal(size=shape).astype(np.float32)
-            for sigma in (1.0, 0.3, 0.5, 2.0, 3.7):
-                assert np.array_equal(pp._gaussian_filter(image, sigma), ndi.gaussian_filter(image, sigma)), \
-                    (band, shape, sigma)
-
-
 def _check_clean_components(mask, min_area):
     from scipy import ndimage as ndi
 
