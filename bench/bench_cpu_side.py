@@ -90,6 +90,34 @@ def make_input(work: Path, side: int, seed: int = 0) -> None:
     sample_data.write_pyramidal_tiff(work / "slide.tif", rgb, MPP, tile_size=256)
 
 
+def bench_input(work: str | Path, side: int = 4096) -> Path:
+    """`work` holding this bench's input (labels.npy, fg.npy, hv.npy, slide.tif: `make_input`), written first if it
+    has none; for the benches of single steps (`bench_labelling.py`, `bench_gaussian.py`, `bench_deflate.py`)."""
+    work = Path(work)
+    if not (work / "fg.npy").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        make_input(work, side)
+    return work
+
+
+# the crops (a 2048 region with its margin) of the benches of single post-processing steps, and their origins
+CROP_SIDE, CROP_ORIGINS = 2176, ((960, 960), (0, 0), (1900, 1500))
+
+
+def postprocess_crops(work: Path) -> int:
+    """`postprocess.postprocess` on the maps of each crop of `CROP_ORIGINS` (for a caller watching what it calls);
+    returns the number of crops."""
+    import postprocess as pp
+
+    fg_all = np.load(work / "fg.npy", mmap_mode="r")
+    hv_all = np.load(work / "hv.npy", mmap_mode="r")
+    side = CROP_SIDE
+    for y0, x0 in CROP_ORIGINS:
+        pp.postprocess(np.array(fg_all[y0:y0 + side, x0:x0 + side]), np.array(hv_all[:, y0:y0 + side, x0:x0 + side]),
+                       pp.PostprocessConfig())
+    return len(CROP_ORIGINS)
+
+
 def run_tree(args: argparse.Namespace) -> None:
     """The measured process (one tree): every stage on the input in `args.work`, timings as JSON."""
     sys.path.insert(0, args.tree)

@@ -44,14 +44,10 @@ def main() -> None:
 
     if utils.zlib_ng_encoder() is None:
         raise SystemExit("imagecodecs without zlib-ng here: utils.deflate is zlib itself")
-    work = Path(args.work)
-    if not (work / "labels.npy").is_file():
-        sys.path.insert(0, str(ROOT / "bench"))
-        import bench_cpu_side
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_cpu_side
 
-        work.mkdir(parents=True, exist_ok=True)
-        bench_cpu_side.make_input(work, 4096)
-    labels = np.load(work / "labels.npy")
+    labels = np.load(bench_cpu_side.bench_input(args.work) / "labels.npy")
     crops = []
     for y0, x0 in ((0, 0), (0, 2048), (2048, 0), (2048, 2048)):
         crop = labels[y0:y0 + 2048, x0:x0 + 2048]

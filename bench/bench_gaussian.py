@@ -22,6 +22,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cpu_side  # noqa: E402  (the input and crops shared by the benches of single steps)
 
 
 def main() -> None:
@@ -33,29 +35,19 @@ def main() -> None:
 
     import postprocess as pp
 
-    work = Path(args.work)
-    if not (work / "fg.npy").is_file():
-        sys.path.insert(0, str(ROOT / "bench"))
-        import bench_cpu_side
-
-        work.mkdir(parents=True, exist_ok=True)
-        bench_cpu_side.make_input(work, 4096)
-    fg_all = np.load(work / "fg.npy", mmap_mode="r")
-    hv_all = np.load(work / "hv.npy", mmap_mode="r")
+    work = bench_cpu_side.bench_input(args.work)
     surfaces, gaussian = [], ndi.gaussian_filter
 
     def watched(image, sigma, *rest, **options):
         surfaces.append((np.array(image), float(sigma)))
         return gaussian(image, sigma, *rest, **options)
 
-    side, origins = 2176, ((960, 960), (0, 0), (1900, 1500))
     pp.ndi.gaussian_filter = watched
     try:
-        for y0, x0 in origins:
-            pp.postprocess(np.array(fg_all[y0:y0 + side, x0:x0 + side]),
-                           np.array(hv_all[:, y0:y0 + side, x0:x0 + side]), pp.PostprocessConfig())
+        crops = bench_cpu_side.postprocess_crops(work)
     finally:
         pp.ndi.gaussian_filter = gaussian
+    side = bench_cpu_side.CROP_SIDE
     band = 48
 
     def ours(image, sigma):
@@ -88,7 +80,8 @@ def main() -> None:
             same &= bool(np.array_equal(ref, got))
         best = [min(a, b) for a, b in zip(best, times)]
     pixels = sum(image.size for image, _ in surfaces)
-    crops = len(origins)
+    fg_all = np.load(work / "fg.npy", mmap_mode="r")
+    hv_all = np.load(work / "hv.npy", mmap_mode="r")
     whole = np.array(pp.edge_energy(np.array(hv_all[:, :side, :side]), np.array(fg_all[:side, :side]) > 0.5))
     best_whole = [1e9, 1e9]
     for _ in range(args.repeats):

@@ -19,6 +19,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cpu_side  # noqa: E402  (the input and crops shared by the benches of single steps)
 
 
 def main() -> None:
@@ -32,29 +34,18 @@ def main() -> None:
 
     if pp.cc3d is None:
         raise SystemExit("connected-components-3d is not installed (pip install -r requirements.txt)")
-    work = Path(args.work)
-    if not (work / "fg.npy").is_file():
-        sys.path.insert(0, str(ROOT / "bench"))
-        import bench_cpu_side
-
-        work.mkdir(parents=True, exist_ok=True)
-        bench_cpu_side.make_input(work, 4096)
-    fg_all = np.load(work / "fg.npy", mmap_mode="r")
-    hv_all = np.load(work / "hv.npy", mmap_mode="r")
+    work = bench_cpu_side.bench_input(args.work)
     masks, label = [], ndi.label
 
     def watched(mask, *rest, **options):
         masks.append(np.array(mask, bool))
         return label(mask, *rest, **options)
 
-    side, origins = 2176, ((960, 960), (0, 0), (1900, 1500))
     saved = pp.cc3d
     pp.cc3d = None   # every labelling through ndi.label, watched
     pp.ndi.label = watched
     try:
-        for y0, x0 in origins:
-            pp.postprocess(np.array(fg_all[y0:y0 + side, x0:x0 + side]),
-                           np.array(hv_all[:, y0:y0 + side, x0:x0 + side]), pp.PostprocessConfig())
+        crops = bench_cpu_side.postprocess_crops(work)
     finally:
         pp.ndi.label, pp.cc3d = label, saved
     clock = time.process_time
@@ -73,7 +64,6 @@ def main() -> None:
         totals = [a + b for a, b in zip(totals, best)]
         print(f"| {i} | {mask.mean():.2f} | {n} | {best[0] * 1e3:.1f} | {best[1] * 1e3:.1f} | "
               f"{'yes' if n == m and np.array_equal(ref, ours) else 'NO'} |")
-    crops = len(origins)
     print(f"\nper 2176² crop: ndi.label {totals[0] / crops * 1e3:.0f} ms, _label4 {totals[1] / crops * 1e3:.0f} ms "
           f"({totals[0] / max(totals[1], 1e-9):.2f}x)")
 
