@@ -100,6 +100,15 @@ def bench_input(work: str | Path, side: int = 4096) -> Path:
     return work
 
 
+def single_step_arguments(description: str, repeats: int) -> argparse.Namespace:
+    """The command line of a single-step bench: `--work` (this bench's input folder) and `--repeats`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--work", default="/tmp/cpu/bs4096",
+                        help="folder of bench_cpu_side.py's input (written there first if it has none)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args()
+
+
 # the crops (a 2048 region with its margin) of the benches of single post-processing steps, and their origins
 CROP_SIDE, CROP_ORIGINS = 2176, ((960, 960), (0, 0), (1900, 1500))
 

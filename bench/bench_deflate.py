@@ -12,7 +12,6 @@ best of `--repeats` (the encoders alternate), and every stream is inflated back 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import zlib
@@ -22,6 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cpu_side  # noqa: E402  (the input shared by the benches of single steps)
 
 
 def timed(encode, items, repeats: int, clock=time.process_time) -> tuple[float, int, list]:
@@ -34,19 +35,13 @@ def timed(encode, items, repeats: int, clock=time.process_time) -> tuple[float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/cpu/bs4096", help="folder of bench_cpu_side.py's input")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = bench_cpu_side.single_step_arguments(__doc__.splitlines()[0], repeats=5)
     import tifffile
 
     import utils
 
     if utils.zlib_ng_encoder() is None:
         raise SystemExit("imagecodecs without zlib-ng here: utils.deflate is zlib itself")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_cpu_side
-
     labels = np.load(bench_cpu_side.bench_input(args.work) / "labels.npy")
     crops = []
     for y0, x0 in ((0, 0), (0, 2048), (2048, 0), (2048, 2048)):

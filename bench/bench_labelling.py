@@ -10,7 +10,6 @@ are compared (ids and count).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,7 @@ import bench_cpu_side  # noqa: E402  (the input and crops shared by the benches 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/cpu/bs4096", help="folder of bench_cpu_side.py's input")
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = bench_cpu_side.single_step_arguments(__doc__.splitlines()[0], repeats=7)
     from scipy import ndimage as ndi
 
     import postprocess as pp
