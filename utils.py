@@ -694,8 +694,7 @@ class ArrayHandoff:
 
     `pack(arrays)` -> a small picklable description, or None when shared memory is not there, not writable or
     has too little room (the caller then sends the arrays themselves); `release(packed)` deletes the file once the
-    worker is done, if the worker did not (`unpack_arrays(..., remove=True)`); `close()` deletes the folder (and
-    anything left in it after an error or Ctrl-C)."""
+    worker is done; `close()` deletes the folder (and anything left in it after an error or Ctrl-C)."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(SHARED_MEMORY_DIR if root is None else root)
@@ -744,12 +743,9 @@ class ArrayHandoff:
             self.dir = None
 
 
-def unpack_arrays(packed: dict, remove: bool = False) -> dict[str, np.ndarray | None]:
+def unpack_arrays(packed: dict) -> dict[str, np.ndarray | None]:
     """The arrays of an `ArrayHandoff.pack` description, mapped copy-on-write (writing to one changes only this
-    process's copy); the data stay valid after the file is deleted. `remove=True`: the file is deleted once mapped
-    (a worker that owns it: its pages are then freed when this process drops the arrays, in this process, instead of
-    by the main process's `release`, which is then a no-op: 13 ms of the main process per slide region on the
-    build machine)."""
+    process's copy); the data stay valid after the file is deleted."""
     import mmap
 
     out: dict[str, np.ndarray | None] = dict.fromkeys(packed.get("none", ()))
@@ -764,8 +760,6 @@ def unpack_arrays(packed: dict, remove: bool = False) -> dict[str, np.ndarray | 
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         # plain ndarrays over the mapping (which lives as long as they do)
         out[key] = np.frombuffer(mapped, np.dtype(dtype), count, offset).reshape(shape)
-    if remove:
-        Path(packed["file"]).unlink(missing_ok=True)
     return out
 
 

@@ -328,8 +328,8 @@ def finish_region(job: dict) -> dict:
     import postprocess as pp
 
     start = time.time()
-    if job.get("arrays") is not None:   # the maps and RGB in shared memory (`utils.ArrayHandoff`), this worker's now
-        job = dict(job, **utils.unpack_arrays(job["arrays"], remove=True))
+    if job.get("arrays") is not None:   # the maps and RGB in shared memory (`utils.ArrayHandoff`)
+        job = dict(job, **utils.unpack_arrays(job["arrays"]))
     settings = dict(job["settings"])
     if job["hv"] is None and settings.get("mode", "hv") == "hv":
         settings["mode"] = "binary"
