@@ -189,7 +189,8 @@ def test_process_pool_workers_leave_ctrl_c_to_the_main_process():
 
 def test_array_handoff_round_trip(tmp_path):
     """`ArrayHandoff.pack` writes arrays to one file in the given folder; `unpack_arrays` maps them back (same
-    values and dtypes, None kept, empty arrays), writable copy-on-write; `release` and `close` delete the files."""
+    values and dtypes, None kept, empty arrays), writable copy-on-write; a released file is rewritten by a later
+    `pack`; `close` deletes the files."""
     rng = np.random.default_rng(0)
     arrays = {"fg": rng.random((37, 41), dtype=np.float32), "hv": None,
               "rgb": rng.integers(0, 256, (37, 41, 3), dtype=np.uint8)[:, ::-1],   # not contiguous
@@ -206,9 +207,26 @@ def test_array_handoff_round_trip(tmp_path):
             assert back[key].dtype == a.dtype and np.array_equal(back[key], a) and type(back[key]) is np.ndarray
     back["fg"][0, 0] = -1.0                  # copy-on-write: the file keeps its values
     assert utils.unpack_arrays(packed)["fg"][0, 0] == arrays["fg"][0, 0]
+    # a released file is rewritten by the next pack (smaller, then larger than it: it grows), a new one made while
+    # every file is in use; each description maps back to its own arrays
     handoff.release(packed)
-    assert not Path(packed["file"]).exists() and back["ids"][6] == 6   # a mapping outlives the file
-    handoff.pack({"x": np.ones(3)})
+    small = {"a": np.arange(10, dtype=np.int16)}
+    again = handoff.pack(small)
+    assert again["file"] == packed["file"]
+    other = handoff.pack(arrays)
+    assert other["file"] != again["file"]
+    handoff.release(again)
+    large = {"b": rng.random((90, 80)), "c": np.arange(5, dtype=np.uint8)}
+    grown = handoff.pack(large)
+    assert grown["file"] == again["file"] and Path(grown["file"]).stat().st_size >= large["b"].nbytes
+    for desc, want in ((grown, large), (other, arrays)):
+        got = utils.unpack_arrays(desc)
+        assert all(np.array_equal(got[k], a) for k, a in want.items() if a is not None)
+    assert len(list(Path(packed["file"]).parent.iterdir())) == 2
+    handoff.release(grown)
+    handoff.release(other)
+    handoff.close()
+    assert list(tmp_path.iterdir()) == [] and handoff.pack({"x": np.ones(3)}) is not None   # usable again
     handoff.close()
     assert list(tmp_path.iterdir()) == []
 

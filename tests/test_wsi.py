@@ -153,7 +153,8 @@ def test_a_run_reads_only_the_crop_and_the_windows_it_runs(small_slide):
 def test_workers_get_the_maps_through_shared_memory_or_pickles_with_the_same_bytes(small_slide, tmp_path,
                                                                                      monkeypatch, room):
     """With workers, each region's maps and RGB go through a file in shared memory (`utils.ArrayHandoff`), or by
-    pickle where there is none; the outputs are the in-process run's bytes, and no file is left behind."""
+    pickle where there is none; the outputs are the in-process run's bytes (the files rewritten region after
+    region), and no file is left behind."""
     path, _, _ = small_slide
     shm = tmp_path / "shm"
     if room == "shared memory":
@@ -162,9 +163,13 @@ def test_workers_get_the_maps_through_shared_memory_or_pickles_with_the_same_byt
     packed = []
     pack = utils.ArrayHandoff.pack
 
+    files = set()
+
     def counting(self, arrays):
         result = pack(self, arrays)
         packed.append(result is not None)
+        if result is not None:
+            files.add(result["file"])
         return result
 
     monkeypatch.setattr(utils.ArrayHandoff, "pack", counting)
@@ -173,6 +178,7 @@ def test_workers_get_the_maps_through_shared_memory_or_pickles_with_the_same_byt
     assert len(packed) == 9 and all(packed) == (room == "shared memory") and not any(packed) == (room == "none")
     if room == "shared memory":
         assert list(shm.iterdir()) == []
+        assert len(files) <= 2   # one worker: at most two regions in flight, their files rewritten for the next
     options0 = _options()
     assert wsi.predict_slide(_predictor(options0), path, "s", tmp_path / "p", options0).status == "ok"
     assert _outputs(tmp_path / "w", "s") == _outputs(tmp_path / "p", "s")
