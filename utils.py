@@ -696,7 +696,7 @@ class ArrayHandoff:
     has too little room (the caller then sends the arrays themselves); `release(packed)` once the worker is done with
     it: its file is kept and rewritten by a later `pack` (its pages are allocated already: a new file costs the
     kernel's allocation and zeroing of every page on the write and their freeing on deletion, 69 and 13 ms of the
-    main process per slide region on the build machine, against about 10 ms for rewriting a kept one); `close()`
+    main process per slide region on the build machine, against about 20 ms for rewriting a kept one); `close()`
     deletes the folder (every file, also after an error or Ctrl-C). A file is rewritten only after `release`, and a
     worker's mapping of it is not used after its task (`wsi.finish_region` keeps no array of it)."""
 
