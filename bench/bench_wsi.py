@@ -40,7 +40,8 @@ The stand-in replays the maps in the order the untimed pass ran the windows (che
 its pixels; `looked_up` counts windows found by the hash of all their pixels instead, 0 when the order held), so
 that its own lookups cost this process next to nothing. Each pass shares the CPU threads as `predict` does
 (`utils.configure_threads`: `--sim_threads` per process if given, else the usable cores divided among this process
-and the pass's workers; `threads` in the table). Timings on a shared machine are noisy.
+and the pass's workers; `threads` in the table). `--sim_profile DIR`: a cProfile of the main thread of each pass
+(where the thread that feeds the device spends its time). Timings on a shared machine are noisy.
 """
 from __future__ import annotations
 
@@ -255,7 +256,17 @@ def run_simulated(args: argparse.Namespace) -> None:
         threads = utils.configure_threads(args.sim_threads, workers=predictor.num_workers)   # as predict does
         calls[0] = replayed[0] = looked_up[0] = 0
         cpu_before, main_before = _cpu_seconds(), _cpu_seconds(children=False)
+        profile = None
+        if args.sim_profile:   # the main thread only (cProfile follows the thread it is enabled in)
+            import cProfile
+
+            profile = cProfile.Profile()
+            profile.enable()
         outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options)
+        if profile is not None:
+            profile.disable()
+            Path(args.sim_profile).mkdir(parents=True, exist_ok=True)
+            profile.dump_stats(str(Path(args.sim_profile) / f"main_thread_{workers}_workers.prof"))
         cpu_work = _cpu_seconds() - cpu_before   # this process and its (reaped) post-processing workers
         main_cpu = _cpu_seconds(children=False) - main_before   # this process alone (all its threads)
         if outcome.status != "ok":
@@ -358,6 +369,9 @@ def main() -> None:
     parser.add_argument("--sim_workers", default="1,2,4")
     parser.add_argument("--out", default=None, help="folder for slides and outputs (default: a temporary one)")
     parser.add_argument("--run_one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sim_profile", default=None,
+                        help="--simulate: a folder for a cProfile of the main thread of each pass "
+                             "(main_thread_<workers>_workers.prof; read it with python -m pstats)")
     parser.add_argument("--sim_threads", type=int, default=None,
                         help="--simulate: CPU threads per process (default: predict's, the usable cores shared among "
                              "the main process and the workers)")
@@ -448,7 +462,8 @@ def main() -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run_simulated", "--tree", str(ROOT),
                "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
                "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")] \
-            + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)])
+            + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)]) \
+            + ([] if args.sim_profile is None else ["--sim_profile", str(Path(args.sim_profile).resolve())])
         sim, peak, _ = measure(cmd, cwd=ROOT, tag="SIM ")
         print(f"simulated accelerator: {args.sim_size}^2 slide, {args.sim_latency} s per batch of "
               f"{args.sim_batch} windows, {_usable_cores()} usable cores, peak RSS {peak:.0f} MiB")
