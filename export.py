@@ -962,7 +962,7 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
         for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
             out[name] = (sums[ch].astype(np.float32) / area.astype(np.float32)).astype(np.float64)
         # gray: per-pixel float32 values summed in float32 in raster order, as scikit-image's mean does
-        gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        gray = luma(rgb)
         gray_sum = np.zeros(len(present), np.float32)
         np.add.at(gray_sum, k, gray)
         out["mean_gray"] = (gray_sum / area.astype(np.float32)).astype(np.float64)
@@ -970,6 +970,15 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
         fg = np.take(foreground.ravel(), pix).astype(np.float64)
         out["confidence"] = np.bincount(k, weights=fg, minlength=len(present)) / area
     return out
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """0.299 R + 0.587 G + 0.114 B (ITU-R BT.601) of an (..., 3) array, in float32, pixel by pixel: products and sums
+    as separate float32 operations, so a pixel's value is the same bits wherever it lies. (A matrix-vector product
+    `rgb @ weights` goes to BLAS, whose last bit depends on the array's length on some CPUs: OpenBLAS on AMD EPYC
+    gives a pixel of a whole image and the same pixel in a gathered list different values, 1 in about 170.)"""
+    x = rgb.astype(np.float32, copy=False)
+    return (x[..., 0] * np.float32(0.299) + x[..., 1] * np.float32(0.587)) + x[..., 2] * np.float32(0.114)
 
 
 def _channel_sums(rgb: np.ndarray, k: np.ndarray, area: np.ndarray, m: int) -> list[np.ndarray]:

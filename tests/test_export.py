@@ -308,7 +308,8 @@ def _reference_measurements(labels: np.ndarray, image: np.ndarray, mpp: float) -
     from skimage.measure import regionprops_table
 
     rgb = image.astype(np.float32)
-    gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    # BT.601 luma of each pixel, one float32 operation at a time (as `export.luma` defines it), on the whole image
+    gray = (rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587)) + rgb[..., 2] * np.float32(0.114)
     table = regionprops_table(labels, intensity_image=np.concatenate([rgb, gray[..., None]], axis=2),
                               properties=["label", "centroid", "area", "perimeter", "eccentricity", "solidity",
                                           "axis_major_length", "axis_minor_length", "intensity_mean"])
@@ -362,6 +363,23 @@ def _assert_rows_match(new: list[dict], old: list[dict]) -> None:
             assert a[key] == b[key], key    # the same sums: bit for bit
         for key in ("perimeter_px", "perimeter_um", "eccentricity", "major_axis_px", "minor_axis_px"):
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9), key   # summation order only
+
+
+def test_luma_is_the_same_bits_wherever_a_pixel_lies():
+    # a pixel's gray value must not depend on how many pixels are computed with it (a BLAS `rgb @ weights` did:
+    # its last bit changed with the array's length on an AMD EPYC, and mean_gray with it)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (57, 43, 3)).astype(np.uint8)
+    whole = export.luma(image).ravel()
+    flat = image.reshape(-1, 3)
+    for n in (1, 2, 3, 5, 17, 100, 712):
+        pix = np.sort(rng.choice(flat.shape[0], n, replace=False))
+        assert np.array_equal(export.luma(np.take(flat, pix, axis=0)), whole[pix])
+    # by hand, in float32 operations: 0.299 * 200 + 0.587 * 100 + 0.114 * 50
+    expected = (np.float32(200) * np.float32(0.299) + np.float32(100) * np.float32(0.587)) \
+        + np.float32(50) * np.float32(0.114)
+    assert export.luma(np.array([200, 100, 50], np.uint8)) == expected
+    assert export.luma(np.array([200, 100, 50], np.uint8)) == pytest.approx(59.8 + 58.7 + 5.7, rel=1e-6)
 
 
 def test_vectorised_measurements_equal_regionprops():
@@ -651,7 +669,7 @@ def _former_measure_table(index: np.ndarray, image: np.ndarray | None,
         for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
             out[name] = (sums[ch].astype(np.float32) / area.astype(np.float32)).astype(np.float64)
         # gray: per-pixel float32 values summed in float32 in raster order, as scikit-image's mean does
-        gray = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        gray = export.luma(rgb)
         gray_sum = np.zeros(len(present), np.float32)
         np.add.at(gray_sum, k, gray)
         out["mean_gray"] = (gray_sum / area.astype(np.float32)).astype(np.float64)
