@@ -41,7 +41,10 @@ its pixels; `looked_up` counts windows found by the hash of all their pixels ins
 that its own lookups cost this process next to nothing. Each pass shares the CPU threads as `predict` does
 (`utils.configure_threads`: `--sim_threads` per process if given, else the usable cores divided among this process
 and the pass's workers; `threads` in the table). `--sim_profile DIR`: a cProfile of the main thread of each pass
-(where the thread that feeds the device spends its time). Timings on a shared machine are noisy.
+(where the thread that feeds the device spends its time). `device_idle_first_s`, `_between_s`, `_last_s`: how long
+the stand-in device waited before its first batch (opening the slide, the tissue mask, the first reads), between
+batches (windows not ready) and after its last one (the last regions, the label image, the pictures): the slide
+time is the network-bound time plus these three. Timings on a shared machine are noisy.
 """
 from __future__ import annotations
 
@@ -222,6 +225,7 @@ def run_simulated(args: argparse.Namespace) -> None:
         return out
 
     calls, replayed, looked_up = [0], [0], [0]
+    spans: list = []   # (start, end) of each batch on the stand-in device, perf_counter seconds
 
     def device(tiles):
         """The maps of `tiles` after the device's latency. A slide's windows run in the same order whatever the
@@ -229,7 +233,9 @@ def run_simulated(args: argparse.Namespace) -> None:
         of its pixels); a window out of that order is looked up by the hash of all its pixels (the stand-in's own
         work, which a real device does not do, stays off this process's CPU in the usual case)."""
         calls[0] += 1
+        start = time.perf_counter()
         time.sleep(args.sim_latency)  # the device works; this process's CPU is free
+        spans.append((start, time.perf_counter()))
         out = []
         for tile in tiles:
             i = replayed[0] + looked_up[0]
@@ -255,6 +261,7 @@ def run_simulated(args: argparse.Namespace) -> None:
         predictor = predict.load_predictor(options, maps_fn=device, model_set=model_set)
         threads = utils.configure_threads(args.sim_threads, workers=predictor.num_workers)   # as predict does
         calls[0] = replayed[0] = looked_up[0] = 0
+        spans.clear()
         cpu_before, main_before = _cpu_seconds(), _cpu_seconds(children=False)
         profile = None
         if args.sim_profile:   # the main thread only (cProfile follows the thread it is enabled in)
@@ -262,7 +269,9 @@ def run_simulated(args: argparse.Namespace) -> None:
 
             profile = cProfile.Profile()
             profile.enable()
+        began = time.perf_counter()
         outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options)
+        ended = time.perf_counter()
         if profile is not None:
             profile.disable()
             Path(args.sim_profile).mkdir(parents=True, exist_ok=True)
@@ -272,6 +281,12 @@ def run_simulated(args: argparse.Namespace) -> None:
         if outcome.status != "ok":
             raise SystemExit(outcome.error)
         network_bound = calls[0] * args.sim_latency
+        # where the device waited: before its first batch (opening, tissue mask, the first reads), between batches
+        # (starved: windows not ready, or the regions in flight all waiting on workers), after its last (the last
+        # regions' post-processing, assembly, pictures)
+        idle_first = spans[0][0] - began if spans else ended - began
+        idle_between = sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
+        idle_last = ended - spans[-1][1] if spans else 0.0
         cpu_side = outcome.read_seconds + outcome.postprocess_seconds + outcome.write_seconds
         bound = max(network_bound, cpu_side / workers)
         bound_cores = max(network_bound, cpu_side / min(workers, cores))
@@ -282,7 +297,8 @@ def run_simulated(args: argparse.Namespace) -> None:
             "postprocess_s": outcome.postprocess_seconds, "write_s": outcome.write_seconds,
             "cpu_side_s": round(cpu_side, 2), "bound_s": round(bound, 2), "ratio": round(outcome.seconds / bound, 2),
             "bound_cores_s": round(bound_cores, 2), "ratio_cores": round(outcome.seconds / bound_cores, 2),
-            "cpu_work_s": round(cpu_work, 2), "main_cpu_s": round(main_cpu, 2), "looked_up": looked_up[0],
+            "device_idle_first_s": round(idle_first, 2), "device_idle_between_s": round(idle_between, 2),
+            "device_idle_last_s": round(idle_last, 2), "cpu_work_s": round(cpu_work, 2), "main_cpu_s": round(main_cpu, 2), "looked_up": looked_up[0],
             "ratio_cpu_work": round(outcome.seconds / max(network_bound, cpu_work / min(workers, cores)), 2)}),
             flush=True)
 
