@@ -269,10 +269,14 @@ def _scale_row(row: dict, scale: float) -> dict:
 
 
 def warm_worker() -> None:
-    """Import what `finish_region` needs (a worker process's first task, submitted when the pool starts; matplotlib,
-    for the pictures at the end, is imported by the workers that draw them, while the label image is written)."""
+    """Import what `finish_region` needs (a worker process's first task, submitted when the pool starts), and what
+    the pictures at the end need (matplotlib: about 0.3 s of CPU, paid here while the worker waits for its first
+    region instead of at the end of the slide, where the device is done and everything waits on the pictures)."""
     import export  # noqa: F401
     import postprocess  # noqa: F401
+    import visualize
+
+    visualize.import_matplotlib()
 
 
 def start_workers(workers: int):
