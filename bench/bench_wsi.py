@@ -298,7 +298,8 @@ def run_simulated(args: argparse.Namespace) -> None:
             "cpu_side_s": round(cpu_side, 2), "bound_s": round(bound, 2), "ratio": round(outcome.seconds / bound, 2),
             "bound_cores_s": round(bound_cores, 2), "ratio_cores": round(outcome.seconds / bound_cores, 2),
             "device_idle_first_s": round(idle_first, 2), "device_idle_between_s": round(idle_between, 2),
-            "device_idle_last_s": round(idle_last, 2), "cpu_work_s": round(cpu_work, 2), "main_cpu_s": round(main_cpu, 2), "looked_up": looked_up[0],
+            "device_idle_last_s": round(idle_last, 2), "cpu_work_s": round(cpu_work, 2),
+            "main_cpu_s": round(main_cpu, 2), "looked_up": looked_up[0],
             "ratio_cpu_work": round(outcome.seconds / max(network_bound, cpu_work / min(workers, cores)), 2)}),
             flush=True)
 
