@@ -291,7 +291,8 @@ def run_simulated(args: argparse.Namespace) -> None:
         bound = max(network_bound, cpu_side / workers)
         bound_cores = max(network_bound, cpu_side / min(workers, cores))
         print("SIM " + json.dumps({
-            "workers": workers, "threads": threads, "windows": outcome.windows, "batches": calls[0], "nuclei": outcome.nuclei,
+            "workers": workers, "threads": threads, "windows": outcome.windows, "batches": calls[0],
+            "nuclei": outcome.nuclei,
             "slide_s": outcome.seconds, "network_stage_s": outcome.network_seconds,
             "network_bound_s": round(network_bound, 2), "read_s": outcome.read_seconds,
             "postprocess_s": outcome.postprocess_seconds, "write_s": outcome.write_seconds,

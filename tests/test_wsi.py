@@ -968,5 +968,6 @@ def test_warm_worker_imports_what_regions_and_pictures_need():
     code = ("import sys, wsi; before = set(sys.modules); wsi.warm_worker(); "
             "print(sorted(m for m in ('export', 'postprocess', 'matplotlib.figure', "
             "'matplotlib.backends.backend_agg') if m in sys.modules and m not in before))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True).stdout
     assert out.strip() == str(['export', 'matplotlib.backends.backend_agg', 'matplotlib.figure', 'postprocess'])
