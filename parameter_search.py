@@ -20,7 +20,8 @@ COMPLETE (or PRUNED) exactly once, and no two workers train the same point:
   trial of a process that no longer exists on this machine is failed on start-up; one from another machine
   is failed when its heartbeat is older than `--grace_period`. A failed point (crash, interrupt or error)
   is queued again as a WAITING trial that reuses the folder of the first attempt (training resumes from
-  its last checkpoint there).
+  its last checkpoint there). A worker whose trial another worker failed while it was only slow logs a
+  warning and goes on (`Objective.taken_over`).
 
 Outputs in `--output_dir`: `trials/<number>_r<rank>_a<alpha>_lr<lr>/` (one training output folder per
 configuration), `results.csv` / `results.md` (best first: mean ± sd over folds of every validation
@@ -304,7 +305,8 @@ def reap_dead_trials(study) -> int:
     me = machine_id()
     count = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("machine") != me or _process_alive(int(t.user_attrs.get("pid", -1))):
+        # "machine" is the last of a trial's identity attributes to be written: a trial that has it has its pid
+        if t.user_attrs.get("machine") != me or "pid" not in t.user_attrs or _process_alive(int(t.user_attrs["pid"])):
             continue
         try:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
@@ -393,8 +395,40 @@ class Objective:
         self.prune = prune
         self.trained = 0
         self.duplicates = 0
+        self.last_trial: Any = None  # the trial of the last call, and how that call ended
+        self.last_outcome = ""
 
     def __call__(self, trial) -> float:
+        import optuna
+
+        self.last_trial, self.last_outcome = trial, "running"
+        try:
+            score = self._train(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed the trial (see `taken_over`)
+            self.last_outcome = "taken over"
+            raise
+        except BaseException:
+            self.last_outcome = "raised"
+            raise
+        if _state_of(trial) == optuna.trial.TrialState.FAIL:  # checked here, as Optuna fails on it (see below)
+            self.last_outcome = "taken over"
+            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was failed by another worker")
+        self.last_outcome = "returned"
+        return score
+
+    def taken_over(self) -> bool:
+        """Whether the last trial was marked FAIL by someone else while this worker was still training it:
+        another worker's heartbeat check found its heartbeat older than the grace period (an overloaded
+        machine) and queued its configuration again. Optuna then refuses this worker's result ("Cannot tell a
+        FAIL trial"; when that happens after the objective returned, Optuna 5.1 then fails its own assertion
+        "Should not reach") or the objective's writes to the trial."""
+        import optuna
+
+        if self.last_trial is None or self.last_outcome not in ("returned", "taken over"):
+            return False
+        return _state_of(self.last_trial) == optuna.trial.TrialState.FAIL
+
+    def _train(self, trial) -> float:
         import optuna
 
         params = {name: trial.suggest_categorical(name, list(self.space[name])) for name in SEARCH_PARAMS}
@@ -404,9 +438,9 @@ class Objective:
             self.duplicates += 1
             log.info("trial %d: configuration %s already taken by trial %d; skipped", trial.number, params, owner)
             raise optuna.TrialPruned(f"duplicate of trial {owner}")
-        trial.set_user_attr("machine", machine_id())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("machine", machine_id())  # last: `reap_dead_trials` reads the pid only after it
         folder = trial.user_attrs.get("trial_dir")  # a retry resumes the failed trial's folder
         if folder is None:
             folder = claim_trial_folder(self.output_dir, trial.number, params)
@@ -443,6 +477,11 @@ class Objective:
         if not math.isfinite(score):
             raise optuna.TrialPruned(f"{self.metric} is not finite ({score})")
         return score
+
+
+def _state_of(trial):
+    """The trial's state in the storage now (another worker may have changed it)."""
+    return next((t.state for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number), None)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -680,8 +719,18 @@ def run_search(base_config: Mapping[str, Any], space: Mapping[str, list], output
     try:
         while remaining_work()[0] > 0:
             trained_before = objective.trained
-            study.optimize(objective, n_trials=max_idle, callbacks=[stop_when_done], catch=(),
-                           gc_after_trial=True, show_progress_bar=False)
+            try:
+                study.optimize(objective, n_trials=max_idle, callbacks=[stop_when_done], catch=(),
+                               gc_after_trial=True, show_progress_bar=False)
+            except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
+                if not objective.taken_over():
+                    raise
+                t = objective.last_trial
+                log.warning("trial %d (%s) was marked failed by another worker while this one was still training "
+                            "it (no heartbeat for %d s: is the machine overloaded? a larger --heartbeat_interval "
+                            "helps); its configuration was queued again and resumes in %s", t.number, t.params,
+                            grace_period or 3 * heartbeat_interval, t.user_attrs.get("trial_dir"))
+                continue
             if objective.trained == trained_before:
                 if remaining_work()[0] > 0:
                     log.warning("the sampler proposed only configurations that are already taken; stopping "

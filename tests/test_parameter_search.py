@@ -145,6 +145,77 @@ def test_dead_worker_trial_is_failed_and_requeued(tmp_path):
     assert len(list((tmp_path / "trials").iterdir())) == 4
 
 
+def test_trial_of_a_worker_still_writing_its_identity_is_not_reaped(tmp_path):
+    # another worker of this machine has started a trial and written "machine" but not yet its pid: it is alive
+    study = ps.open_study(ps.default_storage(tmp_path), ps.default_study_name(tmp_path), _space(), "pq",
+                          "grid", BASE)
+    trial = study.ask()
+    params = {n: trial.suggest_categorical(n, _space()[n]) for n in ps.SEARCH_PARAMS}
+    trial.set_user_attr("machine", ps.machine_id())
+    fake = FakeTrain()
+    result = ps.run_search(BASE, _space(), tmp_path, metric="pq", train_fn=fake)
+    assert result["trained"] == 3 and not result["finished"]
+    assert _load(tmp_path).trials[trial.number].state == optuna.trial.TrialState.RUNNING
+    assert ps._key(params) not in [k for k, _ in fake.calls]
+
+
+class FailedFromOutside(FakeTrain):
+    """While training `key`, another worker's heartbeat check declares the trial dead (its heartbeat is older
+    than the grace period, as on an overloaded machine): FAIL in the shared storage, configuration queued
+    again. `when` is "end" (before the training returns) or "report" (before an epoch's report)."""
+
+    def __init__(self, out: Path, key: tuple, when: str):
+        super().__init__()
+        self.out, self.key, self.when = out, key, when
+
+    def _fail_mine(self) -> None:
+        other = _load(self.out)  # the other worker's own connection to the study
+        for t in other.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            if ps._key(t.params) == self.key:
+                other.tell(t.number, state=optuna.trial.TrialState.FAIL)
+                ps.requeue_failed_trial(other, t)
+        self.key = None
+
+    def __call__(self, config, output_dir, epoch_callback=None, evaluate_test=True):
+        key = (config["lora_rank"], config["lora_alpha"], config["learning_rate"])
+
+        def callback(*a):
+            if key == self.key and self.when == "report":
+                self._fail_mine()
+            epoch_callback(*a)
+
+        result = super().__call__(config, output_dir, callback, evaluate_test)
+        if key == self.key and self.when == "end":
+            self._fail_mine()
+        return result
+
+
+@pytest.mark.parametrize("when", ["end", "report", "told"])
+def test_trial_failed_by_another_worker_while_training_is_logged_and_the_worker_goes_on(tmp_path, caplog, when,
+                                                                                        monkeypatch):
+    key = (4, 4.0, 1e-4)
+    fake = FailedFromOutside(tmp_path, key, when)
+    if when == "told":  # failed after the objective's last write, before Optuna records its result
+        train = ps.Objective._train
+
+        def train_then_fail(self, trial):
+            score = train(self, trial)
+            if ps._key(trial.params) == fake.key:
+                fake._fail_mine()
+            return score
+
+        monkeypatch.setattr(ps.Objective, "_train", train_then_fail)
+    with caplog.at_level("WARNING", logger="parameter_search"):
+        result = ps.run_search(BASE, _space(), tmp_path, metric="pq", train_fn=fake)
+    assert result["finished"]
+    assert [resume for k, resume in fake.calls if k == key] == [False, True]  # run again, resumed in its folder
+    study = _load(tmp_path)
+    assert set(_complete_keys(study).values()) == {1} and len(_complete_keys(study)) == 4
+    assert len(list((tmp_path / "trials").iterdir())) == 4
+    assert any("was marked failed by another worker" in r.getMessage() for r in caplog.records)
+    _check_results(tmp_path, 4)
+
+
 def test_point_running_elsewhere_is_not_duplicated(tmp_path):
     # another live worker (this test process) holds one grid point
     study = ps.open_study(ps.default_storage(tmp_path), ps.default_study_name(tmp_path), _space(), "pq",
