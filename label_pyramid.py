@@ -5,21 +5,25 @@ sub-resolutions are SubIFDs (the layout QuPath, napari/tifffile and Bio-Formats 
 `write_tiled_pyramid` is the general streaming writer underneath, also used for synthetic RGB slides
 (`sample_data.write_pyramidal_tiff_from_tiles`, levels as consecutive IFDs: the layout OpenSlide reads).
 
-Memory: level 0 comes from `read_tile(y, x, h, w)` one tile at a time, in row-major order, and goes straight
-to the output file. Each level-0 tile is also reduced 2x into a temporary tiled TIFF of level 1 (tiles of
-half the size, so one level-0 tile makes exactly one temporary tile). Every further level is made from the
-previous temporary file, reading 2x2 output tiles' worth at a time (only the tiles they touch); the output
-file gets each level by reading its temporary file back block by block. So at most a few tiles are held at
-once (two per compressing thread of the output: one per usable core), whatever the image size, and the temporary files (1/3 of the level-0 pixels, compressed) are removed.
+Memory: level 0 comes from `read_tile(y, x, h, w)` one tile at a time, in row-major order, and goes straight to the
+output file. As it streams, each level-0 tile is also reduced 2x into its quarter of a level-1 tile, each complete
+level-1 tile into its quarter of a level-2 tile, and so on (`_Reducer`); the upper quarters of a row wait for the
+next row zlib-1 compressed (a small fraction of one row of the level's tiles). Complete tiles of the reduced levels
+wait, in order, in temporary files beside the output (`_Spool`), encoded as the output stores them (zlib label
+tiles) or else zlib-1 compressed, until the output file takes them after level 0 (TIFF levels follow each other),
+so the pyramid's tail after the last level-0 tile is a copy of bytes. Tiles are encoded by one pool of threads, one
+per usable core, with at most two tiles per thread waiting for each level: a few tiles per level are held, whatever
+the image's area (peak RSS 53 MB writing a 4096² uint32 image with labels in every tile, 63 MB at 16,384², 68 MB at
+20,480², `bench/bench_label_pyramid.py`). The temporary files (about 1/3 of the output) are removed.
 
 Reduction: labels are subsampled (every second pixel, no averaging that would invent ids); RGB is the mean
 of each 2x2 block (edges replicated on odd sizes). Level k has size ceil(H / 2^k) x ceil(W / 2^k).
 The bytes depend only on the input (no timestamps, a UUID derived from the image's shape and pixel size).
 zlib tiles of one sample are encoded here and given to tifffile as bytes, the encoded empty tile made once per
-level (`_encoded_tiles`, a whole slide being mostly empty tiles): by zlib-ng where imagecodecs has it
+level (`_encoded_tiles`, `_Spool`; a whole slide being mostly empty tiles): by zlib-ng where imagecodecs has it
 (`utils.deflate`: standard zlib streams, on label tiles 1.2-1.3x faster and 13 % smaller than tifffile's libdeflate at
-the same level 6, 5x faster at the temporary levels' level 1), else by tifffile's own encoder (then the same file as
-tifffile's encoding); other compressions are tifffile's.
+the same level 6), else by tifffile's own encoder (then the same file as tifffile's encoding); other compressions are
+tifffile's.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -77,62 +83,12 @@ def _tile_grid(shape: tuple[int, int], tile: int) -> Iterator[tuple[int, int, in
             yield y, x, min(tile, height - y), min(tile, width - x)
 
 
-class _TileReader:
-    """One of our temporary tiled TIFFs read block by block: `reader[y0:y1, x0:x1]` reads and decodes only the
-    tiles the block touches (tifffile's `TiffPage.decode`), clipped to the image as numpy slicing is. (The
-    former zarr store did the same through zarr, whose import alone costs about 0.3 s of CPU per process.)"""
-
-    def __init__(self, path: Path):
-        import tifffile
-
-        self._tif = tifffile.TiffFile(path)
-        page = self._tif.pages.first
-        if not page.is_tiled:
-            self._tif.close()
-            raise ValueError(f"{path}: not a tiled TIFF")
-        self._page = page
-        self.shape = tuple(page.shape)
-        self.dtype = page.dtype
-        self._tile = (int(page.tilelength), int(page.tilewidth))
-        self._across = -(-int(page.imagewidth) // self._tile[1])
-        self._samples = int(page.samplesperpixel)
-
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        height, width = self.shape[:2]
-        (y0, y1, _), (x0, x1, _) = key[0].indices(height), key[1].indices(width)
-        out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)) + self.shape[2:], self.dtype)
-        th, tw = self._tile
-        page, fh = self._page, self._tif.filehandle
-        for ty in range(y0 // th, -(-y1 // th)):
-            for tx in range(x0 // tw, -(-x1 // tw)):
-                index = ty * self._across + tx
-                if not page.databytecounts[index]:
-                    continue   # an empty tile reads as zeros
-                fh.seek(page.dataoffsets[index])
-                tile = page.decode(fh.read(page.databytecounts[index]), index)[0]
-                tile = tile.reshape((th, tw) + self.shape[2:])
-                ya, yb = max(y0, ty * th), min(y1, (ty + 1) * th)
-                xa, xb = max(x0, tx * tw), min(x1, (tx + 1) * tw)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty * th:yb - ty * th, xa - tx * tw:xb - tx * tw]
-        return out
-
-    def close(self) -> None:
-        self._tif.close()
-
-
-def _encoded_tiles(tiles: Iterator[np.ndarray], tile_shape: tuple, dtype, level: int | None,
-                   workers: int) -> Iterator[bytes]:
-    """The zlib-encoded bytes of each tile (tiles padded with zeros to `tile_shape`), in order, `workers` threads
-    encoding ahead (two tiles each at most): `utils.deflate` at `level` (6, tifffile's default, when None) where
-    zlib-ng is installed, else `tifffile.TIFF.COMPRESSORS` of the deflate tag called as tifffile calls it (with
-    `level=` only when one is given: the bytes tifffile writes). A tile of zeros is encoded once per writer and its
-    bytes reused: a whole slide is mostly background, and an empty 512² tile costs about as much to encode as a
-    tile of labels."""
+def _zlib_encoder(level: int | None) -> Callable[[np.ndarray], bytes]:
+    """encode(tile) -> zlib bytes: `utils.deflate` at `level` (6, tifffile's default, when None) where zlib-ng is
+    installed, else `tifffile.TIFF.COMPRESSORS` of the deflate tag called as tifffile calls it (with `level=` only
+    when one is given: the bytes tifffile writes)."""
     import tifffile
-    from concurrent.futures import Future, ThreadPoolExecutor
-    from collections import deque
 
-    dtype = np.dtype(dtype)
     if utils.zlib_ng_encoder() is not None:
         def encode(tile: np.ndarray) -> bytes:
             return utils.deflate(tile, 6 if level is None else level)
@@ -141,27 +97,41 @@ def _encoded_tiles(tiles: Iterator[np.ndarray], tile_shape: tuple, dtype, level:
 
         def encode(tile: np.ndarray) -> bytes:
             return compressor(tile) if level is None else compressor(tile, level=level)
+    return encode
 
-    def padded(tile: np.ndarray) -> np.ndarray:
-        tile = np.ascontiguousarray(tile, dtype)
-        if tile.shape[:2] != tuple(tile_shape[:2]):
-            tile = np.pad(tile, [(0, t - s) for t, s in zip(tile_shape, tile.shape)])
-        return tile
 
+def _padded(tile: np.ndarray, tile_shape: tuple, dtype) -> np.ndarray:
+    """The tile, contiguous, padded with zeros to `tile_shape` (edge tiles), as TIFF stores them."""
+    tile = np.ascontiguousarray(tile, dtype)
+    if tile.shape[:2] != tuple(tile_shape[:2]):
+        tile = np.pad(tile, [(0, t - s) for t, s in zip(tile_shape, tile.shape)])
+    return tile
+
+
+def _encoded_tiles(tiles: Iterator[np.ndarray], tile_shape: tuple, dtype, level: int | None,
+                   workers: int, pool=None) -> Iterator[bytes]:
+    """The zlib-encoded bytes of each tile (`_zlib_encoder`; tiles padded with zeros to `tile_shape`), in order,
+    `workers` threads encoding ahead (two tiles each at most; those of `pool` when given, else a pool of its own).
+    A tile of zeros is encoded once per writer and its bytes reused: a whole slide is mostly background, and an
+    empty 512² tile costs about as much to encode as a tile of labels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    dtype = np.dtype(dtype)
+    encode = _zlib_encoder(level)
     empty: Future | None = None
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    own_pool = pool is None and workers > 1
+    if own_pool:
+        pool = ThreadPoolExecutor(max_workers=workers)
     pending: deque = deque()
     try:
         for tile in tiles:
-            tile = padded(tile)
+            tile = _padded(tile, tile_shape, dtype)
             if not tile.any():
                 if empty is None:
-                    empty = Future()
-                    empty.set_result(encode(tile))
+                    empty = _done(encode(tile))
                 future = empty
             elif pool is None:
-                future = Future()
-                future.set_result(encode(tile))
+                future = _done(encode(tile))
             else:
                 future = pool.submit(encode, tile)
             pending.append(future)
@@ -172,70 +142,130 @@ def _encoded_tiles(tiles: Iterator[np.ndarray], tile_shape: tuple, dtype, level:
     finally:
         for future in pending:
             future.cancel()
-        if pool is not None:
+        if own_pool:
             pool.shutdown(wait=True)
 
 
-# one compressing thread for the temporary levels (they are written beside the output, in a thread of their own):
-# with more, tifffile takes tiles from the generator ahead of compression, up to 512 MiB by default
-_TEMP_LEVEL = 1
-_TEMP_OPTIONS = dict(compression="zlib", compressionargs={"level": _TEMP_LEVEL}, metadata=None, maxworkers=1)
+class _Spool:
+    """The tiles of one reduced level (1 and up), in order, in a temporary file until the output gets them after
+    level 0. `encode` given (zlib label tiles): stored as the output stores them, encoded in `pool` as they come
+    (the empty tile encoded once), so that the output only copies them. Else stored raw, zlib-1 compressed, and
+    given back as arrays for tifffile to encode. At most two tiles per thread of `pool` wait to be stored."""
+
+    def __init__(self, path: Path, tile_shape: tuple, dtype, encode: Callable[[np.ndarray], bytes] | None,
+                 pool, workers: int):
+        self._file = open(path, "w+b")
+        self._tile_shape, self._dtype, self._encode, self._pool = tuple(tile_shape), np.dtype(dtype), encode, pool
+        self._limit = 2 * max(workers, 1)
+        self._index: list = []      # per tile: (offset, length) of its bytes, or None (empty); and its shape
+        self._pending: deque = deque()
+        self._empty: bytes | None = None
+
+    def put(self, tile: np.ndarray | None, shape: tuple) -> None:
+        """One tile of the level (clipped to the image at its edges), or None for an empty one of `shape`."""
+        if tile is None or not tile.any():
+            self._pending.append((None, shape))
+        elif self._encode is not None:
+            tile = _padded(tile, self._tile_shape, self._dtype)
+            self._pending.append((self._pool.submit(self._encode, tile) if self._pool is not None else _done(self._encode(tile)),
+                                  shape))
+        else:
+            data = np.ascontiguousarray(tile, self._dtype)
+            self._pending.append((self._pool.submit(utils.deflate, data, 1) if self._pool is not None
+                                  else _done(utils.deflate(data, 1)), shape))
+        while len(self._pending) > self._limit:
+            self._store()
+
+    def _store(self) -> None:
+        future, shape = self._pending.popleft()
+        if future is None:
+            self._index.append((None, shape))
+            return
+        data = future.result()
+        self._index.append(((self._file.tell(), len(data)), shape))
+        self._file.write(data)
+
+    def tiles(self) -> Iterator:
+        """The level's tiles in order: encoded bytes, or arrays."""
+        import zlib
+
+        while self._pending:
+            self._store()
+        for where, shape in self._index:
+            if where is None:
+                if self._encode is None:
+                    yield np.zeros(shape, self._dtype)
+                    continue
+                if self._empty is None:
+                    self._empty = self._encode(np.zeros(self._tile_shape, self._dtype))
+                yield self._empty
+                continue
+            self._file.seek(where[0])
+            data = self._file.read(where[1])
+            yield data if self._encode is not None else np.frombuffer(zlib.decompress(data), self._dtype).reshape(shape)
+
+    def close(self) -> None:
+        for future, _ in self._pending:
+            if future is not None:
+                future.cancel()
+        self._file.close()
 
 
-class _ThreadedTileWriter:
-    """Writes tiles `put` from the calling thread to a tiled TIFF through tifffile in a background thread
-    (tifffile's writer pulls tiles from an iterator; this lets a second file be written while the first
-    writer pulls from the main stream). The queue holds at most a few tiles."""
+def _done(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
-    _END = object()
 
-    def __init__(self, path: Path, shape, dtype, tile: int, photometric: str, bigtiff: bool,
-                 encode: bool = False):
-        import queue
-        import threading
+class _Reducer:
+    """Makes level k (k >= 1) of the pyramid from the tiles of level k - 1, given in row-major order: each is
+    reduced 2x into its quarter of a level-k tile, and a level-k tile, once its last quarter is in, goes to the
+    level's `_Spool` and on to the next reducer (level-k tiles too come in row-major order). The upper quarters
+    of a row of level-k tiles wait for the next row of level k - 1: they are held zlib-1 compressed (non-empty
+    ones only; label quarters shrink 10x or more), with at most the lower quarters of one tile uncompressed."""
 
-        self._queue: "queue.Queue" = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._ended = False
+    def __init__(self, shape: tuple[int, int], previous_grid: tuple[int, int], tile: int, pixel_shape, dtype,
+                 reduce: str, spool: _Spool, following: "_Reducer | None"):
+        self.height, self.width = shape
+        self.tile, self.pixel_shape, self.dtype, self.reduce = tile, pixel_shape, np.dtype(dtype), reduce
+        self.previous_rows, self.previous_cols = previous_grid
+        self.spool, self.following = spool, following
+        self._upper: dict[int, list] = {}   # column -> its upper quarters: (y, x, zlib bytes, shape)
+        self._lower: list = []              # the lower quarters of the tile being completed: (y, x, quarter)
 
-        def tiles():
-            while True:
-                item = self._queue.get()
-                if item is self._END:
-                    self._ended = True
-                    return
-                yield item
+    def add(self, ty: int, tx: int, tile: np.ndarray | None) -> None:
+        """Tile (ty, tx) of the previous level (None: empty)."""
+        row, col = ty // 2, tx // 2
+        quarter = None if tile is None else reduce2(tile, self.reduce)
+        if quarter is not None and not quarter.any():
+            quarter = None
+        y, x = (ty % 2) * (self.tile // 2), (tx % 2) * (self.tile // 2)
+        last_ty, last_tx = min(2 * row + 1, self.previous_rows - 1), min(2 * col + 1, self.previous_cols - 1)
+        if ty != last_ty:       # an upper quarter: its tile is complete only in the next row
+            if quarter is not None:
+                self._upper.setdefault(col, []).append((y, x, utils.deflate(quarter, 1), quarter.shape))
+            return
+        if quarter is not None:
+            self._lower.append((y, x, quarter))
+        if tx != last_tx:
+            return
+        upper, lower, self._lower = self._upper.pop(col, []), self._lower, []
+        size = self.pixel_shape(*self._tile_size(row, col))
+        done = None
+        if upper or lower:      # the tile is complete (its last quarter is in)
+            import zlib
 
-        def work():
-            import tifffile
+            done = np.zeros(size, self.dtype)
+            parts = [(qy, qx, np.frombuffer(zlib.decompress(data), self.dtype).reshape(shape))
+                     for qy, qx, data, shape in upper] + lower
+            for qy, qx, part in parts:
+                done[qy:qy + part.shape[0], qx:qx + part.shape[1]] = part
+        self.spool.put(done, size)
+        if self.following is not None:
+            self.following.add(row, col, done)
 
-            try:
-                data = _encoded_tiles(tiles(), (tile, tile) + tuple(shape[2:]), dtype, _TEMP_LEVEL, 1) if encode \
-                    else tiles()
-                with tifffile.TiffWriter(path, bigtiff=bigtiff) as tw:
-                    tw.write(data, shape=shape, dtype=dtype, tile=(tile, tile), photometric=photometric,
-                             **_TEMP_OPTIONS)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
-                self._error = e
-                while not self._ended:  # drain so the producer never blocks on a dead consumer
-                    self._ended = self._queue.get() is self._END
-
-        self._thread = threading.Thread(target=work, name="pyramid-level1", daemon=True)
-        self._thread.start()
-
-    def put(self, tile: np.ndarray) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing the temporary level failed: {self._error}") from self._error
-        self._queue.put(tile)
-
-    def __enter__(self) -> "_ThreadedTileWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(self._END)
-        self._thread.join()
-        if exc_type is None and self._error is not None:
-            raise RuntimeError(f"writing the temporary level failed: {self._error}") from self._error
+    def _tile_size(self, row: int, col: int) -> tuple[int, int]:
+        return min(self.tile, self.height - row * self.tile), min(self.tile, self.width - col * self.tile)
 
 
 def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_tile: ReadTile, *,
@@ -255,6 +285,7 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
     `show_progress=False`: no progress bar (a caller writing while other work shows its own). Returns the path.
     """
     import tifffile
+    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     path = Path(path)
@@ -272,10 +303,10 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
     if photometric is None:
         photometric = "minisblack" if samples == 1 else "rgb"
     level_extra = level_kwargs or (lambda level, ds: {})
-    # the output's tiles are compressed in parallel threads (zlib releases the GIL), one per core this process
-    # may use, the same bytes whatever the count (tifffile writes them in order); tifffile takes tiles from the
-    # generator ahead of its threads up to `buffersize` bytes (512 MiB by default, which would undo the bounded
-    # memory): two tiles per thread
+    # the tiles are compressed in parallel threads (zlib releases the GIL), one per core this process may use, the
+    # same bytes whatever the count (they are written in order); tifffile takes tiles from the generator ahead of
+    # its threads up to `buffersize` bytes (512 MiB by default, which would undo the bounded memory): two tiles
+    # per thread
     workers = utils.usable_cores()
     tile_bytes = tile_size * tile_size * samples * dtype.itemsize
     common = dict(compression=compression, photometric=photometric, metadata=None, maxworkers=workers,
@@ -286,89 +317,67 @@ def write_tiled_pyramid(path: str | os.PathLike, shape: tuple[int, int], read_ti
         kwargs.update(level_extra(level, downsample))
         return kwargs
 
-    # zlib label tiles are encoded here (`_encoded_tiles`: by zlib-ng, or to the bytes tifffile's own encoding gives)
-    # so that the encoded empty tile is reused; anything else tifffile encodes
-    own_encoding = compression == "zlib" and samples == 1 and not any(
-        key in level_extra(level, 1.0) for level in range(len(shapes)) for key in ("compressionargs", "predictor"))
-
-    def encoded(tiles: Iterator[np.ndarray], tile: int, level: int | None, threads: int):
-        return _encoded_tiles(tiles, (tile, tile), dtype, level, threads) if own_encoding else tiles
+    own_encoding = _own_encoding(compression, samples, [level_extra(level, 1.0) for level in range(len(shapes))])
+    tile_shape = pixel_shape(tile_size, tile_size)
+    n_tiles = sum(1 for _ in _tile_grid((height, width), tile_size))
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=".pyramid_", dir=path.parent if path.parent.exists() else None))
     out_tmp = utils.temp_file_beside(path)
+    # one pool of threads (one per usable core) encodes the tiles of every level
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    spools: list[_Spool] = []
     try:
-        # temporary level 1 with half-size tiles, filled while level 0 streams to the output
-        half = tile_size // 2
+        encode = _zlib_encoder(None) if own_encoding else None
+        spools = [_Spool(tmp_dir / f"level{level}.tiles", tile_shape, dtype, encode, pool, workers)
+                  for level in range(1, len(shapes))]
+        reducer = None
+        for level in range(len(shapes) - 1, 0, -1):     # levels 1, 2, ... each feeding the next
+            previous = (-(-shapes[level - 1][0] // tile_size), -(-shapes[level - 1][1] // tile_size))
+            reducer = _Reducer(shapes[level], previous, tile_size, pixel_shape, dtype, reduce, spools[level - 1],
+                               reducer)
 
-        def level0_tiles(progress, level1_sink) -> Iterator[np.ndarray]:
+        def level0_tiles(progress) -> Iterator[np.ndarray]:
             for y, x, h, w in _tile_grid((height, width), tile_size):
                 tile = np.asarray(read_tile(y, x, h, w))
                 if tile.shape != pixel_shape(h, w):
                     raise ValueError(f"read_tile({y}, {x}, {h}, {w}) returned shape {tile.shape}, "
                                      f"expected {pixel_shape(h, w)}")
                 tile = tile.astype(dtype, copy=False)
-                if level1_sink is not None:
-                    level1_sink.put(reduce2(tile, reduce))
+                if reducer is not None:    # the reduced levels are made (and encoded) as level 0 streams
+                    reducer.add(y // tile_size, x // tile_size, tile)
                 progress.update(1)
                 yield tile
 
-        def level_tiles_from(source, level_shape) -> Iterator[np.ndarray]:
-            for y, x, h, w in _tile_grid(level_shape, tile_size):
-                yield np.asarray(source[y:y + h, x:x + w])
-
-        def reduced_tiles(source, level_shape) -> Iterator[np.ndarray]:
-            for y, x, h, w in _tile_grid(level_shape, tile_size):
-                yield reduce2(np.asarray(source[2 * y:2 * (y + h), 2 * x:2 * (x + w)]), reduce)
-
-        def write_temp(level_path: Path, level_shape, tiles, tile) -> None:
-            with tifffile.TiffWriter(level_path, bigtiff=bigtiff) as tw:
-                tw.write(encoded(tiles, tile, _TEMP_LEVEL, 1), shape=pixel_shape(*level_shape), dtype=dtype,
-                         tile=(tile, tile), **_TEMP_OPTIONS, photometric=photometric)
-
-        n_tiles = sum(1 for _ in _tile_grid((height, width), tile_size))
-        temp1 = tmp_dir / "level1.tif"
         with tifffile.TiffWriter(out_tmp, bigtiff=bigtiff, ome=ome) as tw:
             with tqdm(total=n_tiles, desc=desc, unit="tile", disable=n_tiles < 64 or not show_progress,
                       leave=False) as progress:
-                if len(shapes) > 1:
-                    # level 1 goes to its temporary file through a second writer in a thread, fed by a
-                    # small bounded queue: one half-size tile per level-0 tile, same row-major grid
-                    with _ThreadedTileWriter(temp1, pixel_shape(*shapes[1]), dtype, half, photometric,
-                                             bigtiff, encode=own_encoding) as level1:
-                        tw.write(encoded(level0_tiles(progress, level1), tile_size, None, workers),
-                                 shape=pixel_shape(height, width),
-                                 dtype=dtype, tile=(tile_size, tile_size),
-                                 subifds=(len(shapes) - 1) if subifds else None, subfiletype=0,
-                                 **extra(0, 1.0))
-                else:
-                    tw.write(encoded(level0_tiles(progress, None), tile_size, None, workers),
-                             shape=pixel_shape(height, width), dtype=dtype,
-                             tile=(tile_size, tile_size), subfiletype=0, **extra(0, 1.0))
-            previous = temp1
+                tiles = level0_tiles(progress)
+                if own_encoding:
+                    tiles = _encoded_tiles(tiles, tile_shape, dtype, None, workers, pool=pool)
+                tw.write(tiles, shape=pixel_shape(height, width), dtype=dtype, tile=(tile_size, tile_size),
+                         subifds=(len(shapes) - 1) if subifds and len(shapes) > 1 else None, subfiletype=0,
+                         **extra(0, 1.0))
             for level in range(1, len(shapes)):
-                source = store = _TileReader(previous)
-                try:
-                    downsample = float(2 ** level)
-                    tw.write(encoded(level_tiles_from(source, shapes[level]), tile_size, None, workers),
-                             shape=pixel_shape(*shapes[level]),
-                             dtype=dtype, tile=(tile_size, tile_size), subfiletype=1,
-                             **extra(level, downsample))
-                    if level + 1 < len(shapes):
-                        following = tmp_dir / f"level{level + 1}.tif"
-                        write_temp(following, shapes[level + 1], reduced_tiles(source, shapes[level + 1]),
-                                   tile_size)
-                finally:
-                    store.close()
-                previous.unlink()
-                if level + 1 < len(shapes):
-                    previous = following
+                tw.write(spools[level - 1].tiles(), shape=pixel_shape(*shapes[level]), dtype=dtype,
+                         tile=(tile_size, tile_size), subfiletype=1, **extra(level, float(2 ** level)))
         os.replace(out_tmp, path)
     except BaseException:
         out_tmp.unlink(missing_ok=True)
         raise
     finally:
+        for spool in spools:
+            spool.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def _own_encoding(compression: str, samples: int, level_extras: list[dict]) -> bool:
+    """Whether the tiles are encoded here (zlib label tiles, `_encoded_tiles`, so that the encoded empty tile is
+    reused and the reduced levels are encoded while level 0 streams) rather than by tifffile."""
+    return compression == "zlib" and samples == 1 and not any(
+        key in extra for extra in level_extras for key in ("compressionargs", "predictor"))
 
 
 def ome_uuid(shape: tuple[int, int], mpp: float | None, name: str) -> str:

@@ -26,7 +26,7 @@ touch tissue (`grid_windows`, from this tree's `tissue` / `wsi` code). `--networ
 before the slide the bare network is timed on the slide's own windows at batch 1, 2, 4 and 8; `best_s_per_window`
 is the fastest, and `stage_ratio` = (network stage - replacement maps) / (windows x best_s_per_window).
 
-`--simulate` (this tree only): a stand-in accelerator. A first, untimed pass computes the dark-pixel maps of
+`--simulate`: a stand-in accelerator, for each `--code` tree in turn (`--repeats` rounds, interleaved). A first, untimed pass computes the dark-pixel maps of
 every window of a `--sim_size` slide; the timed passes return them (replayed in order, see below) after
 sleeping `--sim_latency` seconds per batch of `--sim_batch` windows, so the CPU is free while the "device"
 works. One pass per `--sim_workers` count; the table gives the slide time against max(network-bound time =
@@ -199,6 +199,7 @@ def run_simulated(args: argparse.Namespace) -> None:
     """The simulated accelerator (see the module docstring); prints one JSON row per worker count."""
     import hashlib
 
+    sys.path.insert(0, str(Path(args.tree).resolve()))   # the code tree measured (`--code`)
     import main as cli
 
     # the threads as `main.py predict` sets them: `--sim_threads` if given, else its default share of the cores
@@ -477,16 +478,18 @@ def main() -> None:
         model = work / f"model_{int(args.input_sizes.split(',')[0])}.pth"
         if not model.is_file():
             make_model(model, int(args.input_sizes.split(",")[0]))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run_simulated", "--tree", str(ROOT),
-               "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
-               "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")] \
-            + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)]) \
-            + ([] if args.sim_profile is None else ["--sim_profile", str(Path(args.sim_profile).resolve())])
-        sim, peak, _ = measure(cmd, cwd=ROOT, tag="SIM ")
-        print(f"simulated accelerator: {args.sim_size}^2 slide, {args.sim_latency} s per batch of "
-              f"{args.sim_batch} windows, {_usable_cores()} usable cores, peak RSS {peak:.0f} MiB")
-        _table(sim)
-
+        for repeat in range(args.repeats):
+            for tree in trees:  # old and new trees interleaved (`--code`), each pass in a fresh process
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--run_simulated", "--tree", str(tree),
+                       "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
+                       "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")] \
+                    + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)]) \
+                    + ([] if args.sim_profile is None else ["--sim_profile", str(Path(args.sim_profile).resolve())])
+                sim, peak, _ = measure(cmd, cwd=ROOT, tag="SIM ")
+                print(f"simulated accelerator ({tree}, repeat {repeat + 1}): {args.sim_size}^2 slide, "
+                      f"{args.sim_latency} s per batch of {args.sim_batch} windows, {_usable_cores()} usable cores, "
+                      f"peak RSS {peak:.0f} MiB")
+                _table(sim)
 
 if __name__ == "__main__":
     main()

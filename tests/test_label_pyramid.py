@@ -116,35 +116,35 @@ def test_single_level_and_rgb_mean_reduction(tmp_path):
     assert label_pyramid.level_shapes((100, 100), levels=3) == [(100, 100), (50, 50), (25, 25)]
 
 
-@pytest.mark.parametrize("samples", [1, 3])
-def test_tile_reader_blocks_equal_the_former_zarr_store(tmp_path, samples):
-    """The temporary levels are read back by `_TileReader` (only the tiles a block touches, no zarr): every
-    block, also across tile edges, clipped at the image's end or beyond it, equals the former reader's (the zarr
-    store of tifffile) and plain slicing of the image."""
-    import zarr
-
-    rng = np.random.default_rng(samples)
-    shape = (300, 370) if samples == 1 else (131, 97, 3)
-    image = rng.integers(0, 2**32 if samples == 1 else 256, shape, dtype=np.uint64).astype(
-        np.uint32 if samples == 1 else np.uint8)
-    path = tmp_path / "level.tif"
-    tifffile.imwrite(path, image, tile=(64, 32) if samples == 1 else (32, 32),
-                     photometric="minisblack" if samples == 1 else "rgb", **label_pyramid._TEMP_OPTIONS)
-    store = tifffile.imread(path, aszarr=True)
-    former = zarr.open(store, mode="r")
-    reader = label_pyramid._TileReader(path)
-    try:
-        blocks = [(0, shape[0], 0, shape[1]), (0, 64, 0, 32), (10, 75, 20, 70), (250, 400, 300, 500), (63, 65, 31, 33)]
-        blocks += [tuple(int(v) for v in sorted(rng.integers(0, shape[0] + 20, 2))) + tuple(
-            int(v) for v in sorted(rng.integers(0, shape[1] + 20, 2))) for _ in range(30)]
-        for y0, y1, x0, x1 in blocks:
-            got = reader[y0:y1, x0:x1]
-            assert got.dtype == image.dtype
-            np.testing.assert_array_equal(got, np.asarray(former[y0:y1, x0:x1]))
-            np.testing.assert_array_equal(got, image[y0:y1, x0:x1])
-    finally:
-        reader.close()
-        store.close()
+@pytest.mark.parametrize("shape,tile", [((300, 370), 64), ((257, 129), 32), ((40, 700), 32), ((700, 33), 32)])
+def test_reduced_levels_made_while_level_0_streams_equal_whole_image_reductions(tmp_path, shape, tile):
+    """The reduced levels, built tile by tile as level 0 streams (`_Reducer`), equal the whole image reduced level
+    by level: RGB 2x2 means (tifffile encodes, OpenSlide's page layout) and labels subsampled (mostly empty, so
+    empty and partly filled tiles and odd edges meet), with odd and even tile rows and columns at every level."""
+    rng = np.random.default_rng(tile + shape[0])
+    rgb = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    path = tmp_path / "rgb.tif"
+    label_pyramid.write_tiled_pyramid(path, shape, lambda y, x, h, w: rgb[y:y + h, x:x + w], dtype=np.uint8,
+                                      samples=3, reduce="mean", tile_size=tile, levels=6, subifds=False)
+    expected = rgb
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 6
+        for k, page in enumerate(tif.pages):
+            if k:
+                expected = label_pyramid.reduce2(expected, "mean")
+            np.testing.assert_array_equal(page.asarray(), expected)
+    labels = np.where(rng.random(shape) < 0.02, rng.integers(1, 2**32, shape, dtype=np.uint64), 0).astype(np.uint32)
+    labels[:, : shape[1] // 3] = 0
+    labels[: shape[0] // 2] = 0
+    path = tmp_path / "labels.ome.tif"
+    label_pyramid.write_tiled_pyramid(path, shape, lambda y, x, h, w: labels[y:y + h, x:x + w], dtype=np.uint32,
+                                      tile_size=tile, levels=6, ome=True)
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == 6
+        for k, level in enumerate(levels):
+            np.testing.assert_array_equal(level.asarray(), labels[::2 ** k, ::2 ** k])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.ome.tif", "rgb.tif"]  # temporaries removed
 
 
 def test_memory_stays_bounded_with_several_compressing_threads(tmp_path, monkeypatch):
@@ -214,7 +214,7 @@ def test_own_tile_encoding_writes_the_bytes_tifffiles_encoding_writes(tmp_path, 
     `workers` threads): without zlib-ng, by tifffile's deflate encoder, the very file tifffile's own encoding gives
     (the former path); with zlib-ng, a file whose every page has the same tags and every tile inflates to the same
     bytes (only the deflate streams differ). Real NuInsSeg labels on a mostly empty image with partial edge tiles,
-    four levels (three temporary), with and without a pixel size, one and several threads."""
+    four levels (three made as level 0 streams), with and without a pixel size, one and several threads."""
     if zlib_ng and label_pyramid.utils.zlib_ng_encoder() is None:
         pytest.skip("imagecodecs without zlib-ng here")
     image = _real_label_image(real_sample_dir)
@@ -222,11 +222,15 @@ def test_own_tile_encoding_writes_the_bytes_tifffiles_encoding_writes(tmp_path, 
     if not zlib_ng:
         monkeypatch.setattr(label_pyramid.utils, "zlib_ng_encoder", lambda: None)
     encoded = []
-    real = label_pyramid._encoded_tiles
+    real = label_pyramid._zlib_encoder
 
-    def counting(tiles, *args):
-        encoded.append(args)
-        return real(tiles, *args)
+    def counting(level):
+        encode = real(level)
+
+        def count(tile):
+            encoded.append(tile.shape)
+            return encode(tile)
+        return count
 
     for mpp in (None, 0.25):
         (tmp_path / f"own_{mpp}").mkdir()
@@ -234,10 +238,10 @@ def test_own_tile_encoding_writes_the_bytes_tifffiles_encoding_writes(tmp_path, 
         # the same file name: the OME metadata holds it
         own, former = tmp_path / f"own_{mpp}" / "labels.ome.tif", tmp_path / f"former_{mpp}" / "labels.ome.tif"
         with monkeypatch.context() as m:
-            m.setattr(label_pyramid, "_encoded_tiles", counting)
+            m.setattr(label_pyramid, "_zlib_encoder", counting)
             _write(own, image, mpp=mpp, tile_size=256, min_size=400)
         with monkeypatch.context() as m:
-            m.setattr(label_pyramid, "_encoded_tiles", lambda tiles, *args: tiles)   # tifffile encodes
+            m.setattr(label_pyramid, "_own_encoding", lambda *args: False)   # tifffile encodes every level
             _write(former, image, mpp=mpp, tile_size=256, min_size=400)
         if zlib_ng:
             assert own.read_bytes() != former.read_bytes() and _tile_streams(own) == _tile_streams(former)
@@ -246,6 +250,10 @@ def test_own_tile_encoding_writes_the_bytes_tifffiles_encoding_writes(tmp_path, 
         with tifffile.TiffFile(own) as tif:
             assert len(tif.series[0].levels) == 4
             assert np.array_equal(tif.series[0].levels[0].asarray(), image)
-    assert len(encoded) == 2 * 7     # per file: level 0, its temporary level 1, levels 1-3, temporary levels 2-3
+    assert set(encoded) == {(256, 256)}   # every tile padded to the tile size
     tiles = [(y, x) for y in range(0, 1900, 256) for x in range(0, 1450, 256)]
-    assert sum(not image[y:y + 256, x:x + 256].any() for y, x in tiles) > 10       # empty tiles reused
+    empty = sum(not image[y:y + 256, x:x + 256].any() for y, x in tiles)
+    assert empty > 10
+    # per file, level 0's non-empty tiles and the empty one once, then levels 1-3 (each at most as many): the empty
+    # tiles' bytes are reused, never encoded again
+    assert len(tiles) - empty + 1 < len(encoded) / 2 < 4 * (len(tiles) - empty + 1)
