@@ -123,12 +123,16 @@ def test_interrupted_and_failed_points_are_rerun_in_their_folder(tmp_path):
     _check_results(tmp_path, 4)
 
 
+def _running_trial(out: Path):
+    """A RUNNING trial of the search's study in `out`, its parameters chosen (as another worker's would be)."""
+    study = ps.open_study(ps.default_storage(out), ps.default_study_name(out), _space(), "pq", "grid", BASE)
+    trial = study.ask()
+    return trial, {n: trial.suggest_categorical(n, _space()[n]) for n in ps.SEARCH_PARAMS}
+
+
 def test_dead_worker_trial_is_failed_and_requeued(tmp_path):
     # a RUNNING trial left behind by a process of this machine that no longer exists
-    study = ps.open_study(ps.default_storage(tmp_path), ps.default_study_name(tmp_path), _space(), "pq",
-                          "grid", BASE)
-    trial = study.ask()
-    params = {n: trial.suggest_categorical(n, _space()[n]) for n in ps.SEARCH_PARAMS}
+    trial, params = _running_trial(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial.set_user_attr("machine", ps.machine_id())
@@ -147,10 +151,7 @@ def test_dead_worker_trial_is_failed_and_requeued(tmp_path):
 
 def test_trial_of_a_worker_still_writing_its_identity_is_not_reaped(tmp_path):
     # another worker of this machine has started a trial and written "machine" but not yet its pid: it is alive
-    study = ps.open_study(ps.default_storage(tmp_path), ps.default_study_name(tmp_path), _space(), "pq",
-                          "grid", BASE)
-    trial = study.ask()
-    params = {n: trial.suggest_categorical(n, _space()[n]) for n in ps.SEARCH_PARAMS}
+    trial, params = _running_trial(tmp_path)
     trial.set_user_attr("machine", ps.machine_id())
     fake = FakeTrain()
     result = ps.run_search(BASE, _space(), tmp_path, metric="pq", train_fn=fake)
@@ -218,10 +219,7 @@ def test_trial_failed_by_another_worker_while_training_is_logged_and_the_worker_
 
 def test_point_running_elsewhere_is_not_duplicated(tmp_path):
     # another live worker (this test process) holds one grid point
-    study = ps.open_study(ps.default_storage(tmp_path), ps.default_study_name(tmp_path), _space(), "pq",
-                          "grid", BASE)
-    trial = study.ask()
-    params = {n: trial.suggest_categorical(n, _space()[n]) for n in ps.SEARCH_PARAMS}
+    trial, params = _running_trial(tmp_path)
     trial.set_user_attr("machine", ps.machine_id())
     trial.set_user_attr("pid", os.getpid())
     fake = FakeTrain()
