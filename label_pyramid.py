@@ -130,10 +130,8 @@ def _encoded_tiles(tiles: Iterator[np.ndarray], tile_shape: tuple, dtype, level:
                 if empty is None:
                     empty = _done(encode(tile))
                 future = empty
-            elif pool is None:
-                future = _done(encode(tile))
             else:
-                future = pool.submit(encode, tile)
+                future = _run(pool, encode, tile)
             pending.append(future)
             while len(pending) > 2 * max(workers, 1):
                 yield pending.popleft().result()
@@ -166,13 +164,9 @@ class _Spool:
         if tile is None or not tile.any():
             self._pending.append((None, shape))
         elif self._encode is not None:
-            tile = _padded(tile, self._tile_shape, self._dtype)
-            self._pending.append((self._pool.submit(self._encode, tile) if self._pool is not None else _done(self._encode(tile)),
-                                  shape))
+            self._pending.append((_run(self._pool, self._encode, _padded(tile, self._tile_shape, self._dtype)), shape))
         else:
-            data = np.ascontiguousarray(tile, self._dtype)
-            self._pending.append((self._pool.submit(utils.deflate, data, 1) if self._pool is not None
-                                  else _done(utils.deflate(data, 1)), shape))
+            self._pending.append((_run(self._pool, utils.deflate, np.ascontiguousarray(tile, self._dtype), 1), shape))
         while len(self._pending) > self._limit:
             self._store()
 
@@ -215,6 +209,11 @@ def _done(value) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _run(pool, fn, *args) -> Future:
+    """`fn(*args)` in `pool`, or here and now when there is none (one usable core)."""
+    return pool.submit(fn, *args) if pool is not None else _done(fn(*args))
 
 
 class _Reducer:
