@@ -1,6 +1,6 @@
 """The CPU side of the slide pipeline in seconds per mm² per core, old tree vs new tree (issue 17, point 4).
 
-    python bench/bench_cpu_side.py [--old /tmp/cpu/old] [--side 4096] [--repeats 2] [--out DIR]
+    python bench/bench_cpu_side.py [--old /tmp/cpu/old] [--side 4096] [--repeats 2] [--out DIR] [--read_scale 1.0108]
 
 The old tree is another checkout (`git worktree add /tmp/cpu/old 487c4a1`). Each tree runs in its own fresh
 subprocess with that tree first on `sys.path`, one thread (`OMP_NUM_THREADS=1` and friends) and no worker
@@ -16,7 +16,9 @@ through `slides.open_slide` (as predict reads it: OpenSlide, whose levels its ti
 Stages per region (regions of 2048 with the 128-px margin, as `predict`): `read` (`read_scaled` of what
 `run_regions` reads for the region: `wsi.run_boxes`, the crop and the windows not run by an earlier region, in
 a tree that has it, with the columns shared with the previous region's box copied from its pixels (`wsi.read_box`)
-where the tree does that; `Region.box` in an older one), `blend` (`wsi.stitch_region` with the window cache as in
+where the tree does that; `Region.box` in an older one; with `--read_scale S` the same boxes are read through
+`read_scaled(box, S)`, the resampling of every region of a slide at S x 0.25 µm/px, and that read is the one timed,
+while the other stages work on the scale-1 pixels), `blend` (`wsi.stitch_region` with the window cache as in
 `run_regions` and a maps function that hands back each window's slice of the precomputed maps; that function's
 own time, copying out of the memory-mapped maps, is left out, so only the blending is timed), `finish`
 (`wsi.finish_region`: post-processing + seam rule + measurements + polygons + region file, as a worker runs it) and
@@ -195,16 +197,26 @@ def run_tree(args: argparse.Namespace) -> None:
         last_use = {key: k for k, r in enumerate(regions) for key in r.windows}
         cache: dict = {}
         stand_in = [0.0]   # the stand-in network's own time (copies out of the memory-mapped maps): not blending
-        previous = None
+        previous = previous_scaled = None
+        read_scale = float(args.read_scale)
         for k, (region, box) in enumerate(zip(regions, boxes)):
             y0, x0, y1, x1 = box
+            if read_scale != 1.0:   # timed: the same box read through the resampling of a slide at another mpp
+                t = clock()
+                if hasattr(wsi, "read_box"):
+                    previous_scaled = (box, wsi.read_box(lambda b: slide.read_scaled(b, read_scale), box,
+                                                         previous_scaled))
+                else:
+                    slide.read_scaled((x0, y0, x1 - x0, y1 - y0), read_scale)
+                timing["read"] += clock() - t
             t = clock()
             if hasattr(wsi, "read_box"):   # the columns shared with the previous region's box are copied
                 rgb = wsi.read_box(lambda b: slide.read_scaled(b, 1.0), box, previous)
                 previous = (box, rgb)
             else:
                 rgb = slide.read_scaled((x0, y0, x1 - x0, y1 - y0), 1.0)
-            timing["read"] += clock() - t
+            if read_scale == 1.0:
+                timing["read"] += clock() - t
             # the windows stitch_region runs, in its order (batch 1; with the cache, those not run before)
             queue = [key for key in region.windows if key not in cache]
 
@@ -310,6 +322,10 @@ def main() -> None:
                              "on a shared machine), wall: elapsed seconds")
     parser.add_argument("--no_label_image", action="store_true",
                         help="assemble without the label image (predict's default; --label_image writes it)")
+    parser.add_argument("--read_scale", type=float, default=1.0,
+                        help="time the read stage through `read_scaled` at this scale (slide mpp / 0.25: 1.0108 for "
+                             "the 0.2527 µm/px of many 40x scanners), the resampling every region of such a slide "
+                             "goes through; the other stages work on the scale-1 pixels as before")
     parser.add_argument("--run_tree", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -330,7 +346,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for label, tree in (("old", args.old), ("new", str(ROOT))):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--run_tree", "--tree", tree, "--work", str(work),
-                   "--output", str(work / f"out_{label}{suffix}"), "--clock", args.clock] \
+                   "--output", str(work / f"out_{label}{suffix}"), "--clock", args.clock,
+                   "--read_scale", str(args.read_scale)] \
                 + (["--no_label_image"] if args.no_label_image else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TIMING ")), None)
@@ -343,7 +360,7 @@ def main() -> None:
             best[label] = timing
     load = os.getloadavg()[0]
     print(f"\nslide {args.side}² at {MPP} µm/px = {best['new']['mm2']:.3f} mm², {best['new']['nuclei']} nuclei "
-          f"({best['new']['nuclei'] / best['new']['mm2']:.0f} per mm²); 1 thread, 1 process, {args.clock} seconds; best of {args.repeats} "
+          f"({best['new']['nuclei'] / best['new']['mm2']:.0f} per mm²); read at scale {args.read_scale:g}; 1 thread, 1 process, {args.clock} seconds; best of {args.repeats} "
           f"interleaved runs; 1-min load average at the end {load:.2f}\n")
     stages = ("read", "blend", "postprocess", "finish", "assemble")
     per_mm2 = ("read", "blend", "finish", "assemble")

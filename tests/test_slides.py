@@ -100,6 +100,51 @@ def test_read_scaled_reproduces_a_linear_ramp(tmp_path):
             assert (out[..., 2] == 90).all()
 
 
+
+def _sparse_sums(source, rows, wy, cols, wx):
+    """The former `slides._resample` before its rounding: two CSR products of scipy (float32 sums of the taps in
+    their stored order)."""
+    from scipy import sparse
+
+    height, width = source.shape[:2]
+
+    def matrix(index, weight, size):
+        n, taps = index.shape
+        return sparse.csr_matrix((weight.ravel(), index.ravel(), np.arange(0, n * taps + 1, taps)), shape=(n, size))
+
+    columns = np.ascontiguousarray(source.transpose(1, 0, 2)).reshape(width, height * 3).astype(np.float32)
+    horizontal = (matrix(cols, wx, width) @ columns).reshape(cols.shape[0], height, 3)
+    rows_major = np.ascontiguousarray(horizontal.transpose(1, 0, 2)).reshape(height, cols.shape[0] * 3)
+    return (matrix(rows, wy, height) @ rows_major).reshape(rows.shape[0], cols.shape[0], 3)
+
+
+@pytest.mark.parametrize("band", [1, 7, 32])
+def test_banded_resampling_equals_the_sparse_products(monkeypatch, band):
+    """`_resample` in bands of rows gives the bits of the two sparse products it replaced (the same float32 products
+    and sums in the same order: its sums before rounding are theirs, bit for bit), shrinking and enlarging, at the
+    slide's edges (repeated edge taps) and inside, on noise and on black and white."""
+    monkeypatch.setattr(slides, "_RESAMPLE_BAND", band)
+    rng = np.random.default_rng(band)
+    for trial, f in enumerate((0.2527 / 0.25, 0.2498 / 0.25, 0.5054, 0.37, 1 / 3, 0.1, 0.8, 1.7, 2.0, 4.0)):
+        height, width = (int(v) for v in rng.integers(1, 160, 2))
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if trial % 2:
+            image = np.where(rng.random((height, width, 1)) < 0.3, 0, 255).astype(np.uint8).repeat(3, axis=2)
+        x0, y0 = (int(v) for v in rng.integers(-5, 20, 2))
+        w, h = (int(v) for v in rng.integers(1, 140, 2))
+        cols, wx = slides._kernel(x0, w, f, width)
+        rows, wy = slides._kernel(y0, h, f, height)
+        source = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        rows, cols = rows - rows.min(), cols - cols.min()
+        sums = _sparse_sums(source, rows, wy, cols, wx)
+        assert sums.dtype == np.float32
+        for r0 in range(0, h, band):
+            np.testing.assert_array_equal(slides._resampled_sums(source, rows[r0:r0 + band], wy[r0:r0 + band], cols, wx),
+                                          sums[r0:r0 + band], err_msg=f"scale {f}, source {height} x {width}")
+        got = slides._resample(source, rows, wy, cols, wx)
+        assert got.dtype == np.uint8 and got.shape == (h, w, 3)
+        np.testing.assert_array_equal(got, np.clip(np.rint(sums), 0, 255).astype(np.uint8))
+
 def test_thumbnail_and_mpp_override(slide_path, noise_image):
     with slides.open_slide(slide_path, mpp=0.5) as slide:
         assert slide.mpp == 0.5 and slide.require_mpp() == 0.5
