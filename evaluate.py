@@ -421,7 +421,7 @@ def evaluate_model_set(model_set: Any, samples: Sequence[Any] | None = None, *,
     head = (getattr(model_set, "config", None) or {}).get("head")
     if head == "binary" and any(pp["mode"] == "hv" for pp in pp_of.values()):
         raise UserError("--mode hv: this model has a binary head (no HV maps); use --mode binary")
-    input_size = _model_input_size(model_set)
+    _model_input_size(model_set)   # a checkpoint whose config has no input_size stops here
     # LoRA merged and Conv+BN folded once per model: same outputs, faster inference
     nets = {id(member): [nuclei_model.prepare_for_inference(m) for m in member_models(member)]
             for member, _, group in assignments if group}

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import utils
 from utils import UserError
 
 log = logging.getLogger(__name__)

@@ -81,7 +81,7 @@ def test_predict_input_that_matches_nothing_is_a_usage_error(tmp_path, capsys):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
     assert main.main(["-q", "predict", "--model_path", str(model), "--input", str(tmp_path / "a.png"),
                       "--output_dir", str(out), "--device", "cpu"]) == 2  # a text .pth: error, no folder
-    assert capsys.readouterr().err.startswith(f"error: ") and not out.exists()
+    assert capsys.readouterr().err.startswith("error: ") and not out.exists()
 
 
 @pytest.mark.parametrize("flag, value", [("--lora_rank", "8"), ("--learning_rate", "1e-3"), ("--fold", "1"),

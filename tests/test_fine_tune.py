@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-import dataset
 import main
 import nuclei_model as nm
 import train
