@@ -41,7 +41,9 @@ its pixels; `looked_up` counts windows found by the hash of all their pixels ins
 that its own lookups cost this process next to nothing. Each pass shares the CPU threads as `predict` does
 (`utils.configure_threads`: `--sim_threads` per process if given, else the usable cores divided among this process
 and the pass's workers; `threads` in the table). `--sim_profile DIR`: a cProfile of the main thread of each pass
-(where the thread that feeds the device spends its time). `device_idle_first_s`, `_between_s`, `_last_s`: how long
+(where the thread that feeds the device spends its time). `--sim_mpp 0.2527`: the slide is read as a 0.2527 µm/px
+scan (predict's `--mpp`), so every region goes through the resampling to the model's 0.25 µm/px, as a real scan's
+does. `device_idle_first_s`, `_between_s`, `_last_s`: how long
 the stand-in device waited before its first batch (opening the slide, the tissue mask, the first reads), between
 batches (windows not ready) and after its last one (the last regions, the label image, the pictures): the slide
 time is the network-bound time plus these three. Timings on a shared machine are noisy.
@@ -253,12 +255,13 @@ def run_simulated(args: argparse.Namespace) -> None:
     import nuclei_model
 
     model_set = nuclei_model.load_model_set(Path(args.model), "cpu")  # window, pixel size, post-processing
-    options = _options(predict, args, batch_size=args.sim_batch, num_workers=0)
+    mpp = {} if args.sim_mpp is None else {"mpp": args.sim_mpp}   # as `--mpp`: the slide read at another pixel size
+    options = _options(predict, args, batch_size=args.sim_batch, num_workers=0, **mpp)
     predictor = predict.load_predictor(options, maps_fn=precompute, model_set=model_set)
     predict.predict_one(predictor, Path(args.slide), "warmup", Path(args.output), options)
     cores = _usable_cores()
     for workers in [int(w) for w in args.sim_workers.split(",")]:
-        options = _options(predict, args, batch_size=args.sim_batch, num_workers=workers)
+        options = _options(predict, args, batch_size=args.sim_batch, num_workers=workers, **mpp)
         predictor = predict.load_predictor(options, maps_fn=device, model_set=model_set)
         threads = utils.configure_threads(args.sim_threads, workers=predictor.num_workers)   # as predict does
         calls[0] = replayed[0] = looked_up[0] = 0
@@ -385,6 +388,9 @@ def main() -> None:
     parser.add_argument("--sim_size", type=int, default=4096)
     parser.add_argument("--sim_latency", type=float, default=0.1)
     parser.add_argument("--sim_batch", type=int, default=8)
+    parser.add_argument("--sim_mpp", type=float, default=None,
+                        help="--simulate: the slide's pixel size given to predict as --mpp (e.g. 0.2527: every region is "
+                             "resampled to the model's 0.25 µm/px as it is read; default: its own, 0.25)")
     parser.add_argument("--sim_workers", default="1,2,4")
     parser.add_argument("--out", default=None, help="folder for slides and outputs (default: a temporary one)")
     parser.add_argument("--run_one", action="store_true", help=argparse.SUPPRESS)
@@ -484,6 +490,7 @@ def main() -> None:
                        "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
                        "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")] \
                     + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)]) \
+                    + ([] if args.sim_mpp is None else ["--sim_mpp", str(args.sim_mpp)]) \
                     + ([] if args.sim_profile is None else ["--sim_profile", str(Path(args.sim_profile).resolve())])
                 sim, peak, _ = measure(cmd, cwd=ROOT, tag="SIM ")
                 print(f"simulated accelerator ({tree}, repeat {repeat + 1}): {args.sim_size}^2 slide, "
