@@ -360,7 +360,8 @@ def main() -> None:
             best[label] = timing
     load = os.getloadavg()[0]
     print(f"\nslide {args.side}² at {MPP} µm/px = {best['new']['mm2']:.3f} mm², {best['new']['nuclei']} nuclei "
-          f"({best['new']['nuclei'] / best['new']['mm2']:.0f} per mm²); read at scale {args.read_scale:g}; 1 thread, 1 process, {args.clock} seconds; best of {args.repeats} "
+          f"({best['new']['nuclei'] / best['new']['mm2']:.0f} per mm²); read at scale {args.read_scale:g}; "
+          f"1 thread, 1 process, {args.clock} seconds; best of {args.repeats} "
           f"interleaved runs; 1-min load average at the end {load:.2f}\n")
     stages = ("read", "blend", "postprocess", "finish", "assemble")
     per_mm2 = ("read", "blend", "finish", "assemble")

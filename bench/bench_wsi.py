@@ -389,8 +389,8 @@ def main() -> None:
     parser.add_argument("--sim_latency", type=float, default=0.1)
     parser.add_argument("--sim_batch", type=int, default=8)
     parser.add_argument("--sim_mpp", type=float, default=None,
-                        help="--simulate: the slide's pixel size given to predict as --mpp (e.g. 0.2527: every region is "
-                             "resampled to the model's 0.25 µm/px as it is read; default: its own, 0.25)")
+                        help="--simulate: the slide's pixel size given to predict as --mpp (e.g. 0.2527: every "
+                             "region is resampled to the model's 0.25 µm/px as it is read; default: its own, 0.25)")
     parser.add_argument("--sim_workers", default="1,2,4")
     parser.add_argument("--out", default=None, help="folder for slides and outputs (default: a temporary one)")
     parser.add_argument("--run_one", action="store_true", help=argparse.SUPPRESS)

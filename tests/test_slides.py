@@ -100,7 +100,6 @@ def test_read_scaled_reproduces_a_linear_ramp(tmp_path):
             assert (out[..., 2] == 90).all()
 
 
-
 def _sparse_sums(source, rows, wy, cols, wx):
     """The former `slides._resample` before its rounding: two CSR products of scipy (float32 sums of the taps in
     their stored order)."""
@@ -139,11 +138,12 @@ def test_banded_resampling_equals_the_sparse_products(monkeypatch, band):
         sums = _sparse_sums(source, rows, wy, cols, wx)
         assert sums.dtype == np.float32
         for r0 in range(0, h, band):
-            np.testing.assert_array_equal(slides._resampled_sums(source, rows[r0:r0 + band], wy[r0:r0 + band], cols, wx),
-                                          sums[r0:r0 + band], err_msg=f"scale {f}, source {height} x {width}")
+            band_sums = slides._resampled_sums(source, rows[r0:r0 + band], wy[r0:r0 + band], cols, wx)
+            np.testing.assert_array_equal(band_sums, sums[r0:r0 + band], err_msg=f"scale {f}, source {height} x {width}")
         got = slides._resample(source, rows, wy, cols, wx)
         assert got.dtype == np.uint8 and got.shape == (h, w, 3)
         np.testing.assert_array_equal(got, np.clip(np.rint(sums), 0, 255).astype(np.uint8))
+
 
 def test_thumbnail_and_mpp_override(slide_path, noise_image):
     with slides.open_slide(slide_path, mpp=0.5) as slide:
