@@ -26,6 +26,7 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage import segmentation
 
+import jit_kernels
 from utils import UserError
 
 try:   # connected-components-3d (requirements.txt): the same labelling as scipy's, in about half the time
@@ -492,6 +493,10 @@ def edge_energy(hv: np.ndarray, foreground: np.ndarray, sobel_ksize: int = 7) ->
     two. Inside a nucleus the maps rise, so the energy is ~0 there; it is ~1 on the border between two
     touching nuclei and ~0.5 on a nucleus' outer border."""
     deriv, smooth = _sobel_kernels(int(sobel_ksize))
+    # compiled, where numba is installed: the same bits in about a third of the time (`jit_kernels`)
+    energy = jit_kernels.edge_energy(hv[0], hv[1], foreground, deriv, smooth)
+    if energy is not None:
+        return energy
     energy = np.zeros(foreground.shape, dtype=np.float32)
     for channel, axis in ((0, 1), (1, 0)):
         # The map's range goes to [0, 1]: the full drop from +1 to -1 across a border measures 1.

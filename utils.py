@@ -382,11 +382,12 @@ def environment_info() -> dict[str, Any]:
         except ImportError:
             pass
     # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide; imagecodecs'
-    # zlib-ng also deflates the label files: `deflate`) and the post-processing's labelling (connected-components-3d),
-    # from the installed distributions' metadata: nothing is imported
+    # zlib-ng also deflates the label files: `deflate`) and the post-processing's labelling (connected-components-3d)
+    # and compiled edge energy (numba, `jit_kernels`), from the installed distributions' metadata: nothing is imported
     from importlib import metadata
 
-    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d"):
+    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d",
+                 "numba"):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

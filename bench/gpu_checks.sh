@@ -16,7 +16,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # what a slide run needs beyond the image (KINDS.md lists it: tifffile, pillow, fsspec, pyyaml... are there) and cc3d
 # (the post-processing's labelling), at the versions the tests ran with here (the newest tiffslide needs Python 3.12
-# and a newer tifffile than it may have)
+# and a newer tifffile than it may have). Not numba (`jit_kernels`, optional): its llvmlite wheel alone (about 40 MB)
+# would not fit the 64 MiB a run carries; without it the post-processing's energy comes from scipy, the same bits
 WHEELS="openslide-python==1.4.7 openslide-bin==4.0.1.2 imagecodecs==2026.3.6 tiffslide==3.0.1 zarr==3.1.6
         numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 connected-components-3d==4.1.1"
 

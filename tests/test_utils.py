@@ -276,7 +276,8 @@ def test_environment_info_records_the_slide_readers_versions():
     from importlib import metadata
 
     info = utils.environment_info()
-    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d"):
+    for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d",
+                 "numba"):
         try:
             expected = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -1,0 +1,154 @@
+"""The compiled edge energy (`jit_kernels.edge_energy`, numba) against scipy's path in `postprocess.edge_energy`:
+the same bits on random maps (values that round differently under any other order of the sums), on maps of real
+nuclei, for every Sobel size, on images smaller than the kernel, with empty / full / random foregrounds, constant
+channels, NaN outside the foreground; the whole post-processing gives the same labels either way.
+
+What the bit-for-bit checks catch: sums in float32 instead of float64, another normalisation (a multiplication by
+the reciprocal), numpy's rules for the clip and the maximum on signed zeros and NaN, the "nearest" border. What they
+cannot: the order of the float64 sums of one output (their float32 roundings agree except in the rarest ties)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jit_kernels
+import postprocess as pp
+from dataset import hv_targets
+
+needs_numba = pytest.mark.skipif(not jit_kernels.AVAILABLE, reason="numba is not installed: scipy's path only")
+
+
+def _scipy_energy(monkeypatch, hv, foreground, ksize):
+    with monkeypatch.context() as m:
+        m.setattr(jit_kernels, "AVAILABLE", False)
+        return pp.edge_energy(hv, foreground, ksize)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_kernel_symmetry():
+    deriv, smooth = pp._sobel_kernels(7)
+    assert jit_kernels.kernel_symmetry(smooth) == 1
+    assert jit_kernels.kernel_symmetry(deriv) == -1
+    assert jit_kernels.kernel_symmetry(np.array([1.0, 2.0, 4.0])) == 0
+    assert jit_kernels.kernel_symmetry(np.array([1.0, 1.0])) == 0   # even: scipy's generic loop
+
+
+@needs_numba
+@pytest.mark.parametrize("ksize", [3, 5, 7, 11, 31])
+def test_compiled_energy_is_scipys_bit_for_bit(monkeypatch, ksize):
+    rng = np.random.default_rng(ksize)
+    for shape in [(97, 131), (40, 300), (1, 1), (1, 9), (9, 1), (2, 3), (ksize // 2, ksize + 1)]:
+        hv = rng.uniform(-1.3, 1.2, (2,) + shape).astype(np.float32)
+        hv[:, rng.random(shape) < 0.05] = -0.0   # signed zeros and values outside the foreground's range
+        for foreground in (rng.random(shape) < 0.4, np.ones(shape, bool), np.zeros(shape, bool)):
+            got = pp.edge_energy(hv, foreground, ksize)
+            ref = _scipy_energy(monkeypatch, hv, foreground, ksize)
+            assert _same_bits(got, ref), (shape, ksize, foreground.mean())
+    # a constant channel (no range: normalised to 0) next to a varying one
+    hv = np.stack([np.full((50, 60), 0.25, np.float32), rng.standard_normal((50, 60)).astype(np.float32)])
+    fg = rng.random((50, 60)) < 0.5
+    assert _same_bits(pp.edge_energy(hv, fg, ksize), _scipy_energy(monkeypatch, hv, fg, ksize))
+    assert _same_bits(pp.edge_energy(hv[::-1].copy(), fg, ksize), _scipy_energy(monkeypatch, hv[::-1].copy(), fg,
+                                                                                  ksize))
+
+
+def _touching_nuclei(seed: int = 0, side: int = 256) -> np.ndarray:
+    """A label map of touching discs and ellipses (ids 1..n)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((side, side), np.int32)
+    yy, xx = np.mgrid[:side, :side]
+    for k in range(1, 70):
+        cy, cx = rng.uniform(8, side - 8, 2)
+        ry, rx = rng.uniform(4, 11, 2)
+        labels[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = k
+    return labels
+
+
+@needs_numba
+def test_compiled_energy_on_maps_of_real_shaped_nuclei(monkeypatch):
+    """HV maps of touching nuclei (as the network learns them), with float noise, views that are not contiguous and
+    float64 maps: the same bits as scipy's, and the same labels from the whole post-processing."""
+    labels = _touching_nuclei()
+    hv = hv_targets(labels).astype(np.float32)
+    hv += np.random.default_rng(1).normal(0, 0.02, hv.shape).astype(np.float32)
+    fg = labels > 0
+    assert _same_bits(pp.edge_energy(hv, fg), _scipy_energy(monkeypatch, hv, fg, 7))
+    wide = np.zeros((2, 256, 512), np.float32)
+    wide[:, :, ::2] = hv
+    view = wide[:, :, ::2]   # strided
+    assert _same_bits(pp.edge_energy(view, fg), _scipy_energy(monkeypatch, view, fg, 7))
+    assert _same_bits(pp.edge_energy(hv.astype(np.float64), fg), _scipy_energy(monkeypatch, hv.astype(np.float64),
+                                                                               fg, 7))
+    prob = np.where(fg, 0.9, 0.1).astype(np.float32)
+    compiled = pp.postprocess(prob, hv)
+    with monkeypatch.context() as m:
+        m.setattr(jit_kernels, "AVAILABLE", False)
+        reference = pp.postprocess(prob, hv)
+    assert compiled.max() > 30 and np.array_equal(compiled, reference)
+
+
+@needs_numba
+def test_nan_in_the_maps(monkeypatch):
+    """A NaN on the foreground: the compiled path steps aside (None) and scipy's path gives its all-NaN energy; NaN
+    outside the foreground: the compiled path gives scipy's values, NaN where scipy's are."""
+    rng = np.random.default_rng(3)
+    hv = rng.uniform(-1, 1, (2, 40, 50)).astype(np.float32)
+    fg = np.zeros((40, 50), bool)
+    fg[10:30, 10:40] = True
+    deriv, smooth = pp._sobel_kernels(7)
+    inside = hv.copy()
+    inside[1, 20, 20] = np.nan
+    assert jit_kernels.edge_energy(inside[0], inside[1], fg, deriv, smooth) is None
+    assert np.isnan(pp.edge_energy(inside, fg)).all()
+    outside = hv.copy()
+    outside[0, 2, 3] = np.nan
+    got, ref = pp.edge_energy(outside, fg), _scipy_energy(monkeypatch, outside, fg, 7)
+    assert np.isnan(got).any() and np.array_equal(np.isnan(got), np.isnan(ref))
+    assert _same_bits(got[~np.isnan(got)], ref[~np.isnan(ref)])
+
+
+def test_without_numba_the_scipy_path_runs(monkeypatch):
+    """Where numba is not installed the energy comes from scipy (`edge_energy` here returns None)."""
+    monkeypatch.setattr(jit_kernels, "AVAILABLE", False)
+    deriv, smooth = pp._sobel_kernels(7)
+    hv = np.random.default_rng(0).uniform(-1, 1, (2, 20, 20)).astype(np.float32)
+    fg = np.ones((20, 20), bool)
+    assert jit_kernels.edge_energy(hv[0], hv[1], fg, deriv, smooth) is None
+    energy = pp.edge_energy(hv, fg)
+    assert energy.shape == (20, 20) and energy.dtype == np.float32 and energy.max() > 0
+
+
+@needs_numba
+def test_compiles_without_a_cache_folder(tmp_path):
+    """Where numba finds no folder to write its cache (a read-only installation without a writable user cache: numba
+    raises "cannot cache function ...: no locator available" when the function is defined), the kernels are compiled
+    without a cache and give the same energy. (numba's error is raised here for every cached definition, in a
+    process of its own.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "no_cache.py"
+    script.write_text(
+        "import sys\nimport numba\nimport numpy as np\n"
+        "real = numba.njit\n"
+        "def strict(*args, **kwargs):\n"
+        "    if kwargs.get('cache'):\n"
+        "        raise RuntimeError('cannot cache function: no locator available')\n"
+        "    return real(*args, **kwargs)\n"
+        "numba.njit = strict\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "import jit_kernels, postprocess as pp\n"
+        "hv = np.random.default_rng(0).uniform(-1, 1, (2, 30, 40)).astype(np.float32)\n"
+        "fg = np.ones((30, 40), bool)\n"
+        "got = jit_kernels.edge_energy(hv[0], hv[1], fg, *pp._sobel_kernels(7))\n"
+        "jit_kernels.AVAILABLE = False\n"
+        "ref = pp.edge_energy(hv, fg)\n"
+        "print(got is not None and np.array_equal(got.view(np.uint32), ref.view(np.uint32)))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
