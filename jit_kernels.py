@@ -1,4 +1,5 @@
-"""Compiled kernels (numba) for the post-processing's heaviest pass: the HV maps' edge energy.
+"""Compiled kernels (numba) for the post-processing's heaviest passes: the HV maps' edge energy, the bounding boxes
+of labelled components.
 
 `postprocess.edge_energy` normalises each HV channel, takes a Sobel derivative along the channel's axis and a
 smoothing along the other (`scipy.ndimage.correlate1d`, mode "nearest") and keeps the larger drop. scipy's filter
@@ -186,6 +187,52 @@ if AVAILABLE:
             _pad_line(normal, r, line)
             _taps_along_row(line, smooth, sym_s, r, acc)
             _keep_larger_drop(energy[y], acc)
+
+
+    @_jit
+    def _boxes(labels, max_label, y0, y1, x0, x1):
+        """The bounding box of every id 1..max_label of a 2-D label image (ids above max_label ignored), as four
+        arrays; y0 stays at the image's height where an id has no pixel. Each run of one id along a row updates its
+        box once."""
+        h, w = labels.shape
+        for y in range(h):
+            row = labels[y]
+            x = 0
+            while x < w:
+                k = row[x]
+                start = x
+                x += 1
+                while x < w and row[x] == k:
+                    x += 1
+                if k <= 0 or k > max_label:
+                    continue
+                if y0[k] == h:
+                    y0[k] = y
+                y1[k] = y + 1
+                if start < x0[k]:
+                    x0[k] = start
+                if x > x1[k]:
+                    x1[k] = x
+
+
+def find_objects(labels: np.ndarray, max_label: int) -> list:
+    """`scipy.ndimage.find_objects(labels, max_label)` of a 2-D integer label image: for each id 1..max_label its
+    bounding box as a (rows, columns) pair of slices, None for an id without pixels. Compiled: one pass with one
+    update per run of an id along a row, about a fifth of scipy's time on a region crop (scipy's where numba is
+    not installed)."""
+    labels = np.asarray(labels)
+    max_label = int(max_label)
+    if not AVAILABLE or labels.ndim != 2 or labels.dtype.kind not in "iu" or max_label < 1:
+        from scipy import ndimage
+
+        return ndimage.find_objects(labels, max_label=max_label) if max_label > 0 else []
+    h, w = labels.shape
+    y0 = np.full(max_label + 1, h, np.int64)
+    x0 = np.full(max_label + 1, w, np.int64)
+    y1, x1 = np.zeros(max_label + 1, np.int64), np.zeros(max_label + 1, np.int64)
+    _boxes(np.ascontiguousarray(labels), max_label, y0, y1, x0, x1)
+    return [(slice(a, b), slice(c, d)) if a < h else None
+            for a, b, c, d in zip(y0[1:].tolist(), y1[1:].tolist(), x0[1:].tolist(), x1[1:].tolist())]
 
 
 def edge_energy(h0: np.ndarray, h1: np.ndarray, foreground: np.ndarray, deriv: np.ndarray,

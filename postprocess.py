@@ -260,7 +260,7 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
     and `boxes` are its `find_objects` boxes (`_fill_instance_holes` uses it); None where `min_area` <= 1."""
     mask = np.array(mask, dtype=bool)
     comp, n = _label4(mask)
-    boxes = ndi.find_objects(comp) if n else []
+    boxes = jit_kernels.find_objects(comp, n)
     if min_area <= 1 or n == 0:
         return mask, comp, n, boxes, None
     for box, k in _small_components(comp, min_area, boxes=boxes):
@@ -269,7 +269,7 @@ def _clean_foreground_components(mask: np.ndarray, min_area: int
         comp[box][sel] = 0
         boxes[k - 1] = None
     holes, n_holes = _label4(~mask)
-    hole_boxes = ndi.find_objects(holes) if n_holes else []
+    hole_boxes = jit_kernels.find_objects(holes, n_holes)
     fills = _small_components(holes, min_area, inner_only=True, boxes=hole_boxes) if n_holes else []
     filled = np.zeros(n_holes + 1, bool)
     filled[[k for _, k in fills]] = True
@@ -720,7 +720,7 @@ def _watershed_by_component(energy: np.ndarray, smooth_sigma: float, markers: np
     labels = single_owner[components]  # a component with one marker is that instance as it is
     if multi_ids.size:
         if boxes is None:
-            boxes = ndi.find_objects(components)
+            boxes = jit_kernels.find_objects(components, n_comp)
         for (ys, xs), sub, own in _watershed_mosaic(energy, smooth_sigma, markers, kept, components, multi_ids,
                                                     boxes, comp_of_marker):
             np.copyto(labels[ys, xs], sub, where=own)

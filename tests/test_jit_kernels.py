@@ -1,4 +1,5 @@
-"""The compiled edge energy (`jit_kernels.edge_energy`, numba) against scipy's path in `postprocess.edge_energy`:
+"""The compiled kernels (`jit_kernels`, numba) against the library calls they stand in for: the bounding boxes
+against `ndi.find_objects`; the edge energy (`jit_kernels.edge_energy`) against scipy's path in `postprocess.edge_energy`:
 the same bits on random maps (values that round differently under any other order of the sums), on maps of real
 nuclei, for every Sobel size, on images smaller than the kernel, with empty / full / random foregrounds, constant
 channels, NaN outside the foreground; the whole post-processing gives the same labels either way.
@@ -152,3 +153,37 @@ def test_compiles_without_a_cache_folder(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+@needs_numba
+def test_find_objects_is_scipys():
+    """`jit_kernels.find_objects` gives `ndi.find_objects(labels, max_label)`: random blobs with gaps in the ids,
+    ids above max_label, several integer types, views that are not contiguous, one row / one column / one pixel,
+    an image without labels; a real labelling (components and holes of a nuclei mask)."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    for shape in [(60, 80), (1, 50), (50, 1), (1, 1), (7, 3)]:
+        blobs, n = ndi.label(rng.random(shape) < 0.45)
+        labels = np.where(blobs % 4 == 3, 0, blobs)   # gaps
+        for dtype in (np.int32, np.uint32, np.int64, np.uint16):
+            lab = labels.astype(dtype)
+            for max_label in {max(n, 1), max(n // 2, 1), n + 3}:
+                assert jit_kernels.find_objects(lab, max_label) == ndi.find_objects(lab, max_label=max_label)
+    wide = np.zeros((40, 100), np.int32)
+    wide[:, ::2] = ndi.label(rng.random((40, 50)) < 0.5)[0]
+    view = wide[:, ::2]
+    assert jit_kernels.find_objects(view, int(view.max())) == ndi.find_objects(view)
+    assert jit_kernels.find_objects(np.zeros((5, 5), np.int32), 2) == [None, None]
+    mask = _touching_nuclei(3) > 0
+    for lab, n in (pp._label4(mask), pp._label4(~mask)):
+        assert n > 0 and jit_kernels.find_objects(lab, n) == ndi.find_objects(lab)
+
+
+def test_find_objects_without_numba(monkeypatch):
+    from scipy import ndimage as ndi
+
+    monkeypatch.setattr(jit_kernels, "AVAILABLE", False)
+    labels = ndi.label(np.random.default_rng(1).random((30, 30)) < 0.5)[0]
+    assert jit_kernels.find_objects(labels, int(labels.max())) == ndi.find_objects(labels)
+    assert jit_kernels.find_objects(labels, 0) == []
