@@ -871,7 +871,7 @@ def _watershed_one_mosaic(energy: np.ndarray, smooth_sigma: float, p: int, marke
         np.copyto(seeds[box], markers[ys, xs], where=own)
         inner.append(box)
     if smooth_sigma > 0:
-        surface = ndi.gaussian_filter(surface, smooth_sigma)
+        surface = jit_kernels.gaussian_filter(surface, smooth_sigma)   # (scipy's, compiled)
     if kept[1:].all() or not (~kept[1:] & np.isin(comp_of_marker[1:], ids)).any():
         seeded = seeds > 0   # no marker under min_marker_area pixels here (none after an opening of radius 2)
     else:
