@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+import jit_kernels
 import utils
 
 log = logging.getLogger(__name__)
@@ -938,11 +939,17 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     pos = np.zeros(n + 1, np.int64)
     pos[present] = np.arange(len(present))
     k = pos[lab]
-    dy = r - cy_all[k]
-    dx = c - cx_all[k]
-    mu20 = np.bincount(k, weights=dy * dy, minlength=len(present))
-    mu02 = np.bincount(k, weights=dx * dx, minlength=len(present))
-    mu11 = np.bincount(k, weights=dy * dx, minlength=len(present))
+    # the per-instance sums in one compiled pass where numba is installed (the same values), else numpy's
+    fused = jit_kernels.instance_sums(k, r, c, cy_all, cx_all, pix, None if image is None else image.reshape(-1, 3),
+                                      foreground)
+    if fused is not None:
+        mu20, mu02, mu11 = fused["mu20"], fused["mu02"], fused["mu11"]
+    else:
+        dy = r - cy_all[k]
+        dx = c - cx_all[k]
+        mu20 = np.bincount(k, weights=dy * dy, minlength=len(present))
+        mu02 = np.bincount(k, weights=dx * dx, minlength=len(present))
+        mu11 = np.bincount(k, weights=dy * dx, minlength=len(present))
     tensor = np.empty((len(present), 2, 2), np.float64)
     tensor[:, 0, 0] = mu02 / area
     tensor[:, 1, 1] = mu20 / area
@@ -956,19 +963,24 @@ def _measure_table(index: np.ndarray, image: np.ndarray | None,
     out["perimeter"] = _perimeters(px, pos, len(present))
     out["solidity"] = area / _convex_areas(px, pos, len(present))
     if image is not None:
-        rgb = np.take(image.reshape(-1, 3), pix, axis=0)   # (np.take: several times faster than [pix] here)
-        sums = _channel_sums(rgb, k, area, len(present))
+        if fused is not None:
+            sums, gray_sum = fused["channels"], fused["gray"]
+        else:
+            rgb = np.take(image.reshape(-1, 3), pix, axis=0)   # (np.take: several times faster than [pix] here)
+            sums = _channel_sums(rgb, k, area, len(present))
+            # gray: per-pixel float32 values summed in float32 in raster order, as scikit-image's mean does
+            gray_sum = np.zeros(len(present), np.float32)
+            np.add.at(gray_sum, k, luma(rgb))
         # float32 means of the channels as scikit-image's (exact integer sums, one float32 division)
         for ch, name in enumerate(("mean_r", "mean_g", "mean_b")):
             out[name] = (sums[ch].astype(np.float32) / area.astype(np.float32)).astype(np.float64)
-        # gray: per-pixel float32 values summed in float32 in raster order, as scikit-image's mean does
-        gray = luma(rgb)
-        gray_sum = np.zeros(len(present), np.float32)
-        np.add.at(gray_sum, k, gray)
         out["mean_gray"] = (gray_sum / area.astype(np.float32)).astype(np.float64)
     if foreground is not None:
-        fg = np.take(foreground.ravel(), pix).astype(np.float64)
-        out["confidence"] = np.bincount(k, weights=fg, minlength=len(present)) / area
+        if fused is not None:
+            fg_sum = fused["foreground"]
+        else:
+            fg_sum = np.bincount(k, weights=np.take(foreground.ravel(), pix).astype(np.float64), minlength=len(present))
+        out["confidence"] = fg_sum / area
     return out
 
 

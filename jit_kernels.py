@@ -1,6 +1,6 @@
 """Compiled kernels (numba) for the post-processing's heaviest passes: the HV maps' edge energy, the bounding boxes
-of labelled components, the Gaussian smoothing of the watershed's surfaces; each the same result as the library call
-it stands in for.
+of labelled components, the Gaussian smoothing of the watershed's surfaces, the per-nucleus sums of the measurements;
+each the same result as the library call (or numpy code) it stands in for.
 
 `postprocess.edge_energy` normalises each HV channel, takes a Sobel derivative along the channel's axis and a
 smoothing along the other (`scipy.ndimage.correlate1d`, mode "nearest") and keeps the larger drop. scipy's filter
@@ -276,6 +276,58 @@ if AVAILABLE:
             o = out[y]
             for x in range(w):
                 o[x] = acc[x]
+
+
+    @_jit
+    def _instance_sums(k, r, c, cy, cx, pix, rgb, foreground, moments, channels, gray, confidence):
+        """Per-instance sums over the pixels in their order (instance row k[i], coordinates r[i], c[i], flat
+        position pix[i]): second central moments (float64), channel sums (int64), BT.601 grey (float32) and the
+        foreground's sum (float64); the colour sums where `rgb` has rows, the foreground's where it has values."""
+        with_rgb = rgb.shape[0] > 0
+        with_fg = foreground.shape[0] > 0
+        w_r, w_g, w_b = np.float32(0.299), np.float32(0.587), np.float32(0.114)
+        for i in range(k.shape[0]):
+            j = k[i]
+            dy = np.float64(r[i]) - cy[j]
+            dx = np.float64(c[i]) - cx[j]
+            moments[0, j] += dy * dy
+            moments[1, j] += dx * dx
+            moments[2, j] += dy * dx
+            if with_rgb:
+                p = pix[i]
+                red, green, blue = rgb[p, 0], rgb[p, 1], rgb[p, 2]
+                channels[0, j] += red
+                channels[1, j] += green
+                channels[2, j] += blue
+                gray[j] += (np.float32(red) * w_r + np.float32(green) * w_g) + np.float32(blue) * w_b
+            if with_fg:
+                confidence[j] += np.float64(foreground[pix[i]])
+
+
+def instance_sums(k: np.ndarray, r: np.ndarray, c: np.ndarray, cy: np.ndarray, cx: np.ndarray,
+                  pix: np.ndarray, rgb: np.ndarray | None, foreground: np.ndarray | None) -> dict | None:
+    """The per-instance sums of `export`'s measurements in one pass over the instances' pixels, the same values as
+    its `bincount`s and `add.at`: for pixel i of instance row k[i] at (r[i], c[i]), flat position pix[i] in the
+    (H*W, 3) uint8 `rgb` and the flat `foreground`: "mu20", "mu02", "mu11" (sums of dy², dx², dy·dx about the
+    centroids `cy`, `cx`, float64, in the pixels' order as `bincount` adds them), "channels" (3, m) exact sums of
+    R, G, B (float64), "gray" (float32 sums of 0.299 R + 0.587 G + 0.114 B, each product and sum in float32 as
+    `export.luma`, added in the pixels' order as `add.at` does), "foreground" (float64 sums). None where numba is
+    not installed or `rgb` is not uint8 (the caller's numpy path)."""
+    if not AVAILABLE or (rgb is not None and (rgb.dtype != np.uint8 or rgb.ndim != 2 or rgb.shape[1] != 3)):
+        return None
+    m = int(cy.shape[0])
+    moments = np.zeros((3, m), np.float64)
+    channels = np.zeros((3, m), np.int64)
+    gray = np.zeros(m, np.float32)
+    confidence = np.zeros(m, np.float64)
+    rgb_in = np.zeros((0, 3), np.uint8) if rgb is None else np.ascontiguousarray(rgb)
+    fg_in = np.zeros(0, np.float32) if foreground is None else np.ascontiguousarray(foreground).ravel()
+    _instance_sums(np.ascontiguousarray(k, np.int64), np.ascontiguousarray(r, np.int64),
+                   np.ascontiguousarray(c, np.int64), np.ascontiguousarray(cy, np.float64),
+                   np.ascontiguousarray(cx, np.float64), np.ascontiguousarray(pix, np.int64), rgb_in, fg_in,
+                   moments, channels, gray, confidence)
+    return {"mu20": moments[0], "mu02": moments[1], "mu11": moments[2], "channels": channels.astype(np.float64),
+            "gray": gray, "foreground": confidence}
 
 
 @lru_cache(maxsize=16)

@@ -207,3 +207,32 @@ def test_gaussian_filter_is_scipys_bit_for_bit():
     assert _same_bits(jit_kernels.gaussian_filter(surface[:, ::2], 1.0), ndi.gaussian_filter(surface[:, ::2], 1.0))
     as64 = surface.astype(np.float64)   # not float32: scipy's filter itself
     assert np.array_equal(jit_kernels.gaussian_filter(as64, 1.0), ndi.gaussian_filter(as64, 1.0))
+
+
+@needs_numba
+def test_measurements_from_the_compiled_sums_are_numpys(monkeypatch):
+    """`export.measure_nuclei` with the compiled per-nucleus sums (`jit_kernels.instance_sums`) gives numpy's
+    values exactly (every column, every nucleus: moments, channel means, grey, confidence), on touching nuclei
+    with a random RGB image and foreground; a float image takes numpy's path in both."""
+    import export
+
+    labels = _touching_nuclei(4, 200)
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, labels.shape + (3,), dtype=np.uint8)
+    fg = rng.random(labels.shape).astype(np.float32)
+    for image in (rgb, None, rgb.astype(np.float32)):
+        compiled = export.measure_nuclei(labels, image, 0.25, foreground=fg)
+        with monkeypatch.context() as m:
+            m.setattr(jit_kernels, "AVAILABLE", False)
+            reference = export.measure_nuclei(labels, image, 0.25, foreground=fg)
+        assert len(compiled) > 30 and compiled == reference
+    parts = jit_kernels.instance_sums(np.array([0, 1, 0]), np.array([0, 0, 1]), np.array([0, 1, 0]),
+                                      np.array([0.5, 0.0]), np.array([0.0, 1.0]), np.array([0, 1, 2]),
+                                      np.array([[10, 20, 30], [1, 2, 3], [255, 0, 0]], np.uint8),
+                                      np.array([0.5, 0.25, 1.0], np.float32))
+    # by hand: instance 0 = pixels (0, 0) and (1, 0) about (0.5, 0); instance 1 = pixel (0, 1)
+    assert parts["mu20"].tolist() == [0.5, 0.0] and parts["mu02"].tolist() == [0.0, 0.0]
+    assert parts["channels"][:, 0].tolist() == [265, 20, 30] and parts["foreground"].tolist() == [1.5, 0.25]
+    gray0 = np.float32(10) * np.float32(0.299) + np.float32(20) * np.float32(0.587) + np.float32(30) * np.float32(0.114)
+    gray0 += np.float32(255) * np.float32(0.299) + np.float32(0) * np.float32(0.587) + np.float32(0) * np.float32(0.114)
+    assert parts["gray"][0] == gray0
