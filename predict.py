@@ -601,6 +601,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(replace(options, device="cpu") if use_dask else options)
     if not use_dask:
         utils.configure_threads(getattr(args, "threads", None), workers=predictor.num_workers)
+    utils.freeze_startup_objects()   # torch's and the model's objects: out of the collector's later passes
     model_set = predictor.model_set
     output_dir = utils.make_output_dir(args.output_dir)  # only once every option is known to be good
     utils.write_json(output_dir / "predict_config.json", {

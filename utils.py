@@ -666,6 +666,19 @@ def cgroup_cpu_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/f
     return min(limits) if limits else None
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive now (what the imports and the model made: about 300,000 with torch and numba) to the
+    garbage collector's permanent generation (`gc.freeze`), once a process has set up. The collector's full passes,
+    which a process doing a slide's work triggers every so often, then traverse only what was made since, instead
+    of all of those objects each time (about 0.1-0.2 s per pass, measured in the middle of a slide's reads). Objects
+    frozen are still freed when nothing refers to them; only cycles among them would stay, and the set-up's objects
+    live as long as the process anyway."""
+    import gc
+
+    gc.collect()   # what the set-up left as garbage goes first, so nothing unreachable is frozen
+    gc.freeze()
+
+
 def _leave_interrupt_to_the_main_process() -> None:
     import signal
 

@@ -271,12 +271,14 @@ def _scale_row(row: dict, scale: float) -> dict:
 def warm_worker() -> None:
     """Import what `finish_region` needs (a worker process's first task, submitted when the pool starts), and what
     the pictures at the end need (matplotlib: about 0.3 s of CPU, paid here while the worker waits for its first
-    region instead of at the end of the slide, where the device is done and everything waits on the pictures)."""
+    region instead of at the end of the slide, where the device is done and everything waits on the pictures), then
+    leave those imports' objects out of the garbage collector's passes (`utils.freeze_startup_objects`)."""
     import export  # noqa: F401
     import postprocess  # noqa: F401
     import visualize
 
     visualize.import_matplotlib()
+    utils.freeze_startup_objects()
 
 
 def start_workers(workers: int):

@@ -31,7 +31,9 @@ CPU side per mm² = read + blend + finish + assemble; the overview PNG(s) are a 
 about 1-3 s whatever the slide's size) and are given in seconds per slide, and so is the first blend of the process
 (`warm_up`, untimed in `blend`: the engine's torch import and first tensor operations, about 2 s, which predict pays
 before its network runs anyway) and the first `finish_region` of the process, on the first region (`warm_up_finish`,
-untimed in `finish`: imports and the first growth of the heap, which each worker process pays once). The outputs of the two trees are compared: label
+untimed in `finish`: imports and the first growth of the heap, which each worker process pays once). After those two,
+a tree that has `utils.freeze_startup_objects` calls it, as predict does once its model is loaded and each worker after
+its imports. The outputs of the two trees are compared: label
 images byte for byte, GeoJSON geometries, CSV columns of the old tree (to 6 significant digits, as written).
 """
 from __future__ import annotations
@@ -189,6 +191,10 @@ def run_tree(args: argparse.Namespace) -> None:
         t = clock()
         wsi.finish_region(job)
         timing["warm_up_finish"] = clock() - t
+        import utils
+
+        if hasattr(utils, "freeze_startup_objects"):   # as predict does once its model is loaded and each worker
+            utils.freeze_startup_objects()               # once it has imported what it needs (untimed)
         del fg, hv, job
         # what each region reads, as `run_regions` reads it: a tree with `run_boxes` reads the crop and the windows
         # that run there (the others come from the window cache), an older one the whole `Region.box`
