@@ -193,10 +193,14 @@ def loopback_cluster(tmp_path):
                                    "--scheduler-file", str(scheduler_file)], env=env, cwd=tmp_path,
                                   stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)]
     try:
-        deadline = time.time() + 60
-        while not scheduler_file.is_file() and time.time() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+        # the scheduler writes its file in place: it may be there and still empty (or half written) for a moment
+        deadline, address = time.time() + 60, None
+        while address is None and time.time() < deadline:
+            try:
+                address = json.loads(scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.2)
+        assert address is not None, f"{scheduler_file}: no scheduler address after 60 s (see scheduler.log)"
         assert address.startswith("tcp://127.0.0.1:")
         # one CPU for the worker (as a Slurm job step would get): one torch thread, as the reference
         one_cpu = min(os.sched_getaffinity(0))
