@@ -112,19 +112,30 @@ if AVAILABLE:
                     acc[x] += (a[x] - b[x]) * wj
 
     @_jit
-    def _taps_across_rows(ring, y, h, weights, symmetry, r, acc):
-        """acc[x] = scipy's sum for output (y, x) of a filter along axis 0 ("nearest" mode) of a float32 image of
-        `h` rows whose row k is held in ring[k % len(ring)] (rows y - r .. y + r, cut at the image's border)."""
+    def _source_index(k, n, reflect):
+        """Where output tap k (possibly outside 0..n-1) reads: scipy's "reflect" (d c b a | a b c d | d c b a,
+        repeated) or "nearest" mode."""
+        if reflect:
+            period = 2 * n
+            k %= period
+            return period - 1 - k if k >= n else k
+        return min(max(k, 0), n - 1)
+
+    @_jit
+    def _taps_across(rows, y, h, weights, symmetry, reflect, r, acc):
+        """acc[x] = scipy's sum for output (y, x) of a filter along axis 0 ("reflect" or "nearest" mode) of a
+        float32 image of `h` rows whose row k is held in rows[k % len(rows)]: the image itself, or a ring holding
+        its rows y - r .. y + r."""
         n = acc.shape[0]
-        depth = ring.shape[0]
+        depth = rows.shape[0]
         wc = weights[r]
-        row = ring[y % depth]
+        row = rows[y % depth]
         for x in range(n):
             acc[x] = np.float64(row[x]) * wc
         for j in range(r, 0, -1):
             wj = weights[r - j]
-            a = ring[max(y - j, 0) % depth]
-            b = ring[min(y + j, h - 1) % depth]
+            a = rows[_source_index(y - j, h, reflect) % depth]
+            b = rows[_source_index(y + j, h, reflect) % depth]
             if symmetry > 0:
                 for x in range(n):
                     acc[x] += (np.float64(a[x]) + np.float64(b[x])) * wj
@@ -181,10 +192,10 @@ if AVAILABLE:
                     out[x] = acc[x]
                 _normalised_row(h1[made], lo1, span1, zero1, ring1[made % depth])
             # channel 0: the smoothing down the columns
-            _taps_across_rows(ring0, y, h, smooth, sym_s, r, acc)
+            _taps_across(ring0, y, h, smooth, sym_s, False, r, acc)
             _keep_larger_drop(energy[y], acc)
             # channel 1: the derivative down the columns, then the smoothing along the row
-            _taps_across_rows(ring1, y, h, deriv, sym_d, r, acc)
+            _taps_across(ring1, y, h, deriv, sym_d, False, r, acc)
             for x in range(w):
                 normal[x] = acc[x]
             _pad_line(normal, r, line)
@@ -219,16 +230,6 @@ if AVAILABLE:
 
 
     @_jit
-    def _source_index(k, n, reflect):
-        """Where output tap k (possibly outside 0..n-1) reads: scipy's "reflect" (d c b a | a b c d | d c b a,
-        repeated) or "nearest" mode."""
-        if reflect:
-            period = 2 * n
-            k %= period
-            return period - 1 - k if k >= n else k
-        return min(max(k, 0), n - 1)
-
-    @_jit
     def _correlate_axis0(src, weights, symmetry, reflect, out):
         """scipy's `correlate1d(src, weights, axis=0, mode)` (float32 in and out, float64 sums in its order)."""
         h, w = src.shape
@@ -239,24 +240,6 @@ if AVAILABLE:
             o = out[y]
             for x in range(w):
                 o[x] = acc[x]
-
-    @_jit
-    def _taps_across(src, y, h, weights, symmetry, reflect, r, acc):
-        n = acc.shape[0]
-        wc = weights[r]
-        row = src[y]
-        for x in range(n):
-            acc[x] = np.float64(row[x]) * wc
-        for j in range(r, 0, -1):
-            wj = weights[r - j]
-            a = src[_source_index(y - j, h, reflect)]
-            b = src[_source_index(y + j, h, reflect)]
-            if symmetry > 0:
-                for x in range(n):
-                    acc[x] += (np.float64(a[x]) + np.float64(b[x])) * wj
-            else:
-                for x in range(n):
-                    acc[x] += (np.float64(a[x]) - np.float64(b[x])) * wj
 
     @_jit
     def _correlate_axis1(src, weights, symmetry, reflect, out):
