@@ -383,7 +383,7 @@ def environment_info() -> dict[str, Any]:
             pass
     # the slide readers and their codecs (which library decodes a slide's tiles: slides.open_slide; imagecodecs'
     # zlib-ng also deflates the label files: `deflate`) and the post-processing's labelling (connected-components-3d)
-    # and compiled edge energy (numba, `jit_kernels`), from the installed distributions' metadata: nothing is imported
+    # and compiled kernels (numba, `jit_kernels`), from the installed distributions' metadata: nothing is imported
     from importlib import metadata
 
     for dist in ("openslide-python", "openslide-bin", "tiffslide", "imagecodecs", "zarr", "connected-components-3d",

@@ -964,10 +964,19 @@ def test_assembly_from_row_columns_equals_assembly_from_row_json(real_sample_dir
 
 def test_warm_worker_imports_what_regions_and_pictures_need():
     # a worker pays its imports while it waits for its first region, not at the end of the slide where the device
-    # is done and everything waits on the pictures (matplotlib: about 0.3 s of CPU)
-    code = ("import sys, wsi; before = set(sys.modules); wsi.warm_worker(); "
+    # is done and everything waits on the pictures (matplotlib: about 0.3 s of CPU); it loads (or compiles) the
+    # post-processing's compiled kernels there too, for the types a region uses, and then freezes the objects made
+    code = ("import gc, sys, wsi, jit_kernels; before = set(sys.modules); wsi.warm_worker(); "
             "print(sorted(m for m in ('export', 'postprocess', 'matplotlib.figure', "
-            "'matplotlib.backends.backend_agg') if m in sys.modules and m not in before))")
+            "'matplotlib.backends.backend_agg') if m in sys.modules and m not in before)); "
+            "print(gc.get_freeze_count() > 10000); "
+            "print(not jit_kernels.AVAILABLE or all(getattr(jit_kernels, k).signatures for k in "
+            "('_energy', '_boxes', '_correlate_axis0', '_correlate_axis1', '_instance_sums')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, check=True).stdout
-    assert out.strip() == str(['export', 'matplotlib.backends.backend_agg', 'matplotlib.figure', 'postprocess'])
+    assert out.split("\n")[:3] == [str(['export', 'matplotlib.backends.backend_agg', 'matplotlib.figure', 'postprocess']),
+                                    "True", "True"]
+
+
+def test_warm_post_processing_finds_the_two_discs():
+    assert wsi.warm_post_processing() == 2
