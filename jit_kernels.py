@@ -144,14 +144,15 @@ if AVAILABLE:
                     acc[x] += (np.float64(a[x]) - np.float64(b[x])) * wj
 
     @_jit
-    def _pad_line(values, r, line):
-        """line = values with r copies of its first and last value on either side ("nearest" mode), as float64."""
+    def _pad_line(values, r, reflect, line):
+        """line = values (as float64) with the r taps beyond either end that scipy's "reflect" or "nearest" mode
+        reads there."""
         n = values.shape[0]
         for x in range(n):
             line[r + x] = values[x]
         for k in range(r):
-            line[k] = values[0]
-            line[r + n + k] = values[n - 1]
+            line[k] = values[_source_index(k - r, n, reflect)]
+            line[r + n + k] = values[_source_index(n + k, n, reflect)]
 
     @_jit
     def _keep_larger_drop(energy_row, acc):
@@ -185,7 +186,7 @@ if AVAILABLE:
             while made < min(y + r, h - 1):
                 made += 1
                 _normalised_row(h0[made], lo0, span0, zero0, normal)
-                _pad_line(normal, r, line)
+                _pad_line(normal, r, False, line)
                 _taps_along_row(line, deriv, sym_d, r, acc)
                 out = ring0[made % depth]
                 for x in range(w):
@@ -198,7 +199,7 @@ if AVAILABLE:
             _taps_across(ring1, y, h, deriv, sym_d, False, r, acc)
             for x in range(w):
                 normal[x] = acc[x]
-            _pad_line(normal, r, line)
+            _pad_line(normal, r, False, line)
             _taps_along_row(line, smooth, sym_s, r, acc)
             _keep_larger_drop(energy[y], acc)
 
@@ -249,12 +250,7 @@ if AVAILABLE:
         line = np.empty(w + 2 * r, np.float64)
         acc = np.empty(w, np.float64)
         for y in range(h):
-            row = src[y]
-            for x in range(w):
-                line[x + r] = row[x]
-            for k in range(r):   # the border's taps
-                line[k] = row[_source_index(k - r, w, reflect)]
-                line[w + r + k] = row[_source_index(w + k, w, reflect)]
+            _pad_line(src[y], r, reflect, line)
             _taps_along_row(line, weights, symmetry, r, acc)
             o = out[y]
             for x in range(w):
