@@ -617,6 +617,12 @@ def default_num_workers(device) -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, utils.usable_cores() - 1))
 
 
+def worker_count(options, device) -> int:
+    """The post-processing processes of a run: `--num_workers` if given, else `default_num_workers(device)`. Known
+    before the model is loaded, so that a command can start them first (their start then overlaps the loading)."""
+    return int(default_num_workers(device) if options.num_workers is None else options.num_workers)
+
+
 def network_scale(model_set) -> float:
     """Network pixels per image pixel (at the model's pixel size) the model was trained at: its input size
     divided by its training tile (`model_tile_size`), e.g. 1024 / 512 = 2. `--tile_size` only chooses the
@@ -760,9 +766,7 @@ def load_predictor(options, maps_fn: MapsFn | None = None, model_set=None) -> Pr
         raise UserError(f"--overlap {overlap}: must be between 0 and half the tile size ({tile_size // 2})")
     if maps_fn is None:
         maps_fn = model_maps_fn(model_set, ensemble=options.ensemble, device=device, amp=options.amp)
-    num_workers = options.num_workers
-    if num_workers is None:
-        num_workers = default_num_workers(device)
+    num_workers = worker_count(options, device)
     batch_size = options.batch_size
     if batch_size is None:
         batch_size = default_batch_size(maps_fn, tile_size)

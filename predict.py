@@ -261,10 +261,12 @@ def check_input_scale(predictor: Predictor, path: Path, options: PredictOptions)
                     option, info.width, info.height, width, height, tile, predictor.model_mpp)
 
 
-def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, options: PredictOptions) -> Outcome:
+def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, options: PredictOptions,
+                workers=None) -> Outcome:
     """Segment one input (a plain image in memory, or a slide region by region through `wsi`) and write its
     outputs named `name` in `output_dir`. A failure of this input is returned as
-    `Outcome(status="failed", error=<one line>)`, never raised (KeyboardInterrupt is)."""
+    `Outcome(status="failed", error=<one line>)`, never raised (KeyboardInterrupt is). `workers`: the run's
+    post-processing processes (`wsi.Workers`) for a slide; without them a slide starts its own."""
     import slides
 
     path = Path(path)
@@ -276,7 +278,7 @@ def predict_one(predictor: Predictor, path: Path, name: str, output_dir: Path, o
 
             kind = "slide"
             check_input_scale(predictor, path, options)
-            return wsi.predict_slide(predictor, path, name, Path(output_dir), options)
+            return wsi.predict_slide(predictor, path, name, Path(output_dir), options, workers=workers)
         check_input_scale(predictor, path, options)
         image = read_image(path)
         fg, hv, settings = image_maps(predictor.model_set, image, predictor.tile_size, predictor.overlap,
@@ -369,22 +371,29 @@ def finish_image(path: Path, output_dir: Path, name: str, image: np.ndarray, fg:
 
 
 def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence[str], output_dir: Path,
-                   options: PredictOptions) -> list[Outcome]:
+                   options: PredictOptions, workers=None) -> list[Outcome]:
     """The in-process engine of `predict`: every input in order, one Outcome each; a failed input is
     reported on stderr in one line and the others go on.
 
-    Slides go through `predict_one` (`wsi` has its own read-ahead threads and post-processing workers). For
-    plain images with `predictor.num_workers` > 0 (the default on a GPU) the network segments image i+1 while
-    spawned worker processes post-process image i and write its files (`finish_image`); at most
-    `num_workers` images wait for a worker. With 0 workers, or a single input, everything runs here through
-    `predict_one`. `Outcome.seconds` is the model time plus the post-processing and writing time of the input.
+    `workers`: the run's post-processing processes (`wsi.Workers`, started by the caller; else `predictor.num_workers`
+    of them, started when first needed), kept from input to input and shut down by whoever started them. Slides go
+    through `predict_one` (`wsi` has its own read-ahead threads and uses these workers). For plain images with
+    workers (the default on a GPU) the network segments image i+1 while the workers post-process image i and write
+    its files (`finish_image`); at most as many images as workers wait for one. With 0 workers, or a single input,
+    plain images run here through `predict_one`. `Outcome.seconds` is the model time plus the post-processing and
+    writing time of the input.
     """
+    from concurrent.futures.process import BrokenProcessPool
+
     import slides
+    import wsi
 
     output_dir = Path(output_dir)
     outcomes: list[Outcome | None] = [None] * len(inputs)
-    workers = predictor.num_workers if len(inputs) > 1 else 0
-    pool = utils.process_pool(workers) if workers > 0 else None
+    own_workers = workers is None
+    if own_workers:
+        workers = wsi.Workers(predictor.num_workers)
+    images_in_workers = workers.count > 0 and len(inputs) > 1
     pending: deque[tuple[int, float, tuple, Future]] = deque()
 
     def record(i: int, outcome: Outcome) -> None:
@@ -397,6 +406,8 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
         try:
             nuclei, seconds, error, dropped = future.result()
         except Exception as e:  # the worker process died (e.g. out of memory)
+            if isinstance(e, BrokenProcessPool):   # new workers for the next inputs
+                workers.discard()
             nuclei, seconds, error, dropped = 0, 0.0, error_message(inputs[i], e), 0
         path, name = inputs[i], names[i]
         record(i, Outcome(str(path), name, "failed", error=error) if error else
@@ -406,8 +417,8 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
     try:
         for i, (path, name) in enumerate(tqdm(list(zip(inputs, names)), desc="inputs", unit="input")):
             path = Path(path)
-            if pool is None or not path.is_file() or slides.is_slide_file(path):
-                record(i, predict_one(predictor, path, name, output_dir, options))
+            if not images_in_workers or not path.is_file() or slides.is_slide_file(path):
+                record(i, predict_one(predictor, path, name, output_dir, options, workers=workers))
                 continue
             start = time.time()
             try:
@@ -423,14 +434,19 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
                 continue
             job = (path, output_dir, name, image, fg, hv, settings, options.mpp, options.overlay,
                    options.min_confidence)
-            pending.append((i, time.time() - start, image.shape, pool.submit(finish_image, *job)))
-            while len(pending) > workers:
+            try:
+                future = workers.pool().submit(finish_image, *job)
+            except BrokenProcessPool:   # a worker died since the last image: new ones
+                workers.discard()
+                future = workers.pool().submit(finish_image, *job)
+            pending.append((i, time.time() - start, image.shape, future))
+            while len(pending) > workers.count:
                 collect_oldest()
         while pending:
             collect_oldest()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if own_workers:
+            workers.close()
     return outcomes
 
 
@@ -597,10 +613,29 @@ def run(args: argparse.Namespace) -> int:
     names = output_stems(inputs)
     if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output_dir {args.output_dir}: exists and is not a folder")
+    workers = None
+    if not use_dask:
+        import inference
+        import slides
+        import wsi
+
+        # the run's post-processing processes (slides, or several images): started before the model is loaded, so
+        # that their spawn and imports overlap the loading, and kept for every input (`wsi.Workers`)
+        count = inference.worker_count(options, utils.select_device(options.device))
+        utils.configure_threads(getattr(args, "threads", None), workers=count)   # before they spawn: they inherit it
+        uses_workers = len(inputs) > 1 or any(p.is_file() and slides.is_slide_file(p) for p in inputs)
+        workers = wsi.Workers(count if uses_workers else 0)
+        workers.start()
+    try:
+        return _run(args, options, inputs, names, use_dask, workers)
+    finally:
+        if workers is not None:
+            workers.close()
+
+
+def _run(args, options: PredictOptions, inputs: list[Path], names: list[str], use_dask: bool, workers) -> int:
     # with Dask the model runs in the workers: here it is only checked, on the CPU
     predictor = load_predictor(replace(options, device="cpu") if use_dask else options)
-    if not use_dask:
-        utils.configure_threads(getattr(args, "threads", None), workers=predictor.num_workers)
     utils.freeze_startup_objects()   # torch's and the model's objects: out of the collector's later passes
     model_set = predictor.model_set
     output_dir = utils.make_output_dir(args.output_dir)  # only once every option is known to be good
@@ -620,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
         outcomes = dask_predict.run_inputs(inputs, names, output_dir, options, predict_one, workers=args.workers,
                                            scheduler=args.scheduler, torch_threads=getattr(args, "threads", None))
     else:
-        outcomes = segment_images(predictor, inputs, names, output_dir, options)
+        outcomes = segment_images(predictor, inputs, names, output_dir, options, workers=workers)
     utils.write_csv(output_dir / "summary.csv", [o.summary_row() for o in outcomes], columns=SUMMARY_COLUMNS)
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)

@@ -313,6 +313,49 @@ def start_workers(workers: int):
     return pool
 
 
+class Workers:
+    """The post-processing worker processes of a whole run (`start_workers`), kept from slide to slide: started once
+    (`start`, for example while the command loads its model), so that a later slide does not wait for new
+    processes. On the 2-core build machine a slide's first region waited about 2 s for its freshly spawned workers
+    while the device sat idle (docs/benchmarks.md, "one pool for the run"). `pool()` is the running pool (started on
+    first use; None for 0 workers); `discard()` drops a pool a dead worker broke (the next `pool()` starts anew);
+    `close()`, or the end of a `with` block, shuts the processes down."""
+
+    def __init__(self, count: int) -> None:
+        self.count = max(0, int(count))
+        self._pool = None
+
+    def pool(self):
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self._pool is not None:
+            try:   # a pool whose worker died (killed for memory, say) refuses new work: replaced, not handed out
+                self._pool.submit(int)
+            except BrokenProcessPool:
+                self.discard()
+        if self.count and self._pool is None:
+            self._pool = start_workers(self.count)
+        return self._pool
+
+    start = pool
+
+    def discard(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def save_pictures(kinds: tuple, outputs: dict, thumb: tuple, tissue_mask, centroids: np.ndarray,
                   confidence: np.ndarray, mpp0: float, low: float) -> None:
     """Write the slide's pictures of `kinds` ("tissue": the mask, "overview": nuclei per mm² of tissue, "confidence":
@@ -590,26 +633,33 @@ def _tissue_mask(slide, options, mpp0: float):
 
 
 def predict_slide(predictor, path: Path, name: str, output_dir: Path, options,
-                  on_region_done: Callable[[int], None] | None = None):
+                  on_region_done: Callable[[int], None] | None = None, workers: Workers | None = None):
     """Segment one slide into `output_dir` (see the module docstring); returns an `inference.Outcome`.
     A problem of this slide comes back as `Outcome(status="failed")`. `on_region_done(k)` is called after
-    the k-th region of this run is recorded (tests use it to interrupt a run)."""
+    the k-th region of this run is recorded (tests use it to interrupt a run). `workers`: the run's post-processing
+    processes (`Workers`), kept after the slide; without it the slide starts `predictor.num_workers` of its own and
+    shuts them down at its end."""
     import inference
+    from concurrent.futures.process import BrokenProcessPool
 
     start = time.time()
     try:
-        return _predict_slide(predictor, Path(path), name, Path(output_dir), options, on_region_done, start)
+        return _predict_slide(predictor, Path(path), name, Path(output_dir), options, on_region_done, start,
+                              workers)
     except Exception as e:
+        if isinstance(e, BrokenProcessPool) and workers is not None:   # a worker died: new ones for the next slide
+            workers.discard()
         log.debug("failed on %s", path, exc_info=True)
         return inference.Outcome(str(path), name, "failed", error=inference.error_message(Path(path), e),
                                seconds=round(time.time() - start, 3), kind="slide")
 
 
-def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, on_region_done, start):
+def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, on_region_done, start, workers):
     import inference
     import slides
 
     pool = None
+    own_pool = workers is None
     try:
         with slides.open_slide(path, mpp=options.mpp) as slide:
             mpp0 = float(slide.require_mpp())
@@ -639,9 +689,9 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
             pdir.mkdir(parents=True, exist_ok=True)
             utils.write_json(state_path, state)
 
-            # the post-processing workers start now: their spawn overlaps the thumbnail and the tissue mask; they
-            # also draw the pictures at the end, while this process writes the label image
-            pool = start_workers(int(predictor.num_workers))
+            # the post-processing workers (the run's, else this slide's, whose spawn overlaps the thumbnail and the
+            # tissue mask); they also draw the pictures at the end, while this process writes the label image
+            pool = start_workers(int(predictor.num_workers)) if own_pool else workers.pool()
             tissue_mask, thumb = _tissue_mask(slide, options, mpp0)
             if thumb is None:
                 thumb = slide.thumbnail(THUMBNAIL_SIZE)
@@ -651,6 +701,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
             log.warning("%s: no tissue found (0 nuclei); see %s", path, outputs["tissue"])
         # the outputs are assembled from the region files in region order, as the regions are recorded
         assembly = Assembly(outputs, regions, state, pdir, mpp0, options)
+        pictures: list = []
         try:
             if pool is not None:   # this process has time while the workers post-process: the label image now
                 assembly.stream_labels(geo, (height0, width0))
@@ -667,6 +718,8 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
             picture_seconds = time.time() - t_pictures
             assembly.finish(geo, (height0, width0))
         except BaseException:
+            for picture in pictures:   # a run's pool goes on to the next slide: not this one's pictures
+                picture.cancel()
             assembly.abort()
             raise
         t_pictures = time.time()
@@ -695,7 +748,7 @@ def _predict_slide(predictor, path: Path, name: str, output_dir: Path, options, 
                      options.min_confidence)
         return outcome
     finally:
-        if pool is not None:
+        if pool is not None and own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -851,6 +904,8 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
             record(r, f.result())
             handoff.release(p)
     finally:
+        for _, _, f in pending:   # a failed slide's regions not yet begun (a run's pool goes on to the next slide)
+            f.cancel()
         handoff.close()
         bar.close()
         for _, _, f in reads:

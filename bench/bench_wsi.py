@@ -5,7 +5,7 @@ point 6) and the pipeline on a simulated accelerator (issue 17, point 5).
     python bench/bench_wsi.py [--sizes 4096,16384] [--input_sizes 128] [--device cpu] [--num_workers N]
                               [--batch_size N] [--region_size 2048] [--out DIR] [--code OLD_TREE NEW_TREE]
                               [--repeats 1] [--network_probe] [--simulate] [--sim_size 4096]
-                              [--sim_latency 0.1] [--sim_batch 8] [--sim_workers 1,2,4]
+                              [--sim_latency 0.1] [--sim_batch 8] [--sim_workers 1,2,4] [--sim_pools slide,run]
 
 For each size a synthetic slide (0.25 µm/px, an elliptical piece of tissue on a white background, tiled
 pyramidal TIFF written tile by tile with `sample_data.write_pyramidal_tiff_from_tiles`, never whole in memory)
@@ -29,7 +29,9 @@ is the fastest, and `stage_ratio` = (network stage - replacement maps) / (window
 `--simulate`: a stand-in accelerator, for each `--code` tree in turn (`--repeats` rounds, interleaved). A first, untimed pass computes the dark-pixel maps of
 every window of a `--sim_size` slide; the timed passes return them (replayed in order, see below) after
 sleeping `--sim_latency` seconds per batch of `--sim_batch` windows, so the CPU is free while the "device"
-works. One pass per `--sim_workers` count; the table gives the slide time against max(network-bound time =
+works. One pass per `--sim_workers` count and `--sim_pools` kind (`pool`: `slide`, the slide starts its workers, as
+a single slide does; `run`, the run's workers (`wsi.Workers`) were started and warm before it, as for a run's later
+slides); the table gives the slide time against max(network-bound time =
 batches x latency, CPU-side time (read + post-processing + writing) / workers), and against the same with
 workers capped at the usable cores. The stage times are elapsed seconds summed over regions, so they grow when
 more processes than cores compete; `cpu_work_s` is the pass's CPU seconds (this process, its read threads and its
@@ -260,10 +262,24 @@ def run_simulated(args: argparse.Namespace) -> None:
     predictor = predict.load_predictor(options, maps_fn=precompute, model_set=model_set)
     predict.predict_one(predictor, Path(args.slide), "warmup", Path(args.output), options)
     cores = _usable_cores()
-    for workers in [int(w) for w in args.sim_workers.split(",")]:
+    import wsi
+
+    pools = [k for k in args.sim_pools.split(",") if k]
+    if "run" in pools and not hasattr(wsi, "Workers"):
+        print(f"{args.tree}: no run-wide worker pool (wsi.Workers) in this tree: only the 'slide' passes", flush=True)
+        pools = [k for k in pools if k != "run"] or ["slide"]
+    for workers, pool_kind in [(int(w), k) for w in args.sim_workers.split(",") for k in pools]:
+        if pool_kind == "run" and workers == 0:
+            continue
         options = _options(predict, args, batch_size=args.sim_batch, num_workers=workers, **mpp)
         predictor = predict.load_predictor(options, maps_fn=device, model_set=model_set)
         threads = utils.configure_threads(args.sim_threads, workers=predictor.num_workers)   # as predict does
+        run_workers, extra = None, {}
+        if pool_kind == "run":   # the run's workers, started and warm before the slide (a run's later slides)
+            run_workers = wsi.Workers(workers)
+            for f in [run_workers.pool().submit(time.sleep, 0.5) for _ in range(2 * workers)]:
+                f.result()
+            extra = {"workers": run_workers}
         calls[0] = replayed[0] = looked_up[0] = 0
         spans.clear()
         cpu_before, main_before = _cpu_seconds(), _cpu_seconds(children=False)
@@ -274,12 +290,15 @@ def run_simulated(args: argparse.Namespace) -> None:
             profile = cProfile.Profile()
             profile.enable()
         began = time.perf_counter()
-        outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options)
+        outcome = predict.predict_one(predictor, Path(args.slide), f"sim{workers}", Path(args.output), options,
+                                      **extra)
         ended = time.perf_counter()
+        if run_workers is not None:
+            run_workers.close()
         if profile is not None:
             profile.disable()
             Path(args.sim_profile).mkdir(parents=True, exist_ok=True)
-            profile.dump_stats(str(Path(args.sim_profile) / f"main_thread_{workers}_workers.prof"))
+            profile.dump_stats(str(Path(args.sim_profile) / f"main_thread_{workers}_workers_{pool_kind}_pool.prof"))
         cpu_work = _cpu_seconds() - cpu_before   # this process and its (reaped) post-processing workers
         main_cpu = _cpu_seconds(children=False) - main_before   # this process alone (all its threads)
         if outcome.status != "ok":
@@ -295,7 +314,7 @@ def run_simulated(args: argparse.Namespace) -> None:
         bound = max(network_bound, cpu_side / workers)
         bound_cores = max(network_bound, cpu_side / min(workers, cores))
         print("SIM " + json.dumps({
-            "workers": workers, "threads": threads, "windows": outcome.windows, "batches": calls[0],
+            "workers": workers, "pool": pool_kind, "threads": threads, "windows": outcome.windows, "batches": calls[0],
             "nuclei": outcome.nuclei,
             "slide_s": outcome.seconds, "network_stage_s": outcome.network_seconds,
             "network_bound_s": round(network_bound, 2), "read_s": outcome.read_seconds,
@@ -392,6 +411,10 @@ def main() -> None:
                         help="--simulate: the slide's pixel size given to predict as --mpp (e.g. 0.2527: every "
                              "region is resampled to the model's 0.25 µm/px as it is read; default: its own, 0.25)")
     parser.add_argument("--sim_workers", default="1,2,4")
+    parser.add_argument("--sim_pools", default="slide,run",
+                        help="for each worker count, a pass whose slide starts its own workers ('slide': a single "
+                             "slide, or a run's first when the model loads faster than they start) and one with the "
+                             "run's workers started and warm beforehand ('run': a run's later slides)")
     parser.add_argument("--out", default=None, help="folder for slides and outputs (default: a temporary one)")
     parser.add_argument("--run_one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sim_profile", default=None,
@@ -488,7 +511,8 @@ def main() -> None:
             for tree in trees:  # old and new trees interleaved (`--code`), each pass in a fresh process
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--run_simulated", "--tree", str(tree),
                        "--sim_latency", str(args.sim_latency), "--sim_batch", str(args.sim_batch),
-                       "--sim_workers", args.sim_workers, *common(slide, model, work / "out_sim")] \
+                       "--sim_workers", args.sim_workers, "--sim_pools", args.sim_pools,
+                       *common(slide, model, work / "out_sim")] \
                     + ([] if args.sim_threads is None else ["--sim_threads", str(args.sim_threads)]) \
                     + ([] if args.sim_mpp is None else ["--sim_mpp", str(args.sim_mpp)]) \
                     + ([] if args.sim_profile is None else ["--sim_profile", str(Path(args.sim_profile).resolve())])

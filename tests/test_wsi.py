@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -980,3 +981,77 @@ def test_warm_worker_imports_what_regions_and_pictures_need():
 
 def test_warm_post_processing_finds_the_two_discs():
     assert wsi.warm_post_processing() == 2
+
+
+def _pids(pool, n: int) -> set:
+    import os
+
+    return {f.result() for f in [pool.submit(os.getpid) for _ in range(4 * n)]}
+
+
+def test_a_runs_workers_serve_every_slide_and_a_dead_one_is_replaced(small_slide, tmp_path, monkeypatch):
+    """`wsi.Workers`: one pool for all the slides of a run (started once; each slide's outputs the same bytes as with
+    a pool of the slide's own), and a pool broken by a killed worker is replaced before the next slide."""
+    import os
+    import signal
+
+    path = small_slide[0]
+    options = _options(num_workers=1)
+    own = wsi.predict_slide(_predictor(options), path, "s", tmp_path / "own", options)
+    assert own.status == "ok", own.error
+    started = []
+    start = wsi.start_workers
+    monkeypatch.setattr(wsi, "start_workers", lambda n: started.append(n) or start(n))
+    with wsi.Workers(1) as workers:
+        first = workers.pool()
+        pid = _pids(first, 1)
+        for k in range(2):
+            out = tmp_path / f"run{k}"
+            outcome = wsi.predict_slide(_predictor(options), path, "s", out, options, workers=workers)
+            assert outcome.status == "ok", outcome.error
+            assert _outputs(out, "s") == _outputs(tmp_path / "own", "s")
+            assert (out / "s_overview.png").read_bytes() == (tmp_path / "own" / "s_overview.png").read_bytes()
+        assert started == [1] and workers.pool() is first and _pids(first, 1) == pid
+        os.kill(pid.pop(), signal.SIGKILL)   # as the kernel's out-of-memory killer would
+        deadline = time.time() + 30
+        while workers.pool() is first and time.time() < deadline:   # the pool notices the death within moments
+            time.sleep(0.05)
+        assert started == [1, 1]
+        again = wsi.predict_slide(_predictor(options), path, "s", tmp_path / "after", options, workers=workers)
+        assert again.status == "ok", again.error
+        assert _outputs(tmp_path / "after", "s") == _outputs(tmp_path / "own", "s")
+        last = _pids(workers.pool(), 1)
+    assert not any(Path(f"/proc/{p}").exists() for p in last)   # the end of the block ends the processes
+
+
+def test_predict_starts_the_workers_once_for_all_its_slides(small_slide, tmp_path, monkeypatch):
+    """`predict` on two slides with a worker: one pool, started before the model is loaded, and the same outputs as
+    each slide alone."""
+    import shutil
+
+    path = small_slide[0]
+    second = tmp_path / "other.tif"
+    shutil.copy(path, second)
+    events = []
+    start, load = wsi.start_workers, predict.load_predictor
+    monkeypatch.setattr(wsi, "start_workers", lambda n: events.append(("workers", n)) or start(n))
+
+    def loading(options, *a, **k):
+        events.append(("model", options.num_workers))
+        predictor = inference.load_predictor(options, maps_fn=pure_maps)
+        predictor.postprocess = dict(PP)
+        return predictor
+
+    monkeypatch.setattr(predict, "load_predictor", loading)
+    model = tmp_path / "model.pth"
+    model.write_bytes(b"")   # exists (the options check it); the stand-in network above replaces it
+    args = main.build_parser().parse_args(
+        ["predict", "--model_path", str(model), "--input", str(path), str(second), "--output_dir", str(tmp_path / "out"),
+         "--tile_size", "256", "--overlap", "64", "--tissue_mask", "none", "--region_size", "384", "--num_workers",
+         "1", "--batch_size", "6", "--label_image"])
+    assert predict.run(args) == 0
+    assert events == [("workers", 1), ("model", 1)]
+    alone = _options(num_workers=0)
+    for name, slide in (("small", path), ("other", second)):
+        assert wsi.predict_slide(_predictor(alone), slide, name, tmp_path / "alone", alone).status == "ok"
+        assert _outputs(tmp_path / "out", name) == _outputs(tmp_path / "alone", name)
