@@ -633,13 +633,14 @@ def tissue_density(centroids_level0: np.ndarray, tissue, dimensions: tuple[float
     density, side = nuclei_density(centroids_level0, dimensions, mpp0, bin_um)
     rows, cols = density.shape
     width0, height0 = float(dimensions[0]), float(dimensions[1])
-    tissue_px = np.zeros_like(density)
     mask = np.asarray(tissue.mask, dtype=bool)
-    if mask.any():
+    counts = np.zeros(rows * cols, dtype=np.int64)
+    if mask.any():   # each tissue pixel in its bin by its centre (one bincount: np.add.at is about 10x slower)
+        row_bin = np.clip(((np.arange(mask.shape[0]) + 0.5) * tissue.downsample // side).astype(np.int64), 0, rows - 1)
+        col_bin = np.clip(((np.arange(mask.shape[1]) + 0.5) * tissue.downsample // side).astype(np.int64), 0, cols - 1)
         mr, mc = np.nonzero(mask)
-        np.add.at(tissue_px, (np.clip(((mr + 0.5) * tissue.downsample // side).astype(int), 0, rows - 1),
-                              np.clip(((mc + 0.5) * tissue.downsample // side).astype(int), 0, cols - 1)),
-                  float(tissue.downsample) ** 2)
+        counts = np.bincount(row_bin[mr] * cols + col_bin[mc], minlength=rows * cols)
+    tissue_px = counts.reshape(rows, cols) * float(tissue.downsample) ** 2
     bin_w = np.minimum((np.arange(cols) + 1) * side, width0) - np.arange(cols) * side
     bin_h = np.minimum((np.arange(rows) + 1) * side, height0) - np.arange(rows) * side
     fraction = np.clip(tissue_px / np.outer(bin_h, bin_w), 0.0, 1.0)
@@ -661,6 +662,19 @@ def _slide_frame(thumbnail: np.ndarray, downsample: float, tissue, mpp0: float,
     return thumb, width0, height0, float(bin_um)
 
 
+def tissue_outline(mask: np.ndarray, pixel: float) -> list[np.ndarray]:
+    """The outline of a tissue `mask` (bool, one pixel = `pixel` units, its centre at (k + 0.5) * pixel): the lines
+    (each an (n, 2) array of x, y) where the mask, as floats 0 and 1, crosses 0.5, by contourpy (the tracer matplotlib's
+    own `contour` uses), traced in pixel indices and then scaled; matplotlib's `contour` with the pixels' coordinates
+    gives the same lines and first builds two full coordinate grids and masked copies of the mask (0.2 s of a 2048²
+    mask against about 0.02 s)."""
+    import contourpy
+
+    z = np.ascontiguousarray(mask, dtype=np.float64)
+    lines, _ = contourpy.contour_generator(z=z, name="mpl2014", line_type="SeparateCode").lines(0.5)
+    return [(np.asarray(line, dtype=np.float64) + 0.5) * pixel for line in lines]
+
+
 REDUCE_FROM = 2   # `_binned_overview` box-averages a thumbnail at least this many times wider than its figure
 
 
@@ -674,6 +688,8 @@ def _binned_overview(thumb: np.ndarray, downsample: float, tissue, size0: tuple[
     width0, height0 = size0
     rows, cols = shown.shape
     mask = np.asarray(tissue.mask, dtype=bool)
+    from matplotlib.collections import LineCollection
+
     fig = new_figure(width_inches, max(2.5, width_inches * (th / max(tw, 1)) * 0.85 + 0.9))
     ax = fig.add_subplot(1, 1, 1)
     # matplotlib converts and resamples every pixel it is given (RGBA copies: 0.4 s for a 2048² thumbnail); a
@@ -690,9 +706,8 @@ def _binned_overview(thumb: np.ndarray, downsample: float, tissue, size0: tuple[
     ax.imshow(thumb, extent=(0, tw * downsample * mm, th * downsample * mm, 0), interpolation="bilinear")
     image = ax.imshow(shown, extent=(0, cols * side * mm, rows * side * mm, 0), interpolation="nearest", **heat)
     if mask.any() and mask.shape[0] > 1 and mask.shape[1] > 1:
-        ys = (np.arange(mask.shape[0]) + 0.5) * tissue.downsample * mm
-        xs = (np.arange(mask.shape[1]) + 0.5) * tissue.downsample * mm
-        ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5], colors=["#00c000"], linewidths=1.0)
+        ax.add_collection(LineCollection(tissue_outline(mask, float(tissue.downsample) * mm), colors=["#00c000"],
+                                         linewidths=1.0))
     ax.set_xlim(0, width0 * mm)
     ax.set_ylim(height0 * mm, 0)
     ax.set_xlabel("mm")

@@ -177,6 +177,47 @@ def test_tissue_density_hand_computed():
     assert visualize.overview_bin_um(20000, 15000) == 250 and visualize.overview_bin_um(1000, 1000) == 50
 
 
+def test_tissue_per_bin_counts_each_pixel_by_its_centre():
+    """The tissue area per bin (one bincount) against a loop over the mask's pixels, with bins that do not fall on
+    mask pixel borders (downsample 7.5, bins of 83 level-0 px) and a last, partial bin."""
+    import tissue
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((37, 53)) < 0.6
+    dims, mpp0, bin_um = (53 * 7.5, 37 * 7.5), 0.5, 41.5   # bins of 83 px: 5 x 5, the last ones partial
+    centres = np.array([[(c + 0.5) * 83, (r + 0.5) * 83] for r in range(4) for c in range(5)])
+    centres = np.minimum(centres, np.array(dims) - 1)   # one nucleus in each bin
+    got, side = visualize.tissue_density(centres, tissue.TissueMask(mask, 7.5, "auto", dims), dims, mpp0, bin_um)
+    rows, cols = got.shape
+    area = np.zeros((rows, cols))
+    for r, c in zip(*np.nonzero(mask)):
+        area[min(int((r + 0.5) * 7.5 // side), rows - 1), min(int((c + 0.5) * 7.5 // side), cols - 1)] += 7.5 ** 2
+    bin_w = np.minimum((np.arange(cols) + 1) * side, dims[0]) - np.arange(cols) * side
+    bin_h = np.minimum((np.arange(rows) + 1) * side, dims[1]) - np.arange(rows) * side
+    assert side == 83 and got.shape == (4, 5)
+    fraction = np.clip(area / np.outer(bin_h, bin_w), 0, 1)
+    assert (~got.mask).tolist() == (fraction >= 0.25).tolist() and (~got.mask).sum() > 10
+    per_mm2 = 1 / (np.outer(bin_h, bin_w) * (mpp0 / 1000) ** 2)   # one nucleus per bin
+    np.testing.assert_allclose(got.data[~got.mask], (per_mm2 / fraction)[~got.mask], rtol=1e-12)
+
+
+def test_tissue_outline_is_matplotlibs_contour():
+    """`tissue_outline` (contourpy in pixel indices, scaled) gives the lines of matplotlib's `contour` at 0.5 over
+    the pixels' centres: two pieces and a hole."""
+    mask = _disk((60, 80), 30, 25, 18) | _disk((60, 80), 20, 65, 9)
+    mask &= ~_disk((60, 80), 30, 25, 5)
+    pixel = 0.0125
+    fig = visualize.new_figure(4, 3)
+    ax = fig.add_subplot(1, 1, 1)
+    ys, xs = (np.arange(60) + 0.5) * pixel, (np.arange(80) + 0.5) * pixel
+    contour = ax.contour(xs, ys, mask.astype(np.float32), levels=[0.5])
+    theirs = sorted(contour.get_paths()[0].to_polygons(closed_only=False), key=len)
+    ours = sorted(visualize.tissue_outline(mask, pixel), key=len)
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
 def test_slide_overview_draws_density_and_outline(tmp_path):
     import tissue
 
