@@ -481,7 +481,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "segments the next (0 = all in this process; default: every usable core but one, "
                              "at most 16, when the model runs on a GPU, 0 on CPU, where workers would compete "
                              "with the network); "
-                             "for slides: processes that post-process finished regions")
+                             "for slides: processes that post-process finished regions; started once, before "
+                             "the model loads, and kept for every input of the run")
     slide = parser.add_argument_group("whole-slide images (SVS, NDPI, MRXS, SCN, tiled TIFF / OME-TIFF, ...)")
     slide.add_argument("--tissue_mask", default="auto", metavar="auto|none|FILE",
                        help="which windows run: auto = detected on a low-resolution level; none = everywhere; "
