@@ -405,9 +405,7 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
         i, model_seconds, shape, future = pending.popleft()
         try:
             nuclei, seconds, error, dropped = future.result()
-        except Exception as e:  # the worker process died (e.g. out of memory)
-            if isinstance(e, BrokenProcessPool):   # new workers for the next inputs
-                workers.discard()
+        except Exception as e:  # the worker process died (e.g. out of memory; `workers.pool()` replaces them)
             nuclei, seconds, error, dropped = 0, 0.0, error_message(inputs[i], e), 0
         path, name = inputs[i], names[i]
         record(i, Outcome(str(path), name, "failed", error=error) if error else
@@ -436,7 +434,7 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
                    options.min_confidence)
             try:
                 future = workers.pool().submit(finish_image, *job)
-            except BrokenProcessPool:   # a worker died since the last image: new ones
+            except BrokenProcessPool:   # a worker died after `pool()` looked: new ones
                 workers.discard()
                 future = workers.pool().submit(finish_image, *job)
             pending.append((i, time.time() - start, image.shape, future))

@@ -317,7 +317,7 @@ class Workers:
     """The post-processing worker processes of a whole run (`start_workers`), kept from slide to slide: started once
     (`start`, for example while the command loads its model), so that a later slide does not wait for new
     processes. On the 2-core build machine a slide's first region waited about 2 s for its freshly spawned workers
-    while the device sat idle (docs/benchmarks.md, "one pool for the run"). `pool()` is the running pool (started on
+    while the device sat idle (docs/benchmarks.md, "one pool of workers for the run"). `pool()` is the running pool (started on
     first use; None for 0 workers); `discard()` drops a pool a dead worker broke (the next `pool()` starts anew);
     `close()`, or the end of a `with` block, shuts the processes down."""
 
@@ -640,15 +640,12 @@ def predict_slide(predictor, path: Path, name: str, output_dir: Path, options,
     processes (`Workers`), kept after the slide; without it the slide starts `predictor.num_workers` of its own and
     shuts them down at its end."""
     import inference
-    from concurrent.futures.process import BrokenProcessPool
 
     start = time.time()
-    try:
+    try:   # a worker that died breaks the run's pool: `Workers.pool()` replaces it for the next slide
         return _predict_slide(predictor, Path(path), name, Path(output_dir), options, on_region_done, start,
                               workers)
     except Exception as e:
-        if isinstance(e, BrokenProcessPool) and workers is not None:   # a worker died: new ones for the next slide
-            workers.discard()
         log.debug("failed on %s", path, exc_info=True)
         return inference.Outcome(str(path), name, "failed", error=inference.error_message(Path(path), e),
                                seconds=round(time.time() - start, 3), kind="slide")
