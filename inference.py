@@ -220,7 +220,7 @@ class Blender:
 
 def runs_ahead(maps_fn) -> bool:
     """Whether a maps function does its work on an accelerator (`accelerator` true: `NetworkMaps` on any device
-    but the CPU, or a stand-in that says so), so that a slide's windows are best run one or two batches ahead of
+    but the CPU, or a stand-in that says so), so that a slide's windows are best run a few batches ahead of
     the blending in a thread of their own (`MapsAhead`): the device then computes the next batch while this
     process blends the last one, hands regions to the post-processing workers and writes outputs. On the CPU the
     network uses every core itself and is called in line."""
@@ -296,31 +296,41 @@ def blend_windows(blender: Blender, windows: Sequence, position: Callable, pixel
     return len(todo)
 
 
+AHEAD_BATCHES = 4   # batches a slide's maps thread may run ahead of the blending (`MapsAhead`)
+
+
 class MapsAhead:
     """A maps function run in a thread of its own, ahead of the caller, on a schedule of batches known in advance
     (a slide's batches, region after region: `wsi.run_regions` on an accelerator). `add(keys, tiles_fn)` appends
-    one batch (`tiles_fn()` gives its tiles; it is called in the thread, so it may wait for a read); at most
-    `depth` batches are computed or waiting to be taken, so memory holds `depth` batches of maps whatever the
-    slide. `take(keys)` gives (keys, results) of the oldest batch, which must be `keys` (`blend_windows`'
-    `batches`), starting the next ones first. An error of the maps function (or of a read) comes out of `take`
-    for that batch. `close()` drops what was not taken and waits for the batch running (at most one)."""
+    one batch (`tiles_fn()` gives its tiles; it is called in a second thread, which gathers the next batch's tiles
+    while the device works on this one, so it may wait for a read); at most `depth` batches are gathered, computed
+    or waiting to be taken, so memory holds `depth` batches of tiles and maps whatever the slide. `take(keys)`
+    gives (keys, results) of the oldest batch, which must be `keys` (`blend_windows`' `batches`), starting the
+    next ones first. An error of the maps function (or of a read) comes out of `take` for that batch. `close()`
+    drops what was not taken and waits for the batch running (at most one per thread)."""
 
-    def __init__(self, maps_fn: MapsFn, depth: int = 2) -> None:
+    def __init__(self, maps_fn: MapsFn, depth: int = AHEAD_BATCHES) -> None:
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         self.maps_fn, self.depth = maps_fn, max(int(depth), 1)
         self.waiting: deque = deque()    # (keys, tiles_fn) not started yet
-        self.running: deque = deque()    # (keys, future) started, in order
+        self.running: deque = deque()    # (keys, tiles future, maps future) started, in order
+        self.gather = ThreadPoolExecutor(1, thread_name_prefix="maps-tiles")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="maps-ahead")
 
-    def _run(self, tiles_fn: Callable[[], list]) -> list:
-        return run_batch(self.maps_fn, [np.ascontiguousarray(t) for t in tiles_fn()])
+    @staticmethod
+    def _tiles(tiles_fn: Callable[[], list]) -> list:
+        return [np.ascontiguousarray(t) for t in tiles_fn()]
+
+    def _run(self, tiles) -> list:
+        return run_batch(self.maps_fn, tiles.result())
 
     def _start(self) -> None:
         while self.waiting and len(self.running) < self.depth:
             keys, tiles_fn = self.waiting.popleft()
-            self.running.append((keys, self.pool.submit(self._run, tiles_fn)))
+            tiles = self.gather.submit(self._tiles, tiles_fn)
+            self.running.append((keys, tiles, self.pool.submit(self._run, tiles)))
 
     def add(self, keys: list, tiles_fn: Callable[[], list]) -> None:
         self.waiting.append((list(keys), tiles_fn))
@@ -330,7 +340,7 @@ class MapsAhead:
         self._start()
         if not self.running:
             raise RuntimeError(f"no maps computed ahead for windows {list(keys)}")
-        got, future = self.running.popleft()
+        got, _, future = self.running.popleft()
         if got != list(keys):
             raise RuntimeError(f"maps computed ahead for windows {got}, expected {list(keys)}")
         try:
@@ -340,9 +350,11 @@ class MapsAhead:
 
     def close(self) -> None:
         self.waiting.clear()
-        for _, future in self.running:
+        for _, tiles, future in self.running:
             future.cancel()
+            tiles.cancel()
         self.running.clear()
+        self.gather.shutdown(wait=True, cancel_futures=True)   # a batch waiting for these tiles ends at once
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -20,9 +20,11 @@
    waiting; a region's read is its crop and the windows that run there, not those an earlier region ran:
    `run_boxes`, and the columns it shares with the previous region are copied from that one's: `read_box`);
    finished regions are post-processed in `num_workers` worker processes (at most
-   `num_workers + 1` in flight) or in this process (`num_workers` 0); the workers start with the slide, before
-   its thumbnail. On an accelerator the windows run ahead of the blending in a thread of their own
-   (`inference.MapsAhead`: every region's batches as soon as its read has started, at most two batches ahead).
+   `num_workers + QUEUED_REGIONS + 1` regions in flight, counting the one being blended) or in this process (`num_workers` 0);
+   the workers start with the slide, before its thumbnail (or once for a whole run: `Workers`). On an
+   accelerator the windows run ahead of the blending in a thread of their own (`inference.MapsAhead`: every
+   region's batches as soon as its read has started, at most `inference.AHEAD_BATCHES` batches ahead, the next
+   batch's tiles gathered while the device works on one).
    Each region's kept instances (label crop + measurements + polygons) go to a small file in `.progress/<name>/`
    and the progress file `state.json` is rewritten atomically after every region.
 5. Outputs, assembled from the region files in region order (global ids 1..N in that order; `Assembly`
@@ -68,6 +70,8 @@ log = logging.getLogger(__name__)
 REGION_MARGIN = 128        # target pixels post-processed around a region's core (> the largest nucleus)
 THUMBNAIL_SIZE = 2048      # longest side of the thumbnail used for tissue detection and the overview
 LABEL_TILE = 512           # tile side of the label pyramid
+QUEUED_REGIONS = 1         # regions handed to the workers beyond one each, so that a dense region does not stop
+                           # the network while a worker finishes it
 STATE_VERSION = 2          # 2: region files hold zlib labels and pre-encoded features, rows a confidence
 
 
@@ -891,7 +895,7 @@ def run_regions(predictor, path: Path, options, geo: Geometry, regions: list[Reg
                 if packed is not None:
                     job = dict(job, fg=None, hv=None, rgb=None, arrays=packed)
                 pending.append((region, packed, pool.submit(finish_region, job)))
-                while len(pending) > workers:
+                while len(pending) > workers + QUEUED_REGIONS:
                     r, p, f = pending.popleft()
                     record(r, f.result())
                     handoff.release(p)

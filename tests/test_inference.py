@@ -212,6 +212,43 @@ def test_maps_ahead_runs_batches_in_order_ahead_of_the_caller_and_bounded():
         ahead.close()
 
 
+def test_maps_ahead_gathers_the_next_tiles_while_the_device_works_and_a_read_error_reaches_take():
+    """`MapsAhead` gathers a batch's tiles in a thread of its own: batch 1's tiles are gathered while the maps
+    function still works on batch 0 (the device is not kept waiting for them), and an error of a batch's tiles
+    (a failed read) comes out of `take` for that batch, the batches after it still running."""
+    import threading
+
+    release, gathered = threading.Event(), []
+
+    def tiles_of(i):
+        def tiles():
+            gathered.append((i, threading.current_thread().name))
+            if i == 2:
+                raise OSError("unreadable region 2")
+            return [np.full((2, 2, 3), i, np.uint8)]
+        return tiles
+
+    def fn(tiles):
+        if int(tiles[0][0, 0, 0]) == 0:
+            assert release.wait(10)
+        return [(np.full((2, 2), t[0, 0, 0], np.float32), None) for t in tiles]
+
+    ahead = inference.MapsAhead(fn, depth=4)
+    try:
+        for i in range(4):
+            ahead.add([("k", i)], tiles_of(i))
+        assert _wait_for(lambda: len(gathered) == 4)   # while batch 0 is still on the "device"
+        assert {name for _, name in gathered} == {"maps-tiles_0"}
+        release.set()
+        assert [float(ahead.take([("k", i)])[1][0][0][0, 0]) for i in (0, 1)] == [0.0, 1.0]
+        with pytest.raises(OSError, match="unreadable region 2"):
+            ahead.take([("k", 2)])
+        assert float(ahead.take([("k", 3)])[1][0][0][0, 0]) == 3.0
+    finally:
+        release.set()
+        ahead.close()
+
+
 def test_blending_maps_computed_ahead_equals_blending_in_line():
     image = np.random.default_rng(4).integers(0, 256, (700, 600, 3), dtype=np.uint8)
     ys, xs = inference.tile_starts(700, 256, 64), inference.tile_starts(600, 256, 64)

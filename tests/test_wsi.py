@@ -181,7 +181,8 @@ def test_workers_get_the_maps_through_shared_memory_or_pickles_with_the_same_byt
     assert len(packed) == 9 and all(packed) == (room == "shared memory") and not any(packed) == (room == "none")
     if room == "shared memory":
         assert list(shm.iterdir()) == []
-        assert len(files) <= 2   # one worker: at most two regions in flight, their files rewritten for the next
+        # one worker: at most 1 + QUEUED_REGIONS + 1 regions handed over at once, their files rewritten for the next
+        assert len(files) <= 2 + wsi.QUEUED_REGIONS
     options0 = _options()
     assert wsi.predict_slide(_predictor(options0), path, "s", tmp_path / "p", options0).status == "ok"
     assert _outputs(tmp_path / "w", "s") == _outputs(tmp_path / "p", "s")
