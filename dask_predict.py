@@ -4,7 +4,8 @@ Every input (a whole slide or a plain image) is one Dask task that calls the com
 (`segment`: `predict.predict_one`, handed down by `predict.run`, so this module never imports the command) on a
 worker process; the task writes the input's result files itself (atomically, into the shared output folder)
 and returns its small `inference.Outcome`, so nothing big travels through Dask. The model is loaded once per worker
-process (a per-process cache keyed by the options, filled by the first task) and reused by every later task.
+process (a per-process cache keyed by the options, filled by the first task) and reused by every later task,
+and so are the process's post-processing workers (`cached_workers`: started by its first slide).
 
 Local cluster (`--workers N`): a Dask scheduler on 127.0.0.1 and N worker processes, each started by its own
 Nanny with its own environment:
@@ -62,8 +63,9 @@ DEFAULT_RETRIES = 1          # re-runs of a task that raised (an input's own fai
 ALLOWED_FAILURES = 3         # worker deaths while holding one input before that input is given up
 DEFAULT_DASHBOARD = ":8787"  # local cluster's dashboard (another free port if taken; shown only with bokeh)
 
-# segment(predictor, path, name, output_dir, options) -> inference.Outcome: one input (`predict.predict_one`)
-Segment = Callable[[object, Path, str, Path, object], object]
+# segment(predictor, path, name, output_dir, options, workers=) -> inference.Outcome: one input
+# (`predict.predict_one`; `workers`: this process's post-processing processes, `cached_workers`)
+Segment = Callable[..., object]
 # task(path, name, output_dir, options, segment) -> inference.Outcome, run on a worker; must be importable there
 Task = Callable[[str, str, str, object, Segment], object]
 
@@ -73,6 +75,7 @@ Task = Callable[[str, str, str, object, Segment], object]
 # ----------------------------------------------------------------------------------------------
 _predictor_lock = threading.Lock()
 _predictor_cache: dict[str, object] = {}
+_workers_cache: dict[str, object] = {}   # "workers": this process's `wsi.Workers` (`cached_workers`)
 _daemon_warned = False
 
 
@@ -94,15 +97,34 @@ def cached_predictor(options):
         return _predictor_cache[key]
 
 
+def cached_workers(count: int):
+    """This process's post-processing worker processes (`wsi.Workers` of `count`), kept from task to task like the
+    predictor, so that a Dask worker's later slides do not wait for new processes (`predict` does the same for the
+    slides of one run); they start with the first slide that needs them. Another count replaces them."""
+    import wsi
+
+    with _predictor_lock:
+        held = _workers_cache.get("workers")
+        if held is None or held.count != max(0, int(count)):
+            if held is not None:
+                held.close()
+            held = _workers_cache["workers"] = wsi.Workers(count)
+        return held
+
+
 def forget_predictor() -> None:
-    """Drop this process's cached predictor (a worker that closes; tests)."""
+    """Drop this process's cached predictor and shut its post-processing workers down (a worker that closes;
+    tests)."""
     with _predictor_lock:
         _predictor_cache.clear()
+        held = _workers_cache.pop("workers", None)
+    if held is not None:
+        held.close()
 
 
 def predict_input(path: str, name: str, output_dir: str, options, segment: Segment):
-    """The Dask task of one input: segment it with this process's predictor (`segment(predictor, path, name,
-    output_dir, options)`) and write its result files.
+    """The Dask task of one input: segment it with this process's predictor and post-processing workers
+    (`segment(predictor, path, name, output_dir, options, workers=...)`) and write its result files.
 
     In a daemonic worker process (Dask's default for workers it did not start with our settings), which may
     not start child processes, the input's post-processing runs in the worker itself (`num_workers=0`)."""
@@ -113,7 +135,9 @@ def predict_input(path: str, name: str, output_dir: str, options, segment: Segme
                         "with DASK_DISTRIBUTED__WORKER__DAEMON=False to let each one use --num_workers processes")
             _daemon_warned = True
         options = dataclasses.replace(options, num_workers=0)
-    return segment(cached_predictor(options), Path(path), name, Path(output_dir), options)
+    predictor = cached_predictor(options)
+    return segment(predictor, Path(path), name, Path(output_dir), options,
+                   workers=cached_workers(int(getattr(predictor, "num_workers", 0) or 0)))
 
 
 class WorkerSetup(WorkerPlugin):

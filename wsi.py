@@ -323,35 +323,41 @@ class Workers:
     processes. On the 2-core build machine a slide's first region waited about 2 s for its freshly spawned workers
     while the device sat idle (docs/benchmarks.md, "one pool of workers for the run"). `pool()` is the running pool (started on
     first use; None for 0 workers); `discard()` drops a pool a dead worker broke (the next `pool()` starts anew);
-    `close()`, or the end of a `with` block, shuts the processes down."""
+    `close()`, or the end of a `with` block, shuts the processes down. Slides run in several threads (a Dask worker
+    with several task threads) may share one: the pool is checked and replaced under a lock."""
 
     def __init__(self, count: int) -> None:
         self.count = max(0, int(count))
         self._pool = None
+        self._lock = threading.Lock()
 
     def pool(self):
         from concurrent.futures.process import BrokenProcessPool
 
-        if self._pool is not None:
-            try:   # a pool whose worker died (killed for memory, say) refuses new work: replaced, not handed out
-                self._pool.submit(int)
-            except BrokenProcessPool:
-                self.discard()
-        if self.count and self._pool is None:
-            self._pool = start_workers(self.count)
-        return self._pool
+        with self._lock:
+            if self._pool is not None:
+                try:   # a pool whose worker died (killed for memory, say) refuses new work: replaced, not handed out
+                    self._pool.submit(int)
+                except BrokenProcessPool:
+                    self._drop(wait=False)
+            if self.count and self._pool is None:
+                self._pool = start_workers(self.count)
+            return self._pool
 
     start = pool
 
-    def discard(self) -> None:
+    def _drop(self, wait: bool) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
+    def discard(self) -> None:
+        with self._lock:
+            self._drop(wait=False)
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            self._drop(wait=True)
 
     def __enter__(self) -> "Workers":
         return self

@@ -122,7 +122,8 @@ def test_model_loaded_once_per_process(monkeypatch):
     dask_predict.forget_predictor()
     monkeypatch.setattr(inference, "load_predictor", lambda options: loads.append(options) or f"model {len(loads)}")
 
-    def segment(predictor, path, name, out, options):
+    def segment(predictor, path, name, out, options, workers=None):
+        assert workers is dask_predict.cached_workers(0)   # this process's (none here: num_workers 0)
         return predictor, name
 
     options = predict.PredictOptions(model_path="m.pth", device="cpu", num_workers=0)
@@ -132,6 +133,44 @@ def test_model_loaded_once_per_process(monkeypatch):
     assert dask_predict.predict_input("/in/d.svs", "d", "/out", other, segment) == ("model 2", "d")
     assert dask_predict.predict_input("/in/e.svs", "e", "/out", other, segment) == ("model 2", "e") and len(loads) == 2
     dask_predict.forget_predictor()
+
+
+def test_a_dask_workers_slides_share_its_post_processing_processes(study, tmp_path, monkeypatch):
+    """A Dask worker process keeps its post-processing processes from slide to slide, as it keeps its predictor
+    (`cached_workers`): three slides with `--num_workers 1` start one pool, the files are the sequential run's, a
+    change of count replaces the processes and `forget_predictor` (the worker's teardown) ends them."""
+    import wsi
+
+    root, reference = study
+    dask_predict.forget_predictor()
+    started = []
+    start = wsi.start_workers
+    monkeypatch.setattr(wsi, "start_workers", lambda n: started.append(n) or start(n))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = main.build_parser().parse_args(predict_args(root, out, "--num_workers", "1"))
+    options = predict.options_from_args(args)
+    try:
+        for name in SLIDES:
+            outcome = dask_predict.predict_input(str(root / "in" / f"{name}.tif"), name, str(out), options,
+                                                 predict.predict_one)
+            assert outcome.status == "ok", outcome.error
+        assert started == [1]
+        held = dask_predict.cached_workers(1)
+        pids = [p.pid for p in held.pool()._processes.values()]
+        assert len(pids) == 1
+        expected = result_files(reference)
+        got = result_files(out)
+        assert sorted(got) == sorted(expected)
+        for name in expected:
+            assert got[name] == expected[name], f"{name} differs from the sequential run"
+        assert dask_predict.cached_workers(2) is not held and held._pool is None
+        assert not any(Path(f"/proc/{p}").exists() for p in pids)   # the 1-process pool was shut down
+        assert dask_predict.cached_workers(2) is dask_predict.cached_workers(2)
+    finally:
+        last = dask_predict.cached_workers(2)
+        dask_predict.forget_predictor()
+    assert last._pool is None
 
 
 def test_two_workers_same_outputs_as_sequential(study, two_cores, tmp_path, capsys):
