@@ -20,8 +20,8 @@
    waiting; a region's read is its crop and the windows that run there, not those an earlier region ran:
    `run_boxes`, and the columns it shares with the previous region are copied from that one's: `read_box`);
    finished regions are post-processed in `num_workers` worker processes (at most
-   `num_workers + QUEUED_REGIONS + 1` regions in flight, counting the one being blended) or in this process (`num_workers` 0);
-   the workers start with the slide, before its thumbnail (or once for a whole run: `Workers`). On an
+   `num_workers + QUEUED_REGIONS + 1` regions in flight, counting the one being blended) or in this process
+   (`num_workers` 0); the workers start with the slide, before its thumbnail (or once for a whole run: `Workers`). On an
    accelerator the windows run ahead of the blending in a thread of their own (`inference.MapsAhead`: every
    region's batches as soon as its read has started, at most `inference.AHEAD_BATCHES` batches ahead, the next
    batch's tiles gathered while the device works on one).
