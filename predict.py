@@ -383,8 +383,6 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
     plain images run here through `predict_one`. `Outcome.seconds` is the model time plus the post-processing and
     writing time of the input.
     """
-    from concurrent.futures.process import BrokenProcessPool
-
     import slides
     import wsi
 
@@ -432,12 +430,7 @@ def segment_images(predictor: Predictor, inputs: Sequence[Path], names: Sequence
                 continue
             job = (path, output_dir, name, image, fg, hv, settings, options.mpp, options.overlay,
                    options.min_confidence)
-            try:
-                future = workers.pool().submit(finish_image, *job)
-            except BrokenProcessPool:   # a worker died after `pool()` looked: new ones
-                workers.discard()
-                future = workers.pool().submit(finish_image, *job)
-            pending.append((i, time.time() - start, image.shape, future))
+            pending.append((i, time.time() - start, image.shape, workers.submit(finish_image, *job)))
             while len(pending) > workers.count:
                 collect_oldest()
         while pending:

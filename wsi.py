@@ -321,10 +321,11 @@ class Workers:
     """The post-processing worker processes of a whole run (`start_workers`), kept from slide to slide: started once
     (`start`, for example while the command loads its model), so that a later slide does not wait for new
     processes. On the 2-core build machine a slide's first region waited about 2 s for its freshly spawned workers
-    while the device sat idle (docs/benchmarks.md, "one pool of workers for the run"). `pool()` is the running pool (started on
-    first use; None for 0 workers); `discard()` drops a pool a dead worker broke (the next `pool()` starts anew);
-    `close()`, or the end of a `with` block, shuts the processes down. Slides run in several threads (a Dask worker
-    with several task threads) may share one: the pool is checked and replaced under a lock."""
+    while the device sat idle (docs/benchmarks.md, "one pool of workers for the run"). `pool()` is the running pool
+    (started on first use; None for 0 workers), `submit(fn, *args)` hands it a task; `discard()` drops a pool a dead
+    worker broke (the next `pool()` starts anew); `close()`, or the end of a `with` block, shuts the processes down.
+    Slides run in several threads (a Dask worker with several task threads) may share one: the pool is checked and
+    replaced under a lock."""
 
     def __init__(self, count: int) -> None:
         self.count = max(0, int(count))
@@ -345,6 +346,16 @@ class Workers:
             return self._pool
 
     start = pool
+
+    def submit(self, fn, *args):
+        """`pool().submit(fn, *args)`; a pool that a worker's death broke after `pool()` looked is replaced once."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.pool().submit(fn, *args)
+        except BrokenProcessPool:
+            self.discard()
+            return self.pool().submit(fn, *args)
 
     def _drop(self, wait: bool) -> None:
         if self._pool is not None:

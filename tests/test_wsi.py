@@ -1025,6 +1025,32 @@ def test_a_runs_workers_serve_every_slide_and_a_dead_one_is_replaced(small_slide
     assert not any(Path(f"/proc/{p}").exists() for p in last)   # the end of the block ends the processes
 
 
+def test_workers_submit_replaces_a_pool_that_breaks_between_the_check_and_the_task(monkeypatch):
+    """`Workers.submit`: a pool that a worker's death breaks after `pool()` checked it (its test task went in, the real
+    one is refused) is shut down and the task goes to new processes, once."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Pool:
+        def __init__(self, breaks_after: int | None) -> None:
+            self.breaks_after, self.tasks, self.down = breaks_after, [], False
+
+        def submit(self, fn, *args):
+            if self.breaks_after is not None and len(self.tasks) >= self.breaks_after:
+                raise BrokenProcessPool("a worker died")
+            self.tasks.append((fn, args))
+            return (fn, args)
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            self.down = True
+
+    fresh = Pool(None)
+    monkeypatch.setattr(wsi, "start_workers", lambda n: fresh)
+    workers = wsi.Workers(2)
+    broken = workers._pool = Pool(breaks_after=1)   # `pool()`'s test task goes in, the next is refused
+    assert workers.submit(max, 3, 4) == (max, (3, 4))
+    assert broken.down and fresh.tasks == [(max, (3, 4))] and workers.pool() is fresh
+
+
 def test_predict_starts_the_workers_once_for_all_its_slides(small_slide, tmp_path, monkeypatch):
     """`predict` on two slides with a worker: one pool, started before the model is loaded, and the same outputs as
     each slide alone."""
